@@ -1,0 +1,139 @@
+"""The ``daedalus`` command: one sub-command per job."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from daedalus import __version__
+from daedalus.config import ConfigError, effective_config, load_config
+from daedalus.logs import setup_logging
+
+app = typer.Typer(
+    name="daedalus",
+    help="Crypto market-data capture and ETL: exchange WebSockets -> durable raw segments -> Parquet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")]
+LogFormat = Annotated[str, typer.Option("--log-format", help="text or json.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def version() -> None:
+    """Print the Daedalus version."""
+    typer.echo(__version__)
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="YAML configuration file.")],
+) -> None:
+    """Validate FILE and print the effective configuration (secrets masked)."""
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"# {file}: valid", err=True)
+    typer.echo(yaml.safe_dump(effective_config(config), sort_keys=False).rstrip())
+
+
+def _parse_rate(value: str) -> float | None:
+    if value == "max":
+        return None
+    try:
+        rate = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected a number of frames per second or 'max', got {value!r}") from None
+    if rate < 0:
+        raise typer.BadParameter("must be >= 0")
+    return rate
+
+
+@app.command()
+def sim(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.")] = 8765,
+    products: Annotated[str, typer.Option(help="Comma-separated product ids.")] = "BTC-USD,ETH-USD",
+    rate: Annotated[str, typer.Option(help="Market frames per second, or 'max'.")] = "100",
+    seed: Annotated[int, typer.Option(help="Seed of the market's random process.")] = 1,
+    levels: Annotated[int, typer.Option(help="Initial book levels per side.")] = 1000,
+    replay: Annotated[
+        Path | None, typer.Option(help="Serve this recording (.jsonl[.zst] or raw segments) instead.")
+    ] = None,
+    speed: Annotated[float, typer.Option(help="Replay speed factor; 0 = as fast as possible.")] = 1.0,
+    client_id: Annotated[str | None, typer.Option(help="Add this client_id to every frame.")] = None,
+    drop_rate: Annotated[float, typer.Option(help="Fault: fraction of update frames dropped.")] = 0.0,
+    disconnect_every: Annotated[
+        float | None, typer.Option(help="Fault: close each connection after N seconds.")
+    ] = None,
+    idle_timeout: Annotated[
+        float | None, typer.Option(help="Fault: close connections idle N seconds without heartbeats.")
+    ] = None,
+    malformed_rate: Annotated[float, typer.Option(help="Fault: fraction of frames preceded by invalid JSON.")] = 0.0,
+    stall_every: Annotated[float | None, typer.Option(help="Fault: stall each connection every N seconds.")] = None,
+    stall_seconds: Annotated[float, typer.Option(help="Fault: how long each stall lasts.")] = 0.0,
+    log_level: LogLevel = "INFO",
+    log_format: LogFormat = "text",
+) -> None:
+    """Run the exchange simulator (Coinbase Advanced Trade WebSocket + REST) on one port."""
+    from daedalus.sim import FaultConfig, SimConfig, serve
+
+    setup_logging(log_level, log_format)
+    product_ids = tuple(p.strip() for p in products.split(",") if p.strip())
+    if not product_ids:
+        raise _fail("--products: give at least one product id")
+    faults = FaultConfig(drop_rate, disconnect_every, idle_timeout, malformed_rate, stall_every, stall_seconds)
+    try:
+        faults.validate()
+    except ValueError as exc:
+        raise _fail(f"invalid fault flag: {exc}") from None
+    if replay is not None and not replay.exists():
+        raise _fail(f"--replay: {replay} does not exist")
+    config = SimConfig(
+        host=host,
+        port=port,
+        products=product_ids,
+        rate=_parse_rate(rate),
+        seed=seed,
+        levels=levels,
+        replay=replay,
+        speed=speed,
+        client_id=client_id,
+        faults=faults,
+    )
+
+    def ready(server: object) -> None:
+        from daedalus.sim import SimServer
+
+        assert isinstance(server, SimServer)
+        mode = f"replay={replay}" if replay else f"rate={rate} seed={seed}"
+        print(
+            f"daedalus sim ready ws={server.ws_url} rest={server.rest_url} products={','.join(server.products)} {mode}",
+            flush=True,
+        )
+
+    try:
+        asyncio.run(serve(config, ready))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}", 1) from None
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

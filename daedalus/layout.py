@@ -1,0 +1,151 @@
+"""Every path of the data directory, in one place (architecture 3.1).
+
+```
+<data_dir>/raw/<state>/<source>/segment_<YYYYMMDDTHH>_<NNNNN>.ndjson[.zst]
+<data_dir>/processed/<source>/<channel>/<col>=<value>/.../part-<segment_stem>.parquet
+<data_dir>/processed/_state/<source>.*
+```
+
+Partition values and source names come from the outside world (exchange symbols,
+product ids, config), so they pass through :func:`sanitize_partition_value` before
+they touch a path: no separator, parent reference, NUL or control character survives.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+RawState = Literal["active", "ready", "processing", "archive", "quarantine"]
+RAW_STATES: tuple[RawState, ...] = ("active", "ready", "processing", "archive", "quarantine")
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_UNSAFE = re.compile(r"[/\\=:*?\"<>|]")
+_DOTS = re.compile(r"\.{2,}")
+_SEGMENT = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5})\.(ndjson|ndjson\.zst|parquet|arrow)$")
+MAX_COMPONENT = 128
+
+
+class UnsafeNameError(ValueError):
+    """A name cannot be turned into a safe single path component."""
+
+
+def sanitize_partition_value(value: object) -> str:
+    """Turn an outside value into one safe path component.
+
+    ``BTC/USD`` becomes ``BTC-USD``; separators and Hive/Windows metacharacters become
+    ``-``, runs of dots become ``_``, control characters are dropped. Raises
+    :class:`UnsafeNameError` when nothing usable is left.
+    """
+    text = _CONTROL.sub("", str(value))
+    text = _UNSAFE.sub("-", text)
+    text = _DOTS.sub("_", text).strip()
+    if text in ("", ".") or len(text) > MAX_COMPONENT:
+        raise UnsafeNameError(f"{value!r} cannot be used as a path component")
+    return text
+
+
+def check_safe_name(value: str, what: str = "name") -> str:
+    """Return ``value`` if it is already a safe component, else raise with a clear reason.
+
+    Used by config validation: a hostile product id is rejected, not silently rewritten,
+    so an operator sees the mistake.
+    """
+    if _CONTROL.search(value):
+        raise UnsafeNameError(f"{what} {value!r} contains control characters")
+    if "/" in value or "\\" in value:
+        raise UnsafeNameError(f"{what} {value!r} contains a path separator")
+    if ".." in value:
+        raise UnsafeNameError(f"{what} {value!r} contains '..'")
+    if sanitize_partition_value(value) != value:
+        raise UnsafeNameError(f"{what} {value!r} contains characters not allowed in a path")
+    return value
+
+
+def segment_name(first_record: datetime, counter: int, suffix: str = ".ndjson") -> str:
+    """``segment_<YYYYMMDDTHH>_<NNNNN><suffix>`` for the UTC hour of the first record."""
+    hour = first_record.astimezone(UTC).strftime("%Y%m%dT%H")
+    return f"segment_{hour}_{counter:05d}{suffix}"
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    hour: str
+    counter: int
+    suffix: str
+
+    @property
+    def stem(self) -> str:
+        return f"segment_{self.hour}_{self.counter:05d}"
+
+
+def parse_segment_name(name: str) -> SegmentName | None:
+    match = _SEGMENT.match(name)
+    if not match:
+        return None
+    return SegmentName(match.group(1), int(match.group(2)), "." + match.group(3))
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Paths under one ``data_dir``. Pure: creates nothing until asked."""
+
+    root: Path
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw"
+
+    @property
+    def processed(self) -> Path:
+        return self.root / "processed"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.processed / "_state"
+
+    def raw_dir(self, state: RawState, source: str) -> Path:
+        if state not in RAW_STATES:
+            raise ValueError(f"unknown raw state {state!r}")
+        return self.raw / state / sanitize_partition_value(source)
+
+    def active(self, source: str) -> Path:
+        return self.raw_dir("active", source)
+
+    def ready(self, source: str) -> Path:
+        return self.raw_dir("ready", source)
+
+    def processing(self, source: str) -> Path:
+        return self.raw_dir("processing", source)
+
+    def archive(self, source: str) -> Path:
+        return self.raw_dir("archive", source)
+
+    def quarantine(self, source: str) -> Path:
+        return self.raw_dir("quarantine", source)
+
+    def channel_dir(self, source: str, channel: str) -> Path:
+        return self.processed / sanitize_partition_value(source) / sanitize_partition_value(channel)
+
+    def partition_dir(self, source: str, channel: str, partitions: dict[str, object]) -> Path:
+        """``processed/<source>/<channel>/<col>=<value>/...`` in the given column order."""
+        path = self.channel_dir(source, channel)
+        for column, value in partitions.items():
+            path /= f"{sanitize_partition_value(column)}={sanitize_partition_value(value)}"
+        return path
+
+    def part_file(self, source: str, channel: str, partitions: dict[str, object], segment_stem: str) -> Path:
+        name = f"part-{sanitize_partition_value(segment_stem)}.parquet"
+        return self.partition_dir(source, channel, partitions) / name
+
+    def state_file(self, source: str, suffix: str = ".json") -> Path:
+        return self.state_dir / f"{sanitize_partition_value(source)}{suffix}"
+
+    def ensure(self, source: str) -> None:
+        """Create the raw state folders of ``source`` and the processed root."""
+        for state in RAW_STATES:
+            self.raw_dir(state, source).mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)

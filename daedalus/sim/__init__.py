@@ -1,0 +1,6 @@
+"""Exchange simulator speaking the Coinbase Advanced Trade protocol (WebSocket + REST)."""
+
+from daedalus.sim.faults import FaultConfig
+from daedalus.sim.server import SimConfig, SimConnection, SimServer, serve
+
+__all__ = ["FaultConfig", "SimConfig", "SimConnection", "SimServer", "serve"]
