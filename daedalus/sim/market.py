@@ -147,7 +147,6 @@ class MarketModel:
                     self.bids[self.best_bid - i] = self._random_size()
                 self.asks[self.best_ask + i] = self._random_size()
         self.last_price = self.best_ask
-        self._seed_history(time.time_ns())
         self.stats = _Stats(
             volume_24h=int(self._mean_size * 20_000),
             low_24h=round(mid * 0.98),
@@ -156,6 +155,7 @@ class MarketModel:
             low_52w=round(mid * 0.6),
             high_52w=round(mid * 1.8),
         )
+        self._seed_history(time.time_ns())
 
     def _seed_history(self, now_ns: int) -> None:
         """Give a new market a past: 100 trades and candles, so snapshots are never empty.
