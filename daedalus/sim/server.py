@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import random
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -648,8 +649,14 @@ class SimServer:
 
 
 async def serve(config: SimConfig, ready: Any = None) -> None:
-    """Run until cancelled; ``ready(server)`` is called once the port accepts connections."""
+    """Run until SIGINT/SIGTERM or cancellation; ``ready(server)`` is called once the port accepts connections."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
     async with SimServer(config) as server:
         if ready is not None:
             ready(server)
-        await asyncio.Event().wait()
+        await stop.wait()
+        log.info("sim_stopping", connections=len(server.connections))
