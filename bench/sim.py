@@ -26,7 +26,16 @@ PRODUCTS = ["BTC-USD", "ETH-USD"]
 
 async def measure(seconds: float) -> dict[str, float]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daedalus", "sim", "--port", "0", "--rate", "max", "--log-level", "WARNING",
+        sys.executable,
+        "-m",
+        "daedalus",
+        "sim",
+        "--port",
+        "0",
+        "--rate",
+        "max",
+        "--log-level",
+        "WARNING",
         stdout=asyncio.subprocess.PIPE,
     )
     try:

@@ -58,7 +58,9 @@ class Client:
     async def recv_n(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         return [await self.recv(timeout) for _ in range(n)]
 
-    async def recv_until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> list[dict[str, Any]]:
+    async def recv_until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+    ) -> list[dict[str, Any]]:
         """Frames up to and including the first one matching ``predicate``."""
         frames: list[dict[str, Any]] = []
         async with asyncio.timeout(timeout):

@@ -49,12 +49,25 @@ def test_config_check_reports_problems_without_a_traceback(tmp_path):
 
 async def test_sim_command_prints_ready_and_serves():
     proc = await asyncio.create_subprocess_exec(
-        *DAEDALUS, "sim", "--port", "0", "--products", "BTC-USD,SOL-USD", "--rate", "200", "--seed", "5",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO,
+        *DAEDALUS,
+        "sim",
+        "--port",
+        "0",
+        "--products",
+        "BTC-USD,SOL-USD",
+        "--rate",
+        "200",
+        "--seed",
+        "5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=REPO,
     )
     try:
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        match = re.match(r"daedalus sim ready ws=(ws://127\.0\.0\.1:(\d+)/ws) rest=(\S+) products=BTC-USD,SOL-USD", line)
+        match = re.match(
+            r"daedalus sim ready ws=(ws://127\.0\.0\.1:(\d+)/ws) rest=(\S+) products=BTC-USD,SOL-USD", line
+        )
         assert match, line
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{match.group(3)}/api/v3/brokerage/market/products") as r:

@@ -44,10 +44,16 @@ def test_paths(tmp_path):
     layout = DataLayout(tmp_path)
     assert layout.ready("coinbase") == tmp_path / "raw" / "ready" / "coinbase"
     assert layout.state_file("coinbase") == tmp_path / "processed" / "_state" / "coinbase.json"
-    part = layout.part_file("coinbase", "level2", {"product_id": "BTC-USD", "date": "2026-08-09"}, "segment_20260809T21_00001")
-    assert part == Path(tmp_path, "processed/coinbase/level2/product_id=BTC-USD/date=2026-08-09/part-segment_20260809T21_00001.parquet")
+    part = layout.part_file(
+        "coinbase", "level2", {"product_id": "BTC-USD", "date": "2026-08-09"}, "segment_20260809T21_00001"
+    )
+    assert part == Path(
+        tmp_path, "processed/coinbase/level2/product_id=BTC-USD/date=2026-08-09/part-segment_20260809T21_00001.parquet"
+    )
     layout.ensure("coinbase")
-    assert all((tmp_path / "raw" / s / "coinbase").is_dir() for s in ("active", "ready", "processing", "archive", "quarantine"))
+    assert all(
+        (tmp_path / "raw" / s / "coinbase").is_dir() for s in ("active", "ready", "processing", "archive", "quarantine")
+    )
 
 
 def test_segment_names_sort_in_time():

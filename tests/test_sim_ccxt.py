@@ -26,9 +26,7 @@ async def wait_until_equal(sim, exchange, timeout: float = 10.0) -> None:
     """After a pause, ccxt catches up with what was sent; its top 20 must equal the truth."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        mismatched = [
-            s for s, pid in SYMBOLS.items() if ccxt_top(exchange.orderbooks[s]) != truth_top(sim, pid)
-        ]
+        mismatched = [s for s, pid in SYMBOLS.items() if ccxt_top(exchange.orderbooks[s]) != truth_top(sim, pid)]
         if not mismatched:
             return
         if asyncio.get_running_loop().time() > deadline:

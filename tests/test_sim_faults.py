@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import aiohttp
@@ -116,6 +117,6 @@ async def test_periodic_stall_flag(make_sim, connect):
         while time.monotonic() - (arrivals[0] if arrivals else time.monotonic()) < 1.6:
             seqs.append((await client.recv())["sequence_num"])
             arrivals.append(time.monotonic())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert max(gaps) >= 0.25  # stalled
     assert seqs == list(range(len(seqs)))  # and nothing lost

@@ -28,7 +28,9 @@ async def test_subscribe_sends_snapshots_then_cumulative_ack(make_sim, connect):
     assert frames[2]["events"] == [{"subscriptions": {"level2": PRODUCTS}}]
     raw = await connect(sim.ws_url)  # key order of the envelope, like the real feed
     await raw.subscribe("heartbeats")
-    assert re.match(r'^\{"channel":"subscriptions","timestamp":"[^"]+","sequence_num":0,"events":', await raw.recv_text())
+    assert re.match(
+        r'^\{"channel":"subscriptions","timestamp":"[^"]+","sequence_num":0,"events":', await raw.recv_text()
+    )
 
     for frame in frames:
         assert list(frame) == ["channel", "timestamp", "sequence_num", "events"]  # no client_id
@@ -261,14 +263,16 @@ async def test_heartbeats_every_second_with_integer_counter(make_sim, connect):
     counters = [b["events"][0]["heartbeat_counter"] for b in beats]
     assert all(isinstance(c, int) for c in counters)
     assert counters == list(range(counters[0], counters[0] + 3))
-    assert re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{9} \+0000 UTC m=\+\d+\.\d{9}$", beats[0]["events"][0]["current_time"])
+    assert re.match(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{9} \+0000 UTC m=\+\d+\.\d{9}$", beats[0]["events"][0]["current_time"]
+    )
 
 
 async def test_candles_status_and_ticker_batch(make_sim, connect):
     sim = await make_sim(rate=200, candles_interval=0.1, ticker_batch_interval=0.3)
     client = await connect(sim.ws_url)
     await client.subscribe("candles", ["BTC-USD"])
-    snapshot, ack = await client.recv_n(2)
+    snapshot, _ack = await client.recv_n(2)
     candles = snapshot["events"][0]["candles"]
     assert snapshot["events"][0]["type"] == "snapshot" and candles
     assert all(int(c["start"]) % 300 == 0 and c["product_id"] == "BTC-USD" for c in candles)
@@ -285,7 +289,7 @@ async def test_candles_status_and_ticker_batch(make_sim, connect):
     batch = await client.recv_until(lambda f: f["channel"] == "ticker_batch" and f["events"][0]["type"] == "update")
     ticker = batch[-1]["events"][0]["tickers"][0]
     assert ticker["product_id"] == "ETH-USD" and float(ticker["best_bid"]) < float(ticker["best_ask"])
-    assert [f["events"][0]["type"] for f in batch if f["channel"] == "ticker_batch"][0] == "snapshot"
+    assert next(f["events"][0]["type"] for f in batch if f["channel"] == "ticker_batch") == "snapshot"
 
 
 async def test_rest_endpoints_for_ccxt(make_sim):
