@@ -52,6 +52,27 @@ def config_check(
     typer.echo(yaml.safe_dump(effective_config(config), sort_keys=False).rstrip())
 
 
+@app.command()
+def ingest(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+    stats_interval: Annotated[float | None, typer.Option(help="Print the statistics block every S seconds.")] = None,
+) -> None:
+    """Capture the Coinbase feed into durable raw segments until SIGINT/SIGTERM."""
+    from daedalus.capture.pipeline import ingest as run_ingest
+
+    try:
+        settings = load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    setup_logging(settings.logging.level, settings.logging.format)
+    try:
+        ok = asyncio.run(run_ingest(settings, stats_interval))
+    except KeyboardInterrupt:
+        ok = True
+    if not ok:
+        raise typer.Exit(1)
+
+
 def _parse_rate(value: str) -> float | None:
     if value == "max":
         return None

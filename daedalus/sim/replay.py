@@ -13,15 +13,13 @@ Frames are kept as the exact bytes that were received; only the digits of the en
 
 from __future__ import annotations
 
-import io
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-import zstandard
 
+from daedalus.capture.records import iter_lines
 from daedalus.sim.protocol import SUBSCRIBE_NAME
 
 _SEQUENCE = re.compile(rb'"sequence_num":\s*(\d+)')
@@ -62,19 +60,6 @@ def _split_frame(ts: float, frame: bytes) -> RecordedFrame:
     return RecordedFrame(ts, channel, frame[: seq.start(1)], frame[seq.end(1) :])
 
 
-def _open_lines(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as raw:
-        if path.suffix == ".zst":
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            stream: io.BufferedIOBase = io.BufferedReader(reader, buffer_size=1 << 20)  # type: ignore[arg-type]
-        else:
-            stream = raw  # type: ignore[assignment]
-        for line in stream:
-            line = line.rstrip(b"\r\n")
-            if line:
-                yield line
-
-
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.rglob("segment_*") if p.suffix in (".ndjson", ".zst"))
@@ -88,7 +73,7 @@ def load_recording(path: str | Path) -> Recording:
         raise FileNotFoundError(f"recording {path} does not exist")
     rec = Recording()
     for file in _files(path):
-        for line in _open_lines(file):
+        for line in iter_lines(file):
             raw = _RAW_PREFIX.match(line)
             if raw:  # a Daedalus segment record carrying a frame verbatim
                 rec.frames.append(_split_frame(int(raw.group(1)) / 1e9, line[raw.end() : -1]))

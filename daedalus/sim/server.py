@@ -60,6 +60,7 @@ class SimConfig:
     ticker_batch_interval: float = 5.0
     max_frame_bytes: int = MAX_FRAME_BYTES
     faults: FaultConfig = field(default_factory=FaultConfig)
+    keep_sent: bool = False  # tests: keep every frame written to each connection
 
 
 class SimConnection:
@@ -87,6 +88,7 @@ class SimConnection:
         self.closed = False
         self.close_reason: str | None = None
         self._backlog: list[bytes] = []
+        self.sent_frames: list[bytes] | None = [] if server.config.keep_sent else None
         self.replay_task: asyncio.Task[None] | None = None
 
     def wants(self, channel: str, product_id: str) -> bool:
@@ -124,6 +126,8 @@ class SimConnection:
         try:
             for item in frames:
                 await self.ws.send_frame(item, WSMsgType.TEXT)
+                if self.sent_frames is not None:
+                    self.sent_frames.append(item)
         except (ConnectionError, RuntimeError) as exc:
             self.closed = True
             self.close_reason = self.close_reason or f"send failed: {exc}"
@@ -144,6 +148,8 @@ class SimConnection:
                     return
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await self.ws.send_frame(item, WSMsgType.TEXT)
+                    if self.sent_frames is not None:
+                        self.sent_frames.append(item)
             self.sent += len(frames)
 
     async def close(self, reason: str, code: int = WSCloseCode.GOING_AWAY) -> None:
@@ -165,6 +171,7 @@ class SimServer:
         self.recording: Recording | None = None
         self.markets: dict[str, MarketModel] = {}
         self.connections: list[SimConnection] = []
+        self.closed_connections: deque[SimConnection] = deque(maxlen=100)
         self.port = 0
         self.frames_generated = 0
         self._rng = random.Random(self.config.seed)
@@ -341,6 +348,8 @@ class SimServer:
             if conn.replay_task:
                 conn.replay_task.cancel()
             self.connections.remove(conn)
+            self.closed_connections.append(conn)
+            conn.l2_frames.clear()
             self._update_market_wanted()
         return ws
 

@@ -1,0 +1,1 @@
+"""Capture: collectors, the bounded queue, and the durable raw segment log (layers 1-2)."""

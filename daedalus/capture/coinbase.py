@@ -1,0 +1,245 @@
+"""Coinbase Advanced Trade collector: connect, subscribe, stamp, hand on. I/O only.
+
+Each frame is stamped with ``time.time_ns()`` the moment it is read and queued as the
+text it arrived as; nothing is parsed on the hot path. Only ``sequence_num`` is read,
+with a bounded substring scan, to detect gaps: a gap writes a ``gap`` control line and
+re-subscribes level2 for this connection's products, so a fresh snapshot follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+from daedalus.capture.segments import SegmentWriter
+from daedalus.config import CoinbaseConfig, IngestionConfig
+from daedalus.logs import get_logger
+
+log = get_logger(__name__)
+
+SEQ_KEY = '"sequence_num":'
+SEQ_SCAN = 256  # the envelope's sequence_num comes before the events
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # level2 snapshots of busy books exceed 5 MB
+RESUBSCRIBE_GRACE_S = 5.0
+
+
+def sequence_of(frame: str) -> int | None:
+    """The envelope's ``sequence_num`` without parsing the frame (None if absent)."""
+    at = frame.find(SEQ_KEY, 0, SEQ_SCAN)
+    if at < 0:
+        return None
+    start = at + len(SEQ_KEY)
+    end = start
+    length = len(frame)
+    while end < length and frame[end].isdigit():
+        end += 1
+    return int(frame[start:end]) if end > start else None
+
+
+def is_l2_snapshot(frame: str) -> bool:
+    return frame.startswith('{"channel":"l2_data"') and '"type":"snapshot"' in frame[:SEQ_SCAN]
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Capped exponential backoff with full jitter in [0.5, 1.0] of the step."""
+    step = min(cap, base * (2 ** max(0, attempt - 1)))
+    return step * (0.5 + rng.random() / 2)
+
+
+@dataclass
+class CollectorStats:
+    messages: int = 0
+    bytes: int = 0
+    errors: int = 0
+    reconnects: int = 0
+    gaps: int = 0
+    connected_since: float | None = None
+    last_message_at: float | None = None
+    state: str = "starting"
+    last_error: str = ""
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.connected_since if self.connected_since else 0.0
+
+    def last_message_age(self) -> float | None:
+        return time.monotonic() - self.last_message_at if self.last_message_at else None
+
+
+class CoinbaseCollector:
+    """One WebSocket connection carrying ``product_ids`` on every configured channel."""
+
+    def __init__(
+        self,
+        conn_id: int,
+        product_ids: list[str],
+        coinbase: CoinbaseConfig,
+        ingestion: IngestionConfig,
+        writer: SegmentWriter,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.conn_id = conn_id
+        self.product_ids = product_ids
+        self.coinbase = coinbase
+        self.ingestion = ingestion
+        self.writer = writer
+        self.clock = clock
+        self.stats = CollectorStats()
+        self.channels = list(dict.fromkeys([*coinbase.channels, "heartbeats"]))
+        self._rng = random.Random()
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._resubscribed_at: float | None = None
+        self._stopping = False
+
+    def subscribe_messages(self) -> list[dict[str, object]]:
+        return [self._subscribe_message(channel) for channel in self.channels]
+
+    def _subscribe_message(self, channel: str) -> dict[str, object]:
+        return {"type": "subscribe", "product_ids": self.product_ids, "channel": channel}
+
+    async def run(self) -> None:
+        """Connect and capture until cancelled, reconnecting with backoff."""
+        attempt = 0
+        async with aiohttp.ClientSession() as session:
+            while not self._stopping:
+                reason = "closed by server"
+                try:
+                    async with session.ws_connect(
+                        self.coinbase.ws_url, max_msg_size=MAX_FRAME_BYTES, autoping=True, heartbeat=None
+                    ) as ws:
+                        self._ws = ws
+                        attempt = 0
+                        reason = await self._session(ws)
+                except asyncio.CancelledError:
+                    self._disconnected("shutdown")
+                    raise
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self.stats.errors += 1
+                    self.stats.last_error = reason
+                finally:
+                    self._ws = None
+                self._disconnected("shutdown" if self._stopping else reason)
+                if self._stopping:
+                    break
+                attempt += 1
+                limit = self.ingestion.max_reconnect_attempts
+                if not self.ingestion.auto_reconnect or (limit >= 0 and attempt > limit):
+                    log.error("collector_gave_up", conn=self.conn_id, attempts=attempt, reason=reason)
+                    self.stats.state = "failed"
+                    return
+                delay = backoff_delay(
+                    attempt, self.ingestion.reconnect_delay, self.ingestion.max_reconnect_delay, self._rng
+                )
+                log.warning(
+                    "collector_reconnecting",
+                    conn=self.conn_id,
+                    url=self.coinbase.ws_url,
+                    reason=reason,
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                )
+                self.stats.state = "backoff"
+                await asyncio.sleep(delay)
+                self.stats.reconnects += 1
+
+    def _disconnected(self, reason: str) -> None:
+        if self.stats.state == "connected":
+            self.writer.put_control(self.clock(), self.conn_id, "disconnect", reason=reason)
+            log.info("collector_disconnected", conn=self.conn_id, reason=reason)
+        self.stats.connected_since = None
+        self.stats.state = "disconnected"
+
+    async def _session(self, ws: aiohttp.ClientWebSocketResponse) -> str:
+        """One connected session: subscribe, then read until the socket ends."""
+        writer, conn = self.writer, self.conn_id
+        writer.put_control(self.clock(), conn, "connect", url=self.coinbase.ws_url, products=self.product_ids)
+        self.stats.state = "connected"
+        self.stats.connected_since = time.monotonic()
+        log.info("collector_connected", conn=conn, url=self.coinbase.ws_url, products=",".join(self.product_ids))
+        for message in self.subscribe_messages():
+            await self._send_subscribe(ws, message)
+        watchdog = asyncio.create_task(self._watchdog(ws))
+        expected = 0
+        stats = self.stats
+        clock = self.clock
+        block = self.ingestion.on_queue_full == "block"
+        try:
+            while True:
+                msg = await ws.receive()
+                recv_ns = clock()
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    if msg.type is aiohttp.WSMsgType.BINARY:
+                        data = msg.data.decode("utf-8", "replace")
+                    elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                        return watchdog_reason(watchdog) or f"closed by server (code {ws.close_code})"
+                    elif msg.type is aiohttp.WSMsgType.ERROR:
+                        stats.errors += 1
+                        return f"socket error: {ws.exception()!r}"
+                    else:
+                        continue
+                else:
+                    data = msg.data
+                stats.messages += 1
+                stats.bytes += len(data)
+                stats.last_message_at = time.monotonic()
+                if block and not writer.has_room():
+                    while not writer.has_room():
+                        await asyncio.sleep(0.001)
+                writer.put_frame(recv_ns, conn, data)
+                seq = sequence_of(data)
+                if seq is not None:
+                    if seq > expected:
+                        await self._on_gap(ws, recv_ns, expected, seq)
+                    expected = seq + 1
+                if self._resubscribed_at is not None and is_l2_snapshot(data):
+                    self._resubscribed_at = None
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+
+    async def _send_subscribe(self, ws: aiohttp.ClientWebSocketResponse, message: dict[str, object]) -> None:
+        self.writer.put_control(self.clock(), self.conn_id, "subscribe", message=message)
+        await ws.send_str(orjson.dumps(message).decode())
+
+    async def _on_gap(self, ws: aiohttp.ClientWebSocketResponse, recv_ns: int, expected: int, received: int) -> None:
+        self.stats.gaps += 1
+        self.writer.put_control(recv_ns, self.conn_id, "gap", expected=expected, received=received)
+        log.warning("collector_gap", conn=self.conn_id, expected=expected, received=received)
+        if "level2" not in self.channels:
+            return
+        now = time.monotonic()
+        if self._resubscribed_at is not None and now - self._resubscribed_at < RESUBSCRIBE_GRACE_S:
+            return  # a fresh snapshot is already on its way
+        self._resubscribed_at = now
+        await self._send_subscribe(ws, self._subscribe_message("level2"))
+
+    async def _watchdog(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """Close a connection that has been silent longer than ``watchdog_timeout_seconds``."""
+        timeout = self.ingestion.watchdog_timeout_seconds
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            last = self.stats.last_message_at or started
+            if time.monotonic() - max(last, started) > timeout:
+                log.warning("collector_watchdog", conn=self.conn_id, silent_for=round(time.monotonic() - last, 1))
+                await ws.close()
+                return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._ws is not None:
+            await self._ws.close()
+
+
+def watchdog_reason(task: asyncio.Task[None]) -> str | None:
+    if task.done() and not task.cancelled():
+        return "watchdog: connection silent too long"
+    return None

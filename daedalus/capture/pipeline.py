@@ -1,0 +1,143 @@
+"""``daedalus ingest``: recovery, segment writer, collectors, statistics, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from daedalus.capture.coinbase import CoinbaseCollector
+from daedalus.capture.segments import SegmentWriter, recover_active
+from daedalus.config import DaedalusConfig
+from daedalus.logs import get_logger
+
+log = get_logger(__name__)
+
+SOURCE = "coinbase"
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f}MB"
+
+
+class IngestPipeline:
+    """Collectors -> bounded queue -> segment writer, for the Coinbase source."""
+
+    def __init__(self, config: DaedalusConfig, clock: Callable[[], int] = time.time_ns) -> None:
+        self.config = config
+        self.layout = config.layout
+        self.clock = clock
+        self.writer = SegmentWriter(self.layout, SOURCE, config.ingestion, clock)
+        products = config.coinbase.product_ids
+        per_conn = config.coinbase.max_products_per_connection
+        self.collectors = [
+            CoinbaseCollector(
+                i + 1, products[start : start + per_conn], config.coinbase, config.ingestion, self.writer, clock
+            )
+            for i, start in enumerate(range(0, len(products), per_conn))
+        ]
+        self._started = time.monotonic()
+        self.failed = False
+        self._last_report: tuple[float, int, dict[int, int]] = (self._started, 0, {})
+
+    async def run(self, stop: asyncio.Event, stats_interval: float | None = None, out: TextIO = sys.stdout) -> None:
+        self.layout.ensure(SOURCE)
+        recover_active(self.layout, SOURCE)
+        self.writer.start()
+        log.info(
+            "ingest_started",
+            source=SOURCE,
+            connections=len(self.collectors),
+            products=len(self.config.coinbase.product_ids),
+            data_dir=str(self.layout.root),
+        )
+        tasks = [asyncio.create_task(c.run(), name=f"collector-{c.conn_id}") for c in self.collectors]
+        reporter = asyncio.create_task(self._report(stats_interval, out)) if stats_interval else None
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                await asyncio.wait([*tasks, stopper], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+                if all(t.done() for t in tasks):
+                    log.error("ingest_all_collectors_stopped", source=SOURCE)
+                    self.failed = True
+                    break
+                if self.writer.error is not None:
+                    self.failed = True
+                    break
+        finally:
+            await self.shutdown(tasks, reporter, stopper, out)
+
+    async def shutdown(
+        self,
+        tasks: list[asyncio.Task[None]],
+        reporter: asyncio.Task[None] | None,
+        stopper: asyncio.Task[bool],
+        out: TextIO,
+    ) -> None:
+        """Stop collectors, then flush and close the writer, within a bounded time."""
+        started = time.monotonic()
+        for collector in self.collectors:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(collector.stop(), 2.0)
+        for task in [*tasks, stopper] + ([reporter] if reporter else []):
+            task.cancel()
+        await asyncio.gather(*tasks, stopper, *([reporter] if reporter else []), return_exceptions=True)
+        done = await asyncio.to_thread(self.writer.close, SHUTDOWN_TIMEOUT_S)
+        print(self.status_text(), file=out, flush=True)
+        log.info("ingest_stopped", clean=done, seconds=round(time.monotonic() - started, 2))
+
+    async def _report(self, interval: float, out: TextIO) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            print(self.status_text(), file=out, flush=True)
+
+    def status_text(self) -> str:
+        """The statistics block: one line per connection, one for the writer."""
+        now = time.monotonic()
+        last_at, last_written, last_msgs = self._last_report
+        span = max(now - last_at, 1e-9)
+        lines = []
+        for c in self.collectors:
+            s = c.stats
+            rate = (s.messages - last_msgs.get(c.conn_id, 0)) / span
+            age = s.last_message_age()
+            lines.append(
+                f"[coinbase#{c.conn_id}] {s.state} up={s.uptime():.0f}s msgs={s.messages:,} ({rate:,.0f}/s) "
+                f"bytes={_mb(s.bytes)} errors={s.errors} reconnects={s.reconnects} gaps={s.gaps} "
+                f"last={'-' if age is None else f'{age:.2f}s'} ago"
+            )
+        w = self.writer.stats
+        depth, cap = self.writer.queue_depth, self.config.ingestion.queue_maxsize
+        latency = sorted(w.latencies_ns)
+        p50 = statistics.median(latency) / 1e6 if latency else 0.0
+        p99 = latency[int(len(latency) * 0.99) - 1] / 1e6 if len(latency) >= 100 else 0.0
+        lines.append(
+            f"[writer] written={w.written:,} ({(w.written - last_written) / span:,.0f}/s) bytes={_mb(w.bytes)} "
+            f"queue={depth}/{cap} ({depth / cap:.1%}) overflow={self.writer.dropped:,} "
+            f"flushes={w.flushes:,} rotations={w.rotations} segment={w.segment or '-'} ({_mb(w.segment_bytes)}) "
+            f"latency p50={p50:.1f}ms p99={p99:.1f}ms"
+        )
+        self._last_report = (now, w.written, {c.conn_id: c.stats.messages for c in self.collectors})
+        return "\n".join(lines)
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+
+
+async def ingest(config: DaedalusConfig, stats_interval: float | None) -> bool:
+    """Run until SIGINT/SIGTERM; False when it had to stop on its own (writer or collectors failed)."""
+    stop = asyncio.Event()
+    install_stop_signals(stop)
+    pipeline = IngestPipeline(config)
+    await pipeline.run(stop, stats_interval)
+    return not pipeline.failed

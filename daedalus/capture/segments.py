@@ -1,0 +1,373 @@
+"""The durable segment log: batch, write, fsync, rotate, recover (architecture 3.1-3.3).
+
+Collectors call :meth:`SegmentWriter.put_frame` / :meth:`put_control` on the event loop:
+an append to a bounded deque, nothing else. A dedicated I/O thread drains the deque when
+``batch_size`` records are waiting or ``flush_interval_seconds`` passed, encodes the
+records, writes them with one ``os.write`` (one zstd frame when compressed), fsyncs, and
+rotates the segment into ``ready/`` at ``segment_max_mb`` or when the UTC hour changes.
+The event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from daedalus.capture.records import control_line, frame_line, is_complete_record
+from daedalus.config import IngestionConfig
+from daedalus.layout import RAW_STATES, DataLayout, parse_segment_name, segment_name
+from daedalus.logs import get_logger
+
+log = get_logger(__name__)
+
+NS_PER_HOUR = 3_600_000_000_000
+LATENCY_SAMPLE_EVERY = 16
+LAST_SEGMENT_FILE = ".last_segment"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+@dataclass
+class WriterStats:
+    written: int = 0
+    bytes: int = 0
+    flushes: int = 0
+    rotations: int = 0
+    overflow: int = 0
+    write_errors: int = 0
+    segment: str = ""
+    segment_bytes: int = 0
+    latencies_ns: deque[int] = field(default_factory=lambda: deque(maxlen=200_000))
+
+
+class SegmentWriter:
+    """One source's raw segment log, written by its own thread."""
+
+    def __init__(
+        self,
+        layout: DataLayout,
+        source: str,
+        config: IngestionConfig,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.layout = layout
+        self.source = source
+        self.config = config
+        self.clock = clock
+        self.active_dir = layout.active(source)
+        self.ready_dir = layout.ready(source)
+        self.suffix = ".ndjson.zst" if config.raw_compression == "zstd" else ".ndjson"
+        self.max_bytes = int(config.segment_max_mb * 1024 * 1024)
+        self.stats = WriterStats()
+        self.dropped = 0  # incremented on the event loop; the thread writes the deltas
+        self._dropped_written = 0
+        self._queue: deque[tuple[int, int, Any]] = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._hour: int | None = None
+        self._compressor = zstandard.ZstdCompressor(level=3) if self.suffix.endswith(".zst") else None
+        self.error: BaseException | None = None
+
+    # -- producer side (event loop) ------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def has_room(self) -> bool:
+        return len(self._queue) < self.config.queue_maxsize
+
+    def put_frame(self, recv_ns: int, conn: int, frame: str) -> bool:
+        """Queue one received frame; returns False (and counts it) when the queue is full."""
+        queue = self._queue
+        if len(queue) >= self.config.queue_maxsize:
+            self.dropped += 1
+            return False
+        queue.append((recv_ns, conn, frame))
+        if len(queue) >= self.config.batch_size and not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def put_control(self, recv_ns: int, conn: int, event: str, **fields: Any) -> None:
+        """Queue a control line; never dropped (they are rare and explain the gaps)."""
+        self._queue.append((recv_ns, conn, (event, fields)))
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.active_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name=f"segment-writer-{self.source}", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Flush everything queued, move the open segment to ``ready/``; True if done in time."""
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    # -- the I/O thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        interval = self.config.flush_interval_seconds
+        next_flush = time.monotonic() + interval
+        try:
+            while True:
+                self._wake.wait(max(0.0, next_flush - time.monotonic()))
+                self._wake.clear()
+                closing = self._closing
+                self._flush()
+                next_flush = time.monotonic() + interval
+                self._rotate_if_hour_changed()
+                if closing and not self._queue:
+                    break
+        except BaseException as exc:  # the process must learn that its disk writer died
+            self.error = exc
+            log.error("segment_writer_failed", source=self.source, error=repr(exc))
+            raise
+        finally:
+            if self.error is None:
+                self._rotate()
+
+    def _flush(self) -> None:
+        queue = self._queue
+        count = len(queue)
+        dropped = self.dropped - self._dropped_written
+        if not count and not dropped:
+            return
+        max_bytes = self.max_bytes
+        lines: list[bytes] = []
+        size = 0
+        frames = 0
+        sampled: list[int] = []
+        for index in range(count):
+            recv_ns, conn, data = queue.popleft()
+            hour = recv_ns // NS_PER_HOUR
+            if self._hour is not None and hour != self._hour and self._fd is not None:
+                self._write(lines, size, sampled)
+                lines, size, sampled = [], 0, []
+                self._rotate()
+            if self._fd is None:
+                self._open(recv_ns)
+            if type(data) is str:
+                line = frame_line(recv_ns, conn, data)
+                frames += 1
+                if not index % LATENCY_SAMPLE_EVERY:
+                    sampled.append(recv_ns)
+            else:
+                line = control_line(recv_ns, conn, data[0], data[1])
+            lines.append(line)
+            size += len(line)
+            if self.stats.segment_bytes + size >= max_bytes:
+                self._write(lines, size, sampled)
+                lines, size, sampled = [], 0, []
+                self._rotate()
+        if dropped:
+            if self._fd is None:
+                self._open(self.clock())
+            line = control_line(self.clock(), 0, "overflow", {"dropped": dropped})
+            lines.append(line)
+            size += len(line)
+            self._dropped_written += dropped
+            self.stats.overflow += dropped
+        self._write(lines, size, sampled)
+        self.stats.written += frames
+
+    def _write(self, lines: list[bytes], size: int, sampled: list[int]) -> None:
+        if not lines or self._fd is None:
+            return
+        data = b"".join(lines)
+        if self._compressor is not None:
+            data = self._compressor.compress(data)
+        write_all(self._fd, data)
+        if self.config.fsync:
+            os.fsync(self._fd)
+        done = time.time_ns()
+        self.stats.latencies_ns.extend(done - recv for recv in sampled)
+        self.stats.flushes += 1
+        self.stats.bytes += len(data)
+        self.stats.segment_bytes += len(data)
+
+    def _open(self, first_recv_ns: int) -> None:
+        first = datetime.fromtimestamp(first_recv_ns / 1e9, UTC)
+        hour_text = first.strftime("%Y%m%dT%H")
+        name = segment_name(first, self._next_counter(hour_text), self.suffix)
+        self._path = self.active_dir / name
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._hour = first_recv_ns // NS_PER_HOUR
+        self.stats.segment = name
+        self.stats.segment_bytes = 0
+        marker = self.active_dir / LAST_SEGMENT_FILE
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(name)
+        os.replace(tmp, marker)
+        fsync_dir(self.active_dir)
+
+    def _next_counter(self, hour_text: str) -> int:
+        """One past the highest counter this source ever used in that hour.
+
+        The ETL may have deleted earlier segments, so the last name is also kept in
+        ``active/.last_segment``: a name is never reused, and neither is its output file.
+        """
+        highest = 0
+        names: list[str] = []
+        marker = self.active_dir / LAST_SEGMENT_FILE
+        with contextlib.suppress(OSError):
+            names.append(marker.read_text().strip())
+        for state in RAW_STATES:
+            with contextlib.suppress(OSError):
+                names += os.listdir(self.layout.raw_dir(state, self.source))
+        for name in names:
+            parsed = parse_segment_name(name.split(".tail-")[0])
+            if parsed is not None and parsed.hour == hour_text:
+                highest = max(highest, parsed.counter)
+        return highest + 1
+
+    def _rotate_if_hour_changed(self) -> None:
+        if self._fd is not None and self.clock() // NS_PER_HOUR != self._hour:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        """Close the open segment and move it into ``ready/`` atomically."""
+        if self._fd is None or self._path is None:
+            return
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        target = self.ready_dir / self._path.name
+        os.rename(self._path, target)
+        fsync_dir(self.ready_dir)
+        fsync_dir(self.active_dir)
+        self.stats.rotations += 1
+        log.info("segment_ready", source=self.source, segment=target.name, bytes=self.stats.segment_bytes)
+        self._path = None
+        self._hour = None
+        self.stats.segment = ""
+        self.stats.segment_bytes = 0
+
+
+# -- start-up recovery -------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryReport:
+    segments: int = 0
+    records_kept: int = 0
+    bytes_quarantined: int = 0
+    quarantined: list[str] = field(default_factory=list)
+
+
+def _split_ndjson(data: bytes) -> tuple[bytes, bytes, int]:
+    """(complete records, everything else, record count) of an NDJSON segment."""
+    end = data.rfind(b"\n") + 1
+    body, tail = data[:end], data[end:]
+    lines = body.split(b"\n")[:-1]
+    good = [line for line in lines if is_complete_record(line)]
+    if len(good) == len(lines):
+        return body, tail, len(lines)
+    bad = b"\n".join(line for line in lines if not is_complete_record(line))
+    return b"".join(line + b"\n" for line in good), bad + b"\n" + tail, len(good)
+
+
+def _split_zstd(data: bytes) -> tuple[bytes, bytes, int]:
+    """Keep every complete zstd frame (one per flush); the rest is the torn tail."""
+    offset = 0
+    records = 0
+    while offset < len(data):
+        decompressor = zstandard.ZstdDecompressor().decompressobj()
+        try:
+            content = decompressor.decompress(data[offset:])
+        except zstandard.ZstdError:
+            break
+        if not decompressor.eof:
+            break
+        consumed = len(data) - offset - len(decompressor.unused_data)
+        if not content.endswith(b"\n"):
+            break
+        records += content.count(b"\n")
+        offset += consumed
+    return data[:offset], data[offset:], records
+
+
+def recover_active(layout: DataLayout, source: str) -> RecoveryReport:
+    """Move every segment left in ``active/`` to ``ready/``, torn tails to ``quarantine/``.
+
+    Safe to interrupt: the tail is written to quarantine before the segment is cut, and
+    the segment is cut before it is renamed, so a second run finishes the job.
+    """
+    report = RecoveryReport()
+    active, ready, quarantine = layout.active(source), layout.ready(source), layout.quarantine(source)
+    if not active.is_dir():
+        return report
+    for path in sorted(active.iterdir()):
+        if parse_segment_name(path.name) is None:
+            continue
+        data = path.read_bytes()
+        split = _split_zstd if path.name.endswith(".zst") else _split_ndjson
+        good, tail, records = split(data)
+        if tail:
+            quarantine.mkdir(parents=True, exist_ok=True)
+            torn = quarantine / f"{path.name}.tail-{time.time_ns()}"
+            torn.write_bytes(tail)
+            with open(torn, "rb+") as f:
+                os.fsync(f.fileno())
+            fsync_dir(quarantine)
+            report.bytes_quarantined += len(tail)
+            report.quarantined.append(torn.name)
+            log.warning("segment_torn_tail", source=source, segment=path.name, bytes=len(tail), to=str(torn))
+        if not good:
+            path.unlink()
+        else:
+            if len(good) != len(data):
+                if data.startswith(good):
+                    os.truncate(path, len(good))
+                else:  # bad lines in the middle: rewrite the good ones
+                    tmp = path.with_name(path.name + ".tmp")
+                    tmp.write_bytes(good)
+                    os.replace(tmp, path)
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+            ready.mkdir(parents=True, exist_ok=True)
+            os.rename(path, ready / path.name)
+            report.segments += 1
+            report.records_kept += records
+        fsync_dir(active)
+        fsync_dir(ready)
+    if report.segments or report.quarantined:
+        log.info(
+            "recovery_done",
+            source=source,
+            segments=report.segments,
+            records=report.records_kept,
+            quarantined_bytes=report.bytes_quarantined,
+        )
+    return report
