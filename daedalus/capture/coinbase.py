@@ -96,6 +96,7 @@ class CoinbaseCollector:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._resubscribed_at: float | None = None
         self._stopping = False
+        self._close_reason: str | None = None
 
     def subscribe_messages(self) -> list[dict[str, object]]:
         return [self._subscribe_message(channel) for channel in self.channels]
@@ -165,6 +166,7 @@ class CoinbaseCollector:
         log.info("collector_connected", conn=conn, url=self.coinbase.ws_url, products=",".join(self.product_ids))
         for message in self.subscribe_messages():
             await self._send_subscribe(ws, message)
+        self._close_reason = None
         watchdog = asyncio.create_task(self._watchdog(ws))
         expected = 0
         stats = self.stats
@@ -178,7 +180,7 @@ class CoinbaseCollector:
                     if msg.type is aiohttp.WSMsgType.BINARY:
                         data = msg.data.decode("utf-8", "replace")
                     elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
-                        return watchdog_reason(watchdog) or f"closed by server (code {ws.close_code})"
+                        return self._close_reason or f"closed by server (code {ws.close_code})"
                     elif msg.type is aiohttp.WSMsgType.ERROR:
                         stats.errors += 1
                         return f"socket error: {ws.exception()!r}"
@@ -228,8 +230,10 @@ class CoinbaseCollector:
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
             last = self.stats.last_message_at or started
-            if time.monotonic() - max(last, started) > timeout:
-                log.warning("collector_watchdog", conn=self.conn_id, silent_for=round(time.monotonic() - last, 1))
+            silent = time.monotonic() - max(last, started)
+            if silent > timeout:
+                self._close_reason = f"watchdog: silent for {silent:.1f}s (limit {timeout:g}s)"
+                log.warning("collector_watchdog", conn=self.conn_id, silent_for=round(silent, 1))
                 await ws.close()
                 return
 
@@ -237,9 +241,3 @@ class CoinbaseCollector:
         self._stopping = True
         if self._ws is not None:
             await self._ws.close()
-
-
-def watchdog_reason(task: asyncio.Task[None]) -> str | None:
-    if task.done() and not task.cancelled():
-        return "watchdog: connection silent too long"
-    return None

@@ -165,6 +165,7 @@ class SegmentWriter:
         if not count and not dropped:
             return
         max_bytes = self.max_bytes
+        exact_size = self._compressor is None
         lines: list[bytes] = []
         size = 0
         frames = 0
@@ -185,12 +186,17 @@ class SegmentWriter:
                     sampled.append(recv_ns)
             else:
                 line = control_line(recv_ns, conn, data[0], data[1])
-            lines.append(line)
-            size += len(line)
-            if self.stats.segment_bytes + size >= max_bytes:
-                self._write(lines, size, sampled)
+            if (
+                exact_size
+                and self.stats.segment_bytes + size + len(line) > max_bytes
+                and (size or self.stats.segment_bytes)
+            ):
+                self._write(lines, size, sampled)  # the segment is full: this line starts the next one
                 lines, size, sampled = [], 0, []
                 self._rotate()
+                self._open(recv_ns)
+            lines.append(line)
+            size += len(line)
         if dropped:
             if self._fd is None:
                 self._open(self.clock())
@@ -201,6 +207,8 @@ class SegmentWriter:
             self.stats.overflow += dropped
         self._write(lines, size, sampled)
         self.stats.written += frames
+        if not exact_size and self.stats.segment_bytes >= max_bytes:
+            self._rotate()  # compressed size is known only after the flush
 
     def _write(self, lines: list[bytes], size: int, sampled: list[int]) -> None:
         if not lines or self._fd is None:
