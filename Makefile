@@ -24,6 +24,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python bench/sim.py
+	$(BIN)/python bench/capture.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

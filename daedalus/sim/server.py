@@ -549,17 +549,23 @@ class SimServer:
         """
         assert self.recording is not None
         speed = self.config.speed
-        previous_ts: float | None = None
+        origin: tuple[float, float] | None = None  # (recorded ts, loop time) the schedule counts from
         given_up: set[str] = set()
         for frame in self.recording.frames:
             channel = frame.channel
             wanted = channel is None or channel in conn.subs
-            if not wanted and (channel in given_up or not await self._await_channel(conn, channel)):
-                given_up.add(channel)
-                continue
-            if speed > 0 and previous_ts is not None and frame.ts > previous_ts:
-                await asyncio.sleep((frame.ts - previous_ts) / speed)
-            previous_ts = frame.ts
+            if not wanted:
+                if channel in given_up or not await self._await_channel(conn, channel):
+                    given_up.add(channel)
+                    continue
+                origin = None  # waiting for a subscription shifts the schedule, never compresses it
+            if speed > 0:
+                now = time.monotonic()
+                if origin is None:
+                    origin = (frame.ts, now)
+                ahead = origin[1] + (frame.ts - origin[0]) / speed - now
+                if ahead > 0.001:  # sleep only when ahead: keeps high rates exact on average
+                    await asyncio.sleep(ahead)
             if conn.closed:
                 return
             if frame.tail:
@@ -612,9 +618,15 @@ class SimServer:
     def _products_json(self) -> bytes:
         if self.recording is not None and self.recording.products_response is not None:
             return self.recording.products_response
-        return rest.products_body(
-            [rest.product_object(m.spec, m.last_price, m.stats.volume_24h) for m in self.markets.values()]
-        )
+        products = []
+        for product_id in self.products:
+            model = self.markets.get(product_id)
+            if model is not None:
+                products.append(rest.product_object(model.spec, model.last_price, model.stats.volume_24h))
+            else:  # replay without a recorded response: describe the recording's products
+                spec = product_spec(product_id)
+                products.append(rest.product_object(spec, round(spec.start_price * 10**spec.price_decimals), 0))
+        return rest.products_body(products)
 
     def _currency_codes(self) -> set[str]:
         return rest.currency_codes(self._products_json())
