@@ -117,9 +117,9 @@ async def test_replay_of_raw_segments_with_speed(make_sim, connect, tmp_path):
         zstandard.ZstdCompressor().compress(compressed.read_bytes())
     )
     sim = await make_sim(replay=segments, speed=2.0)
-    # no products response recorded: derived from the frames (heartbeats name no product)
+    # no products response recorded and no product in the frames: the configured products are described
     async with aiohttp.ClientSession() as http, http.get(f"{sim.rest_url}/api/v3/brokerage/market/products") as r:
-        assert (await r.json())["products"] == []
+        assert [p["product_id"] for p in (await r.json())["products"]] == ["BTC-USD", "ETH-USD"]
     client = await connect(sim.ws_url)
     started = time.monotonic()
     await client.subscribe("heartbeats")
