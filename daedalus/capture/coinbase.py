@@ -36,11 +36,11 @@ def sequence_of(frame: str) -> int | None:
     if at < 0:
         return None
     start = at + len(SEQ_KEY)
-    end = start
-    length = len(frame)
-    while end < length and frame[end].isdigit():
-        end += 1
-    return int(frame[start:end]) if end > start else None
+    end = frame.find(",", start, start + 24)
+    try:
+        return int(frame[start:end])
+    except ValueError:
+        return None
 
 
 def is_l2_snapshot(frame: str) -> bool:
@@ -171,12 +171,16 @@ class CoinbaseCollector:
         expected = 0
         stats = self.stats
         clock = self.clock
+        monotonic = time.monotonic
+        receive = ws.receive
+        put_frame = writer.put_frame
+        text = aiohttp.WSMsgType.TEXT
         block = self.ingestion.on_queue_full == "block"
         try:
-            while True:
-                msg = await ws.receive()
+            while True:  # the hot path: keep it to a stamp, a queue append and a bounded scan
+                msg = await receive()
                 recv_ns = clock()
-                if msg.type is not aiohttp.WSMsgType.TEXT:
+                if msg.type is not text:
                     if msg.type is aiohttp.WSMsgType.BINARY:
                         data = msg.data.decode("utf-8", "replace")
                     elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
@@ -190,11 +194,11 @@ class CoinbaseCollector:
                     data = msg.data
                 stats.messages += 1
                 stats.bytes += len(data)
-                stats.last_message_at = time.monotonic()
+                stats.last_message_at = monotonic()
                 if block and not writer.has_room():
                     while not writer.has_room():
                         await asyncio.sleep(0.001)
-                writer.put_frame(recv_ns, conn, data)
+                put_frame(recv_ns, conn, data)
                 seq = sequence_of(data)
                 if seq is not None:
                     if seq > expected:

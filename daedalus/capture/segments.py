@@ -85,6 +85,8 @@ class SegmentWriter:
         self.dropped = 0  # incremented on the event loop; the thread writes the deltas
         self._dropped_written = 0
         self._queue: deque[tuple[int, int, Any]] = deque()
+        self._maxsize = config.queue_maxsize
+        self._batch_size = config.batch_size - 1  # compared with the depth before the append
         self._wake = threading.Event()
         self._closing = False
         self._thread: threading.Thread | None = None
@@ -106,11 +108,12 @@ class SegmentWriter:
     def put_frame(self, recv_ns: int, conn: int, frame: str) -> bool:
         """Queue one received frame; returns False (and counts it) when the queue is full."""
         queue = self._queue
-        if len(queue) >= self.config.queue_maxsize:
+        depth = len(queue)
+        if depth >= self._maxsize:
             self.dropped += 1
             return False
         queue.append((recv_ns, conn, frame))
-        if len(queue) >= self.config.batch_size and not self._wake.is_set():
+        if depth >= self._batch_size and not self._wake.is_set():
             self._wake.set()
         return True
 
