@@ -58,6 +58,7 @@ def ingest(
     stats_interval: Annotated[float | None, typer.Option(help="Print the statistics block every S seconds.")] = None,
 ) -> None:
     """Capture the Coinbase feed into durable raw segments until SIGINT/SIGTERM."""
+    from daedalus.capture.auth import AuthError
     from daedalus.capture.pipeline import ingest as run_ingest
 
     try:
@@ -69,6 +70,8 @@ def ingest(
         ok = asyncio.run(run_ingest(settings, stats_interval))
     except KeyboardInterrupt:
         ok = True
+    except AuthError as exc:
+        raise _fail(f"cannot authenticate: {exc}") from None
     if not ok:
         raise typer.Exit(1)
 

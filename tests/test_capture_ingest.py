@@ -251,3 +251,44 @@ async def _kill_and_restart(tmp_path: Path, kills: int) -> None:
             assert missing == 0
     for torn in (data / "raw" / "quarantine" / "coinbase").iterdir():
         assert not torn.read_bytes().endswith(b"}\n")  # only cut-off records end up there
+
+
+async def test_api_keys_sign_each_subscribe_with_an_es256_jwt(make_sim, tmp_path):
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    sim = await make_sim(rate=10)
+    config = ingest_config(tmp_path, sim.ws_url)
+    config["coinbase"].update(api_key="organizations/o/apiKeys/k", api_secret=pem.replace("\n", "\\n"))
+    run = Running(config)
+    await subscribed(sim)
+    await run.close()
+    requests = list(sim.closed_connections[0].requests)
+    assert len(requests) == 4
+    for request in requests:
+        claims = jwt.decode(request["jwt"], private.public_key(), algorithms=["ES256"])
+        assert claims["sub"] == "organizations/o/apiKeys/k" and claims["iss"] == "cdp"
+        assert claims["exp"] - claims["nbf"] == 120
+        assert jwt.get_unverified_header(request["jwt"])["kid"] == "organizations/o/apiKeys/k"
+    segments = b"".join(p.read_bytes() for p in segment_files(tmp_path))
+    assert b"jwt" not in segments and b"PRIVATE" not in segments
+
+
+def test_unusable_api_secret_is_a_clear_error(tmp_path):
+    config = ingest_config(tmp_path / "data", "ws://127.0.0.1:9/ws")
+    config["coinbase"].update(api_key="k", api_secret="not a key")
+    result = subprocess.run(
+        [sys.executable, "-m", "daedalus", "ingest", "--config", str(write_config(tmp_path, config))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot authenticate: coinbase.api_secret is not a usable EC private key" in result.stderr
+    assert "not a key" not in result.stderr

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from daedalus.capture.auth import ws_jwt
 from daedalus.capture.segments import SegmentWriter
 from daedalus.config import CoinbaseConfig, IngestionConfig
 from daedalus.logs import get_logger
@@ -102,7 +103,11 @@ class CoinbaseCollector:
         return [self._subscribe_message(channel) for channel in self.channels]
 
     def _subscribe_message(self, channel: str) -> dict[str, object]:
-        return {"type": "subscribe", "product_ids": self.product_ids, "channel": channel}
+        message: dict[str, object] = {"type": "subscribe", "product_ids": self.product_ids, "channel": channel}
+        key = self.coinbase.api_key.get_secret_value()
+        if key:
+            message["jwt"] = ws_jwt(key, self.coinbase.api_secret.get_secret_value())
+        return message
 
     async def run(self) -> None:
         """Connect and capture until cancelled, reconnecting with backoff."""
@@ -212,7 +217,8 @@ class CoinbaseCollector:
                 await watchdog
 
     async def _send_subscribe(self, ws: aiohttp.ClientWebSocketResponse, message: dict[str, object]) -> None:
-        self.writer.put_control(self.clock(), self.conn_id, "subscribe", message=message)
+        shown = {k: v for k, v in message.items() if k != "jwt"}  # the token never reaches the segments
+        self.writer.put_control(self.clock(), self.conn_id, "subscribe", message=shown)
         await ws.send_str(orjson.dumps(message).decode())
 
     async def _on_gap(self, ws: aiohttp.ClientWebSocketResponse, recv_ns: int, expected: int, received: int) -> None:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from daedalus.capture.auth import ws_jwt
 from daedalus.capture.coinbase import CoinbaseCollector
 from daedalus.capture.segments import SegmentWriter, recover_active
 from daedalus.config import DaedalusConfig
@@ -46,7 +47,14 @@ class IngestPipeline:
         self.failed = False
         self._last_report: tuple[float, int, dict[int, int]] = (self._started, 0, {})
 
+    def check_credentials(self) -> None:
+        """Fail fast, with the reason, when API keys are set but cannot sign a token."""
+        key = self.config.coinbase.api_key.get_secret_value()
+        if key:
+            ws_jwt(key, self.config.coinbase.api_secret.get_secret_value())
+
     async def run(self, stop: asyncio.Event, stats_interval: float | None = None, out: TextIO = sys.stdout) -> None:
+        self.check_credentials()
         self.layout.ensure(SOURCE)
         recover_active(self.layout, SOURCE)
         self.writer.start()

@@ -82,6 +82,7 @@ class SimConnection:
         self.rng = random.Random(server.config.seed * 7919 + index)
         # (sequence_num, product_id, market version) of every level2 frame, for true_book()
         self.l2_frames: deque[tuple[int, str, int]] = deque(maxlen=200_000)
+        self.requests: deque[dict[str, Any]] = deque(maxlen=100)  # the last requests, for tests
         self.sent = 0
         self.dropped = 0
         self.malformed = 0
@@ -359,6 +360,8 @@ class SimServer:
         except orjson.JSONDecodeError as exc:
             await conn.send_error(f"invalid JSON: {exc}")
             return
+        if isinstance(request, dict):
+            conn.requests.append(request)
         problem = self._check_request(request)
         if problem:
             await conn.send_error(problem)
