@@ -28,6 +28,7 @@ from pathlib import Path
 import ccxt.pro
 import psutil
 import yaml
+from simproc import start_sim
 
 from daedalus.capture.records import frame_line, iter_lines
 from daedalus.sim import protocol as wire
@@ -67,25 +68,8 @@ def generate(path: Path, frames: int, seed: int = 1) -> tuple[int, dict[str, str
     return len(lines), last_l2
 
 
-async def start_sim(recording: Path, speed: float) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daedalus",
-        "sim",
-        "--port",
-        "0",
-        "--replay",
-        str(recording),
-        "--speed",
-        str(speed),
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), 120)).decode()
-    return proc, re.search(r"ws=(\S+)", line).group(1)  # type: ignore[union-attr]
+async def start_replay(recording: Path, speed: float) -> tuple[asyncio.subprocess.Process, str]:
+    return await start_sim("--replay", str(recording), "--speed", str(speed))
 
 
 async def run_ingest(ws_url: str, workdir: Path, total: int) -> dict[str, float]:
@@ -190,7 +174,7 @@ async def main(frames: int, speeds: list[float]) -> None:
         )
         sustained = 0.0
         for run, speed in enumerate(speeds):
-            sim, ws_url = await start_sim(recording, speed)
+            sim, ws_url = await start_replay(recording, speed)
             try:
                 r = await run_ingest(ws_url, workdir / f"ingest-{run}", total)
             finally:
@@ -203,7 +187,7 @@ async def main(frames: int, speeds: list[float]) -> None:
             )
             if r["overflow"] == 0:
                 sustained = max(sustained, r["frames_per_s"])
-        sim, ws_url = await start_sim(recording, 0)
+        sim, ws_url = await start_replay(recording, 0)
         try:
             c = await run_ccxt(ws_url, total, last_l2)
         finally:

@@ -13,35 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import re
-import sys
 import time
 
 import aiohttp
 import psutil
+from simproc import start_sim
 
 CHANNELS = ("level2", "market_trades", "ticker")
 PRODUCTS = ["BTC-USD", "ETH-USD"]
 
 
 async def measure(seconds: float) -> dict[str, float]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daedalus",
-        "sim",
-        "--port",
-        "0",
-        "--rate",
-        "max",
-        "--log-level",
-        "WARNING",
-        stdout=asyncio.subprocess.PIPE,
-    )
+    proc, url = await start_sim("--rate", "max", ready_timeout=30)
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        url = re.search(r"ws=(\S+)", line).group(1)  # type: ignore[union-attr]
         sim = psutil.Process(proc.pid)
         async with aiohttp.ClientSession() as http, http.ws_connect(url, max_msg_size=0) as ws:
             for channel in CHANNELS:
