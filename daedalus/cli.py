@@ -72,6 +72,8 @@ def ingest(
         ok = True
     except AuthError as exc:
         raise _fail(f"cannot authenticate: {exc}") from None
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
     if not ok:
         raise typer.Exit(1)
 

@@ -31,7 +31,7 @@ from daedalus.layout import DataLayout, UnsafeNameError, check_safe_name
 
 _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _PRODUCT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_SECRET_HINTS = ("secret", "api_key", "password", "token", "access_key")
+_SECRET_HINTS = ("secret", "api_key", "apikey", "password", "passphrase", "token", "access_key", "private")
 
 
 class ConfigError(Exception):
@@ -86,6 +86,15 @@ class IngestionConfig(Section):
     reconnect_delay: PositiveFloat = 5.0
     max_reconnect_delay: PositiveFloat = 120.0
     watchdog_timeout_seconds: PositiveFloat = 30.0
+
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> IngestionConfig:
+        if self.batch_size > self.queue_maxsize:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must not exceed queue_maxsize ({self.queue_maxsize}): "
+                "the queue would drop before a batch is ever complete"
+            )
+        return self
 
 
 class CoinbaseConfig(Section):
@@ -228,7 +237,7 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"{loc}: unknown key"
-    if error["type"] in ("missing",) or _is_secret(loc):
+    if error["type"] == "missing" or _is_secret(loc) or isinstance(error.get("input"), dict | list):
         return f"{loc}: {message}"
     shown = repr(error.get("input"))
     if len(shown) > 60:
@@ -271,6 +280,15 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Daedalus
     return parse_config(data, str(path), env)
 
 
+def _mask_free_form(node: Any) -> Any:
+    """Mask values under secret-looking keys in free-form mappings (e.g. ccxt ``options``)."""
+    if isinstance(node, dict):
+        return {k: "**********" if _is_secret(str(k).lower()) and v else _mask_free_form(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_mask_free_form(v) for v in node]
+    return node
+
+
 def effective_config(config: DaedalusConfig) -> dict[str, Any]:
     """The config as plain data with every secret masked, for printing."""
-    return config.model_dump(mode="json")
+    return _mask_free_form(config.model_dump(mode="json"))

@@ -25,7 +25,8 @@ class EventLogger:
 
     def _emit(self, level: int, event: str, fields: dict[str, Any]) -> None:
         if self._log.isEnabledFor(level):
-            self._log.log(level, event, extra={_FIELDS: fields}, stacklevel=3)
+            exc_info = fields.pop("exc_info", False)
+            self._log.log(level, event, extra={_FIELDS: fields}, stacklevel=3, exc_info=exc_info)
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit(logging.DEBUG, event, fields)

@@ -120,7 +120,7 @@ def test_counter_is_never_reused_even_after_the_etl_deleted_segments(tmp_path):
 
 
 def test_full_queue_drops_are_counted_and_written_as_overflow(tmp_path):
-    writer = SegmentWriter(DataLayout(tmp_path), "coinbase", IngestionConfig(queue_maxsize=100, batch_size=1000))
+    writer = SegmentWriter(DataLayout(tmp_path), "coinbase", IngestionConfig(queue_maxsize=100, batch_size=100))
     accepted = sum(writer.put_frame(T0 + i, 1, frame(i)) for i in range(250))  # thread not started yet
     assert accepted == 100 and writer.dropped == 150
     writer.start()
@@ -159,3 +159,27 @@ def test_recovery_keeps_complete_records_and_quarantines_the_torn_tail(tmp_path)
     assert len(quarantined) == 4 and all(".tail-" in q for q in quarantined)
     assert not segment_files(tmp_path, "active")
     assert recover_active(DataLayout(tmp_path), "coinbase").segments == 0  # idempotent
+
+
+def test_a_failing_disk_is_retried_without_half_records_or_loss(tmp_path, monkeypatch):
+    import errno
+
+    from daedalus.capture import segments
+
+    real_write_all = segments.write_all
+    failures = [2]
+
+    def flaky_write_all(fd, data):  # a full disk: half the bytes land, then ENOSPC
+        if failures[0]:
+            failures[0] -= 1
+            real_write_all(fd, bytes(data)[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(segments, "write_all", flaky_write_all)
+    writer = make_writer(tmp_path, batch_size=100, flush_interval_seconds=0.05)
+    for i in range(300):
+        writer.put_frame(T0 + i, 1, frame(i))
+    assert writer.close()
+    assert writer.stats.write_errors == 2
+    assert [r["msg"]["sequence_num"] for r in read_records(tmp_path)] == list(range(300))

@@ -101,3 +101,16 @@ def test_unreadable_and_non_mapping_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
+
+
+def test_free_form_options_mask_secret_looking_keys():
+    config = parse_config(
+        {"ccxt": {"exchanges": [{"id": "kraken", "symbols": ["BTC/USD"], "options": {"password": "hunter2", "x": 1}}]}}
+    )
+    shown = effective_config(config)["ccxt"]["exchanges"][0]["options"]
+    assert shown == {"password": "**********", "x": 1}
+
+
+def test_batch_size_must_fit_the_queue():
+    with pytest.raises(ConfigError, match="batch_size \\(500\\) must not exceed queue_maxsize \\(100\\)"):
+        parse_config({"ingestion": {"batch_size": 500, "queue_maxsize": 100}})

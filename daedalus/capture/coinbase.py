@@ -38,6 +38,8 @@ def sequence_of(frame: str) -> int | None:
         return None
     start = at + len(SEQ_KEY)
     end = frame.find(",", start, start + 24)
+    if end < 0:  # a cut-off frame: no trustworthy number
+        return None
     try:
         return int(frame[start:end])
     except ValueError:
@@ -50,7 +52,7 @@ def is_l2_snapshot(frame: str) -> bool:
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Capped exponential backoff with full jitter in [0.5, 1.0] of the step."""
-    step = min(cap, base * (2 ** max(0, attempt - 1)))
+    step = min(cap, base * 2 ** min(max(0, attempt - 1), 32))  # bounded exponent: no overflow after days of outage
     return step * (0.5 + rng.random() / 2)
 
 
@@ -120,8 +122,10 @@ class CoinbaseCollector:
                         self.coinbase.ws_url, max_msg_size=MAX_FRAME_BYTES, autoping=True, heartbeat=None
                     ) as ws:
                         self._ws = ws
-                        attempt = 0
+                        messages_before = self.stats.messages
                         reason = await self._session(ws)
+                        if self.stats.messages > messages_before:
+                            attempt = 0  # only a session that delivered data resets the backoff
                 except asyncio.CancelledError:
                     self._disconnected("shutdown")
                     raise
@@ -129,6 +133,11 @@ class CoinbaseCollector:
                     reason = f"{type(exc).__name__}: {exc}"
                     self.stats.errors += 1
                     self.stats.last_error = reason
+                except Exception as exc:  # a bug must not end capture: log it, back off, go on
+                    reason = f"unexpected {type(exc).__name__}: {exc}"
+                    self.stats.errors += 1
+                    self.stats.last_error = reason
+                    log.error("collector_error", conn=self.conn_id, error=repr(exc), exc_info=True)
                 finally:
                     self._ws = None
                 self._disconnected("shutdown" if self._stopping else reason)

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import fcntl
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 from daedalus.capture.auth import ws_jwt
 from daedalus.capture.coinbase import CoinbaseCollector
 from daedalus.capture.segments import SegmentWriter, recover_active
-from daedalus.config import DaedalusConfig
+from daedalus.config import ConfigError, DaedalusConfig
 from daedalus.logs import get_logger
+from daedalus.signals import stop_on_signals
 
 log = get_logger(__name__)
 
@@ -47,6 +49,15 @@ class IngestPipeline:
         self.failed = False
         self._last_report: tuple[float, int, dict[int, int]] = (self._started, 0, {})
 
+    def check_settings(self) -> None:
+        """Fail fast, with the reason, on settings this source cannot honour."""
+        if self.config.ingestion.raw_format != "ndjson":
+            raise ConfigError(
+                "ingestion",
+                ["ingestion.raw_format: the coinbase collector writes ndjson; parquet is for the ccxt path"],
+            )
+        self.check_credentials()
+
     def check_credentials(self) -> None:
         """Fail fast, with the reason, when API keys are set but cannot sign a token."""
         key = self.config.coinbase.api_key.get_secret_value()
@@ -54,8 +65,9 @@ class IngestPipeline:
             ws_jwt(key, self.config.coinbase.api_secret.get_secret_value())
 
     async def run(self, stop: asyncio.Event, stats_interval: float | None = None, out: TextIO = sys.stdout) -> None:
-        self.check_credentials()
+        self.check_settings()
         self.layout.ensure(SOURCE)
+        self._lock = hold_lock(self.layout.active(SOURCE) / ".lock")
         recover_active(self.layout, SOURCE)
         self.writer.start()
         log.info(
@@ -95,7 +107,10 @@ class IngestPipeline:
                 await asyncio.wait_for(collector.stop(), 2.0)
         for task in [*tasks, stopper] + ([reporter] if reporter else []):
             task.cancel()
-        await asyncio.gather(*tasks, stopper, *([reporter] if reporter else []), return_exceptions=True)
+        results = await asyncio.gather(*tasks, stopper, *([reporter] if reporter else []), return_exceptions=True)
+        for task, result in zip(tasks, results, strict=False):
+            if isinstance(result, Exception):
+                log.error("collector_crashed", task=task.get_name(), error=repr(result))
         done = await asyncio.to_thread(self.writer.close, SHUTDOWN_TIMEOUT_S)
         print(self.status_text(), file=out, flush=True)
         log.info("ingest_stopped", clean=done, seconds=round(time.monotonic() - started, 2))
@@ -135,17 +150,26 @@ class IngestPipeline:
         return "\n".join(lines)
 
 
-def install_stop_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
+def hold_lock(path: Path) -> TextIO:
+    """Take the source's writer lock for the life of the process (released by the OS at exit).
+
+    Two writers on one ``active/`` would recover (move) each other's open segment.
+    """
+    handle = open(path, "a+")  # noqa: SIM115 - held open on purpose
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            str(path.parent),
+            [f"another daedalus ingest is already writing to {path.parent} (lock {path.name} is held)"],
+        ) from None
+    return handle
 
 
 async def ingest(config: DaedalusConfig, stats_interval: float | None) -> bool:
     """Run until SIGINT/SIGTERM; False when it had to stop on its own (writer or collectors failed)."""
-    stop = asyncio.Event()
-    install_stop_signals(stop)
+    stop = stop_on_signals()
     pipeline = IngestPipeline(config)
     await pipeline.run(stop, stats_interval)
     return not pipeline.failed

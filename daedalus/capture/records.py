@@ -24,7 +24,6 @@ import orjson
 import zstandard
 
 RECORD_PREFIX = b'{"recv_ns":'
-CONTROL_EVENTS = ("connect", "subscribe", "disconnect", "gap", "overflow")
 
 
 def frame_line(recv_ns: int, conn: int, frame: str) -> bytes:

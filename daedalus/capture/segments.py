@@ -103,7 +103,7 @@ class SegmentWriter:
         return len(self._queue)
 
     def has_room(self) -> bool:
-        return len(self._queue) < self.config.queue_maxsize
+        return len(self._queue) < self._maxsize
 
     def put_frame(self, recv_ns: int, conn: int, frame: str) -> bool:
         """Queue one received frame; returns False (and counts it) when the queue is full."""
@@ -219,17 +219,52 @@ class SegmentWriter:
         data = b"".join(lines)
         if self._compressor is not None:
             data = self._compressor.compress(data)
-        write_all(self._fd, data)
-        if self.config.fsync:
-            os.fsync(self._fd)
+        self._write_durably(data)
         done = time.time_ns()
         self.stats.latencies_ns.extend(done - recv for recv in sampled)
         self.stats.flushes += 1
         self.stats.bytes += len(data)
         self.stats.segment_bytes += len(data)
 
+    def _write_durably(self, data: bytes) -> None:
+        """Append and fsync; on failure (disk full, I/O error) cut the partial write and retry.
+
+        The records stay in memory meanwhile and the queue keeps absorbing new ones (then
+        counts drops), so the event loop never blocks and nothing already taken is lost.
+        """
+        assert self._fd is not None
+        failures = 0
+        while True:
+            try:
+                write_all(self._fd, data)
+                if self.config.fsync:
+                    os.fsync(self._fd)
+                if failures:
+                    log.info(
+                        "segment_write_recovered", source=self.source, segment=self.stats.segment, failures=failures
+                    )
+                return
+            except OSError as exc:
+                failures += 1
+                self.stats.write_errors += 1
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self.stats.segment_bytes)  # no half record stays behind
+                if failures == 1 or failures % 60 == 0:
+                    log.error(
+                        "segment_write_failed",
+                        source=self.source,
+                        segment=self.stats.segment,
+                        error=exc.strerror or repr(exc),
+                        queued=len(self._queue),
+                        failures=failures,
+                    )
+                if self._closing and failures >= 3:
+                    raise
+                time.sleep(min(5.0, 0.1 * 2**failures))
+
     def _open(self, first_recv_ns: int) -> None:
-        first = datetime.fromtimestamp(first_recv_ns / 1e9, UTC)
+        # whole seconds: a float timestamp could round into the next hour
+        first = datetime.fromtimestamp(first_recv_ns // 1_000_000_000, UTC)
         hour_text = first.strftime("%Y%m%dT%H")
         name = segment_name(first, self._next_counter(hour_text), self.suffix)
         self._path = self.active_dir / name
@@ -239,7 +274,10 @@ class SegmentWriter:
         self.stats.segment_bytes = 0
         marker = self.active_dir / LAST_SEGMENT_FILE
         tmp = marker.with_suffix(".tmp")
-        tmp.write_text(name)
+        with open(tmp, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, marker)
         fsync_dir(self.active_dir)
 
@@ -313,10 +351,11 @@ def _split_zstd(data: bytes) -> tuple[bytes, bytes, int]:
     """Keep every complete zstd frame (one per flush); the rest is the torn tail."""
     offset = 0
     records = 0
+    view = memoryview(data)  # slicing a view copies nothing: recovery stays linear in the file size
     while offset < len(data):
         decompressor = zstandard.ZstdDecompressor().decompressobj()
         try:
-            content = decompressor.decompress(data[offset:])
+            content = decompressor.decompress(view[offset:])
         except zstandard.ZstdError:
             break
         if not decompressor.eof:
@@ -363,7 +402,10 @@ def recover_active(layout: DataLayout, source: str) -> RecoveryReport:
                     os.truncate(path, len(good))
                 else:  # bad lines in the middle: rewrite the good ones
                     tmp = path.with_name(path.name + ".tmp")
-                    tmp.write_bytes(good)
+                    with open(tmp, "wb") as f:
+                        f.write(good)
+                        f.flush()
+                        os.fsync(f.fileno())
                     os.replace(tmp, path)
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())

@@ -44,8 +44,8 @@ class RecordedFrame:
 class Recording:
     frames: list[RecordedFrame] = field(default_factory=list)
     products_response: bytes | None = None
-    channels: set[str] = field(default_factory=set)
     products: set[str] = field(default_factory=set)
+    skipped: int = 0
 
 
 def _split_frame(ts: float, frame: bytes) -> RecordedFrame:
@@ -62,7 +62,8 @@ def _split_frame(ts: float, frame: bytes) -> RecordedFrame:
 
 def _files(path: Path) -> list[Path]:
     if path.is_dir():
-        return sorted(p for p in path.rglob("segment_*") if p.suffix in (".ndjson", ".zst"))
+        segments = (p for p in path.rglob("segment_*") if p.suffix in (".ndjson", ".zst"))
+        return sorted(segments, key=lambda p: (p.name, str(p)))  # names sort in time, whatever their folder
     return [path]
 
 
@@ -78,7 +79,11 @@ def load_recording(path: str | Path) -> Recording:
             if raw:  # a Daedalus segment record carrying a frame verbatim
                 rec.frames.append(_split_frame(int(raw.group(1)) / 1e9, line[raw.end() : -1]))
                 continue
-            doc = orjson.loads(line)
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                rec.skipped += 1  # a torn or foreign line: the rest of the recording still plays
+                continue
             if "recv_ns" in doc:  # control line, or an invalid frame kept as text
                 if "raw" in doc:
                     rec.frames.append(RecordedFrame(doc["recv_ns"] / 1e9, None, doc["raw"].encode(), b""))
@@ -88,9 +93,6 @@ def load_recording(path: str | Path) -> Recording:
                 rec.frames.append(_split_frame(float(doc["ts"]), doc["data"].encode()))
             elif kind == "http" and "/market/products" in doc.get("url", "") and "product_type" not in doc["url"]:
                 rec.products_response = doc["data"].encode()
-    for frame in rec.frames:
-        if frame.channel:
-            rec.channels.add(frame.channel)
     for frame in rec.frames:
         for match in re.finditer(rb'"product_id":"([^"]+)"', frame.head[:4096] + frame.tail[:4096]):
             rec.products.add(match.group(1).decode())

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import random
-import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from daedalus.logs import get_logger
+from daedalus.signals import stop_on_signals
 from daedalus.sim import protocol as wire
 from daedalus.sim import rest
 from daedalus.sim.faults import FaultConfig
@@ -41,6 +41,7 @@ log = get_logger(__name__)
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 MONITOR_TICK = 0.05
+BACKLOG_PACE = 256  # frames queued behind a busy connection before producers wait
 
 
 @dataclass
@@ -89,6 +90,8 @@ class SimConnection:
         self.closed = False
         self.close_reason: str | None = None
         self._backlog: list[bytes] = []
+        self._sending = False
+        self._idle = asyncio.Event()
         self.sent_frames: list[bytes] | None = [] if server.config.keep_sent else None
         self.replay_task: asyncio.Task[None] | None = None
 
@@ -112,46 +115,47 @@ class SimConnection:
         await self.send_frame(wire.error_frame(message), faults=False)
 
     async def send_frame(self, frame: bytes, *, faults: bool = True) -> None:
+        """Send in ``sequence_num`` order: while one send waits on the socket (or a stall
+        holds frames back), later frames queue behind it instead of overtaking."""
         if self.closed:
             return
-        frames = [frame]
         if faults and self.server.faults.malformed_rate and self.rng.random() < self.server.faults.malformed_rate:
-            frames.insert(0, self.truncated(frame))
-        now = time.monotonic()
-        if now < self.stalled_until:
-            self._backlog += frames
+            self._backlog.append(self.truncated(frame))
+        self._backlog.append(frame)
+        if self._sending:
+            if len(self._backlog) > BACKLOG_PACE:  # back-pressure: let the current writer catch up
+                await self._idle.wait()
             return
-        if self._backlog:
-            frames = self._backlog + frames
-            self._backlog = []
+        if time.monotonic() < self.stalled_until:
+            return
+        await self.flush_backlog()
+
+    async def flush_backlog(self) -> None:
+        """Write every held-back frame, in order (one writer at a time)."""
+        if self._sending or time.monotonic() < self.stalled_until:
+            return
+        self._sending = True
+        self._idle.clear()
         try:
-            for item in frames:
-                await self.ws.send_frame(item, WSMsgType.TEXT)
-                if self.sent_frames is not None:
-                    self.sent_frames.append(item)
+            while self._backlog and not self.closed:
+                frames, self._backlog = self._backlog, []
+                for item in frames:
+                    await self.ws.send_frame(item, WSMsgType.TEXT)
+                    if self.sent_frames is not None:
+                        self.sent_frames.append(item)
+                self.sent += len(frames)
+                self.last_sent_at = time.monotonic()
         except (ConnectionError, RuntimeError) as exc:
             self.closed = True
             self.close_reason = self.close_reason or f"send failed: {exc}"
-            return
-        self.sent += len(frames)
-        self.last_sent_at = now
+        finally:
+            self._sending = False
+            self._idle.set()
 
     def truncated(self, frame: bytes) -> bytes:
         """A cut-off copy of ``frame``: valid UTF-8, invalid JSON."""
         self.malformed += 1
         return frame[: max(1, len(frame) // 2)].decode("utf-8", "ignore").encode()
-
-    async def flush_backlog(self) -> None:
-        if self._backlog and time.monotonic() >= self.stalled_until:
-            frames, self._backlog = self._backlog, []
-            for item in frames:
-                if self.closed:
-                    return
-                with contextlib.suppress(ConnectionError, RuntimeError):
-                    await self.ws.send_frame(item, WSMsgType.TEXT)
-                    if self.sent_frames is not None:
-                        self.sent_frames.append(item)
-            self.sent += len(frames)
 
     async def close(self, reason: str, code: int = WSCloseCode.GOING_AWAY) -> None:
         if not self.closed:
@@ -237,7 +241,7 @@ class SimServer:
                 conn.replay_task.cancel()
             await conn.close("simulator shutting down")
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # the port must close regardless
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
@@ -674,11 +678,7 @@ class SimServer:
 
 async def serve(config: SimConfig, ready: Any = None) -> None:
     """Run until SIGINT/SIGTERM or cancellation; ``ready(server)`` is called once the port accepts connections."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
+    stop = stop_on_signals()
     async with SimServer(config) as server:
         if ready is not None:
             ready(server)
