@@ -59,6 +59,7 @@ def ingest(
 ) -> None:
     """Capture the Coinbase feed into durable raw segments until SIGINT/SIGTERM."""
     from daedalus.capture.auth import AuthError
+    from daedalus.capture.pipeline import AlreadyRunning
     from daedalus.capture.pipeline import ingest as run_ingest
 
     try:
@@ -74,6 +75,8 @@ def ingest(
         raise _fail(f"cannot authenticate: {exc}") from None
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    except AlreadyRunning as exc:
+        raise _fail(f"cannot start: {exc}") from None
     if not ok:
         raise typer.Exit(1)
 

@@ -47,6 +47,7 @@ class IngestPipeline:
         ]
         self._started = time.monotonic()
         self.failed = False
+        self._lock: TextIO | None = None
         self._last_report: tuple[float, int, dict[int, int]] = (self._started, 0, {})
 
     def check_settings(self) -> None:
@@ -112,6 +113,9 @@ class IngestPipeline:
             if isinstance(result, Exception):
                 log.error("collector_crashed", task=task.get_name(), error=repr(result))
         done = await asyncio.to_thread(self.writer.close, SHUTDOWN_TIMEOUT_S)
+        if self._lock is not None:
+            self._lock.close()  # releases the writer lock
+            self._lock = None
         print(self.status_text(), file=out, flush=True)
         log.info("ingest_stopped", clean=done, seconds=round(time.monotonic() - started, 2))
 
@@ -150,6 +154,10 @@ class IngestPipeline:
         return "\n".join(lines)
 
 
+class AlreadyRunning(Exception):
+    """Another process holds this source's writer lock."""
+
+
 def hold_lock(path: Path) -> TextIO:
     """Take the source's writer lock for the life of the process (released by the OS at exit).
 
@@ -160,9 +168,8 @@ def hold_lock(path: Path) -> TextIO:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise ConfigError(
-            str(path.parent),
-            [f"another daedalus ingest is already writing to {path.parent} (lock {path.name} is held)"],
+        raise AlreadyRunning(
+            f"another daedalus ingest is already writing to {path.parent} (lock {path.name} is held)"
         ) from None
     return handle
 
