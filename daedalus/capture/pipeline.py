@@ -143,7 +143,7 @@ class IngestPipeline:
         depth, cap = self.writer.queue_depth, self.config.ingestion.queue_maxsize
         latency = sorted(w.latencies_ns)
         p50 = statistics.median(latency) / 1e6 if latency else 0.0
-        p99 = latency[int(len(latency) * 0.99) - 1] / 1e6 if len(latency) >= 100 else 0.0
+        p99 = latency[min(len(latency) - 1, int(len(latency) * 0.99))] / 1e6 if latency else 0.0
         lines.append(
             f"[writer] written={w.written:,} ({(w.written - last_written) / span:,.0f}/s) bytes={_mb(w.bytes)} "
             f"queue={depth}/{cap} ({depth / cap:.1%}) overflow={self.writer.dropped:,} "
