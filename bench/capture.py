@@ -30,7 +30,7 @@ import psutil
 import yaml
 from simproc import start_sim
 
-from daedalus.capture.records import frame_line, iter_lines
+from daedalus.capture.records import frame_line, iter_lines, split_frame_record
 from daedalus.sim import protocol as wire
 from daedalus.sim.market import MarketModel, product_spec
 
@@ -115,7 +115,9 @@ async def run_ingest(ws_url: str, workdir: Path, total: int) -> dict[str, float]
     proc.terminate()
     await proc.wait()
     assert match is not None
-    recv = [int(line[11:30]) for f in sorted((workdir / "data/raw/ready/coinbase").iterdir()) for line in iter_lines(f)]
+    segments = sorted((workdir / "data/raw/ready/coinbase").iterdir())
+    records = (split_frame_record(line) for f in segments for line in iter_lines(f))
+    recv = [record[0] for record in records if record is not None]
     cpu = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
     spread = (max(recv) - min(recv)) / 1e9
     return {

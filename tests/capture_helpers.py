@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from daedalus.capture.records import iter_lines
+from daedalus.capture.records import iter_lines, split_frame_record
 
 
 def segment_files(root: Path, state: str = "ready") -> list[Path]:
@@ -22,12 +22,8 @@ def read_records(root: Path, state: str = "ready") -> list[dict[str, Any]]:
 
 def frame_bytes(root: Path, state: str = "ready") -> list[bytes]:
     """The verbatim frames (``msg``) of every record, as spliced into the lines."""
-    frames = []
-    for path in segment_files(root, state):
-        for line in iter_lines(path):
-            if line.startswith(b'{"recv_ns":') and b',"msg":' in line[:60]:
-                frames.append(line[line.index(b',"msg":') + 7 : -1])
-    return frames
+    records = (split_frame_record(line) for path in segment_files(root, state) for line in iter_lines(path))
+    return [record[2] for record in records if record is not None]
 
 
 def ingest_config(data_dir: Path, ws_url: str, **ingestion: Any) -> dict[str, Any]:

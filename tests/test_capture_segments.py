@@ -9,7 +9,7 @@ import orjson
 import pytest
 import zstandard
 
-from daedalus.capture.records import control_line, frame_line, iter_lines
+from daedalus.capture.records import control_line, frame_line, iter_lines, split_frame_record
 from daedalus.capture.segments import SegmentWriter, recover_active
 from daedalus.config import IngestionConfig
 from daedalus.layout import DataLayout
@@ -30,6 +30,9 @@ def test_record_lines():
     line = control_line(7, 1, "gap", {"expected": 3, "received": 9})
     assert orjson.loads(line) == {"recv_ns": 7, "conn": 1, "event": "gap", "expected": 3, "received": 9}
     assert orjson.loads(control_line(7, 1, "connect", {})) == {"recv_ns": 7, "conn": 1, "event": "connect"}
+    assert split_frame_record(frame_line(5, 2, '{"a":1}').rstrip(b"\n")) == (5, 2, b'{"a":1}')
+    assert split_frame_record(line.rstrip(b"\n")) is None
+    assert split_frame_record(frame_line(5, 2, "not json {").rstrip(b"\n")) is None
 
 
 def make_writer(tmp_path, clock=lambda: T0, **config):

@@ -16,6 +16,7 @@ quarantines a line that does not decode.
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,18 @@ def control_line(recv_ns: int, conn: int, event: str, fields: dict[str, Any]) ->
     head = b'{"recv_ns":%d,"conn":%d,"event":%b' % (recv_ns, conn, orjson.dumps(event))
     body = orjson.dumps(fields) if fields else b"{}"
     return head + (b"," + body[1:] if len(body) > 2 else b"}") + b"\n"
+
+
+_FRAME_RECORD = re.compile(rb'^\{"recv_ns":(\d+),"conn":(\d+),"msg":')
+
+
+def split_frame_record(line: bytes) -> tuple[int, int, bytes] | None:
+    """``(recv_ns, conn, frame bytes)`` of a frame record line (no newline); None for
+    control and ``raw`` lines. The inverse of :func:`frame_line`, without parsing the frame."""
+    match = _FRAME_RECORD.match(line)
+    if match is None:
+        return None
+    return int(match.group(1)), int(match.group(2)), line[match.end() : -1]
 
 
 def is_complete_record(line: bytes) -> bool:

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import orjson
 
-from daedalus.capture.records import iter_lines
+from daedalus.capture.records import iter_lines, split_frame_record
 from daedalus.sim.protocol import SUBSCRIBE_NAME
 
 _SEQUENCE = re.compile(rb'"sequence_num":\s*(\d+)')
 _CHANNEL = re.compile(rb'"channel":\s*"([^"]*)"')
-_RAW_PREFIX = re.compile(rb'^\{"recv_ns":(\d+),"conn":[^,]*,"msg":')
 
 
 @dataclass(frozen=True)
@@ -75,9 +74,9 @@ def load_recording(path: str | Path) -> Recording:
     rec = Recording()
     for file in _files(path):
         for line in iter_lines(file):
-            raw = _RAW_PREFIX.match(line)
-            if raw:  # a Daedalus segment record carrying a frame verbatim
-                rec.frames.append(_split_frame(int(raw.group(1)) / 1e9, line[raw.end() : -1]))
+            record = split_frame_record(line)
+            if record is not None:  # a Daedalus segment record carrying a frame verbatim
+                rec.frames.append(_split_frame(record[0] / 1e9, record[2]))
                 continue
             try:
                 doc = orjson.loads(line)
