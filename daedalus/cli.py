@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+import threading
+from datetime import date
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -79,6 +83,72 @@ def ingest(
         raise _fail(f"cannot start: {exc}") from None
     if not ok:
         raise typer.Exit(1)
+
+
+class EtlMode(str, Enum):
+    all = "all"
+    date = "date"
+    range = "range"
+
+
+@app.command()
+def etl(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+    mode: Annotated[EtlMode, typer.Option(help="all: every ready segment; date: one day; range: a span of days.")] = (
+        EtlMode.all
+    ),
+    day: Annotated[str | None, typer.Option("--date", help="YYYY-MM-DD, with --mode date.")] = None,
+    start_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD, first day with --mode range.")] = None,
+    end_date: Annotated[str | None, typer.Option(help="YYYY-MM-DD, last day with --mode range.")] = None,
+    watch: Annotated[bool, typer.Option(help="Keep running: process segments as they become ready.")] = False,
+    poll_interval: Annotated[float | None, typer.Option(help="Seconds between looks at ready/ (--watch).")] = None,
+    progress: Annotated[bool | None, typer.Option(help="Progress bar (default: when stderr is a terminal).")] = None,
+) -> None:
+    """Turn closed raw segments into Hive-partitioned Parquet (books, trades, tickers, bars)."""
+    from daedalus.capture.pipeline import AlreadyRunning
+    from daedalus.etl.job import EtlJob
+
+    try:
+        settings = load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    setup_logging(settings.logging.level, settings.logging.format)
+    start, end = _etl_dates(mode, day, start_date, end_date)
+    job = EtlJob(settings)
+    show = sys.stderr.isatty() if progress is None else progress
+    try:
+        if watch:
+            if mode is not EtlMode.all:
+                raise _fail("--watch processes every segment as it arrives: use it without --mode date/range")
+            stop = threading.Event()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, lambda *_: stop.set())
+            summary = job.watch(poll_interval or settings.etl.poll_interval_seconds, stop.is_set, show)
+        else:
+            summary = job.run(start, end, show)
+    except AlreadyRunning as exc:
+        raise _fail(f"cannot start: {exc}") from None
+    typer.echo(summary.text())
+
+
+def _etl_dates(mode: EtlMode, day: str | None, start: str | None, end: str | None) -> tuple[date | None, date | None]:
+    def parse(value: str | None, option: str) -> date:
+        if value is None:
+            raise _fail(f"--mode {mode.value} needs {option} YYYY-MM-DD")
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            raise _fail(f"{option} {value!r} is not a date (YYYY-MM-DD)") from None
+
+    if mode is EtlMode.date:
+        one = parse(day, "--date")
+        return one, one
+    if mode is EtlMode.range:
+        first, last = parse(start, "--start-date"), parse(end, "--end-date")
+        if last < first:
+            raise _fail(f"--end-date {last} is before --start-date {first}")
+        return first, last
+    return None, None
 
 
 def _parse_rate(value: str) -> float | None:

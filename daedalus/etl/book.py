@@ -277,7 +277,7 @@ def run_frames(
     for f in range(f_start, n_frames):
         conn = f_conn[f]
         kind = f_kind[f]
-        if kind == CONNECT or kind == DISCONNECT:
+        if kind == CONNECT or kind == DISCONNECT:  # noqa: SIM109 (numba: plain comparisons)
             last_seq[conn] = -1
             _invalidate_conn(conn, book_conn, valid)
             continue

@@ -1,0 +1,442 @@
+"""The ETL job: claim closed segments, turn each into Parquet, commit, clean up.
+
+Per segment, in name (= time) order, the unit of work and of failure:
+
+1. claim: atomic rename ``ready/`` -> ``processing/`` (a segment already in ``processing/``
+   at start-up was claimed by a run that died: it is processed again);
+2. read, parse, apply to the books, write every channel to ``*.parquet.tmp`` files;
+3. rename the outputs into place, then commit the checkpoint (books, trade ids, open bars,
+   ``last_segment``);
+4. delete the segment or move it to ``archive/``.
+
+A crash before 3 leaves the old checkpoint: the rerun starts from the same state and writes
+the same files under the same names. A crash after 3 is recognised by ``last_segment`` and
+only step 4 is redone. So killing the job anywhere and rerunning gives the same dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from daedalus.capture.pipeline import hold_lock
+from daedalus.config import DaedalusConfig
+from daedalus.etl import processors
+from daedalus.etl.coinbase import parse_batch
+from daedalus.etl.output import PartitionedWriter, commit, fsync_dir, remove_temporaries
+from daedalus.etl.reader import MAX_REJECTED_LINES, SegmentDecodeError, clean_copy, connect, drop_line, read_batches
+from daedalus.etl.state import EtlState, load_state, save_state
+from daedalus.layout import parse_segment_name
+from daedalus.logs import get_logger
+
+log = get_logger("daedalus.etl")
+SOURCE = "coinbase"
+_UNIT_NS = {"s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000}
+
+
+def interval_ns(text: str) -> int:
+    """``"1m"`` -> nanoseconds (the config validates the shape)."""
+    return int(text[:-1]) * _UNIT_NS[text[-1]]
+
+
+@dataclass
+class SegmentResult:
+    name: str
+    bytes: int
+    seconds: float
+    rows: Counter[str]
+    counts: Counter[str]
+    quarantined: int
+
+
+@dataclass
+class Summary:
+    """What a run did, for the operator (printed at the end, also logged)."""
+
+    segments: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    rows: Counter[str] = field(default_factory=Counter)
+    counts: Counter[str] = field(default_factory=Counter)
+    quarantined_lines: int = 0
+    quarantined_segments: int = 0
+
+    def add(self, result: SegmentResult) -> None:
+        self.segments += 1
+        self.bytes += result.bytes
+        self.seconds += result.seconds
+        self.rows.update(result.rows)
+        self.counts.update(result.counts)
+        self.quarantined_lines += result.quarantined
+
+    def text(self) -> str:
+        secs = max(self.seconds, 1e-9)
+        lines = [
+            f"segments: {self.segments:,} ({self.bytes / 1e6:,.1f} MB raw) in {self.seconds:.2f}s "
+            f"-> {self.bytes / 1e6 / secs:,.1f} MB/s, {self.rows['level2'] / secs:,.0f} level2 rows/s",
+            "rows: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.rows.items())) if self.rows else "rows: none",
+            f"books: gaps={self.counts['gaps']:,} crossed={self.counts['crossed']:,} "
+            f"snapshots={self.counts['snapshots']:,} dropped_before_snapshot={self.counts['dropped_before_snapshot']:,}",
+            f"trades: duplicates_dropped={self.counts['duplicate_trades']:,} late_for_bars={self.counts['late_trades']:,}",
+            f"quarantined: lines={self.quarantined_lines:,} segments={self.quarantined_segments:,}",
+        ]
+        return "\n".join(lines)
+
+
+class EtlJob:
+    """Processes one source's segments (see the module docstring)."""
+
+    def __init__(self, config: DaedalusConfig, source: str = SOURCE) -> None:
+        self.config = config
+        self.source = source
+        self.layout = config.layout
+        etl = config.etl
+        self.out_root = config.processed_dir / source
+        self.state_dir = config.processed_dir / "_state"
+        self.depth = etl.channels.book_snapshot.levels
+        self.sample_ns = etl.channels.book_snapshot.snapshot_interval_ms * 1_000_000
+        self.bar_ns = interval_ns(etl.channels.bars.interval)
+        self._lock = None
+
+    # ---- selection and claiming -----------------------------------------------------------
+    def pending(self, start: date | None = None, end: date | None = None) -> list[Path]:
+        """Segments to process, in order: leftovers in processing/, then ready/ (optionally by date)."""
+        found = []
+        for state in ("processing", "ready"):
+            folder = self.layout.raw_dir(state, self.source)
+            if folder.exists():
+                found += [p for p in folder.iterdir() if parse_segment_name(p.name) is not None]
+        if start or end:
+            found = [p for p in found if _in_range(p.name, start, end)]
+        return sorted(found, key=lambda p: p.name)
+
+    def _claim(self, path: Path) -> Path:
+        target = self.layout.processing(self.source) / path.name
+        if path != target:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+        return target
+
+    def _finish(self, path: Path) -> None:
+        if self.config.etl.after_processing == "archive":
+            target = self.layout.archive(self.source) / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+            fsync_dir(target.parent)
+        else:
+            path.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+
+    # ---- running --------------------------------------------------------------------------
+    def run(self, start: date | None = None, end: date | None = None, progress: bool = False) -> Summary:
+        """Process every pending segment once (``start``/``end``: only segments of those dates)."""
+        if self._lock is None:
+            self.layout.state_dir.mkdir(parents=True, exist_ok=True)
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = hold_lock(self.state_dir / f"{self.source}.lock", "daedalus etl is already processing")
+            removed = remove_temporaries(self.out_root)
+            if removed:
+                log.info("etl_removed_temporaries", count=removed)
+        summary = Summary()
+        todo = self.pending(start, end)
+        if not todo:
+            return summary
+        state = self._load()
+        bar = _progress(len(todo), sum(p.stat().st_size for p in todo)) if progress and len(todo) > 1 else None
+        try:
+            for path in todo:
+                size = path.stat().st_size
+                state = self._one(path, state, summary)
+                if bar is not None:
+                    bar.advance(size, summary)
+        finally:
+            if bar is not None:
+                bar.close()
+        return summary
+
+    def watch(self, poll_seconds: float, should_stop: Callable[[], bool], progress: bool = False) -> Summary:
+        """Process new segments as they become ready until ``should_stop()``."""
+        total = Summary()
+        while not should_stop():
+            summary = self.run(progress=progress)
+            if summary.segments:
+                log.info("etl_watch_round", segments=summary.segments, level2_rows=summary.rows["level2"])
+                for name in ("segments", "bytes", "seconds", "quarantined_lines", "quarantined_segments"):
+                    setattr(total, name, getattr(total, name) + getattr(summary, name))
+                total.rows.update(summary.rows)
+                total.counts.update(summary.counts)
+            deadline = time.monotonic() + poll_seconds
+            while not should_stop() and time.monotonic() < deadline:
+                time.sleep(min(0.2, poll_seconds))
+        return total
+
+    def _load(self) -> EtlState:
+        return load_state(self.state_dir, self.source, self.sample_ns, self.depth, self.bar_ns)
+
+    def _one(self, path: Path, state: EtlState, summary: Summary) -> EtlState:
+        committed = state.last_segment is not None and path.name <= state.last_segment
+        if committed and path.parent == self.layout.processing(self.source):
+            log.info("etl_finishing_committed_segment", segment=path.name)  # died between commit and cleanup
+            self._finish(path)
+            return state
+        path = self._claim(path)
+        older = committed  # a ready segment older than the checkpoint (e.g. recovered late)
+        if older:
+            log.warning("etl_segment_older_than_checkpoint", segment=path.name, checkpoint=state.last_segment,
+                        effect="processed with empty books; the checkpoint is left as it is")  # fmt: skip
+        base = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else state
+        try:
+            result, new_state = self._process(path, base, older)
+        except Exception as exc:  # the process keeps running: the segment goes to quarantine
+            log.error("etl_segment_failed", segment=path.name, error=repr(exc), exc_info=True)
+            self._quarantine_segment(path, repr(exc))
+            summary.quarantined_segments += 1
+            return self._load() if not older else state
+        summary.add(result)
+        log.info("etl_segment_done", segment=path.name, mb=round(result.bytes / 1e6, 2),
+                 seconds=round(result.seconds, 3), level2=result.rows["level2"], trades=result.rows["market_trades"],
+                 gaps=result.counts["gaps"], quarantined=result.quarantined)  # fmt: skip
+        self._finish(path)
+        return state if older else new_state
+
+    def _process(self, path: Path, state: EtlState, older: bool) -> tuple[SegmentResult, EtlState]:
+        """Process one claimed segment, retrying around undecodable lines; commits outputs and state."""
+        started = time.perf_counter()
+        size = path.stat().st_size
+        rejected: list[tuple[str, bytes]] = []
+        with tempfile.TemporaryDirectory(prefix="daedalus-etl-") as tmp:
+            source = path
+            while True:
+                try:
+                    outcome = SegmentRun(self, path.name, state).run(source)
+                    break
+                except SegmentDecodeError as exc:
+                    state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
+                    if source == path:
+                        log.warning("etl_segment_has_bad_lines", segment=path.name, error=str(exc))
+                        copy = clean_copy(path, Path(tmp) / "clean.ndjson")
+                        rejected += copy.rejected
+                        source = copy.path
+                    elif exc.line is None or len(rejected) >= MAX_REJECTED_LINES:
+                        raise
+                    else:
+                        rejected.append((f"rejected by the decoder: {exc}", drop_line(source, exc.line)))
+            lines = outcome.quarantine_lines(source)
+        quarantined = [(reason, line) for reason, line in rejected] + lines
+        if quarantined:
+            self._write_quarantine(path.name, quarantined)
+        commit(outcome.files)
+        new_state = outcome.state
+        if not older:
+            new_state.last_segment = path.name
+            for key, value in outcome.counts.items():
+                new_state.totals[key] = new_state.totals.get(key, 0) + value
+            save_state(self.state_dir, self.source, new_state)
+        seconds = time.perf_counter() - started
+        return SegmentResult(path.name, size, seconds, outcome.rows, outcome.counts, len(quarantined)), new_state
+
+    def _write_quarantine(self, segment: str, entries: list[tuple[str, bytes]]) -> None:
+        folder = self.layout.quarantine(self.source)
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{_stem(segment)}.etl-rejects.ndjson"
+        with target.open("wb") as handle:
+            for reason, line in entries:
+                handle.write(
+                    orjson.dumps({"segment": segment, "reason": reason, "line": line.decode("utf-8", "replace")})
+                )
+                handle.write(b"\n")
+        log.warning("etl_quarantined_lines", segment=segment, count=len(entries), file=str(target))
+
+    def _quarantine_segment(self, path: Path, reason: str) -> None:
+        folder = self.layout.quarantine(self.source)
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), folder / path.name)
+        (folder / f"{path.name}.reason.txt").write_text(reason + "\n")
+        remove_temporaries(self.out_root)
+
+
+class SegmentRun:
+    """One pass over one segment: batches -> parser -> books -> processors -> writers."""
+
+    def __init__(self, job: EtlJob, name: str, state: EtlState) -> None:
+        etl = job.config.etl
+        self.job, self.state, self.name = job, state, name
+        self.strategy = etl.decimal_strategy
+        self.channels = etl.channels
+        metadata = {
+            "daedalus.source": job.source,
+            "daedalus.segment": name,
+            "daedalus.decimal_strategy": self.strategy,
+            "daedalus.decimal_scale": "" if self.strategy == "float" else "100000000",
+        }
+        stem = _stem(name)
+        self.writers: dict[str, PartitionedWriter] = {}
+        for channel, cols in (
+            ("level2", self.channels.level2.partition_cols),
+            (f"book_snapshot_{job.depth}", self.channels.book_snapshot.partition_cols),
+            ("market_trades", self.channels.market_trades.partition_cols),
+            ("ticker", self.channels.ticker.partition_cols),
+            ("candles", self.channels.candles.partition_cols),
+            (f"bars_{self.channels.bars.interval}", self.channels.bars.partition_cols),
+        ):
+            self.writers[channel] = PartitionedWriter(job.out_root / channel, list(cols), stem, etl.compression,
+                                                      metadata)  # fmt: skip
+        self.rows: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()
+        self.quarantine: list[tuple[int, str]] = []
+        self.files: list[Path] = []
+
+    def run(self, source: Path) -> SegmentRun:
+        books = self.state.books
+        before = {p: books.counters(p) for p in books.products}
+        new_trades: list[pa.Table] = []
+        clock = 0
+        line = 0
+        con = connect()
+        try:
+            for batch in read_batches(con, source):
+                parsed = parse_batch(batch, books, line)
+                line += batch.num_rows
+                self.counts.update(parsed.counts)
+                self.quarantine += parsed.quarantine
+                if parsed.frames.f_ts.shape[0]:
+                    clock = max(clock, int(parsed.frames.f_ts.max()))
+                result, samples = books.apply(parsed.frames)
+                table, codes = processors.level2_table(parsed.l2, _rows(parsed), result, self.strategy,
+                                                       self.channels.level2.processor_options)  # fmt: skip
+                ts_recv = parsed.l2["ts_recv"] if result.keep.all() else parsed.l2["ts_recv"][result.keep]
+                self._write("level2", table, codes, books.products, ts_recv)
+                if len(samples):
+                    self._write(f"book_snapshot_{self.job.depth}",
+                                processors.samples_table(samples, self.job.depth, self.strategy),
+                                samples.product, books.products, samples.ts)  # fmt: skip
+                trades = self.state.trades.filter(parsed.trades)
+                if trades.num_rows:
+                    new_trades.append(trades)
+                    self._write_items("market_trades", processors.units_columns(trades, ["price", "size"],
+                                                                                self.strategy))  # fmt: skip
+                self._write_items("ticker", processors.units_columns(parsed.tickers, _TICKER_NUMBERS, self.strategy,
+                                                                     _TICKER_NAMES))  # fmt: skip
+                self._write_items("candles", processors.units_columns(parsed.candles, _CANDLE_NUMBERS, self.strategy))
+            trades = pa.concat_tables(new_trades) if new_trades else None
+            late_before = self.state.bars.late
+            done = self.state.bars.add(trades if trades is not None else _EMPTY_TRADES, clock)
+            self.counts["late_trades"] += self.state.bars.late - late_before
+            if done:
+                table, products = self.state.bars.table(done, self.strategy)
+                names = sorted(set(products))
+                codes = np.array([names.index(p) for p in products], np.int64)
+                ts = table.column("start").combine_chunks().cast(pa.int64()).to_numpy()
+                self._write(f"bars_{self.channels.bars.interval}", table, codes, names, ts)
+        except BaseException:
+            for writer in self.writers.values():
+                writer.close()
+            remove_temporaries(self.job.out_root)
+            raise
+        finally:
+            con.close()
+        for channel, writer in self.writers.items():
+            self.files += writer.close()
+            if writer.rows:
+                self.rows[channel] = writer.rows
+        self.counts["duplicate_trades"] = self.state.trades.duplicates
+        self.state.trades.duplicates = 0
+        for product in books.products:
+            now = books.counters(product)
+            old = before.get(product, dict.fromkeys(now, 0))
+            for key, value in now.items():
+                self.counts[key] += value - old[key]
+        return self
+
+    def _write(self, channel: str, table: pa.Table, codes: np.ndarray, names: list[str], ts_ns: np.ndarray) -> None:
+        writer = self.writers[channel]
+        if "product_id" not in writer.partition_cols and table.num_rows:
+            table = table.add_column(0, "product_id", pc.take(pa.array(names, pa.string()), pa.array(codes)))
+        writer.write(table, (codes, names), ts_ns)
+
+    def _write_items(self, channel: str, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        encoded = pc.dictionary_encode(table.column("product_id").combine_chunks())
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        ts = table.column("ts_recv").combine_chunks().cast(pa.int64()).to_numpy()
+        if "product_id" in self.writers[channel].partition_cols:
+            table = table.drop_columns(["product_id"])
+        self.writers[channel].write(table, (codes, encoded.dictionary.to_pylist()), ts)
+
+    def quarantine_lines(self, source: Path) -> list[tuple[str, bytes]]:
+        """The quarantined records' original text (one pass over the file, only when needed)."""
+        if not self.quarantine:
+            return []
+        wanted = dict(self.quarantine)
+        found = []
+        for index, line in enumerate(_iter_lines(source)):
+            if index in wanted:
+                found.append((wanted[index], line))
+        return found
+
+
+_TICKER_NUMBERS = ["price", "best_bid", "best_bid_quantity", "best_ask", "best_ask_quantity", "volume_24_h",
+                   "low_24_h", "high_24_h"]  # fmt: skip
+_TICKER_NAMES = {"best_bid_quantity": "best_bid_size", "best_ask_quantity": "best_ask_size",
+                 "volume_24_h": "volume_24h", "low_24_h": "low_24h", "high_24_h": "high_24h"}  # fmt: skip
+_CANDLE_NUMBERS = ["open", "high", "low", "close", "volume"]
+_EMPTY_TRADES = pa.table({"product_id": pa.array([], pa.string()), "ts_event": pa.array([], processors.TS),
+                          "ts_recv": pa.array([], processors.TS), "price": pa.array([], pa.int64()),
+                          "size": pa.array([], pa.int64())})  # fmt: skip
+
+
+def _rows(parsed) -> tuple:
+    f = parsed.frames
+    return f.r_prod, f.r_side, f.r_px, f.r_sz, f.r_snap
+
+
+def _iter_lines(path: Path) -> Iterator[bytes]:
+    from daedalus.capture.records import iter_lines
+
+    return iter_lines(path)
+
+
+def _stem(name: str) -> str:
+    parsed = parse_segment_name(name)
+    return parsed.stem if parsed else name.split(".")[0]
+
+
+def _in_range(name: str, start: date | None, end: date | None) -> bool:
+    parsed = parse_segment_name(name)
+    if parsed is None:
+        return False
+    day = date(int(parsed.hour[:4]), int(parsed.hour[4:6]), int(parsed.hour[6:8]))
+    return (start is None or day >= start) and (end is None or day <= end)
+
+
+class _progress:
+    """A rich progress bar over raw bytes (only when asked for and on a terminal)."""
+
+    def __init__(self, segments: int, total_bytes: int) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        self.bar = Progress(TextColumn("etl"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} B"),
+                            TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"))  # fmt: skip
+        self.task = self.bar.add_task(f"0/{segments} segments", total=total_bytes)
+        self.segments = segments
+        self.bar.start()
+
+    def advance(self, size: int, summary: Summary) -> None:
+        self.bar.update(self.task, advance=size,
+                        description=f"{summary.segments}/{self.segments} segments, {summary.rows['level2']:,} level2")  # fmt: skip
+
+    def close(self) -> None:
+        self.bar.stop()

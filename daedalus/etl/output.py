@@ -1,0 +1,184 @@
+"""Processed tables -> Hive-partitioned Parquet, one file per (channel, partition, segment).
+
+Columns holding prices and sizes arrive as int64 units of 1e-8 and leave in the configured
+``decimal_strategy``: ``float`` (float64), ``pips`` (the int64 units, scale 1e8) or
+``decimal`` (decimal128(38, 8), built from the units without rounding). Partition values
+are not stored in the files (Hive style: the path carries them).
+
+Every file is written as ``part-<segment>.parquet.tmp`` next to its final name and only
+renamed by :meth:`PartitionedWriter.commit`, so a reader never sees half a file and a
+crashed run leaves nothing under a final name that the rerun would not write identically.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from daedalus.layout import sanitize_partition_value
+
+SCALE = 100_000_000
+ROW_GROUP_ROWS = 256 * 1024  # rows buffered per partition before a row group is written
+TMP_SUFFIX = ".tmp"
+_NS_PER_DAY = 86_400 * 1_000_000_000
+_NS_PER_HOUR = 3_600 * 1_000_000_000
+
+
+def convert_units(units: np.ndarray, valid: np.ndarray | None, strategy: str) -> pa.Array:
+    """int64 units of 1e-8 -> the column type of ``strategy`` (nulls where ``valid`` is False)."""
+    mask = None if valid is None else ~valid
+    if strategy == "pips":
+        return pa.array(units, pa.int64(), mask=mask)
+    if strategy == "decimal":
+        words = np.empty((units.shape[0], 2), np.int64)
+        words[:, 0] = units
+        words[:, 1] = units >> 63  # sign extension to 128 bits
+        validity = None if mask is None else pa.array(~mask).buffers()[1]
+        nulls = 0 if mask is None else int(mask.sum())
+        return pa.Array.from_buffers(pa.decimal128(38, 8), units.shape[0], [validity, pa.py_buffer(words)], nulls)
+    return pa.array(units / SCALE, pa.float64(), mask=mask)
+
+
+def units_type(strategy: str) -> pa.DataType:
+    return {"pips": pa.int64(), "decimal": pa.decimal128(38, 8)}.get(strategy, pa.float64())
+
+
+class PartitionedWriter:
+    """Streams one channel's rows of one segment into ``<root>/<col>=<v>/.../part-<stem>.parquet``."""
+
+    def __init__(self, root: Path, partition_cols: list[str], stem: str, compression: str,
+                 metadata: dict[str, str]) -> None:  # fmt: skip
+        self.root = root
+        self.partition_cols = partition_cols
+        self.name = f"part-{sanitize_partition_value(stem)}.parquet"
+        self.compression = None if compression == "none" else compression
+        self.metadata = {k.encode(): v.encode() for k, v in metadata.items()}
+        self._open: dict[tuple[str, ...], tuple[pq.ParquetWriter, list[pa.Table], list[int]]] = {}
+        self.rows = 0
+        self.files: list[Path] = []
+
+    def write(self, table: pa.Table, products: tuple[np.ndarray, list[str]], ts_ns: np.ndarray) -> None:
+        """Append rows. ``products`` = (code per row, names) and ``ts_ns`` (the time that
+        decides the date/hour) place each row in its partition."""
+        if table.num_rows == 0:
+            return
+        keys = self._partition_keys(table.num_rows, products, ts_ns)
+        if len(keys) == 1:
+            (key, _), = keys.items()  # fmt: skip
+            self._append(key, table)
+            return
+        for key, index in keys.items():
+            self._append(key, table.take(pa.array(index)))
+
+    def _partition_keys(self, n: int, products: tuple[np.ndarray, list[str]], ts_ns: np.ndarray):
+        parts: list[np.ndarray] = []
+        labels: list[list[str]] = []
+        for col in self.partition_cols:
+            if col in ("product_id", "symbol"):
+                codes, names = products
+                parts.append(codes)
+                labels.append(list(names))
+            elif col in ("date", "hour"):
+                unit = _NS_PER_DAY if col == "date" else _NS_PER_HOUR
+                values, codes = np.unique(ts_ns // unit, return_inverse=True)
+                fmt = "%Y-%m-%d" if col == "date" else "%H"
+                parts.append(codes)
+                labels.append([datetime.fromtimestamp(int(v) * unit / 1e9, UTC).strftime(fmt) for v in values])
+            else:  # exchange: the Coinbase source has one
+                parts.append(np.zeros(n, np.int64))
+                labels.append(["coinbase"])
+        if not parts:
+            return {(): np.arange(n)}
+        combined = np.zeros(n, np.int64)
+        for codes, names in zip(parts, labels, strict=True):
+            combined = combined * len(names) + codes
+        uniq, inverse = np.unique(combined, return_inverse=True)
+        out: dict[tuple[str, ...], np.ndarray] = {}
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        for g, value in enumerate(uniq.tolist()):
+            key = []
+            for names in reversed(labels):
+                value, code = divmod(value, len(names))
+                key.append(names[code])
+            out[tuple(reversed(key))] = order[bounds[g] : bounds[g + 1]]
+        return out
+
+    def _append(self, key: tuple[str, ...], table: pa.Table) -> None:
+        entry = self._open.get(key)
+        if entry is None:
+            directory = self.root
+            for col, value in zip(self.partition_cols, key, strict=True):
+                directory /= f"{col}={sanitize_partition_value(value)}"
+            directory.mkdir(parents=True, exist_ok=True)
+            path = directory / (self.name + TMP_SUFFIX)
+            schema = table.schema.with_metadata(self.metadata)
+            writer = pq.ParquetWriter(path, schema, compression=self.compression)
+            entry = self._open[key] = (writer, [], [0])
+            self.files.append(directory / self.name)
+        writer, pending, count = entry
+        pending.append(table)
+        count[0] += table.num_rows
+        self.rows += table.num_rows
+        if count[0] >= ROW_GROUP_ROWS:
+            self._flush(entry)
+
+    @staticmethod
+    def _flush(entry) -> None:
+        writer, pending, count = entry
+        if pending:
+            writer.write_table(pa.concat_tables(pending).combine_chunks(), row_group_size=max(count[0], 1))
+            pending.clear()
+            count[0] = 0
+
+    def close(self) -> list[Path]:
+        """Finish every temporary file (fsynced); returns the final paths to commit."""
+        for entry in self._open.values():
+            self._flush(entry)
+            entry[0].close()
+        for final in self.files:
+            _fsync_file(final.with_name(final.name + TMP_SUFFIX))
+        self._open.clear()
+        return self.files
+
+
+def commit(files: Iterable[Path]) -> None:
+    """Rename each ``<file>.tmp`` onto ``<file>`` and fsync the directories touched."""
+    dirs = set()
+    for final in files:
+        os.replace(final.with_name(final.name + TMP_SUFFIX), final)
+        dirs.add(final.parent)
+    for directory in dirs:
+        fsync_dir(directory)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_temporaries(root: Path) -> int:
+    """Delete ``*.parquet.tmp`` left by a crashed run under ``root``; returns how many."""
+    count = 0
+    if root.exists():
+        for path in root.rglob("*.parquet" + TMP_SUFFIX):
+            path.unlink(missing_ok=True)
+            count += 1
+    return count
