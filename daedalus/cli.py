@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from datetime import date
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -85,7 +85,7 @@ def ingest(
         raise typer.Exit(1)
 
 
-class EtlMode(str, Enum):
+class EtlMode(StrEnum):
     all = "all"
     date = "date"
     range = "range"

@@ -167,7 +167,7 @@ def _tickers(msg, channel_index, recv, seq, counts) -> pa.Table:
         "price_pct_chg_24h": pc.cast(pc.struct_field(tickers, "price_percent_chg_24_h"), pa.float64(), safe=False),
         "is_snapshot": pc.take(
             pc.equal(pc.struct_field(events.values, "type"), "snapshot"), pa.array(events.parent_of_row)
-        ).fill_null(False),  # fmt: skip
+        ).fill_null(False),
         "batch": pa.array(channel_index[frame_of] == TICKER_BATCH),
     }
     for name, column in extra.items():

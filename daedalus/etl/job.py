@@ -36,7 +36,7 @@ from daedalus.config import DaedalusConfig
 from daedalus.etl import processors
 from daedalus.etl.coinbase import parse_batch
 from daedalus.etl.output import PartitionedWriter, commit, fsync_dir, remove_temporaries
-from daedalus.etl.reader import MAX_REJECTED_LINES, SegmentDecodeError, clean_copy, connect, drop_line, read_batches
+from daedalus.etl.reader import SegmentDecodeError, clean_copy, connect, read_batches
 from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.layout import parse_segment_name
 from daedalus.logs import get_logger
@@ -88,8 +88,10 @@ class Summary:
             f"-> {self.bytes / 1e6 / secs:,.1f} MB/s, {self.rows['level2'] / secs:,.0f} level2 rows/s",
             "rows: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.rows.items())) if self.rows else "rows: none",
             f"books: gaps={self.counts['gaps']:,} crossed={self.counts['crossed']:,} "
-            f"snapshots={self.counts['snapshots']:,} dropped_before_snapshot={self.counts['dropped_before_snapshot']:,}",
-            f"trades: duplicates_dropped={self.counts['duplicate_trades']:,} late_for_bars={self.counts['late_trades']:,}",
+            f"snapshots={self.counts['snapshots']:,} "
+            f"dropped_before_snapshot={self.counts['dropped_before_snapshot']:,}",
+            f"trades: duplicates_dropped={self.counts['duplicate_trades']:,} "
+            f"late_for_bars={self.counts['late_trades']:,}",
             f"quarantined: lines={self.quarantined_lines:,} segments={self.quarantined_segments:,}",
         ]
         return "\n".join(lines)
@@ -217,22 +219,16 @@ class EtlJob:
         size = path.stat().st_size
         rejected: list[tuple[str, bytes]] = []
         with tempfile.TemporaryDirectory(prefix="daedalus-etl-") as tmp:
-            source = path
-            while True:
-                try:
-                    outcome = SegmentRun(self, path.name, state).run(source)
-                    break
-                except SegmentDecodeError as exc:
-                    state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
-                    if source == path:
-                        log.warning("etl_segment_has_bad_lines", segment=path.name, error=str(exc))
-                        copy = clean_copy(path, Path(tmp) / "clean.ndjson")
-                        rejected += copy.rejected
-                        source = copy.path
-                    elif exc.line is None or len(rejected) >= MAX_REJECTED_LINES:
-                        raise
-                    else:
-                        rejected.append((f"rejected by the decoder: {exc}", drop_line(source, exc.line)))
+            try:
+                outcome = SegmentRun(self, path.name, state).run(path)
+                source = path
+            except SegmentDecodeError as exc:  # some line is bad: check each, retry with the good ones
+                log.warning("etl_segment_has_bad_lines", segment=path.name, error=str(exc))
+                state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
+                copy = clean_copy(path, Path(tmp) / "clean.ndjson")
+                rejected = copy.rejected
+                source = copy.path
+                outcome = SegmentRun(self, path.name, state).run(source)
             lines = outcome.quarantine_lines(source)
         quarantined = [(reason, line) for reason, line in rejected] + lines
         if quarantined:
@@ -435,8 +431,8 @@ class _progress:
         self.bar.start()
 
     def advance(self, size: int, summary: Summary) -> None:
-        self.bar.update(self.task, advance=size,
-                        description=f"{summary.segments}/{self.segments} segments, {summary.rows['level2']:,} level2")  # fmt: skip
+        done = f"{summary.segments}/{self.segments} segments, {summary.rows['level2']:,} level2"
+        self.bar.update(self.task, advance=size, description=done)
 
     def close(self) -> None:
         self.bar.stop()

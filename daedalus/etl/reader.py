@@ -6,15 +6,16 @@ every Coinbase channel we parse, so each line is decoded once, in C++), streamed
 ``.zst`` segments (any number of frames) are read directly. One thread and insertion order
 keep row ``i`` equal to line ``i`` of the file, which is how bad lines are found again.
 
-DuckDB stops at the first line it cannot decode. Then :func:`clean_copy` writes the lines
-that parse as JSON records to a temporary file and hands back the others for quarantine;
-a line DuckDB still rejects (valid JSON, wrong shape) is removed by its line number and
-the read is retried. A torn tail (a file cut mid-line or mid zstd frame) is one such line.
+DuckDB stops at the first line it cannot decode (and its error does not say reliably which
+line). Then :func:`clean_copy` checks every line in Python, JSON and shape against
+:data:`RECORD_SCHEMA` (the same schema DuckDB is given), writes the good ones to a
+temporary file for a second DuckDB pass and hands back the others for quarantine. A torn
+tail (a file cut mid-line or mid zstd frame) is one such line. The slow check runs only
+for a segment that needs it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,40 +30,92 @@ from daedalus.capture.records import RECORD_PREFIX
 BATCH_ROWS = 8192  # records per Arrow batch: a few MB of level2, small enough to bound memory
 MAX_OBJECT_BYTES = 64 << 20  # the largest frame DuckDB accepts (real BTC-USD snapshots are ~5 MB)
 
-_UPDATES = "STRUCT(side VARCHAR, event_time VARCHAR, price_level VARCHAR, new_quantity VARCHAR)[]"
-_TRADES = "STRUCT(trade_id VARCHAR, product_id VARCHAR, price VARCHAR, size VARCHAR, side VARCHAR, time VARCHAR)[]"
-_TICKERS = (
-    "STRUCT(type VARCHAR, product_id VARCHAR, price VARCHAR, volume_24_h VARCHAR, low_24_h VARCHAR, "
-    "high_24_h VARCHAR, price_percent_chg_24_h VARCHAR, best_bid VARCHAR, best_bid_quantity VARCHAR, "
-    "best_ask VARCHAR, best_ask_quantity VARCHAR)[]"
+VARCHAR, BIGINT = "VARCHAR", "BIGINT"
+
+
+def _struct(**fields: object) -> tuple[str, dict[str, object]]:
+    return ("STRUCT", fields)
+
+
+def _list(item: object) -> tuple[str, object]:
+    return ("LIST", item)
+
+
+_STRINGS = _struct  # readability: a struct whose fields are all strings
+_EVENT = _struct(
+    type=VARCHAR,
+    product_id=VARCHAR,
+    updates=_list(_STRINGS(side=VARCHAR, event_time=VARCHAR, price_level=VARCHAR, new_quantity=VARCHAR)),
+    trades=_list(
+        _STRINGS(trade_id=VARCHAR, product_id=VARCHAR, price=VARCHAR, size=VARCHAR, side=VARCHAR, time=VARCHAR)
+    ),
+    tickers=_list(
+        _STRINGS(
+            **dict.fromkeys(
+                [
+                    "type",
+                    "product_id",
+                    "price",
+                    "volume_24_h",
+                    "low_24_h",
+                    "high_24_h",
+                    "price_percent_chg_24_h",
+                    "best_bid",
+                    "best_bid_quantity",
+                    "best_ask",
+                    "best_ask_quantity",
+                ],
+                VARCHAR,
+            )
+        )
+    ),
+    candles=_list(
+        _STRINGS(**dict.fromkeys(["start", "high", "low", "open", "close", "volume", "product_id"], VARCHAR))
+    ),
 )
-_CANDLES = "STRUCT(start VARCHAR, high VARCHAR, low VARCHAR, open VARCHAR, close VARCHAR, volume VARCHAR, product_id VARCHAR)[]"
-_EVENTS = (
-    f"STRUCT(type VARCHAR, product_id VARCHAR, updates {_UPDATES}, trades {_TRADES}, tickers {_TICKERS}, "
-    f"candles {_CANDLES})[]"
-)
-#: The columns of a raw record (architecture 3.2) as DuckDB decodes them.
-RECORD_COLUMNS = {
-    "recv_ns": "BIGINT",
-    "conn": "BIGINT",
-    "msg": f"STRUCT(channel VARCHAR, type VARCHAR, message VARCHAR, timestamp VARCHAR, sequence_num BIGINT, "
-    f"events {_EVENTS})",
-    "event": "VARCHAR",
-    "raw": "VARCHAR",
-    "received": "BIGINT",
-    "dropped": "BIGINT",
+#: A raw record (architecture 3.2) as the ETL decodes it: the fields of every channel we parse.
+RECORD_SCHEMA: dict[str, object] = {
+    "recv_ns": BIGINT,
+    "conn": BIGINT,
+    "msg": _struct(
+        channel=VARCHAR, type=VARCHAR, message=VARCHAR, timestamp=VARCHAR, sequence_num=BIGINT, events=_list(_EVENT)
+    ),
+    "event": VARCHAR,
+    "raw": VARCHAR,
+    "received": BIGINT,
+    "dropped": BIGINT,
 }
+
+
+def duckdb_type(node: object) -> str:
+    if isinstance(node, str):
+        return node
+    kind, inner = node  # type: ignore[misc]
+    if kind == "LIST":
+        return duckdb_type(inner) + "[]"
+    return "STRUCT(" + ", ".join(f'"{k}" {duckdb_type(v)}' for k, v in inner.items()) + ")"
+
+
+def conforms(value: object, node: object) -> bool:
+    """Whether a decoded JSON value fits the schema node (None fits anything)."""
+    if value is None:
+        return True
+    if node == VARCHAR:
+        return isinstance(value, str | int | float) and not isinstance(value, bool)
+    if node == BIGINT:
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    kind, inner = node  # type: ignore[misc]
+    if kind == "LIST":
+        return isinstance(value, list) and all(conforms(v, inner) for v in value)
+    return isinstance(value, dict) and all(conforms(value.get(k), t) for k, t in inner.items())
+
+
+RECORD_COLUMNS = {k: duckdb_type(v) for k, v in RECORD_SCHEMA.items()}
 _COLUMNS_SQL = "{" + ", ".join(f"'{k}': '{v}'" for k, v in RECORD_COLUMNS.items()) + "}"
-_LINE_IN_ERROR = re.compile(r"\bline (\d+)")
-MAX_REJECTED_LINES = 1000  # after this many shape errors in one segment the whole segment is quarantined
 
 
 class SegmentDecodeError(Exception):
-    """DuckDB could not decode a line (``line`` is 0-based, None when it did not say)."""
-
-    def __init__(self, message: str, line: int | None) -> None:
-        super().__init__(message)
-        self.line = line
+    """DuckDB could not decode a line of the segment."""
 
 
 def connect() -> duckdb.DuckDBPyConnection:
@@ -82,8 +135,7 @@ def read_batches(con: duckdb.DuckDBPyConnection, path: Path, batch_rows: int = B
         reader = con.sql(sql).to_arrow_reader(batch_rows)
         yield from reader
     except duckdb.Error as exc:
-        match = _LINE_IN_ERROR.search(str(exc))
-        raise SegmentDecodeError(str(exc).splitlines()[0], int(match.group(1)) - 1 if match else None) from exc
+        raise SegmentDecodeError(str(exc).splitlines()[0]) from exc
 
 
 @dataclass
@@ -110,14 +162,6 @@ def clean_copy(source: Path, target: Path) -> CleanCopy:
         except zstandard.ZstdError as exc:
             out.rejected.append((f"torn zstd tail: {exc}", b""))
     return out
-
-
-def drop_line(path: Path, index: int) -> bytes:
-    """Remove line ``index`` (0-based) of a plain NDJSON file in place; returns it."""
-    lines = path.read_bytes().split(b"\n")
-    removed = lines.pop(index)
-    path.write_bytes(b"\n".join(lines))
-    return removed
 
 
 def _lines(path: Path) -> Iterator[bytes]:
@@ -148,7 +192,7 @@ def _record_problem(line: bytes) -> str | None:
         return f"invalid JSON: {exc}"
     if not isinstance(record, dict) or not isinstance(record.get("recv_ns"), int):
         return "record without an integer recv_ns"
-    msg = record.get("msg")
-    if msg is not None and not isinstance(msg, dict):
-        return "msg is not an object"
+    for key, node in RECORD_SCHEMA.items():
+        if not conforms(record.get(key), node):
+            return f"{key}: unexpected shape for {duckdb_type(node)[:60]}"
     return None

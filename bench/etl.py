@@ -1,0 +1,540 @@
+"""ETL throughput: raw NDJSON segments -> Parquet, beside a naive orjson + dict-book baseline.
+
+What is measured, on one generated dataset:
+
+1. **Generation** (not timed as a result). The simulator's market model (BTC-USD with a
+   deep book of ~40,000 levels, like the real one, and ETH-USD) is stepped directly, no
+   sockets, and its frames are written as raw records into ``raw/ready/coinbase/`` cut into
+   segments of ``--segment-mb``. It is one continuous stream: a connect control line, the
+   subscribe lines, subscriptions ack, level2 snapshots (the BTC one is a ~4 MB frame), a
+   trades snapshot, then level2 updates, trades, tickers and heartbeats, with
+   ``sequence_num`` counting per connection without gaps. Every ``RESNAP_EVERY`` frames the
+   connection drops and reconnects (sequence restarts at 0, fresh snapshots follow), as a
+   long capture does. Segments are cut at line boundaries wherever the size says, so
+   books and sequence positions cross segment boundaries and the ETL must carry them in
+   its checkpoint. Frames are 200 µs apart (5,000 frames/s, a busy hour of BTC+ETH).
+   The model is fast enough (~50 MB/s) that no frame is reused.
+2. **ETL end-to-end**: ``EtlJob(config).run()`` over every segment, in a child process
+   (``bench/etl.py --child-etl DATA_DIR``) so peak RSS and CPU time are its own. Default
+   settings: zstd Parquet, every channel, book samples every second. Reported: level2
+   rows/s (updates and snapshot levels, the rows of the ``level2`` dataset), raw MB/s
+   (uncompressed NDJSON), CPU seconds and peak RSS (the child's ``VmHWM``). The numba
+   engine is loaded (from its cache) before the clock starts.
+3. **Book engine alone**: the first segment is decoded once (reader + Coinbase parser) and
+   its frames concatenated into one ``FrameBatch``; after a warm-up call, only
+   ``BookSet.apply`` is timed (best of three, each on fresh books). Also shown: the same
+   rows applied as the ETL does, one call per 8,192-line batch.
+4. **Naive baseline**, in this process, on the first ``--baseline-mb`` of the first
+   segment: ``orjson.loads`` per line, a Python dict per book side (float prices), the
+   best bid/ask kept by comparison and found again with ``max()``/``min()`` over the dict
+   when the best level goes, per-row best bid/ask appended to lists. It writes nothing,
+   so the end-to-end ratio is conservative. Rates are per level2 row, so a prefix is fair.
+
+Run (data under /tmp, removed afterwards unless ``--keep``):
+
+    .venv/bin/python bench/etl.py [--gb 2] [--segment-mb 512] [--baseline-mb 300] [--zstd]
+
+``--profile`` runs the child under cProfile instead and prints the top functions (the
+timings are then inflated; use it to find hot spots, not for figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import zstandard
+
+from daedalus.capture.records import control_line, frame_line, iter_lines
+from daedalus.config import DaedalusConfig
+from daedalus.etl.book import BookSet, FrameBatch
+from daedalus.etl.coinbase import parse_batch
+from daedalus.etl.reader import connect, read_batches
+from daedalus.layout import segment_name
+from daedalus.sim import protocol as wire
+from daedalus.sim.market import MarketModel, product_spec
+
+PRODUCTS = ("BTC-USD", "ETH-USD")
+DEPTH = {"BTC-USD": 20_000, "ETH-USD": 1_000}  # model levels; the BTC book holds ~40k levels like the real one
+START_NS = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
+SPACING_NS = 200_000  # between frames
+RESNAP_EVERY = 400_000  # frames per connection (~130 MB), then disconnect + reconnect + snapshots
+TICKER_EVERY = 53
+HEARTBEAT_EVERY = 997
+WRITE_CHUNK = 16 << 20  # bytes per write; with --zstd each chunk is one independent zstd frame
+CONN = 1
+MB = 1_000_000
+
+TARGET_E2E = 1_000_000
+TARGET_ENGINE = 10_000_000
+TARGET_RATIO = 20
+TARGET_RSS_MB = 500
+
+
+# ---- generation ----------------------------------------------------------------------------
+class SegmentSink:
+    """Writes record lines into numbered segments of about ``segment_bytes`` (raw) each."""
+
+    def __init__(self, folder: Path, segment_bytes: int, zstd: bool) -> None:
+        self.folder, self.segment_bytes, self.zstd = folder, segment_bytes, zstd
+        self.compressor = zstandard.ZstdCompressor(level=3)
+        self.paths: list[Path] = []
+        self.raw_bytes = 0
+        self._handle: io.BufferedWriter | None = None
+        self._in_segment = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+
+    def add(self, recv_ns: int, line: bytes) -> None:
+        if self._handle is None or self._in_segment >= self.segment_bytes:
+            self._roll(recv_ns)
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        self._in_segment += len(line)
+        self.raw_bytes += len(line)
+        if self._pending_bytes >= WRITE_CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._handle is not None and self._pending:
+            data = b"".join(self._pending)
+            self._handle.write(self.compressor.compress(data) if self.zstd else data)
+        self._pending, self._pending_bytes = [], 0
+
+    def _roll(self, recv_ns: int) -> None:
+        self.close()
+        first = datetime.fromtimestamp(recv_ns / 1e9, UTC)
+        suffix = ".ndjson.zst" if self.zstd else ".ndjson"
+        path = self.folder / segment_name(first, len(self.paths) + 1, suffix)
+        self.paths.append(path)
+        self._handle = path.open("wb")
+        self._in_segment = 0
+
+    def close(self) -> None:
+        self._flush()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+@dataclass
+class Dataset:
+    segments: list[Path]
+    raw_bytes: int
+    frames: int
+    connections: int
+    seconds: float
+
+
+def generate(folder: Path, total_bytes: int, segment_bytes: int, zstd: bool, seed: int = 1) -> Dataset:
+    """Write about ``total_bytes`` of raw records (see the module docstring)."""
+    started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    models = [MarketModel(product_spec(p), random.Random(seed + i), levels=DEPTH[p]) for i, p in enumerate(PRODUCTS)]
+    sink = SegmentSink(folder, segment_bytes, zstd)
+    t = START_NS
+    seq = 0
+    frames = 0
+    connections = 0
+
+    def frame(channel: str, events: str) -> None:
+        nonlocal t, seq, frames
+        t += SPACING_NS
+        sink.add(t, frame_line(t, CONN, wire.envelope(channel, wire.rfc3339(t), seq, events, None).decode()))
+        seq += 1
+        frames += 1
+
+    def control(event: str, fields: dict[str, Any]) -> None:
+        nonlocal t
+        t += SPACING_NS
+        sink.add(t, control_line(t, CONN, event, fields))
+
+    def session_start() -> None:
+        nonlocal seq, connections
+        seq = 0
+        connections += 1
+        control("connect", {"url": "wss://advanced-trade-ws.coinbase.com", "products": list(PRODUCTS)})
+        for channel in ("level2", "market_trades", "ticker", "heartbeats"):
+            control("subscribe", {"message": {"type": "subscribe", "product_ids": list(PRODUCTS), "channel": channel}})
+        frame("subscriptions", wire.subscriptions_events({"level2": list(PRODUCTS), "market_trades": list(PRODUCTS)}))
+        for model in models:
+            frame("l2_data", wire.l2_snapshot_events(model, t))
+            frame("market_trades", wire.trades_events(model, list(model.trades), "snapshot"))
+            frame("ticker", wire.ticker_events(model, "snapshot"))
+
+    session_start()
+    in_session = 0
+    heartbeat = 0
+    while sink.raw_bytes < total_bytes:
+        model = rng.choice(models)
+        step = model.step(t)
+        if step.changes:
+            frame("l2_data", wire.l2_update_events(model, step))
+        if step.trade:
+            frame("market_trades", wire.trades_events(model, [step.trade], "update"))
+        in_session += 1
+        if in_session % TICKER_EVERY == 0:
+            frame("ticker", wire.ticker_events(model, "update"))
+        if in_session % HEARTBEAT_EVERY == 0:
+            heartbeat += 1
+            frame("heartbeats", wire.heartbeat_events(t, t - START_NS + 10**9, heartbeat))
+        if in_session >= RESNAP_EVERY:
+            control("disconnect", {"reason": "bench: periodic reconnect"})
+            session_start()
+            in_session = 0
+    sink.close()
+    return Dataset(sink.paths, sink.raw_bytes, frames, connections, time.perf_counter() - started)
+
+
+# ---- ETL end-to-end (child process) ----------------------------------------------------------
+def _empty_batch() -> FrameBatch:
+    i64, i8 = np.zeros(0, np.int64), np.zeros(0, np.int8)
+    return FrameBatch(i64, i8, i64, i64, i64, i64, i64, i64, i8, i64, i64, np.zeros(0, np.bool_))
+
+
+def child_etl(data_dir: Path, profile: bool) -> None:
+    """Run the ETL over ``data_dir`` and print one JSON line of figures (in the child)."""
+    from daedalus.etl.job import EtlJob
+
+    warm = time.perf_counter()
+    BookSet(10**9).apply(_empty_batch())  # load the compiled engine (numba cache) before the clock
+    warm = time.perf_counter() - warm
+    config = DaedalusConfig.model_validate({"data_dir": str(data_dir)})
+    job = EtlJob(config)
+    profiler = cProfile.Profile() if profile else None
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
+    summary = job.run()
+    if profiler is not None:
+        profiler.disable()
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    if profiler is not None:
+        _print_profile(profiler)
+    out = {
+        "wall": wall,
+        "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        "peak_rss_mb": peak_rss_mb(),
+        "ru_maxrss_mb": after.ru_maxrss / 1024,
+        "warmup_s": warm,
+        "segments": summary.segments,
+        "bytes": summary.bytes,
+        "job_seconds": summary.seconds,
+        "rows": dict(summary.rows),
+        "counts": {k: v for k, v in summary.counts.items() if v},
+        "quarantined_lines": summary.quarantined_lines,
+        "quarantined_segments": summary.quarantined_segments,
+        "output_mb": sum(p.stat().st_size for p in config.processed_dir.rglob("*.parquet")) / MB,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. ``VmHWM`` belongs to the process image: ``ru_maxrss`` would also
+    count the parent's RSS at fork time (Linux carries it across exec), which is not the ETL's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _print_profile(profiler: cProfile.Profile) -> None:
+    for sort in ("cumulative", "tottime"):
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats(sort).print_stats(25)
+        print(f"---- profile, top 25 by {sort} ----\n" + text.getvalue(), flush=True)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats("daedalus/etl", 15)
+    print("---- profile, daedalus/etl only, by cumulative ----\n" + text.getvalue(), flush=True)
+
+
+def run_etl(data_dir: Path, profile: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-etl", str(data_dir)]
+    if profile:
+        cmd.append("--profile")
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    sys.stderr.write(proc.stderr)
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            result = json.loads(line.removeprefix("RESULT "))
+        elif profile:
+            print(line)
+    if proc.returncode != 0 or result is None:
+        raise RuntimeError(f"ETL child failed (exit {proc.returncode})")
+    return result
+
+
+# ---- book engine alone -------------------------------------------------------------------
+def decode_segment(path: Path) -> tuple[BookSet, list[FrameBatch]]:
+    """The engine's input for one segment: the parser's frame batches (books only name slots)."""
+    books = BookSet(10**9)
+    batches = []
+    con = connect()
+    try:
+        line = 0
+        for batch in read_batches(con, path):
+            batches.append(parse_batch(batch, books, line).frames)
+            line += batch.num_rows
+    finally:
+        con.close()
+    return books, batches
+
+
+def concat_batches(batches: list[FrameBatch]) -> FrameBatch:
+    offsets = np.cumsum([0] + [b.r_prod.shape[0] for b in batches[:-1]])
+    parts: dict[str, np.ndarray] = {}
+    for name in FrameBatch.__dataclass_fields__:
+        arrays = [getattr(b, name) for b in batches]
+        if name in ("f_rs", "f_re"):
+            arrays = [a + off for a, off in zip(arrays, offsets, strict=True)]
+        parts[name] = np.concatenate(arrays)
+    return FrameBatch(**parts)
+
+
+def fresh_books(like: BookSet) -> BookSet:
+    books = BookSet(like.interval_ns, like.depth)
+    for name in like.products:
+        books.product_slot(name)
+    for conn in like.conns:
+        books.conn_slot(conn)
+    return books
+
+
+def engine_alone(path: Path, repeats: int = 3) -> dict[str, float]:
+    slots, batches = decode_segment(path)
+    whole = concat_batches(batches)
+    rows = int(whole.r_prod.shape[0])
+    fresh_books(slots).apply(batches[0])  # warm-up: numba compile or cache load
+    best = float("inf")
+    for _ in range(repeats):
+        books = fresh_books(slots)
+        started = time.perf_counter()
+        books.apply(whole)
+        best = min(best, time.perf_counter() - started)
+    books = fresh_books(slots)
+    started = time.perf_counter()
+    for batch in batches:
+        books.apply(batch)
+    batched = time.perf_counter() - started
+    return {
+        "rows": rows,
+        "snapshot_rows": int(whole.r_snap.sum()),
+        "frames": int(whole.f_conn.shape[0]),
+        "seconds": best,
+        "rate": rows / best,
+        "batched_seconds": batched,
+        "batched_rate": rows / batched,
+        "batches": len(batches),
+    }
+
+
+# ---- naive baseline ----------------------------------------------------------------------
+@dataclass
+class NaiveBook:
+    bids: dict[float, float] = field(default_factory=dict)
+    asks: dict[float, float] = field(default_factory=dict)
+    best_bid: float | None = None
+    best_ask: float | None = None
+
+
+def naive_baseline(path: Path, limit_bytes: int) -> dict[str, float]:
+    """orjson per line + dict books + max/min when the best goes; per-row best bid/ask in lists."""
+    started = time.perf_counter()
+    books: dict[str, NaiveBook] = {}
+    last_seq: dict[int, int] = {}
+    gaps = 0
+    ts_recv: list[int] = []
+    seqs: list[int] = []
+    product_ids: list[str] = []
+    sides: list[bool] = []
+    prices: list[float] = []
+    sizes: list[float] = []
+    snapshots: list[bool] = []
+    best_bids: list[float | None] = []
+    best_asks: list[float | None] = []
+    read = 0
+    for line in iter_lines(path):
+        read += len(line) + 1
+        if read > limit_bytes:
+            break
+        record = orjson.loads(line)
+        msg = record.get("msg")
+        conn = record["conn"]
+        if msg is None:
+            if record.get("event") == "connect":
+                last_seq.pop(conn, None)
+            continue
+        seq = msg["sequence_num"]
+        if conn in last_seq and seq != last_seq[conn] + 1:
+            gaps += 1
+        last_seq[conn] = seq
+        if msg["channel"] != "l2_data":
+            continue
+        recv = record["recv_ns"]
+        for event in msg["events"]:
+            product = event["product_id"]
+            snapshot = event["type"] == "snapshot"
+            book = books.get(product)
+            if book is None or snapshot:
+                book = books[product] = NaiveBook()
+            first = len(prices)
+            for update in event["updates"]:
+                price = float(update["price_level"])
+                size = float(update["new_quantity"])
+                is_bid = update["side"] == "bid"
+                if is_bid:
+                    if size == 0.0:
+                        book.bids.pop(price, None)
+                        if price == book.best_bid:
+                            book.best_bid = max(book.bids) if book.bids else None
+                    else:
+                        book.bids[price] = size
+                        if book.best_bid is None or price > book.best_bid:
+                            book.best_bid = price
+                else:
+                    if size == 0.0:
+                        book.asks.pop(price, None)
+                        if price == book.best_ask:
+                            book.best_ask = min(book.asks) if book.asks else None
+                    else:
+                        book.asks[price] = size
+                        if book.best_ask is None or price < book.best_ask:
+                            book.best_ask = price
+                ts_recv.append(recv)
+                seqs.append(seq)
+                product_ids.append(product)
+                sides.append(is_bid)
+                prices.append(price)
+                sizes.append(size)
+                snapshots.append(snapshot)
+            n = len(prices) - first
+            best_bids.extend([book.best_bid] * n)
+            best_asks.extend([book.best_ask] * n)
+    seconds = time.perf_counter() - started
+    rows = len(prices)
+    return {"rows": rows, "snapshot_rows": sum(snapshots), "bytes": min(read, limit_bytes), "seconds": seconds,
+            "rate": rows / seconds, "gaps": gaps}  # fmt: skip
+
+
+# ---- report ------------------------------------------------------------------------------
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    uname = platform.uname()
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs, {uname.system} {uname.release}, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gb", type=float, default=2.0, help="raw NDJSON to generate, GB (1e9 bytes)")
+    parser.add_argument("--segment-mb", type=float, default=512, help="raw size of each segment, MB")
+    parser.add_argument("--baseline-mb", type=float, default=300, help="prefix the naive baseline reads, MB")
+    parser.add_argument("--zstd", action="store_true", help="write .ndjson.zst segments (16 MB zstd frames)")
+    parser.add_argument("--keep", type=Path, help="generate into this directory and keep it")
+    parser.add_argument("--profile", action="store_true", help="run the ETL child under cProfile (slower)")
+    parser.add_argument("--child-etl", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_etl:
+        child_etl(args.child_etl, args.profile)
+        return
+
+    print(f"machine: {machine()}")
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="daedalus-bench-etl-", dir="/tmp"))
+    try:
+        ready = workdir / "raw" / "ready" / "coinbase"
+        data = generate(ready, int(args.gb * 1e9), int(args.segment_mb * MB), args.zstd)
+        on_disk = sum(p.stat().st_size for p in data.segments)
+        print(f"generated {data.raw_bytes / MB:,.0f} MB raw ({on_disk / MB:,.0f} MB on disk) in {len(data.segments)} "
+              f"segments: {data.frames:,} frames, {data.connections} connections, {data.seconds:.1f}s")  # fmt: skip
+
+        first = data.segments[0]
+        engine = engine_alone(first)
+        print(f"engine alone: {engine['rows']:,} rows ({engine['snapshot_rows']:,} snapshot levels) in "
+              f"{engine['frames']:,} frames of {first.name} in {engine['seconds']:.3f}s")  # fmt: skip
+        naive = naive_baseline(first, int(args.baseline_mb * MB))
+        print(f"naive baseline: {naive['rows']:,} rows ({naive['snapshot_rows']:,} snapshot levels) from the first "
+              f"{naive['bytes'] / MB:,.0f} MB in {naive['seconds']:.1f}s")  # fmt: skip
+
+        etl = run_etl(workdir, args.profile)
+        if args.profile:
+            print("(profiled run: the figures below are inflated by cProfile)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = etl["rows"].get("level2", 0)
+    cpu_bound = max(etl["wall"], etl["cpu"])  # "per core": charge the CPU time when the job used more than one core
+    e2e = rows / etl["wall"]
+    e2e_core = rows / cpu_bound
+    ratio = e2e_core / naive["rate"]
+    print()
+    print(f"ETL: {etl['segments']} segments, {etl['bytes'] / MB:,.0f} MB raw, wall {etl['wall']:.1f}s, "
+          f"CPU {etl['cpu']:.1f}s, output {etl['output_mb']:,.0f} MB Parquet (engine warm-up {etl['warmup_s']:.2f}s, "
+          f"not counted); peak RSS {etl['peak_rss_mb']:,.0f} MB (ru_maxrss {etl['ru_maxrss_mb']:,.0f} MB counts the "
+          "parent at fork)")  # fmt: skip
+    print("rows: " + ", ".join(f"{k}={v:,}" for k, v in sorted(etl["rows"].items())))
+    print("counts: " + ", ".join(f"{k}={v:,}" for k, v in sorted(etl["counts"].items())))
+    print(f"quarantined: lines={etl['quarantined_lines']} segments={etl['quarantined_segments']}")
+    print()
+    table = [
+        ("ETL end-to-end, level2 rows/s (wall)", f"{e2e:,.0f}", ""),
+        ("ETL end-to-end, level2 rows per CPU-s", f"{rows / etl['cpu']:,.0f}", ""),
+        ("ETL end-to-end per core", f"{e2e_core:,.0f}", f">= {TARGET_E2E:,}: {verdict(e2e_core >= TARGET_E2E)}"),
+        ("ETL raw MB/s (wall)", f"{etl['bytes'] / MB / etl['wall']:,.1f}", ""),
+        ("ETL peak RSS, MB", f"{etl['peak_rss_mb']:,.0f}",
+         f"< {TARGET_RSS_MB} at {args.segment_mb:g} MB segments: {verdict(etl['peak_rss_mb'] < TARGET_RSS_MB)}"),
+        ("book engine alone, rows/s", f"{engine['rate']:,.0f}",
+         f">= {TARGET_ENGINE:,}: {verdict(engine['rate'] >= TARGET_ENGINE)}"),
+        ("book engine, one call per 8,192-line batch", f"{engine['batched_rate']:,.0f}", ""),
+        ("naive baseline, rows/s", f"{naive['rate']:,.0f}", ""),
+        ("ETL end-to-end / naive", f"{ratio:.1f}x", f">= {TARGET_RATIO}x: {verdict(ratio >= TARGET_RATIO)}"),
+        ("book engine / naive", f"{engine['rate'] / naive['rate']:.1f}x", ""),
+    ]  # fmt: skip
+    width = max(len(name) for name, _, _ in table)
+    for name, value, target in table:
+        print(f"{name:<{width}}  {value:>14}  {target}")
+
+
+if __name__ == "__main__":
+    main()
