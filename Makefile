@@ -25,6 +25,7 @@ lint: venv
 bench: venv
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/capture.py
+	$(BIN)/python bench/etl.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -283,3 +283,28 @@ def test_sigkill_at_random_points_then_rerun_gives_the_same_dataset(tmp_path):
     trades = channel_table(reference, "market_trades").to_pylist()
     assert len({(t["product_id"], t["trade_id"]) for t in trades}) == len(trades)  # the repeat was dropped
     shutil.rmtree(tmp_path)
+
+
+def test_watch_processes_segments_as_they_arrive_and_stops_on_sigterm(tmp_path):
+    config = {"data_dir": str(tmp_path), "etl": {"poll_interval_seconds": 0.2}}
+    (tmp_path / "c.yaml").write_text(orjson.dumps(config).decode())
+    proc = subprocess.Popen([sys.executable, "-m", "daedalus", "etl", "-c", str(tmp_path / "c.yaml"), "--watch"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines = recording_lines()
+        level2 = tmp_path / "processed" / "coinbase" / "level2"
+        for i, chunk in enumerate((lines[:300], lines[300:])):
+            write_segments(tmp_path / "staging", [chunk])
+            staged = tmp_path / "staging" / "raw" / "ready" / "coinbase" / "segment_20260809T21_00001.ndjson"
+            ready = tmp_path / "raw" / "ready" / "coinbase"
+            ready.mkdir(parents=True, exist_ok=True)
+            staged.rename(ready / f"segment_20260809T21_{i + 1:05d}.ndjson")  # appears atomically, like rotation
+            deadline = time.monotonic() + 60
+            while len(list(level2.rglob("*.parquet"))) < 2 * (i + 1) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(list(level2.rglob("*.parquet"))) == 2 * (i + 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "segments: 2 " in out
