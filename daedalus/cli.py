@@ -106,7 +106,7 @@ def etl(
 ) -> None:
     """Turn closed raw segments into Hive-partitioned Parquet (books, trades, tickers, bars)."""
     from daedalus.capture.pipeline import AlreadyRunning
-    from daedalus.etl.job import EtlJob
+    from daedalus.etl.job import EtlIoError, EtlJob
 
     try:
         settings = load_config(config)
@@ -128,6 +128,8 @@ def etl(
             summary = job.run(start, end, show)
     except AlreadyRunning as exc:
         raise _fail(f"cannot start: {exc}") from None
+    except EtlIoError as exc:
+        raise _fail(f"etl stopped: {exc} (the segment stays in raw/processing/ and is retried next run)", 1) from None
     typer.echo(summary.text())
 
 

@@ -308,3 +308,23 @@ def test_watch_processes_segments_as_they_arrive_and_stops_on_sigterm(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "segments: 2 " in out
+
+
+def test_an_unwritable_output_stops_the_run_and_keeps_the_segment_for_a_retry(tmp_path):
+    write_segments(tmp_path, [recording_lines()[:300]])
+    blocker = tmp_path / "processed" / "coinbase"
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("a file where the output directory should be")
+    config = {"data_dir": str(tmp_path)}
+    (tmp_path / "c.yaml").write_text(orjson.dumps(config).decode())
+    cli = [sys.executable, "-m", "daedalus", "etl", "-c", str(tmp_path / "c.yaml")]
+    failed = subprocess.run(cli, capture_output=True, text=True, cwd=REPO)
+    assert failed.returncode == 1 and "etl stopped: segment_20260809T21_00001.ndjson" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert [p.name for p in (tmp_path / "raw" / "processing" / "coinbase").iterdir()] == [
+        "segment_20260809T21_00001.ndjson"
+    ]
+    blocker.unlink()
+    done = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, check=True)
+    assert "segments: 1 " in done.stdout
+    assert channel_table(tmp_path, "level2").num_rows > 0

@@ -70,7 +70,8 @@ def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int) -> Parse
     counts["gap_lines"] = int(np.count_nonzero(kind == GAP))
     _flag_unusable(batch, msg, has_msg, has_event, channel_index, first_line, counts, quarantine)
 
-    slots = np.array([books.conn_slot(c) for c in conn_ids.tolist()], np.int64) if n else np.zeros(0, np.int64)
+    distinct, inverse = np.unique(conn_ids, return_inverse=True)
+    slots = np.array([books.conn_slot(c) for c in distinct.tolist()], np.int64)[inverse.reshape(-1)]
     l2_rows, frames_rs, frames_re, l2 = _level2(batch, msg, channel_index, books, recv, seq, counts)
     frames = FrameBatch(slots, kind, seq, aux, recv, frames_rs, frames_re, *l2_rows)
     return ParsedBatch(

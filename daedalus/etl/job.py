@@ -51,6 +51,11 @@ def interval_ns(text: str) -> int:
     return int(text[:-1]) * _UNIT_NS[text[-1]]
 
 
+class EtlIoError(Exception):
+    """The machine, not the data, failed (disk full, permissions): the segment stays in
+    ``processing/`` and is retried by the next run."""
+
+
 @dataclass
 class SegmentResult:
     name: str
@@ -172,7 +177,11 @@ class EtlJob:
         """Process new segments as they become ready until ``should_stop()``."""
         total = Summary()
         while not should_stop():
-            summary = self.run(progress=progress)
+            try:
+                summary = self.run(progress=progress)
+            except EtlIoError as exc:
+                log.error("etl_io_error", error=str(exc), retry_in_s=poll_seconds)
+                summary = Summary()
             if summary.segments:
                 log.info("etl_watch_round", segments=summary.segments, level2_rows=summary.rows["level2"])
                 for name in ("segments", "bytes", "seconds", "quarantined_lines", "quarantined_segments"):
@@ -201,6 +210,9 @@ class EtlJob:
         base = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else state
         try:
             result, new_state = self._process(path, base, older)
+        except OSError as exc:  # disk full, permissions: not the segment's fault, it stays claimed for a retry
+            remove_temporaries(self.out_root)
+            raise EtlIoError(f"{path.name}: {exc}") from exc
         except Exception as exc:  # the process keeps running: the segment goes to quarantine
             log.error("etl_segment_failed", segment=path.name, error=repr(exc), exc_info=True)
             self._quarantine_segment(path, repr(exc))
