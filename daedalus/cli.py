@@ -15,7 +15,7 @@ import typer
 import yaml
 
 from daedalus import __version__
-from daedalus.config import ConfigError, effective_config, load_config
+from daedalus.config import ConfigError, DaedalusConfig, effective_config, load_config
 from daedalus.logs import setup_logging
 
 app = typer.Typer(
@@ -35,6 +35,16 @@ LogFormat = Annotated[str, typer.Option("--log-format", help="text or json.")]
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(message, err=True)
     return typer.Exit(code)
+
+
+def _configured(path: Path) -> DaedalusConfig:
+    """Load the config (exit 2 with every problem listed) and set up logging from it."""
+    try:
+        settings = load_config(path)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    setup_logging(settings.logging.level, settings.logging.format)
+    return settings
 
 
 @app.command()
@@ -66,11 +76,7 @@ def ingest(
     from daedalus.capture.pipeline import AlreadyRunning
     from daedalus.capture.pipeline import ingest as run_ingest
 
-    try:
-        settings = load_config(config)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    setup_logging(settings.logging.level, settings.logging.format)
+    settings = _configured(config)
     try:
         ok = asyncio.run(run_ingest(settings, stats_interval))
     except KeyboardInterrupt:
@@ -108,11 +114,7 @@ def etl(
     from daedalus.capture.pipeline import AlreadyRunning
     from daedalus.etl.job import EtlIoError, EtlJob
 
-    try:
-        settings = load_config(config)
-    except ConfigError as exc:
-        raise _fail(str(exc)) from None
-    setup_logging(settings.logging.level, settings.logging.format)
+    settings = _configured(config)
     start, end = _etl_dates(mode, day, start_date, end_date)
     job = EtlJob(settings)
     show = sys.stderr.isatty() if progress is None else progress

@@ -217,6 +217,15 @@ def _top(b, depth, ck, cs, cn, order, nch, sign, out_px, out_sz):
     return d
 
 
+@njit(cache=True, inline="always")
+def _event_end(g, re, r_prod, r_snap):
+    """End of the event starting at row ``g``: the run of rows with one product and one snapshot flag."""
+    e = g + 1
+    while e < re and r_prod[e] == r_prod[g] and r_snap[e] == r_snap[g]:
+        e += 1
+    return e
+
+
 @njit(cache=True)
 def _invalidate_conn(conn, book_conn, valid):
     for p in range(valid.shape[0]):
@@ -301,9 +310,7 @@ def run_frames(
         g = rs
         while g < re:
             p = r_prod[g]
-            e = g + 1
-            while e < re and r_prod[e] == p and r_snap[e] == r_snap[g]:
-                e += 1
+            e = _event_end(g, re, r_prod, r_snap)
             if r_snap[g]:
                 need += (e - g) // half + 4
                 if (e - g) // half + 4 > max_m:
@@ -341,9 +348,7 @@ def run_frames(
         g = rs
         while g < re:
             p = r_prod[g]
-            e = g + 1
-            while e < re and r_prod[e] == p and r_snap[e] == r_snap[g]:
-                e += 1
+            e = _event_end(g, re, r_prod, r_snap)
             if interval > 0 and has_book[p] and ts >= next_sample[p]:  # sample the book as it was
                 ns = meta[M_NSAMPLES]
                 while next_sample[p] <= ts:

@@ -32,10 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from daedalus.capture.pipeline import hold_lock
+from daedalus.capture.segments import fsync_dir
 from daedalus.config import DaedalusConfig
 from daedalus.etl import processors
 from daedalus.etl.coinbase import parse_batch
-from daedalus.etl.output import PartitionedWriter, commit, fsync_dir, remove_temporaries
+from daedalus.etl.output import PartitionedWriter, commit, remove_temporaries
 from daedalus.etl.reader import SegmentDecodeError, clean_copy, connect, read_batches
 from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.layout import parse_segment_name

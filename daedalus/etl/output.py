@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from daedalus.capture.segments import fsync_dir as fsync_path  # opens read-only: files and folders
 from daedalus.layout import sanitize_partition_value
 
 SCALE = 100_000_000
@@ -143,7 +144,7 @@ class PartitionedWriter:
             self._flush(entry)
             entry[0].close()
         for final in self.files:
-            _fsync_file(final.with_name(final.name + TMP_SUFFIX))
+            fsync_path(final.with_name(final.name + TMP_SUFFIX))
         self._open.clear()
         return self.files
 
@@ -155,23 +156,7 @@ def commit(files: Iterable[Path]) -> None:
         os.replace(final.with_name(final.name + TMP_SUFFIX), final)
         dirs.add(final.parent)
     for directory in dirs:
-        fsync_dir(directory)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(directory)
 
 
 def remove_temporaries(root: Path) -> int:

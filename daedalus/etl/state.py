@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from daedalus.capture.segments import fsync_dir
 from daedalus.etl.book import BookSet
-from daedalus.etl.output import fsync_dir
 from daedalus.etl.processors import BarBuilder, TradeDeduper
 
 STATE_VERSION = 1
