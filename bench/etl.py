@@ -8,7 +8,9 @@ What is measured, on one generated dataset:
    segments of ``--segment-mb``. It is one continuous stream: a connect control line, the
    subscribe lines, subscriptions ack, level2 snapshots (the BTC one is a ~4 MB frame), a
    trades snapshot, then level2 updates, trades, tickers and heartbeats, with
-   ``sequence_num`` counting per connection without gaps. Every ``RESNAP_EVERY`` frames the
+   ``sequence_num`` counting per connection without gaps. Level2 changes are batched into
+   frames as Coinbase does, ``--updates-per-frame`` on average (6.3 in the reference
+   recording; ``1`` gives the worst case, a frame per change). Every ``RESNAP_EVERY`` rounds the
    connection drops and reconnects (sequence restarts at 0, fresh snapshots follow), as a
    long capture does. Segments are cut at line boundaries wherever the size says, so
    books and sequence positions cross segment boundaries and the ETL must carry them in
@@ -55,7 +57,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,7 +79,7 @@ PRODUCTS = ("BTC-USD", "ETH-USD")
 DEPTH = {"BTC-USD": 20_000, "ETH-USD": 1_000}  # model levels; the BTC book holds ~40k levels like the real one
 START_NS = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
 SPACING_NS = 200_000  # between frames
-RESNAP_EVERY = 400_000  # frames per connection (~130 MB), then disconnect + reconnect + snapshots
+RESNAP_EVERY = 100_000  # update rounds per connection (~130 MB), then disconnect + reconnect + snapshots
 TICKER_EVERY = 53
 HEARTBEAT_EVERY = 997
 WRITE_CHUNK = 16 << 20  # bytes per write; with --zstd each chunk is one independent zstd frame
@@ -145,7 +147,9 @@ class Dataset:
     seconds: float
 
 
-def generate(folder: Path, total_bytes: int, segment_bytes: int, zstd: bool, seed: int = 1) -> Dataset:
+def generate(
+    folder: Path, total_bytes: int, segment_bytes: int, zstd: bool, updates_per_frame: float, seed: int = 1
+) -> Dataset:
     """Write about ``total_bytes`` of raw records (see the module docstring)."""
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -187,11 +191,20 @@ def generate(folder: Path, total_bytes: int, segment_bytes: int, zstd: bool, see
     heartbeat = 0
     while sink.raw_bytes < total_bytes:
         model = rng.choice(models)
-        step = model.step(t)
-        if step.changes:
-            frame("l2_data", wire.l2_update_events(model, step))
-        if step.trade:
-            frame("market_trades", wire.trades_events(model, [step.trade], "update"))
+        # Coinbase batches level2 changes: one frame carries all a product's changes of a short
+        # window. Steps are gathered until a drawn count (mean ``updates_per_frame``) is reached.
+        wanted = rng.randint(1, max(1, round(2 * updates_per_frame) - 1))
+        changes: list[tuple[bool, int, int]] = []
+        trades = []
+        while len(changes) < wanted:
+            step = model.step(t)
+            changes += step.changes
+            if step.trade:
+                trades.append(step.trade)
+        if changes:
+            frame("l2_data", wire.l2_update_events(model, replace(step, changes=changes)))
+        for trade in trades:
+            frame("market_trades", wire.trades_events(model, [trade], "update"))
         in_session += 1
         if in_session % TICKER_EVERY == 0:
             frame("ticker", wire.ticker_events(model, "update"))
@@ -470,6 +483,12 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="raw NDJSON to generate, GB (1e9 bytes)")
     parser.add_argument("--segment-mb", type=float, default=512, help="raw size of each segment, MB")
     parser.add_argument("--baseline-mb", type=float, default=300, help="prefix the naive baseline reads, MB")
+    parser.add_argument(
+        "--updates-per-frame",
+        type=float,
+        default=6.3,
+        help="mean level2 updates per update frame (6.3 in the reference recording; 1 = worst case)",
+    )
     parser.add_argument("--zstd", action="store_true", help="write .ndjson.zst segments (16 MB zstd frames)")
     parser.add_argument("--keep", type=Path, help="generate into this directory and keep it")
     parser.add_argument("--profile", action="store_true", help="run the ETL child under cProfile (slower)")
@@ -485,7 +504,7 @@ def main() -> None:
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="daedalus-bench-etl-", dir="/tmp"))
     try:
         ready = workdir / "raw" / "ready" / "coinbase"
-        data = generate(ready, int(args.gb * 1e9), int(args.segment_mb * MB), args.zstd)
+        data = generate(ready, int(args.gb * 1e9), int(args.segment_mb * MB), args.zstd, args.updates_per_frame)
         on_disk = sum(p.stat().st_size for p in data.segments)
         print(f"generated {data.raw_bytes / MB:,.0f} MB raw ({on_disk / MB:,.0f} MB on disk) in {len(data.segments)} "
               f"segments: {data.frames:,} frames, {data.connections} connections, {data.seconds:.1f}s")  # fmt: skip

@@ -19,9 +19,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from daedalus.etl.book import CONNECT, DISCONNECT, FRAME, GAP, OTHER, BookSet, FrameBatch
+from daedalus.etl.decode import parse_times, parse_units
 
 UNITS = 100_000_000  # 1e-8: prices and sizes are int64 counts of this
-_UNITS_TYPE = pa.decimal128(38, 8)
 _TS_TYPE = pa.timestamp("ns", tz="UTC")
 
 CHANNELS = ["l2_data", "market_trades", "ticker", "ticker_batch", "candles", "heartbeats", "status", "subscriptions"]
@@ -72,48 +72,50 @@ def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int) -> Parse
 
     distinct, inverse = np.unique(conn_ids, return_inverse=True)
     slots = np.array([books.conn_slot(c) for c in distinct.tolist()], np.int64)[inverse.reshape(-1)]
-    l2_rows, frames_rs, frames_re, l2 = _level2(batch, msg, channel_index, books, recv, seq, counts)
+    flat = _all_events(msg)
+    l2_rows, frames_rs, frames_re, l2 = _level2(batch, msg, flat, channel_index, books, recv, seq, counts)
     frames = FrameBatch(slots, kind, seq, aux, recv, frames_rs, frames_re, *l2_rows)
     return ParsedBatch(
         frames,
         l2,
-        _trades(msg, channel_index, recv, seq, counts),
-        _tickers(msg, channel_index, recv, seq, counts),
-        _candles(msg, channel_index, recv, seq, counts),
+        _trades(msg, flat, channel_index, recv, seq, counts),
+        _tickers(msg, flat, channel_index, recv, seq, counts),
+        _candles(msg, flat, channel_index, recv, seq, counts),
         counts,
         quarantine,
     )
 
 
 # ---- level2 ---------------------------------------------------------------------------------
-def _level2(batch, msg, channel_index, books, recv, seq, counts):
+def _level2(batch, msg, flat, channel_index, books, recv, seq, counts):
     """Rows of every l2_data update, in frame order, plus each frame's row range."""
     n = batch.num_rows
-    frame_of_row, events, updates = _flatten_events(msg, channel_index == L2, "updates")
-    valid = pc.and_(pc.is_in(pc.struct_field(updates, "side"), pa.array(["bid", "offer"])).fill_null(False),
-                    pc.is_valid(pc.struct_field(updates, "price_level")))  # fmt: skip
+    frame_of_row, events, updates = _flatten_events(flat, channel_index == L2, "updates")
+    side = pc.struct_field(updates, "side")
+    is_offer = pc.equal(side, "offer").fill_null(False).to_numpy(zero_copy_only=False)
+    is_bid = pc.equal(side, "bid").fill_null(False).to_numpy(zero_copy_only=False)
     price, price_ok = to_units(pc.struct_field(updates, "price_level"))
     size, size_ok = to_units(pc.struct_field(updates, "new_quantity"))
-    product = pc.struct_field(events.values, "product_id")
-    ok = valid.to_numpy(zero_copy_only=False) & price_ok & size_ok
-    ok &= pc.is_valid(product).to_numpy(zero_copy_only=False)[events.parent_of_row]
-    if not ok.all():
-        counts["bad_level2_updates"] += int(np.count_nonzero(~ok))
-    keep = np.flatnonzero(ok)
-    ev_of_row = events.parent_of_row[keep]
-    frame_of_row = frame_of_row[keep]
-    product_codes = _codes(product, books)[ev_of_row]
+    ev_of_row = events.parent_of_row
+    product = _codes(pc.struct_field(events.values, "product_id"), books)[ev_of_row]
+    ok = (is_bid | is_offer) & price_ok & size_ok & (product >= 0)
     snap = pc.equal(pc.struct_field(events.values, "type"), "snapshot").fill_null(False)
     r_snap = snap.to_numpy(zero_copy_only=False)[ev_of_row]
-    side = pc.equal(pc.struct_field(updates, "side"), "offer").fill_null(False).to_numpy(zero_copy_only=False)
-    r_side = side[keep].astype(np.int8)
-    frame_ts = pc.take(to_timestamps(pc.struct_field(msg, "timestamp")), pa.array(frame_of_row))
-    event_ts = pc.take(to_timestamps(pc.struct_field(updates, "event_time")), pa.array(keep))
-    rows = (product_codes, r_side, price[keep], size[keep], r_snap)
-    rs = np.searchsorted(frame_of_row, np.arange(n), "left")
-    re = np.searchsorted(frame_of_row, np.arange(n), "right")
+    ts, ts_ok = times_ns(pc.struct_field(updates, "event_time"))
+    frame_ts, frame_ts_ok = times_ns(pc.struct_field(msg, "timestamp"))
+    ts_ok = ts_ok | frame_ts_ok[frame_of_row]
+    ts = np.where(ts_ok, ts, frame_ts[frame_of_row])  # the update's time, else the frame's
+    columns = [frame_of_row, product, is_offer, price, size, r_snap, ts, ts_ok]
+    if not ok.all():
+        counts["bad_level2_updates"] += int(np.count_nonzero(~ok))
+        columns = [c[ok] for c in columns]
+    frame_of_row, product, is_offer, price, size, r_snap, ts, ts_ok = columns
+    rows = (product, is_offer.astype(np.int8), price, size, r_snap)
+    frames = np.arange(n)
+    rs = np.searchsorted(frame_of_row, frames, "left")
+    re = np.searchsorted(frame_of_row, frames, "right")
     l2 = {
-        "ts_event": pc.coalesce(event_ts, frame_ts),
+        "ts_event": pa.array(ts, pa.int64(), mask=~ts_ok).cast(_TS_TYPE),
         "ts_recv": recv[frame_of_row],
         "seq": seq[frame_of_row],
     }
@@ -122,21 +124,30 @@ def _level2(batch, msg, channel_index, books, recv, seq, counts):
 
 @dataclass
 class _Events:
-    values: pa.StructArray  # the events of the selected frames, flattened
+    values: pa.StructArray  # every event of the batch, flattened
     parent: np.ndarray  # frame index (in the batch) of each event
-    parent_of_row: np.ndarray  # event index of each flattened item
+    parent_of_row: np.ndarray | None = None  # event index of each flattened item
 
 
-def _flatten_events(msg, selected: np.ndarray, items: str) -> tuple[np.ndarray, _Events, pa.StructArray]:
-    """Flatten ``msg.events[].<items>[]`` of the selected frames: (frame of each item, events, items)."""
-    frame_idx = np.flatnonzero(selected)
-    events = pc.take(pc.struct_field(msg, "events"), pa.array(frame_idx, pa.int64()))
-    ev_parent = frame_idx[pc.list_parent_indices(events).to_numpy()]
-    ev_values = pc.list_flatten(events)
-    lists = pc.struct_field(ev_values, items)
+def _all_events(msg: pa.Array) -> _Events:
+    """``msg.events`` of every frame flattened once per batch (no copy of the nested data)."""
+    events = pc.struct_field(msg, "events")
+    return _Events(pc.list_flatten(events), pc.list_parent_indices(events).to_numpy())
+
+
+def _flatten_events(flat: _Events, selected: np.ndarray, items: str) -> tuple[np.ndarray, _Events, pa.StructArray]:
+    """``events[].<items>[]`` of the selected frames: (frame of each item, events, items).
+    Only frames of the matching channel carry such lists, so the filter is a no-op unless a
+    frame of another channel holds them."""
+    lists = pc.struct_field(flat.values, items)
     item_parent = pc.list_parent_indices(lists).to_numpy()
     values = pc.list_flatten(lists)
-    return ev_parent[item_parent], _Events(ev_values, ev_parent, item_parent), values
+    frame_of = flat.parent[item_parent]
+    wanted = selected[frame_of]
+    if not wanted.all():
+        values = values.filter(pa.array(wanted))
+        item_parent, frame_of = item_parent[wanted], frame_of[wanted]
+    return frame_of, _Events(flat.values, flat.parent, item_parent), values
 
 
 def _codes(product: pa.Array, books: BookSet) -> np.ndarray:
@@ -148,17 +159,17 @@ def _codes(product: pa.Array, books: BookSet) -> np.ndarray:
 
 
 # ---- trades, tickers, candles ------------------------------------------------------------------
-def _trades(msg, channel_index, recv, seq, counts) -> pa.Table:
-    frame_of, events, trades = _flatten_events(msg, channel_index == TRADES, "trades")
+def _trades(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
+    frame_of, events, trades = _flatten_events(flat, channel_index == TRADES, "trades")
     is_snapshot = pc.take(pc.equal(pc.struct_field(events.values, "type"), "snapshot"), pa.array(events.parent_of_row))
     table, ok = _item_table(trades, frame_of, recv, seq, ["product_id", "trade_id", "side"], ["price", "size"], counts,
                             "trades", ts_field="time")  # fmt: skip
     return table.append_column("is_snapshot", is_snapshot.fill_null(False).filter(ok))
 
 
-def _tickers(msg, channel_index, recv, seq, counts) -> pa.Table:
+def _tickers(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
     selected = (channel_index == TICKER) | (channel_index == TICKER_BATCH)
-    frame_of, events, tickers = _flatten_events(msg, selected, "tickers")
+    frame_of, events, tickers = _flatten_events(flat, selected, "tickers")
     numbers = ["price", "best_bid", "best_bid_quantity", "best_ask", "best_ask_quantity", "volume_24_h", "low_24_h",
                "high_24_h"]  # fmt: skip
     frame_ts = to_timestamps(pc.struct_field(msg, "timestamp"))
@@ -176,8 +187,8 @@ def _tickers(msg, channel_index, recv, seq, counts) -> pa.Table:
     return table
 
 
-def _candles(msg, channel_index, recv, seq, counts) -> pa.Table:
-    frame_of, _events, candles = _flatten_events(msg, channel_index == CANDLES, "candles")
+def _candles(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
+    frame_of, _events, candles = _flatten_events(flat, channel_index == CANDLES, "candles")
     frame_ts = pc.take(to_timestamps(pc.struct_field(msg, "timestamp")), pa.array(frame_of, pa.int64()))
     start = pc.multiply(pc.cast(pc.struct_field(candles, "start"), pa.int64(), safe=False), 1_000_000_000)
     table, ok = _item_table(candles, frame_of, recv, seq, ["product_id"], ["open", "high", "low", "close", "volume"],
@@ -208,18 +219,18 @@ def _item_table(items, frame_of, recv, seq, strings, numbers, counts, what, ts_f
 
 # ---- helpers --------------------------------------------------------------------------------
 def to_units(strings: pa.Array, allow_null: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal strings -> (int64 units of 1e-8, ok mask). Exact; falls back to Python per value
-    only when a batch holds something Arrow cannot cast (garbage or more than 8 decimals)."""
-    try:
-        dec = pc.cast(strings, _UNITS_TYPE)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return _units_slow(strings.to_pylist(), allow_null)
-    words = np.frombuffer(dec.buffers()[1], np.int64)[2 * dec.offset : 2 * (dec.offset + len(dec))]
-    low, high = words[0::2], words[1::2]
-    ok = high == (low >> 63)  # the value fits in int64
-    valid = dec.is_valid().to_numpy(zero_copy_only=False)
-    ok &= valid | allow_null
-    return np.where(valid, low, 0), ok
+    """Decimal strings -> (int64 units of 1e-8, ok mask). Exact. The compiled parser takes the
+    plain decimals; anything else (exponents, junk, more than 8 decimals) goes through
+    ``Decimal`` one by one, and what is not an exact number of units is not ok."""
+    units, ok, valid = parse_units(strings)
+    odd = np.flatnonzero(valid & ~ok)
+    if odd.shape[0]:
+        slow_units, slow_ok = _units_slow(pc.take(strings, pa.array(odd)).to_pylist(), allow_null)
+        units[odd] = slow_units
+        ok[odd] = slow_ok
+    if allow_null:
+        ok |= ~valid
+    return units, ok
 
 
 def _units_slow(values: list[str | None], allow_null: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -233,24 +244,29 @@ def _units_slow(values: list[str | None], allow_null: bool) -> tuple[np.ndarray,
             scaled = Decimal(text) * UNITS
         except (InvalidOperation, ValueError):
             continue
-        if scaled == scaled.to_integral_value() and -(2**63) <= scaled < 2**63:
+        if scaled.is_finite() and scaled == scaled.to_integral_value() and -(2**63) <= scaled < 2**63:
             units[i] = int(scaled)
             ok[i] = True
     return units, ok
 
 
+def times_ns(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """RFC 3339 strings -> (ns since the epoch, ok). The compiled parser takes the feed's UTC
+    form; anything else goes through Arrow's cast one value at a time."""
+    ns, ok, valid = parse_times(strings)
+    for i in np.flatnonzero(valid & ~ok).tolist():
+        try:
+            ns[i] = pc.cast(strings.slice(i, 1), _TS_TYPE)[0].value
+            ok[i] = True
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+    return ns, ok
+
+
 def to_timestamps(strings: pa.Array) -> pa.Array:
     """RFC 3339 strings -> timestamp[ns, UTC]; unreadable values become null."""
-    try:
-        return pc.cast(strings, _TS_TYPE)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        out = []
-        for text in strings.to_pylist():
-            try:
-                out.append(pc.cast(pa.array([text]), _TS_TYPE)[0].value if text else None)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                out.append(None)
-        return pa.array(out, pa.int64()).cast(_TS_TYPE)
+    ns, ok = times_ns(strings)
+    return pa.array(ns, pa.int64(), mask=~ok).cast(_TS_TYPE)
 
 
 def _int_column(column: pa.Array, fill: int) -> np.ndarray:

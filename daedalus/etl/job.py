@@ -35,9 +35,16 @@ from daedalus.capture.pipeline import hold_lock
 from daedalus.capture.segments import fsync_dir
 from daedalus.config import DaedalusConfig
 from daedalus.etl import processors
-from daedalus.etl.coinbase import parse_batch
+from daedalus.etl.coinbase import ParsedBatch, parse_batch
 from daedalus.etl.output import PartitionedWriter, commit, remove_temporaries
-from daedalus.etl.reader import SegmentDecodeError, clean_copy, connect, read_batches
+from daedalus.etl.reader import (
+    LARGEST_OBJECT_BYTES,
+    MAX_OBJECT_BYTES,
+    SegmentDecodeError,
+    clean_copy,
+    connect,
+    read_batches,
+)
 from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.layout import parse_segment_name
 from daedalus.logs import get_logger
@@ -231,17 +238,23 @@ class EtlJob:
         started = time.perf_counter()
         size = path.stat().st_size
         rejected: list[tuple[str, bytes]] = []
+        source, limit = path, MAX_OBJECT_BYTES
         with tempfile.TemporaryDirectory(prefix="daedalus-etl-") as tmp:
-            try:
-                outcome = SegmentRun(self, path.name, state).run(path)
-                source = path
-            except SegmentDecodeError as exc:  # some line is bad: check each, retry with the good ones
-                log.warning("etl_segment_has_bad_lines", segment=path.name, error=str(exc))
-                state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
-                copy = clean_copy(path, Path(tmp) / "clean.ndjson")
-                rejected = copy.rejected
-                source = copy.path
-                outcome = SegmentRun(self, path.name, state).run(source)
+            while True:
+                try:
+                    outcome = SegmentRun(self, path.name, state).run(source, limit)
+                    break
+                except SegmentDecodeError as exc:
+                    state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
+                    if "maximum_object_size" in str(exc) and limit < LARGEST_OBJECT_BYTES:
+                        log.warning("etl_segment_has_huge_lines", segment=path.name, retry_with_mb=512)
+                        limit = LARGEST_OBJECT_BYTES
+                    elif source == path:  # some line is bad: check each, retry with the good ones
+                        log.warning("etl_segment_has_bad_lines", segment=path.name, error=str(exc))
+                        copy = clean_copy(path, Path(tmp) / "clean.ndjson")
+                        rejected, source = copy.rejected, copy.path
+                    else:
+                        raise
             lines = outcome.quarantine_lines(source)
         quarantined = [(reason, line) for reason, line in rejected] + lines
         if quarantined:
@@ -307,48 +320,15 @@ class SegmentRun:
         self.quarantine: list[tuple[int, str]] = []
         self.files: list[Path] = []
 
-    def run(self, source: Path) -> SegmentRun:
+    def run(self, source: Path, max_object: int) -> SegmentRun:
         books = self.state.books
         before = {p: books.counters(p) for p in books.products}
-        new_trades: list[pa.Table] = []
-        clock = 0
         line = 0
         con = connect()
         try:
-            for batch in read_batches(con, source):
-                parsed = parse_batch(batch, books, line)
+            for batch in read_batches(con, source, max_object):
+                self._batch(parse_batch(batch, books, line))
                 line += batch.num_rows
-                self.counts.update(parsed.counts)
-                self.quarantine += parsed.quarantine
-                if parsed.frames.f_ts.shape[0]:
-                    clock = max(clock, int(parsed.frames.f_ts.max()))
-                result, samples = books.apply(parsed.frames)
-                table, codes = processors.level2_table(parsed.l2, _rows(parsed), result, self.strategy,
-                                                       self.channels.level2.processor_options)  # fmt: skip
-                ts_recv = parsed.l2["ts_recv"] if result.keep.all() else parsed.l2["ts_recv"][result.keep]
-                self._write("level2", table, codes, books.products, ts_recv)
-                if len(samples):
-                    self._write(f"book_snapshot_{self.job.depth}",
-                                processors.samples_table(samples, self.job.depth, self.strategy),
-                                samples.product, books.products, samples.ts)  # fmt: skip
-                trades = self.state.trades.filter(parsed.trades)
-                if trades.num_rows:
-                    new_trades.append(trades)
-                    self._write_items("market_trades", processors.units_columns(trades, ["price", "size"],
-                                                                                self.strategy))  # fmt: skip
-                self._write_items("ticker", processors.units_columns(parsed.tickers, _TICKER_NUMBERS, self.strategy,
-                                                                     _TICKER_NAMES))  # fmt: skip
-                self._write_items("candles", processors.units_columns(parsed.candles, _CANDLE_NUMBERS, self.strategy))
-            trades = pa.concat_tables(new_trades) if new_trades else None
-            late_before = self.state.bars.late
-            done = self.state.bars.add(trades if trades is not None else _EMPTY_TRADES, clock)
-            self.counts["late_trades"] += self.state.bars.late - late_before
-            if done:
-                table, products = self.state.bars.table(done, self.strategy)
-                names = sorted(set(products))
-                codes = np.array([names.index(p) for p in products], np.int64)
-                ts = table.column("start").combine_chunks().cast(pa.int64()).to_numpy()
-                self._write(f"bars_{self.channels.bars.interval}", table, codes, names, ts)
         except BaseException:
             for writer in self.writers.values():
                 writer.close()
@@ -368,6 +348,37 @@ class SegmentRun:
             for key, value in now.items():
                 self.counts[key] += value - old[key]
         return self
+
+    def _batch(self, parsed: ParsedBatch) -> None:
+        """One batch through the books and every processor, into the writers."""
+        books = self.state.books
+        self.counts.update(parsed.counts)
+        self.quarantine += parsed.quarantine
+        result, samples = books.apply(parsed.frames)
+        table, codes = processors.level2_table(parsed.l2, _rows(parsed), result, self.strategy,
+                                               self.channels.level2.processor_options)  # fmt: skip
+        ts_recv = parsed.l2["ts_recv"] if result.keep.all() else parsed.l2["ts_recv"][result.keep]
+        self._write("level2", table, codes, books.products, ts_recv)
+        if len(samples):
+            self._write(f"book_snapshot_{self.job.depth}", processors.samples_table(samples, self.job.depth,
+                        self.strategy), samples.product, books.products, samples.ts)  # fmt: skip
+        trades = self.state.trades.filter(parsed.trades)
+        if trades.num_rows:
+            self._write_items("market_trades", processors.units_columns(trades, ["price", "size"], self.strategy))
+        self._write_items("ticker", processors.units_columns(parsed.tickers, _TICKER_NUMBERS, self.strategy,
+                                                             _TICKER_NAMES))  # fmt: skip
+        self._write_items("candles", processors.units_columns(parsed.candles, _CANDLE_NUMBERS, self.strategy))
+        # bars: the receive clock of this batch closes the bars it has passed
+        clock = int(parsed.frames.f_ts.max()) if parsed.frames.f_ts.shape[0] else 0
+        late_before = self.state.bars.late
+        done = self.state.bars.add(trades, clock)
+        self.counts["late_trades"] += self.state.bars.late - late_before
+        if done:
+            bars, products = self.state.bars.table(done, self.strategy)
+            names = sorted(set(products))
+            codes = np.array([names.index(p) for p in products], np.int64)
+            ts = bars.column("start").combine_chunks().cast(pa.int64()).to_numpy()
+            self._write(f"bars_{self.channels.bars.interval}", bars, codes, names, ts)
 
     def _write(self, channel: str, table: pa.Table, codes: np.ndarray, names: list[str], ts_ns: np.ndarray) -> None:
         writer = self.writers[channel]
@@ -402,9 +413,6 @@ _TICKER_NUMBERS = ["price", "best_bid", "best_bid_quantity", "best_ask", "best_a
 _TICKER_NAMES = {"best_bid_quantity": "best_bid_size", "best_ask_quantity": "best_ask_size",
                  "volume_24_h": "volume_24h", "low_24_h": "low_24h", "high_24_h": "high_24h"}  # fmt: skip
 _CANDLE_NUMBERS = ["open", "high", "low", "close", "volume"]
-_EMPTY_TRADES = pa.table({"product_id": pa.array([], pa.string()), "ts_event": pa.array([], processors.TS),
-                          "ts_recv": pa.array([], processors.TS), "price": pa.array([], pa.int64()),
-                          "size": pa.array([], pa.int64())})  # fmt: skip
 
 
 def _rows(parsed) -> tuple:

@@ -85,7 +85,9 @@ def units_columns(table: pa.Table, names: list[str], strategy: str, rename: dict
 @dataclass
 class TradeDeduper:
     """Drops trades already seen, by (product_id, trade_id): every (re-)subscribe replays
-    the last 100 trades as a snapshot."""
+    the last 100 trades as a snapshot. Remembers the last ``TRADE_MEMORY`` ids per product.
+    Vectorised: a hash lookup per product and batch; a Python loop only for the rare batch
+    that repeats an id within itself."""
 
     seen: dict[str, deque[str]] = field(default_factory=dict)
     duplicates: int = 0
@@ -94,19 +96,23 @@ class TradeDeduper:
         if trades.num_rows == 0:
             return trades
         keep = np.ones(trades.num_rows, np.bool_)
-        index: dict[str, set[str]] = {p: set(ids) for p, ids in self.seen.items()}
-        products = trades.column("product_id").to_pylist()
-        trade_ids = trades.column("trade_id").to_pylist()
-        for i, (product, trade_id) in enumerate(zip(products, trade_ids, strict=True)):
-            ids = index.setdefault(product, set())
-            if trade_id in ids:
-                keep[i] = False
-                continue
-            ids.add(trade_id)
+        encoded = pc.dictionary_encode(trades.column("product_id").combine_chunks())
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        trade_ids = trades.column("trade_id").combine_chunks()
+        for code, product in enumerate(encoded.dictionary.to_pylist()):
+            rows = np.flatnonzero(codes == code)
+            ids = trade_ids.take(pa.array(rows))
             recent = self.seen.setdefault(product, deque(maxlen=TRADE_MEMORY))
-            if len(recent) == TRADE_MEMORY:
-                ids.discard(recent[0])
-            recent.append(trade_id)
+            if recent:
+                keep[rows] = ~pc.is_in(ids, value_set=pa.array(recent, pa.string())).to_numpy(zero_copy_only=False)
+            if pc.count_distinct(ids).as_py() < len(ids):  # an id repeated inside this batch
+                first: set[str] = set()
+                for row, trade_id in zip(rows.tolist(), ids.to_pylist(), strict=True):
+                    if trade_id in first:
+                        keep[row] = False
+                    first.add(trade_id)
+            kept = ids.filter(pa.array(keep[rows]))
+            recent.extend(kept.slice(max(0, len(kept) - TRADE_MEMORY)).to_pylist())
         self.duplicates += int(np.count_nonzero(~keep))
         return trades if keep.all() else trades.filter(pa.array(keep))
 

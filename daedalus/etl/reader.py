@@ -27,8 +27,11 @@ import zstandard
 
 from daedalus.capture.records import RECORD_PREFIX
 
-BATCH_ROWS = 8192  # records per Arrow batch: a few MB of level2, small enough to bound memory
-MAX_OBJECT_BYTES = 64 << 20  # the largest frame DuckDB accepts (real BTC-USD snapshots are ~5 MB)
+BATCH_ROWS = 16384  # records per Arrow batch: a few MB of level2, small enough to bound memory
+# DuckDB sizes its read buffers from this (16 MB: ~115 MB of RSS; 64 MB: ~200 MB). DuckDB 2.0
+# reads longer lines anyway; a version that refuses one gets a retry at LARGEST_OBJECT_BYTES.
+MAX_OBJECT_BYTES = 16 << 20  # real BTC-USD snapshots are ~5 MB
+LARGEST_OBJECT_BYTES = 512 << 20
 
 VARCHAR, BIGINT = "VARCHAR", "BIGINT"
 
@@ -123,13 +126,15 @@ def connect() -> duckdb.DuckDBPyConnection:
     return duckdb.connect(config={"threads": 1, "memory_limit": "256MB", "preserve_insertion_order": True})
 
 
-def read_batches(con: duckdb.DuckDBPyConnection, path: Path, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+def read_batches(
+    con: duckdb.DuckDBPyConnection, path: Path, max_object: int = MAX_OBJECT_BYTES, batch_rows: int = BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
     """Every record of ``path`` in order, as Arrow batches with the :data:`RECORD_COLUMNS`."""
     compression = "zstd" if path.name.endswith(".zst") else "none"
     literal = "'" + str(path).replace("'", "''") + "'"
     sql = (
         f"SELECT * FROM read_json({literal}, format='newline_delimited', compression='{compression}', "
-        f"maximum_object_size={MAX_OBJECT_BYTES}, columns={_COLUMNS_SQL})"
+        f"maximum_object_size={max_object}, columns={_COLUMNS_SQL})"
     )
     try:
         reader = con.sql(sql).to_arrow_reader(batch_rows)
