@@ -73,8 +73,8 @@ def ingest(
 ) -> None:
     """Capture the Coinbase feed into durable raw segments until SIGINT/SIGTERM."""
     from daedalus.capture.auth import AuthError
-    from daedalus.capture.pipeline import AlreadyRunning
     from daedalus.capture.pipeline import ingest as run_ingest
+    from daedalus.locks import AlreadyRunning
 
     settings = _configured(config)
     try:
@@ -111,8 +111,8 @@ def etl(
     progress: Annotated[bool | None, typer.Option(help="Progress bar (default: when stderr is a terminal).")] = None,
 ) -> None:
     """Turn closed raw segments into Hive-partitioned Parquet (books, trades, tickers, bars)."""
-    from daedalus.capture.pipeline import AlreadyRunning
     from daedalus.etl.job import EtlIoError, EtlJob
+    from daedalus.locks import AlreadyRunning
 
     settings = _configured(config)
     start, end = _etl_dates(mode, day, start_date, end_date)

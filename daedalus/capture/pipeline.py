@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TextIO
 
 from daedalus.capture.auth import ws_jwt
 from daedalus.capture.coinbase import CoinbaseCollector
 from daedalus.capture.segments import SegmentWriter, recover_active
 from daedalus.config import ConfigError, DaedalusConfig
+from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
 from daedalus.signals import stop_on_signals
 
@@ -152,25 +151,6 @@ class IngestPipeline:
         )
         self._last_report = (now, w.written, {c.conn_id: c.stats.messages for c in self.collectors})
         return "\n".join(lines)
-
-
-class AlreadyRunning(Exception):
-    """Another process holds this source's writer lock."""
-
-
-def hold_lock(path: Path, holder: str = "daedalus ingest is already writing to") -> TextIO:
-    """Take an exclusive lock for the life of the process (released by the OS at exit).
-
-    Two writers on one ``active/`` would recover (move) each other's open segment; two ETL
-    runs on one source would process the same segments twice.
-    """
-    handle = open(path, "a+")  # noqa: SIM115 - held open on purpose
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise AlreadyRunning(f"another {holder} {path.parent} (lock {path.name} is held)") from None
-    return handle
 
 
 async def ingest(config: DaedalusConfig, stats_interval: float | None) -> bool:

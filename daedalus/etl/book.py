@@ -56,15 +56,23 @@ N_COUNTERS = 4
 
 
 @njit(cache=True, inline="always")
-def _lower_bound(a, n, key):
-    """First index i in ascending a[:n] with a[i] >= key (n if none)."""
-    lo, hi = 0, n
-    while lo < hi:
+def _lower_bound(a, row, n, key):
+    """First index i in ascending a[row, :n] with a[row, i] >= key (n if none).
+
+    Halving narrows to at most 32 candidates, which are then counted without branches (a
+    vectorised compare-and-add): unpredictable branches, not memory, are what a search over
+    prices spends its time on. Takes the 2-D array and a row: a row view would cost
+    reference counting on every call."""
+    lo = 0
+    hi = n
+    while hi - lo > 32:
         mid = (lo + hi) >> 1
-        if a[mid] < key:
+        if a[row, mid] < key:
             lo = mid + 1
         else:
             hi = mid
+    for m in range(lo, hi):
+        lo += a[row, m] < key
     return lo
 
 
@@ -88,75 +96,50 @@ def _alloc(free, meta):
 
 
 @njit(cache=True)
-def _apply(b, key, size, ck, cs, cn, free, meta, order, cmax, nch):
-    """Set the level ``key`` of book side ``b`` to ``size`` (0 deletes)."""
+def _first_level(b, key, size, ck, cs, cn, free, meta, order, cmax, nch):
+    c = _alloc(free, meta)
+    ck[c, 0] = key
+    cs[c, 0] = size
+    cn[c] = 1
+    order[b, 0] = c
+    cmax[b, 0] = key
+    nch[b] = 1
+
+
+@njit(cache=True)
+def _drop_chunk(b, j, c, free, meta, order, cmax, nch):
+    """Chunk ``c`` (position ``j`` of book ``b``) became empty: free it, close the gap."""
+    free[meta[M_NFREE]] = c
+    meta[M_NFREE] += 1
     n_ch = nch[b]
-    if n_ch == 0:
-        if size != 0:
-            c = _alloc(free, meta)
-            ck[c, 0] = key
-            cs[c, 0] = size
-            cn[c] = 1
-            order[b, 0] = c
-            cmax[b, 0] = key
-            nch[b] = 1
-        return
-    j = _lower_bound(cmax[b], n_ch, key)
-    if j == n_ch:
-        j = n_ch - 1
-    c = order[b, j]
-    n = cn[c]
-    i = _lower_bound(ck[c], n, key)
-    if i < n and ck[c, i] == key:
-        if size != 0:
-            cs[c, i] = size
-            return
-        for m in range(i, n - 1):  # delete
-            ck[c, m] = ck[c, m + 1]
-            cs[c, m] = cs[c, m + 1]
-        n -= 1
-        cn[c] = n
-        if n == 0:
-            free[meta[M_NFREE]] = c
-            meta[M_NFREE] += 1
-            for m in range(j, n_ch - 1):
-                order[b, m] = order[b, m + 1]
-                cmax[b, m] = cmax[b, m + 1]
-            nch[b] = n_ch - 1
-        elif i == n:
-            cmax[b, j] = ck[c, n - 1]
-        return
-    if size == 0:
-        return  # deleting a level we do not have
-    cap = ck.shape[1]
-    if n == cap:  # split: the upper half moves to a new chunk placed right after this one
-        half = cap >> 1
-        c2 = _alloc(free, meta)
-        for m in range(half):
-            ck[c2, m] = ck[c, half + m]
-            cs[c2, m] = cs[c, half + m]
-        cn[c2] = half
-        cn[c] = half
-        for m in range(n_ch, j + 1, -1):
-            order[b, m] = order[b, m - 1]
-            cmax[b, m] = cmax[b, m - 1]
-        order[b, j + 1] = c2
-        cmax[b, j + 1] = cmax[b, j]
-        cmax[b, j] = ck[c, half - 1]
-        nch[b] = n_ch + 1
-        if i > half:
-            c = c2
-            i -= half
-            j += 1
-        n = half
-    for m in range(n, i, -1):
-        ck[c, m] = ck[c, m - 1]
-        cs[c, m] = cs[c, m - 1]
-    ck[c, i] = key
-    cs[c, i] = size
-    cn[c] = n + 1
-    if i == n:
-        cmax[b, j] = key
+    for m in range(j, n_ch - 1):
+        order[b, m] = order[b, m + 1]
+        cmax[b, m] = cmax[b, m + 1]
+    nch[b] = n_ch - 1
+
+
+@njit(cache=True)
+def _split(b, j, c, i, ck, cs, cn, free, meta, order, cmax, nch):
+    """Chunk ``c`` is full: its upper half moves to a new chunk right after it. Returns the
+    (chunk, index, position) where the key meant for index ``i`` of ``c`` now goes."""
+    half = ck.shape[1] >> 1
+    n_ch = nch[b]
+    c2 = _alloc(free, meta)
+    for m in range(half):
+        ck[c2, m] = ck[c, half + m]
+        cs[c2, m] = cs[c, half + m]
+    cn[c2] = half
+    cn[c] = half
+    for m in range(n_ch, j + 1, -1):
+        order[b, m] = order[b, m - 1]
+        cmax[b, m] = cmax[b, m - 1]
+    order[b, j + 1] = c2
+    cmax[b, j + 1] = cmax[b, j]
+    cmax[b, j] = ck[c, half - 1]
+    nch[b] = n_ch + 1
+    if i > half:
+        return c2, i - half, j + 1
+    return c, i, j
 
 
 @njit(cache=True)
@@ -215,15 +198,6 @@ def _top(b, depth, ck, cs, cn, order, nch, sign, out_px, out_sz):
         out_sz[d] = 0
         d += 1
     return d
-
-
-@njit(cache=True, inline="always")
-def _event_end(g, re, r_prod, r_snap):
-    """End of the event starting at row ``g``: the run of rows with one product and one snapshot flag."""
-    e = g + 1
-    while e < re and r_prod[e] == r_prod[g] and r_snap[e] == r_snap[g]:
-        e += 1
-    return e
 
 
 @njit(cache=True)
@@ -310,7 +284,9 @@ def run_frames(
         g = rs
         while g < re:
             p = r_prod[g]
-            e = _event_end(g, re, r_prod, r_snap)
+            e = g + 1  # the event: rows with one product and one snapshot flag
+            while e < re and r_prod[e] == p and r_snap[e] == r_snap[g]:
+                e += 1
             if r_snap[g]:
                 need += (e - g) // half + 4
                 if (e - g) // half + 4 > max_m:
@@ -348,7 +324,9 @@ def run_frames(
         g = rs
         while g < re:
             p = r_prod[g]
-            e = _event_end(g, re, r_prod, r_snap)
+            e = g + 1  # the event: rows with one product and one snapshot flag
+            while e < re and r_prod[e] == p and r_snap[e] == r_snap[g]:
+                e += 1
             if interval > 0 and has_book[p] and ts >= next_sample[p]:  # sample the book as it was
                 ns = meta[M_NSAMPLES]
                 while next_sample[p] <= ts:
@@ -387,10 +365,52 @@ def run_frames(
                     o_keep[r] = True
             elif has_book[p]:
                 for r in range(g, e):
-                    sd = r_side[r]
-                    key = r_px[r] if sd == 0 else -r_px[r]
-                    _apply(2 * p + sd, key, r_sz[r], ck, cs, cn, free, meta, order, cmax, nch)
+                    # Set level ``key`` of side ``b`` to ``size`` (0 deletes). Written out here, not
+                    # called: numba reference-counts every array passed to a function, which costs
+                    # more than the work itself (~45 ns an update). Rare paths are functions.
                     o_keep[r] = True
+                    b = 2 * p + r_side[r]
+                    key = r_px[r] if r_side[r] == 0 else -r_px[r]
+                    size = r_sz[r]
+                    n_ch = nch[b]
+                    if n_ch == 0:
+                        if size != 0:
+                            _first_level(b, key, size, ck, cs, cn, free, meta, order, cmax, nch)
+                        continue
+                    if n_ch == 1 or key > cmax[b, n_ch - 2]:  # noqa: SIM108 - near the touch: the last chunk
+                        j = n_ch - 1
+                    else:
+                        j = _lower_bound(cmax, b, n_ch - 1, key)
+                    c = order[b, j]
+                    n = cn[c]
+                    i = _lower_bound(ck, c, n, key)
+                    if i < n and ck[c, i] == key:
+                        if size != 0:
+                            cs[c, i] = size
+                            continue
+                        for m in range(i, n - 1):  # delete
+                            ck[c, m] = ck[c, m + 1]
+                            cs[c, m] = cs[c, m + 1]
+                        n -= 1
+                        cn[c] = n
+                        if n == 0:
+                            _drop_chunk(b, j, c, free, meta, order, cmax, nch)
+                        elif i == n:
+                            cmax[b, j] = ck[c, n - 1]
+                        continue
+                    if size == 0:
+                        continue  # deleting a level we do not have
+                    if n == ck.shape[1]:
+                        c, i, j = _split(b, j, c, i, ck, cs, cn, free, meta, order, cmax, nch)
+                        n = cn[c]
+                    for m in range(n, i, -1):
+                        ck[c, m] = ck[c, m - 1]
+                        cs[c, m] = cs[c, m - 1]
+                    ck[c, i] = key
+                    cs[c, i] = size
+                    cn[c] = n + 1
+                    if i == n:
+                        cmax[b, j] = key
             else:
                 pcount[p, C_DROPPED] += e - g
                 for r in range(g, e):
@@ -404,10 +424,16 @@ def run_frames(
             e = g + 1
             while e < re and r_prod[e] == p:
                 e += 1
-            bb = _best(2 * p, ck, cn, order, nch)
-            ba = _best(2 * p + 1, ck, cn, order, nch)
-            ask = -ba if ba != NO_PRICE else NO_PRICE
-            crossed = bb != NO_PRICE and ba != NO_PRICE and bb >= ask
+            # best = last key of the last chunk (inline: see the note on reference counting)
+            bb = NO_PRICE
+            if nch[2 * p] > 0:
+                c = order[2 * p, nch[2 * p] - 1]
+                bb = ck[c, cn[c] - 1]
+            ask = NO_PRICE
+            if nch[2 * p + 1] > 0:
+                c = order[2 * p + 1, nch[2 * p + 1] - 1]
+                ask = -ck[c, cn[c] - 1]
+            crossed = bb != NO_PRICE and ask != NO_PRICE and bb >= ask
             if crossed and valid[p]:
                 pcount[p, C_CROSSED] += 1
             ok = valid[p] and not crossed

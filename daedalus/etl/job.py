@@ -31,7 +31,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daedalus.capture.pipeline import hold_lock
 from daedalus.capture.segments import fsync_dir
 from daedalus.config import DaedalusConfig
 from daedalus.etl import processors
@@ -47,6 +46,7 @@ from daedalus.etl.reader import (
 )
 from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.layout import parse_segment_name
+from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
 
 log = get_logger("daedalus.etl")
