@@ -23,7 +23,7 @@ def _buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = len(strings)
     offsets = np.frombuffer(strings.buffers()[1], np.int32)[strings.offset : strings.offset + n + 1]
     data = strings.buffers()[2]
-    chars = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    chars = np.frombuffer(data if data is not None else b"", np.uint8)  # read-only either way: one signature
     valid = strings.is_valid().to_numpy(zero_copy_only=False)
     return offsets, chars, valid
 
