@@ -25,7 +25,7 @@ from daedalus.capture.segments import fsync_dir as fsync_path  # opens read-only
 from daedalus.layout import sanitize_partition_value
 
 SCALE = 100_000_000
-ROW_GROUP_ROWS = 256 * 1024  # rows buffered per partition before a row group is written
+ROW_GROUP_ROWS = 128 * 1024  # rows buffered per partition before a row group is written (~5-10 MB compressed)
 TMP_SUFFIX = ".tmp"
 _NS_PER_DAY = 86_400 * 1_000_000_000
 _NS_PER_HOUR = 3_600 * 1_000_000_000

@@ -27,7 +27,7 @@ import zstandard
 
 from daedalus.capture.records import RECORD_PREFIX
 
-BATCH_ROWS = 16384  # records per Arrow batch: a few MB of level2, small enough to bound memory
+BATCH_ROWS = 8192  # records per Arrow batch: a few MB of level2, small enough to bound memory
 # DuckDB sizes its read buffers from this (16 MB: ~115 MB of RSS; 64 MB: ~200 MB). DuckDB 2.0
 # reads longer lines anyway; a version that refuses one gets a retry at LARGEST_OBJECT_BYTES.
 MAX_OBJECT_BYTES = 16 << 20  # real BTC-USD snapshots are ~5 MB
