@@ -158,7 +158,6 @@ class EtlJob:
     def run(self, start: date | None = None, end: date | None = None, progress: bool = False) -> Summary:
         """Process every pending segment once (``start``/``end``: only segments of those dates)."""
         if self._lock is None:
-            self.layout.state_dir.mkdir(parents=True, exist_ok=True)
             self.state_dir.mkdir(parents=True, exist_ok=True)
             self._lock = hold_lock(self.state_dir / f"{self.source}.lock", "daedalus etl is already processing")
             removed = remove_temporaries(self.out_root)
