@@ -496,7 +496,7 @@ def main() -> None:
     parser.add_argument("--segment-mb", type=float, default=512, help="raw size of each segment, MB")
     parser.add_argument("--baseline-mb", type=float, default=300, help="prefix the incremental baseline reads, MB")
     parser.add_argument(
-        "--scan-baseline-mb", type=float, default=300, help="prefix the max/min-scan baseline reads, MB"
+        "--scan-baseline-mb", type=float, default=60, help="prefix the max/min-scan baseline reads, MB"
     )
     parser.add_argument(
         "--updates-per-frame",

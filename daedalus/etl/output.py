@@ -87,7 +87,7 @@ class PartitionedWriter:
                 labels.append(list(names))
             elif col in ("date", "hour"):
                 unit = _NS_PER_DAY if col == "date" else _NS_PER_HOUR
-                values, codes = np.unique(ts_ns // unit, return_inverse=True)
+                values, codes = _factorize(ts_ns // unit)
                 fmt = "%Y-%m-%d" if col == "date" else "%H"
                 parts.append(codes)
                 labels.append([datetime.fromtimestamp(int(v) * unit / 1e9, UTC).strftime(fmt) for v in values])
@@ -99,16 +99,14 @@ class PartitionedWriter:
         combined = np.zeros(n, np.int64)
         for codes, names in zip(parts, labels, strict=True):
             combined = combined * len(names) + codes
-        uniq, inverse = np.unique(combined, return_inverse=True)
+        uniq, inverse = _factorize(combined)
         out: dict[tuple[str, ...], np.ndarray] = {}
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
         for g, value in enumerate(uniq.tolist()):
             key = []
             for names in reversed(labels):
                 value, code = divmod(value, len(names))
                 key.append(names[code])
-            out[tuple(reversed(key))] = order[bounds[g] : bounds[g + 1]]
+            out[tuple(reversed(key))] = np.flatnonzero(inverse == g) if len(uniq) > 1 else np.arange(n)
         return out
 
     def _append(self, key: tuple[str, ...], table: pa.Table) -> None:
@@ -147,6 +145,19 @@ class PartitionedWriter:
             fsync_path(final.with_name(final.name + TMP_SUFFIX))
         self._open.clear()
         return self.files
+
+
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values ascending, index of each value among them), in linear time for the
+    small ranges partition keys have (a batch spans one or two days and a few products)."""
+    lo, hi = int(values.min()), int(values.max())
+    if lo == hi:
+        return np.array([lo], np.int64), np.zeros(values.shape[0], np.int64)
+    if hi - lo >= 1 << 16:
+        return np.unique(values, return_inverse=True)
+    present = np.bincount(values - lo) > 0
+    lookup = np.cumsum(present) - 1
+    return np.flatnonzero(present) + lo, lookup[values - lo]
 
 
 def _encodings(schema: pa.Schema) -> dict:
