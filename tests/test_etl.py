@@ -19,6 +19,7 @@ import duckdb
 import orjson
 import polars as pl
 import pytest
+import zstandard
 
 from daedalus.capture.records import control_line
 from tests.capture_helpers import ingest_config
@@ -224,6 +225,24 @@ def test_bad_lines_are_quarantined_and_everything_else_processed(tmp_path):
     assert any("exchange error: failure to subscribe" in r for r in reasons)
     for channel in ("level2", "market_trades", "ticker"):
         assert channel_table(tmp_path, channel) == channel_table(clean, channel), channel
+
+
+def test_a_torn_zstd_segment_keeps_every_complete_frame(tmp_path):
+    lines = recording_lines()
+    compressor = zstandard.ZstdCompressor()
+    frames = [compressor.compress(b"".join(lines[i : i + 100])) for i in range(0, len(lines), 100)]
+    ready = tmp_path / "raw" / "ready" / "coinbase"
+    ready.mkdir(parents=True)
+    torn = b"".join(frames[:-1]) + frames[-1][: len(frames[-1]) // 2]  # cut inside the last zstd frame
+    (ready / "segment_20260809T21_00001.ndjson.zst").write_bytes(torn)
+    summary = run_etl(tmp_path)
+    assert summary.segments == 1 and summary.quarantined_segments == 0 and summary.quarantined_lines >= 1
+    kept = len(lines) - len(lines[(len(frames) - 1) * 100 :])
+    assert summary.counts["l2_data"] + summary.counts["market_trades"] + summary.counts["ticker"] > 0
+    clean = tmp_path / "clean"
+    write_segments(clean, [lines[:kept]])
+    run_etl(clean)
+    assert channel_table(tmp_path, "level2") == channel_table(clean, "level2")
 
 
 def test_date_mode_processes_only_that_day(tmp_path):

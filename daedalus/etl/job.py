@@ -43,6 +43,7 @@ from daedalus.etl.reader import (
     clean_copy,
     connect,
     read_batches,
+    zstd_is_complete,
 )
 from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.layout import parse_segment_name
@@ -239,6 +240,10 @@ class EtlJob:
         rejected: list[tuple[str, bytes]] = []
         source, limit = path, MAX_OBJECT_BYTES
         with tempfile.TemporaryDirectory(prefix="daedalus-etl-") as tmp:
+            if path.name.endswith(".zst") and not zstd_is_complete(path):
+                log.warning("etl_segment_torn_zstd", segment=path.name)
+                copy = clean_copy(path, Path(tmp) / "clean.ndjson", torn=True)
+                rejected, source = copy.rejected, copy.path
             while True:
                 try:
                     outcome = SegmentRun(self, path.name, state).run(source, limit)

@@ -139,7 +139,7 @@ def read_batches(
     try:
         reader = con.sql(sql).to_arrow_reader(batch_rows)
         yield from reader
-    except duckdb.Error as exc:
+    except (duckdb.Error, OSError) as exc:  # mid-stream, DuckDB's errors reach us as OSError via Arrow
         raise SegmentDecodeError(str(exc).splitlines()[0]) from exc
 
 
@@ -152,9 +152,12 @@ class CleanCopy:
     kept: int = 0
 
 
-def clean_copy(source: Path, target: Path) -> CleanCopy:
-    """Copy the lines of ``source`` that are JSON records to ``target`` (plain NDJSON)."""
+def clean_copy(source: Path, target: Path, torn: bool = False) -> CleanCopy:
+    """Copy the lines of ``source`` that are JSON records to ``target`` (plain NDJSON).
+    ``torn``: the zstd stream is known to be cut (the decoder may just stop there)."""
     out = CleanCopy(target)
+    if torn:
+        out.rejected.append(("torn zstd tail: the last frame is cut; what decoded before the cut is kept", b""))
     with target.open("wb") as sink:
         try:
             for line in _lines(source):
@@ -165,8 +168,53 @@ def clean_copy(source: Path, target: Path) -> CleanCopy:
                     sink.write(line + b"\n")
                     out.kept += 1
         except zstandard.ZstdError as exc:
-            out.rejected.append((f"torn zstd tail: {exc}", b""))
+            out.rejected.append((f"torn zstd tail (the lines before it are kept): {exc}", b""))
     return out
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+
+
+def zstd_is_complete(path: Path) -> bool:
+    """Whether every zstd frame of ``path`` is whole, by walking frame and block headers
+    (no decompression). A cut inside a frame is not always an error for DuckDB: it can stop
+    at the last whole block and lose the rest silently, so torn files are found here first."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        pos = 0
+        while pos < size:
+            handle.seek(pos)
+            head = handle.read(18)  # magic + the longest frame header
+            if len(head) < 4:
+                return False
+            magic = int.from_bytes(head[:4], "little")
+            if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
+                if len(head) < 8:
+                    return False
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if magic != _ZSTD_MAGIC:
+                return False
+            try:
+                header = zstandard.frame_header_size(head)
+                has_checksum = zstandard.get_frame_parameters(head).has_checksum
+            except zstandard.ZstdError:
+                return False
+            pos += header
+            while True:
+                handle.seek(pos)
+                block = handle.read(3)
+                if len(block) < 3:
+                    return False
+                value = int.from_bytes(block, "little")
+                last, kind, length = value & 1, (value >> 1) & 3, value >> 3
+                pos += 3 + (1 if kind == 1 else length)
+                if pos > size:
+                    return False
+                if last:
+                    break
+            pos += 4 if has_checksum else 0
+        return pos == size
 
 
 def _lines(path: Path) -> Iterator[bytes]:
