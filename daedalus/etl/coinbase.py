@@ -190,10 +190,11 @@ def _tickers(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
 def _candles(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
     frame_of, _events, candles = _flatten_events(flat, channel_index == CANDLES, "candles")
     frame_ts = pc.take(to_timestamps(pc.struct_field(msg, "timestamp")), pa.array(frame_of, pa.int64()))
-    start = pc.multiply(pc.cast(pc.struct_field(candles, "start"), pa.int64(), safe=False), 1_000_000_000)
+    seconds, start_ok = to_units(pc.struct_field(candles, "start"))  # epoch seconds, as a string
+    start = pa.array(seconds * (1_000_000_000 // UNITS), pa.int64(), mask=~start_ok).cast(_TS_TYPE)  # null if bad
     table, ok = _item_table(candles, frame_of, recv, seq, ["product_id"], ["open", "high", "low", "close", "volume"],
                             counts, "candles", ts=frame_ts)  # fmt: skip
-    return table.add_column(3, "start", start.cast(_TS_TYPE).filter(ok))
+    return table.add_column(3, "start", start.filter(ok))
 
 
 def _item_table(items, frame_of, recv, seq, strings, numbers, counts, what, ts_field=None, ts=None):
