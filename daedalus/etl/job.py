@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -31,6 +31,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from daedalus.capture.records import iter_lines
 from daedalus.capture.segments import fsync_dir
 from daedalus.config import DaedalusConfig
 from daedalus.etl import processors
@@ -86,6 +87,16 @@ class Summary:
     counts: Counter[str] = field(default_factory=Counter)
     quarantined_lines: int = 0
     quarantined_segments: int = 0
+
+    def merge(self, other: Summary) -> None:
+        """Fold another run's summary into this one (the watcher's running total)."""
+        self.segments += other.segments
+        self.bytes += other.bytes
+        self.seconds += other.seconds
+        self.rows.update(other.rows)
+        self.counts.update(other.counts)
+        self.quarantined_lines += other.quarantined_lines
+        self.quarantined_segments += other.quarantined_segments
 
     def add(self, result: SegmentResult) -> None:
         self.segments += 1
@@ -192,10 +203,7 @@ class EtlJob:
                 summary = Summary()
             if summary.segments:
                 log.info("etl_watch_round", segments=summary.segments, level2_rows=summary.rows["level2"])
-                for name in ("segments", "bytes", "seconds", "quarantined_lines", "quarantined_segments"):
-                    setattr(total, name, getattr(total, name) + getattr(summary, name))
-                total.rows.update(summary.rows)
-                total.counts.update(summary.counts)
+            total.merge(summary)
             deadline = time.monotonic() + poll_seconds
             while not should_stop() and time.monotonic() < deadline:
                 time.sleep(min(0.2, poll_seconds))
@@ -211,7 +219,7 @@ class EtlJob:
             self._finish(path)
             return state
         path = self._claim(path)
-        older = committed  # a ready segment older than the checkpoint (e.g. recovered late)
+        older = committed  # here: a ready segment older than the checkpoint (e.g. recovered late)
         if older:
             log.warning("etl_segment_older_than_checkpoint", segment=path.name, checkpoint=state.last_segment,
                         effect="processed with empty books; the checkpoint is left as it is")  # fmt: skip
@@ -406,7 +414,7 @@ class SegmentRun:
             return []
         wanted = dict(self.quarantine)
         found = []
-        for index, line in enumerate(_iter_lines(source)):
+        for index, line in enumerate(iter_lines(source)):
             if index in wanted:
                 found.append((wanted[index], line))
         return found
@@ -422,12 +430,6 @@ _CANDLE_NUMBERS = ["open", "high", "low", "close", "volume"]
 def _rows(parsed) -> tuple:
     f = parsed.frames
     return f.r_prod, f.r_side, f.r_px, f.r_sz, f.r_snap
-
-
-def _iter_lines(path: Path) -> Iterator[bytes]:
-    from daedalus.capture.records import iter_lines
-
-    return iter_lines(path)
 
 
 def _stem(name: str) -> str:

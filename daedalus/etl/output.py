@@ -46,10 +46,6 @@ def convert_units(units: np.ndarray, valid: np.ndarray | None, strategy: str) ->
     return pa.array(units / SCALE, pa.float64(), mask=mask)
 
 
-def units_type(strategy: str) -> pa.DataType:
-    return {"pips": pa.int64(), "decimal": pa.decimal128(38, 8)}.get(strategy, pa.float64())
-
-
 class PartitionedWriter:
     """Streams one channel's rows of one segment into ``<root>/<col>=<v>/.../part-<stem>.parquet``."""
 

@@ -25,7 +25,7 @@ import orjson
 import pyarrow as pa
 import zstandard
 
-from daedalus.capture.records import RECORD_PREFIX
+from daedalus.capture.records import RECORD_PREFIX, iter_lines
 
 BATCH_ROWS = 8192  # records per Arrow batch: a few MB of level2, small enough to bound memory
 # DuckDB sizes its read buffers from this (16 MB: ~115 MB of RSS; 64 MB: ~200 MB). DuckDB 2.0
@@ -160,7 +160,9 @@ def clean_copy(source: Path, target: Path, torn: bool = False) -> CleanCopy:
         out.rejected.append(("torn zstd tail: the last frame is cut; what decoded before the cut is kept", b""))
     with target.open("wb") as sink:
         try:
-            for line in _lines(source):
+            for line in iter_lines(source):
+                if not line.strip():
+                    continue
                 reason = _record_problem(line)
                 if reason:
                     out.rejected.append((reason, line))
@@ -215,24 +217,6 @@ def zstd_is_complete(path: Path) -> bool:
                     break
             pos += 4 if has_checksum else 0
         return pos == size
-
-
-def _lines(path: Path) -> Iterator[bytes]:
-    with path.open("rb") as raw:
-        stream = (
-            zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            if path.name.endswith(".zst")
-            else raw
-        )
-        pending = b""
-        while chunk := stream.read(1 << 20):
-            pending += chunk
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                if line.strip():
-                    yield line.rstrip(b"\r")
-        if pending.strip():
-            yield pending  # a last line without its newline: checked like any other
 
 
 def _record_problem(line: bytes) -> str | None:
