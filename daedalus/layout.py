@@ -13,6 +13,7 @@ they touch a path: no separator, parent reference, NUL or control character surv
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,6 +27,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE = re.compile(r"[/\\=:*?\"<>|]")
 _DOTS = re.compile(r"\.{2,}")
 _SEGMENT = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5})\.(ndjson|ndjson\.zst|parquet|arrow)$")
+_SEGMENT_PREFIX = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5,})")
+MAX_SEGMENT_COUNTER = 99_999  # five digits, so that names sort in time order
 MAX_COMPONENT = 128
 
 
@@ -48,6 +51,27 @@ def sanitize_partition_value(value: object) -> str:
     return text
 
 
+def partition_component(value: object) -> str:
+    """The path component of a partition value, one-to-one: distinct values never share a
+    directory (so never an output file).
+
+    A value that is already a safe component (and holds no ``~``) is used as it is; any other
+    value becomes its sanitised form plus ``~`` and 12 hex digits of its SHA-256, so
+    ``BTC/USD`` or ``BTC-USD\\x00`` beside a real ``BTC-USD`` each get their own directory
+    (``BTC-USD~3c1f...``) instead of colliding, and nothing usable left (empty, ``.``, 10,000
+    characters) still yields a valid component. Never raises.
+    """
+    text = str(value)
+    try:
+        safe = sanitize_partition_value(text[:MAX_COMPONENT])
+    except UnsafeNameError:
+        safe = ""
+    if safe and safe == text and "~" not in text:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return f"{safe.replace('~', '-')[: MAX_COMPONENT - 13]}~{digest}"
+
+
 def check_safe_name(value: str, what: str = "name") -> str:
     """Return ``value`` if it is already a safe component, else raise with a clear reason.
 
@@ -66,9 +90,29 @@ def check_safe_name(value: str, what: str = "name") -> str:
 
 
 def segment_name(first_record: datetime, counter: int, suffix: str = ".ndjson") -> str:
-    """``segment_<YYYYMMDDTHH>_<NNNNN><suffix>`` for the UTC hour of the first record."""
+    """``segment_<YYYYMMDDTHH>_<NNNNN><suffix>`` for the UTC hour ``first_record`` falls in.
+
+    The counter has five digits and no more: a sixth would sort ``_100000`` before
+    ``_10001`` and break time order, so a counter outside 1..99,999 is refused.
+    """
+    if not 1 <= counter <= MAX_SEGMENT_COUNTER:
+        raise ValueError(f"segment counter {counter} outside 1..{MAX_SEGMENT_COUNTER}")
     hour = first_record.astimezone(UTC).strftime("%Y%m%dT%H")
     return f"segment_{hour}_{counter:05d}{suffix}"
+
+
+def segment_hour_start(hour: str) -> datetime:
+    """The UTC start of a segment name's hour (``20260809T21``)."""
+    return datetime.strptime(hour, "%Y%m%dT%H").replace(tzinfo=UTC)
+
+
+def segment_identity(name: str) -> tuple[str, int] | None:
+    """``(hour, counter)`` of a segment name or of a file named after one (quarantined
+    tails, reasons, rejects): every name a source has used, whatever became of the file."""
+    match = _SEGMENT_PREFIX.match(name)
+    if match is None:
+        return None
+    return match.group(1), int(match.group(2))
 
 
 @dataclass(frozen=True)
@@ -126,6 +170,11 @@ class DataLayout:
 
     def quarantine(self, source: str) -> Path:
         return self.raw_dir("quarantine", source)
+
+    def scratch(self, job: str) -> Path:
+        """``<data_dir>/tmp/<job>``: temporary work of one job, on the data disk (``/tmp`` is
+        often RAM on a Pi) and cleaned by the job at start, so a killed run leaves nothing."""
+        return self.root / "tmp" / sanitize_partition_value(job)
 
     def channel_dir(self, source: str, channel: str) -> Path:
         return self.processed / sanitize_partition_value(source) / sanitize_partition_value(channel)

@@ -111,12 +111,34 @@ class IngestPipeline:
         for task, result in zip(tasks, results, strict=False):
             if isinstance(result, Exception):
                 log.error("collector_crashed", task=task.get_name(), error=repr(result))
-        done = await asyncio.to_thread(self.writer.close, SHUTDOWN_TIMEOUT_S)
+        clean = await asyncio.to_thread(self.writer.close, SHUTDOWN_TIMEOUT_S)
         if self._lock is not None:
             self._lock.close()  # releases the writer lock
             self._lock = None
         print(self.status_text(), file=out, flush=True)
-        log.info("ingest_stopped", clean=done, seconds=round(time.monotonic() - started, 2))
+        self._log_stopped(clean, time.monotonic() - started)
+
+    def _log_stopped(self, clean: bool, seconds: float) -> None:
+        """The last word on the run: clean only if every accepted frame is on disk."""
+        w = self.writer.stats
+        fields = {
+            "clean": clean,
+            "seconds": round(seconds, 2),
+            "written": w.written,
+            "overflow": self.writer.dropped,
+            "write_errors": w.write_errors,
+        }
+        if clean:
+            log.info("ingest_stopped", **fields)
+            return
+        self.failed = True  # the exit status says it too
+        log.error(
+            "ingest_stopped",
+            **fields,
+            unwritten=w.unwritten,
+            unwritten_events=w.unwritten_events,
+            still_queued=self.writer.queue_depth,  # non-zero only if the writer did not stop in time
+        )
 
     async def _report(self, interval: float, out: TextIO) -> None:
         while True:
@@ -146,15 +168,17 @@ class IngestPipeline:
         lines.append(
             f"[writer] written={w.written:,} ({(w.written - last_written) / span:,.0f}/s) bytes={_mb(w.bytes)} "
             f"queue={depth}/{cap} ({depth / cap:.1%}) overflow={self.writer.dropped:,} "
-            f"flushes={w.flushes:,} rotations={w.rotations} segment={w.segment or '-'} ({_mb(w.segment_bytes)}) "
-            f"latency p50={p50:.1f}ms p99={p99:.1f}ms"
+            f"flushes={w.flushes:,} rotations={w.rotations} write_errors={w.write_errors:,} "
+            f"segment={w.segment or '-'} ({_mb(w.segment_bytes)}) latency p50={p50:.1f}ms p99={p99:.1f}ms"
+            + (f" unwritten={w.unwritten:,}" if w.unwritten else "")
         )
         self._last_report = (now, w.written, {c.conn_id: c.stats.messages for c in self.collectors})
         return "\n".join(lines)
 
 
 async def ingest(config: DaedalusConfig, stats_interval: float | None) -> bool:
-    """Run until SIGINT/SIGTERM; False when it had to stop on its own (writer or collectors failed)."""
+    """Run until SIGINT/SIGTERM; False when it had to stop on its own (writer or collectors
+    failed) or could not write everything it had accepted before stopping."""
     stop = stop_on_signals()
     pipeline = IngestPipeline(config)
     await pipeline.run(stop, stats_interval)

@@ -8,7 +8,8 @@
 
 Frames are spliced in verbatim (never re-encoded); a newline inside a frame becomes a
 space (valid JSON whitespace), so one line is one record. A frame whose outer shape is
-not a JSON object is kept as a JSON string under ``raw``. Deeper validity is not checked
+not a JSON object (JSON whitespace around the braces is allowed and kept) is stored as a
+JSON string under ``raw``. Deeper validity is not checked
 on the hot path: that would mean parsing every frame; the ETL parses anyway and
 quarantines a line that does not decode.
 """
@@ -25,15 +26,26 @@ import orjson
 import zstandard
 
 RECORD_PREFIX = b'{"recv_ns":'
+JSON_WHITESPACE = " \t\r\n"  # RFC 8259 section 2: the only whitespace allowed around a value
 
 
 def frame_line(recv_ns: int, conn: int, frame: str) -> bytes:
     """One record line for a received text frame."""
     if "\n" in frame:
         frame = frame.replace("\n", " ")
-    if frame.startswith("{") and frame.endswith("}"):
+    if (frame.startswith("{") and frame.endswith("}")) or _is_padded_object(frame):
         return b'{"recv_ns":%d,"conn":%d,"msg":%b}\n' % (recv_ns, conn, frame.encode())
     return b'{"recv_ns":%d,"conn":%d,"raw":%b}\n' % (recv_ns, conn, orjson.dumps(frame))
+
+
+def _is_padded_object(frame: str) -> bool:
+    """An object shape with JSON whitespace around it (newlines already replaced).
+
+    Whitespace is valid JSON around a value, so the frame is spliced in as it came,
+    padding included. Checked only after the fast test failed: the hot path stays as it was.
+    """
+    core = frame.strip(JSON_WHITESPACE)
+    return core.startswith("{") and core.endswith("}")
 
 
 def control_line(recv_ns: int, conn: int, event: str, fields: dict[str, Any]) -> bytes:

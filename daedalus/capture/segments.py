@@ -6,6 +6,11 @@ an append to a bounded deque, nothing else. A dedicated I/O thread drains the de
 records, writes them with one ``os.write`` (one zstd frame when compressed), fsyncs, and
 rotates the segment into ``ready/`` at ``segment_max_mb`` or when the UTC hour changes.
 The event loop never waits on the disk.
+
+Names never go backwards: a new name sorts after every name the source used, even when
+the clock steps back, and a counter never outgrows five digits. Every disk operation
+(open, write, rotate) is retried with backoff while the disk is full; at shutdown a disk
+that still fails is given up on and every record it held is counted as unwritten.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,15 @@ import zstandard
 
 from daedalus.capture.records import control_line, frame_line, is_complete_record
 from daedalus.config import IngestionConfig
-from daedalus.layout import RAW_STATES, DataLayout, parse_segment_name, segment_name
+from daedalus.layout import (
+    MAX_SEGMENT_COUNTER,
+    RAW_STATES,
+    DataLayout,
+    parse_segment_name,
+    segment_hour_start,
+    segment_identity,
+    segment_name,
+)
 from daedalus.logs import get_logger
 
 log = get_logger(__name__)
@@ -58,9 +71,20 @@ class WriterStats:
     rotations: int = 0
     overflow: int = 0
     write_errors: int = 0
+    unwritten: int = 0  # frames accepted but never made durable: the writer gave up at shutdown
+    unwritten_events: int = 0  # control lines likewise
     segment: str = ""
     segment_bytes: int = 0
     latencies_ns: deque[int] = field(default_factory=lambda: deque(maxlen=200_000))
+
+
+class WriterGaveUp(Exception):
+    """The disk kept failing after shutdown was asked: what is still in memory is lost (and counted)."""
+
+
+CLOSING_ATTEMPTS = 3  # tries of a failing disk operation once shutdown was asked
+CLOSING_RETRY_PAUSE_S = 0.2
+MAX_RETRY_PAUSE_S = 5.0
 
 
 class SegmentWriter:
@@ -88,13 +112,20 @@ class SegmentWriter:
         self._maxsize = config.queue_maxsize
         self._batch_size = config.batch_size - 1  # compared with the depth before the append
         self._wake = threading.Event()
+        self._stopping = threading.Event()  # cuts a retry pause short when shutdown is asked
         self._closing = False
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
         self._path: Path | None = None
-        self._hour: int | None = None
+        self._hour: int | None = None  # receive hour of the open segment's first record
+        self._counter = 0  # counter of the open segment's name
+        self._last_used: tuple[str, int] | None = None  # (hour, counter) of the last name used
+        self._scanned = False
+        self._stepped_back_from: str | None = None  # the name hour the clock stepped back from
+        self._exhausted_warned = False
         self._compressor = zstandard.ZstdCompressor(level=3) if self.suffix.endswith(".zst") else None
         self.error: BaseException | None = None
+        self.gave_up = False
 
     # -- producer side (event loop) ------------------------------------------------
 
@@ -130,36 +161,65 @@ class SegmentWriter:
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Flush everything queued, move the open segment to ``ready/``; True if done in time."""
+        """Flush everything queued, move the open segment to ``ready/``.
+
+        True only if that was done in time and nothing was lost: a disk that still fails
+        at shutdown makes it False, with the lost records in ``stats.unwritten``.
+        """
         self._closing = True
+        self._stopping.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
+            if self._thread.is_alive():
+                return False
+        return self.error is None and not self.gave_up
 
     # -- the I/O thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        interval = self.config.flush_interval_seconds
-        next_flush = time.monotonic() + interval
         try:
-            while True:
-                self._wake.wait(max(0.0, next_flush - time.monotonic()))
-                self._wake.clear()
-                closing = self._closing
-                self._flush()
-                next_flush = time.monotonic() + interval
-                self._rotate_if_hour_changed()
-                if closing and not self._queue:
-                    break
+            self._loop()
+            self._rotate()
+        except WriterGaveUp as exc:
+            self._give_up(exc)
         except BaseException as exc:  # the process must learn that its disk writer died
             self.error = exc
             log.error("segment_writer_failed", source=self.source, error=repr(exc))
             raise
-        finally:
-            if self.error is None:
-                self._rotate()
+
+    def _loop(self) -> None:
+        interval = self.config.flush_interval_seconds
+        next_flush = time.monotonic() + interval
+        while True:
+            self._wake.wait(max(0.0, next_flush - time.monotonic()))
+            self._wake.clear()
+            closing = self._closing
+            self._flush()
+            next_flush = time.monotonic() + interval
+            self._rotate_if_hour_changed()
+            if closing and not self._queue:
+                return
+
+    def _give_up(self, exc: WriterGaveUp) -> None:
+        """Count every record still in memory as unwritten and say so; the open segment
+        stays in ``active/`` (its complete records are recovered at the next start)."""
+        self.gave_up = True
+        for _recv_ns, _conn, data in self._queue:
+            if type(data) is str:
+                self.stats.unwritten += 1
+            else:
+                self.stats.unwritten_events += 1
+        self._queue.clear()
+        log.error(
+            "segment_writer_gave_up",
+            source=self.source,
+            error=str(exc),
+            unwritten=self.stats.unwritten,
+            unwritten_events=self.stats.unwritten_events,
+            overflow=self.dropped,
+            segment=self.stats.segment or "-",
+        )
 
     def _flush(self) -> None:
         queue = self._queue
@@ -171,49 +231,60 @@ class SegmentWriter:
         exact_size = self._compressor is None
         lines: list[bytes] = []
         size = 0
-        frames = 0
+        frames = 0  # frames in ``lines``: a record leaves the queue only once it is in a batch
+        events = 0
         sampled: list[int] = []
-        for index in range(count):
-            recv_ns, conn, data = queue.popleft()
-            hour = recv_ns // NS_PER_HOUR
-            if self._hour is not None and hour != self._hour and self._fd is not None:
-                self._write(lines, size, sampled)
-                lines, size, sampled = [], 0, []
-                self._rotate()
-            if self._fd is None:
-                self._open(recv_ns)
-            if type(data) is str:
-                line = frame_line(recv_ns, conn, data)
-                frames += 1
-                if not index % LATENCY_SAMPLE_EVERY:
-                    sampled.append(recv_ns)
-            else:
-                line = control_line(recv_ns, conn, data[0], data[1])
-            if (
-                exact_size
-                and self.stats.segment_bytes + size + len(line) > max_bytes
-                and (size or self.stats.segment_bytes)
-            ):
-                self._write(lines, size, sampled)  # the segment is full: this line starts the next one
-                lines, size, sampled = [], 0, []
-                self._rotate()
-                self._open(recv_ns)
-            lines.append(line)
-            size += len(line)
-        if dropped:
-            if self._fd is None:
-                self._open(self.clock())
-            line = control_line(self.clock(), 0, "overflow", {"dropped": dropped})
-            lines.append(line)
-            size += len(line)
-            self._dropped_written += dropped
-            self.stats.overflow += dropped
-        self._write(lines, size, sampled)
-        self.stats.written += frames
-        if not exact_size and self.stats.segment_bytes >= max_bytes:
+        try:
+            for index in range(count):
+                recv_ns, conn, data = queue[0]
+                hour = recv_ns // NS_PER_HOUR
+                if self._hour is not None and hour != self._hour and self._fd is not None:
+                    self._write(lines, size, sampled, frames)
+                    lines, size, frames, events, sampled = [], 0, 0, 0, []
+                    self._rotate()
+                if self._fd is None:
+                    self._open(recv_ns)
+                if type(data) is str:
+                    line = frame_line(recv_ns, conn, data)
+                    frames += 1
+                    if not index % LATENCY_SAMPLE_EVERY:
+                        sampled.append(recv_ns)
+                else:
+                    line = control_line(recv_ns, conn, data[0], data[1])
+                    events += 1
+                if (
+                    exact_size
+                    and self.stats.segment_bytes + size + len(line) > max_bytes
+                    and (size or self.stats.segment_bytes)
+                    and self._may_rotate_by_size()
+                ):
+                    is_frame = type(data) is str
+                    # the segment is full: this line starts the next one
+                    self._write(lines, size, sampled, frames - is_frame)
+                    lines, size, frames, events, sampled = [], 0, int(is_frame), int(not is_frame), []
+                    self._rotate()
+                    self._open(recv_ns)
+                lines.append(line)
+                size += len(line)
+                queue.popleft()
+            if dropped:
+                if self._fd is None:
+                    self._open(self.clock())
+                line = control_line(self.clock(), 0, "overflow", {"dropped": dropped})
+                lines.append(line)
+                size += len(line)
+                events += 1
+                self._dropped_written += dropped
+                self.stats.overflow += dropped
+            self._write(lines, size, sampled, frames)
+        except WriterGaveUp:
+            self.stats.unwritten += frames
+            self.stats.unwritten_events += events
+            raise
+        if not exact_size and self.stats.segment_bytes >= max_bytes and self._may_rotate_by_size():
             self._rotate()  # compressed size is known only after the flush
 
-    def _write(self, lines: list[bytes], size: int, sampled: list[int]) -> None:
+    def _write(self, lines: list[bytes], size: int, sampled: list[int], frames: int) -> None:
         if not lines or self._fd is None:
             return
         data = b"".join(lines)
@@ -223,6 +294,7 @@ class SegmentWriter:
         done = time.time_ns()
         self.stats.latencies_ns.extend(done - recv for recv in sampled)
         self.stats.flushes += 1
+        self.stats.written += frames
         self.stats.bytes += len(data)
         self.stats.segment_bytes += len(data)
 
@@ -232,74 +304,169 @@ class SegmentWriter:
         The records stay in memory meanwhile and the queue keeps absorbing new ones (then
         counts drops), so the event loop never blocks and nothing already taken is lost.
         """
-        assert self._fd is not None
+        fd = self._fd
+        assert fd is not None
+
+        def append() -> None:
+            write_all(fd, data)
+            if self.config.fsync:
+                os.fsync(fd)
+
+        def cut_partial_write() -> None:  # no half record stays behind
+            os.ftruncate(fd, self.stats.segment_bytes)
+
+        self._retry("write", append, cut_partial_write)
+
+    def _retry(self, step: str, action: Callable[[], None], undo: Callable[[], None] | None = None) -> None:
+        """Run a disk operation until it succeeds, with backoff, counting ``write_errors``.
+
+        A full disk is an operations problem, not a reason to stop capturing: the writer
+        waits for space and resumes by itself. Once shutdown is asked it tries a few more
+        times and then raises :class:`WriterGaveUp`, so the loss is counted, not hidden.
+        """
         failures = 0
+        closing_failures = 0
         while True:
             try:
-                write_all(self._fd, data)
-                if self.config.fsync:
-                    os.fsync(self._fd)
-                if failures:
-                    log.info(
-                        "segment_write_recovered", source=self.source, segment=self.stats.segment, failures=failures
-                    )
-                return
+                action()
             except OSError as exc:
                 failures += 1
                 self.stats.write_errors += 1
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self.stats.segment_bytes)  # no half record stays behind
+                if undo is not None:
+                    with contextlib.suppress(OSError):
+                        undo()
                 if failures == 1 or failures % 60 == 0:
                     log.error(
                         "segment_write_failed",
                         source=self.source,
-                        segment=self.stats.segment,
+                        step=step,
+                        segment=self.stats.segment or "-",
                         error=exc.strerror or repr(exc),
                         queued=len(self._queue),
                         failures=failures,
                     )
-                if self._closing and failures >= 3:
-                    raise
-                time.sleep(min(5.0, 0.1 * 2**failures))
+                if self._closing:
+                    closing_failures += 1
+                    if closing_failures >= CLOSING_ATTEMPTS:
+                        raise WriterGaveUp(f"{step}: {exc.strerror or exc!r} after {failures} attempts") from exc
+                    time.sleep(CLOSING_RETRY_PAUSE_S)
+                else:
+                    self._stopping.wait(min(MAX_RETRY_PAUSE_S, 0.1 * 2 ** min(failures, 10)))
+                continue
+            if failures:
+                log.info(
+                    "segment_write_recovered",
+                    source=self.source,
+                    step=step,
+                    segment=self.stats.segment or "-",
+                    failures=failures,
+                )
+            return
+
+    # -- naming and opening ------------------------------------------------------------
 
     def _open(self, first_recv_ns: int) -> None:
+        """Open the next segment for a record received at ``first_recv_ns``.
+
+        The name is chosen once; creating the file and recording the name go through the
+        same retry as writes, so a full disk at start-up (or at a rotation) is waited out.
+        """
         # whole seconds: a float timestamp could round into the next hour
-        first = datetime.fromtimestamp(first_recv_ns // 1_000_000_000, UTC)
-        hour_text = first.strftime("%Y%m%dT%H")
-        name = segment_name(first, self._next_counter(hour_text), self.suffix)
-        self._path = self.active_dir / name
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._hour = first_recv_ns // NS_PER_HOUR
+        record_hour = datetime.fromtimestamp(first_recv_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H")
+        hour, counter = self._next_name(record_hour)
+        name = segment_name(segment_hour_start(hour), counter, self.suffix)
+        path = self.active_dir / name
+
+        def create() -> None:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._write_marker(name)
+            fsync_dir(self.active_dir)
+
+        def close_again() -> None:  # a retry opens it anew
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
+
         self.stats.segment = name
         self.stats.segment_bytes = 0
+        self._retry("open", create, close_again)
+        self._path = path
+        self._hour = first_recv_ns // NS_PER_HOUR
+        self._counter = counter
+        self._last_used = (hour, counter)
+        self._exhausted_warned = False
+
+    def _write_marker(self, name: str) -> None:
+        """Record the name in ``active/.last_segment`` (atomically): the ETL may delete
+        every segment, and a name must never be used twice."""
         marker = self.active_dir / LAST_SEGMENT_FILE
         tmp = marker.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, name.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, marker)
-        fsync_dir(self.active_dir)
 
-    def _next_counter(self, hour_text: str) -> int:
-        """One past the highest counter this source ever used in that hour.
+    def _next_name(self, record_hour: str) -> tuple[str, int]:
+        """``(hour, counter)`` of the next segment: after every name this source used.
 
-        The ETL may have deleted earlier segments, so the last name is also kept in
-        ``active/.last_segment``: a name is never reused, and neither is its output file.
+        Normally the record's hour with the next counter. If the clock stepped back to an
+        hour before the last name's, the name keeps the last hour (the records keep their
+        receive times): names stay unique and in order whatever the wall clock does. If
+        that hour's 99,999 counters are used up, the name moves on to the next hour.
         """
-        highest = 0
-        names: list[str] = []
-        marker = self.active_dir / LAST_SEGMENT_FILE
-        with contextlib.suppress(OSError):
-            names.append(marker.read_text().strip())
-        for state in RAW_STATES:
+        last = self._last_name_used()
+        if last is None or record_hour > last[0]:
+            self._stepped_back_from = None
+            return record_hour, 1
+        hour, counter = last
+        if record_hour < hour:
+            if self._stepped_back_from != hour:
+                self._stepped_back_from = hour
+                log.warning(
+                    "segment_clock_stepped_back", source=self.source, clock_hour=record_hour, last_segment_hour=hour
+                )
+        else:
+            self._stepped_back_from = None
+        if counter < MAX_SEGMENT_COUNTER:
+            return hour, counter + 1
+        following = (segment_hour_start(hour) + timedelta(hours=1)).strftime("%Y%m%dT%H")
+        log.warning("segment_counter_exhausted", source=self.source, hour=hour, next_name_hour=following)
+        return following, 1
+
+    def _last_name_used(self) -> tuple[str, int] | None:
+        """The highest ``(hour, counter)`` used: remembered, or found once at start-up in
+        ``.last_segment`` and every raw state folder (quarantined files included)."""
+        if not self._scanned:
+            self._scanned = True
+            names: list[str] = []
             with contextlib.suppress(OSError):
-                names += os.listdir(self.layout.raw_dir(state, self.source))
-        for name in names:
-            parsed = parse_segment_name(name.split(".tail-")[0])
-            if parsed is not None and parsed.hour == hour_text:
-                highest = max(highest, parsed.counter)
-        return highest + 1
+                names.append((self.active_dir / LAST_SEGMENT_FILE).read_text().strip())
+            for state in RAW_STATES:
+                with contextlib.suppress(OSError):
+                    names += os.listdir(self.layout.raw_dir(state, self.source))
+            found = [identity for identity in map(segment_identity, names) if identity is not None]
+            self._last_used = max(found, default=None)
+        return self._last_used
+
+    def _may_rotate_by_size(self) -> bool:
+        """False once the open segment holds the hour's last counter: it then grows past
+        ``segment_max_mb`` until the hour changes, rather than reuse or outgrow a name."""
+        if self._counter < MAX_SEGMENT_COUNTER:
+            return True
+        if not self._exhausted_warned:
+            self._exhausted_warned = True
+            log.warning(
+                "segment_counter_exhausted",
+                source=self.source,
+                segment=self.stats.segment,
+                action="size rotation suspended until the hour changes",
+            )
+        return False
+
+    # -- rotation ----------------------------------------------------------------------
 
     def _rotate_if_hour_changed(self) -> None:
         if self._fd is not None and self.clock() // NS_PER_HOUR != self._hour:
@@ -309,19 +476,29 @@ class SegmentWriter:
         """Close the open segment and move it into ``ready/`` atomically."""
         if self._fd is None or self._path is None:
             return
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        target = self.ready_dir / self._path.name
-        os.rename(self._path, target)
-        fsync_dir(self.ready_dir)
-        fsync_dir(self.active_dir)
+        path = self._path
+        target = self.ready_dir / path.name
+        self._retry("rotate", self._sync_and_close)
+
+        def publish() -> None:
+            if path.exists():  # a retry after the rename itself succeeded
+                os.rename(path, target)
+            fsync_dir(self.ready_dir)
+            fsync_dir(self.active_dir)
+
+        self._retry("rotate", publish)
         self.stats.rotations += 1
         log.info("segment_ready", source=self.source, segment=target.name, bytes=self.stats.segment_bytes)
         self._path = None
         self._hour = None
         self.stats.segment = ""
         self.stats.segment_bytes = 0
+
+    def _sync_and_close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 # -- start-up recovery -------------------------------------------------------------------

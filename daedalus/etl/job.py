@@ -10,8 +10,19 @@ Per segment, in name (= time) order, the unit of work and of failure:
 4. delete the segment or move it to ``archive/``.
 
 A crash before 3 leaves the old checkpoint: the rerun starts from the same state and writes
-the same files under the same names. A crash after 3 is recognised by ``last_segment`` and
-only step 4 is redone. So killing the job anywhere and rerunning gives the same dataset.
+the same files under the same names. Step 3 ends by appending the segment's name to
+``<source>.committed``; a segment found there (or named by the checkpoint) is only cleaned
+up. So killing the job anywhere and rerunning gives the same dataset. Committed output is
+never replaced by different rows (:func:`daedalus.etl.output.commit`).
+
+What goes wrong decides where the segment goes:
+
+- bad data in a line: that line goes to quarantine, the rest is processed;
+- a segment that cannot become data at all (:class:`SegmentDataError`): quarantined whole;
+- the machine (disk full, permissions; :class:`EtlIoError`): kept in ``processing/``, retried;
+- anything else is a bug in this code, not bad data (:class:`EtlStuck`): the segment stays
+  in ``processing/`` untouched and the run stops, so an upgrade with a bug cannot quarantine
+  a backlog; the watcher retries and gives up after a few failures in a row.
 """
 
 from __future__ import annotations
@@ -36,7 +47,7 @@ from daedalus.capture.segments import fsync_dir
 from daedalus.config import DaedalusConfig
 from daedalus.etl import processors
 from daedalus.etl.coinbase import ParsedBatch, parse_batch
-from daedalus.etl.output import PartitionedWriter, commit, remove_temporaries
+from daedalus.etl.output import OutputConflict, PartitionedWriter, commit, remove_temporaries
 from daedalus.etl.reader import (
     LARGEST_OBJECT_BYTES,
     MAX_OBJECT_BYTES,
@@ -46,13 +57,14 @@ from daedalus.etl.reader import (
     read_batches,
     zstd_is_complete,
 )
-from daedalus.etl.state import EtlState, load_state, save_state
+from daedalus.etl.state import CommittedSegments, EtlState, load_state, save_state, set_state_aside
 from daedalus.layout import parse_segment_name
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
 
 log = get_logger("daedalus.etl")
 SOURCE = "coinbase"
+MAX_CONSECUTIVE_FAILURES = 3  # the watcher's retries of an unexpected error before it exits non-zero
 _UNIT_NS = {"s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000}
 
 
@@ -64,6 +76,23 @@ def interval_ns(text: str) -> int:
 class EtlIoError(Exception):
     """The machine, not the data, failed (disk full, permissions): the segment stays in
     ``processing/`` and is retried by the next run."""
+
+
+class EtlStuck(Exception):
+    """An unexpected error, i.e. a bug in this code, not bad data: the segment stays in
+    ``processing/`` as it is and the run stops (the next segments need this one's books)."""
+
+    def __init__(self, segment: str, error: BaseException) -> None:
+        super().__init__(
+            f"{segment}: unexpected {type(error).__name__}: {str(error)[:300]} (a bug, not bad data: the segment "
+            f"stays in raw/processing/ and nothing was quarantined; report it, the traceback is in the log)"
+        )
+        self.segment = segment
+
+
+class SegmentDataError(Exception):
+    """The segment cannot become data at all (not one line of it can be used as it is):
+    it goes to quarantine whole, with this reason."""
 
 
 @dataclass
@@ -119,6 +148,10 @@ class Summary:
             f"late_for_bars={self.counts['late_trades']:,}",
             f"quarantined: lines={self.quarantined_lines:,} segments={self.quarantined_segments:,}",
         ]
+        reasons = {k: v for k, v in sorted(self.counts.items()) if v and k.startswith(("quarantined_", "dropped_"))}
+        reasons.pop("dropped_before_snapshot", None)
+        if reasons:
+            lines.append("rejected: " + ", ".join(f"{k}={v:,}" for k, v in reasons.items()))
         return "\n".join(lines)
 
 
@@ -135,7 +168,9 @@ class EtlJob:
         self.depth = etl.channels.book_snapshot.levels
         self.sample_ns = etl.channels.book_snapshot.snapshot_interval_ms * 1_000_000
         self.bar_ns = interval_ns(etl.channels.bars.interval)
+        self.scratch = self.layout.scratch(f"etl-{source}")
         self._lock = None
+        self.committed = CommittedSegments(self.state_dir, source)
 
     # ---- selection and claiming -----------------------------------------------------------
     def pending(self, start: date | None = None, end: date | None = None) -> list[Path]:
@@ -160,21 +195,47 @@ class EtlJob:
         if self.config.etl.after_processing == "archive":
             target = self.layout.archive(self.source) / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(path, target)
+            try:
+                os.rename(path, target)
+            except FileNotFoundError:  # removed by hand meanwhile: its outputs are committed all the same
+                log.warning("etl_segment_vanished", segment=path.name, effect="committed; nothing to archive")
+                return
             fsync_dir(target.parent)
         else:
             path.unlink(missing_ok=True)
         fsync_dir(path.parent)
 
+    def _committed(self, name: str, state: EtlState) -> bool:
+        return name in self.committed or name == state.last_segment
+
     # ---- running --------------------------------------------------------------------------
-    def run(self, start: date | None = None, end: date | None = None, progress: bool = False) -> Summary:
-        """Process every pending segment once (``start``/``end``: only segments of those dates)."""
-        if self._lock is None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            self._lock = hold_lock(self.state_dir / f"{self.source}.lock", "daedalus etl is already processing")
-            removed = remove_temporaries(self.out_root)
-            if removed:
-                log.info("etl_removed_temporaries", count=removed)
+    def prepare(self) -> None:
+        """Take the source's lock, then clear what a killed run may have left (temporary
+        Parquet files, scratch copies) and read the committed list."""
+        if self._lock is not None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = hold_lock(self.state_dir / f"{self.source}.lock", "daedalus etl is already processing")
+        removed = remove_temporaries(self.out_root)
+        if removed:
+            log.info("etl_removed_temporaries", count=removed)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.committed = CommittedSegments(self.state_dir, self.source)
+
+    def rebuild_state(self) -> Path | None:
+        """Move a damaged or incompatible checkpoint aside; the next segment starts from empty
+        books. Returns where the old files went (None if there was none)."""
+        self.prepare()
+        moved = set_state_aside(self.state_dir, self.source)
+        log.warning("etl_state_rebuilt", moved_to=str(moved) if moved else None,
+                    effect="books are empty until each product's next snapshot; open bars are lost")  # fmt: skip
+        return moved
+
+    def run(self, start: date | None = None, end: date | None = None, progress: bool = False,
+            should_stop: Callable[[], bool] = lambda: False) -> Summary:  # fmt: skip
+        """Process every pending segment once (``start``/``end``: only segments of those dates),
+        checking ``should_stop()`` between segments."""
+        self.prepare()
         summary = Summary()
         todo = self.pending(start, end)
         if not todo:
@@ -183,7 +244,13 @@ class EtlJob:
         bar = _progress(len(todo), sum(p.stat().st_size for p in todo)) if progress and len(todo) > 1 else None
         try:
             for path in todo:
-                size = path.stat().st_size
+                if should_stop():
+                    log.info("etl_stopping", left=len(todo) - summary.segments)
+                    break
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:  # taken away since the listing (by hand): nothing to do
+                    continue
                 state = self._one(path, state, summary)
                 if bar is not None:
                     bar.advance(size, summary)
@@ -195,11 +262,20 @@ class EtlJob:
     def watch(self, poll_seconds: float, should_stop: Callable[[], bool], progress: bool = False) -> Summary:
         """Process new segments as they become ready until ``should_stop()``."""
         total = Summary()
+        failures = 0
         while not should_stop():
             try:
-                summary = self.run(progress=progress)
+                summary = self.run(progress=progress, should_stop=should_stop)
+                failures = 0
             except EtlIoError as exc:
                 log.error("etl_io_error", error=str(exc), retry_in_s=poll_seconds)
+                summary = Summary()
+            except EtlStuck as exc:
+                failures += 1
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    raise
+                log.error("etl_retrying_after_error", segment=exc.segment, failures=failures,
+                          gives_up_after=MAX_CONSECUTIVE_FAILURES, retry_in_s=poll_seconds)  # fmt: skip
                 summary = Summary()
             if summary.segments:
                 log.info("etl_watch_round", segments=summary.segments, level2_rows=summary.rows["level2"])
@@ -213,29 +289,41 @@ class EtlJob:
         return load_state(self.state_dir, self.source, self.sample_ns, self.depth, self.bar_ns)
 
     def _one(self, path: Path, state: EtlState, summary: Summary) -> EtlState:
-        committed = state.last_segment is not None and path.name <= state.last_segment
-        if committed and path.parent == self.layout.processing(self.source):
-            log.info("etl_finishing_committed_segment", segment=path.name)  # died between commit and cleanup
-            self._finish(path)
+        name = path.name
+        if self._committed(name, state):
+            if path.parent == self.layout.processing(self.source):
+                log.info("etl_finishing_committed_segment", segment=name)  # died between commit and cleanup
+                self._finish(path)
+            else:  # a second file under a name whose outputs are committed: never overwrite them
+                summary.quarantined_segments += 1
+                self._quarantine_segment(path, f"a segment named {name} is already processed and committed; "
+                                         "this different file under the same name was not processed")  # fmt: skip
             return state
         path = self._claim(path)
-        older = committed  # here: a ready segment older than the checkpoint (e.g. recovered late)
-        if older:
-            log.warning("etl_segment_older_than_checkpoint", segment=path.name, checkpoint=state.last_segment,
+        older = state.last_segment is not None and name < state.last_segment
+        if older:  # e.g. recovered late, or left behind by --mode date
+            log.warning("etl_segment_older_than_checkpoint", segment=name, checkpoint=state.last_segment,
                         effect="processed with empty books; the checkpoint is left as it is")  # fmt: skip
         base = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else state
         try:
             result, new_state = self._process(path, base, older)
+        except SegmentDataError as exc:
+            summary.quarantined_segments += 1
+            self._quarantine_segment(path, str(exc))
+            return self._load() if not older else state
         except OSError as exc:  # disk full, permissions: not the segment's fault, it stays claimed for a retry
             remove_temporaries(self.out_root)
-            raise EtlIoError(f"{path.name}: {exc}") from exc
-        except Exception as exc:  # the process keeps running: the segment goes to quarantine
-            log.error("etl_segment_failed", segment=path.name, error=repr(exc), exc_info=True)
-            self._quarantine_segment(path, repr(exc))
-            summary.quarantined_segments += 1
-            return self._load() if not older else state
+            if not path.exists():  # removed from processing/ by hand while it was read
+                log.warning("etl_segment_vanished", segment=name, effect="skipped; nothing of it was committed")
+                return self._load() if not older else state
+            raise EtlIoError(f"{name}: {exc}") from exc
+        except Exception as exc:
+            remove_temporaries(self.out_root)
+            log.error("etl_segment_error", segment=name, error=repr(exc), exc_info=True,
+                      effect="kept in processing/, not quarantined")  # fmt: skip
+            raise EtlStuck(name, exc) from exc
         summary.add(result)
-        log.info("etl_segment_done", segment=path.name, mb=round(result.bytes / 1e6, 2),
+        log.info("etl_segment_done", segment=name, mb=round(result.bytes / 1e6, 2),
                  seconds=round(result.seconds, 3), level2=result.rows["level2"], trades=result.rows["market_trades"],
                  gaps=result.counts["gaps"], quarantined=result.quarantined)  # fmt: skip
         self._finish(path)
@@ -247,7 +335,8 @@ class EtlJob:
         size = path.stat().st_size
         rejected: list[tuple[str, bytes]] = []
         source, limit = path, MAX_OBJECT_BYTES
-        with tempfile.TemporaryDirectory(prefix="daedalus-etl-") as tmp:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="segment-", dir=self.scratch) as tmp:
             if path.name.endswith(".zst") and not zstd_is_complete(path):
                 log.warning("etl_segment_torn_zstd", segment=path.name)
                 copy = clean_copy(path, Path(tmp) / "clean.ndjson", torn=True)
@@ -266,18 +355,23 @@ class EtlJob:
                         copy = clean_copy(path, Path(tmp) / "clean.ndjson")
                         rejected, source = copy.rejected, copy.path
                     else:
-                        raise
+                        raise SegmentDataError(f"undecodable even after removing the bad lines: {exc}") from exc
             lines = outcome.quarantine_lines(source)
         quarantined = [(reason, line) for reason, line in rejected] + lines
         if quarantined:
             self._write_quarantine(path.name, quarantined)
-        commit(outcome.files)
+        try:
+            commit(outcome.files)
+        except OutputConflict as exc:
+            remove_temporaries(self.out_root)
+            raise SegmentDataError(f"{exc}: a different segment under the same name was committed before") from exc
         new_state = outcome.state
         if not older:
             new_state.last_segment = path.name
             for key, value in outcome.counts.items():
                 new_state.totals[key] = new_state.totals.get(key, 0) + value
             save_state(self.state_dir, self.source, new_state)
+        self.committed.add(path.name)
         seconds = time.perf_counter() - started
         return SegmentResult(path.name, size, seconds, outcome.rows, outcome.counts, len(quarantined)), new_state
 
@@ -294,10 +388,16 @@ class EtlJob:
         log.warning("etl_quarantined_lines", segment=segment, count=len(entries), file=str(target))
 
     def _quarantine_segment(self, path: Path, reason: str) -> None:
+        """Move a whole segment to quarantine (never over an earlier one), with its reason."""
+        log.error("etl_segment_quarantined", segment=path.name, reason=reason)
         folder = self.layout.quarantine(self.source)
         folder.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), folder / path.name)
-        (folder / f"{path.name}.reason.txt").write_text(reason + "\n")
+        target = folder / path.name
+        if target.exists():
+            target = folder / f"{path.name}.{time.time_ns()}"
+        shutil.move(str(path), target)
+        (folder / f"{target.name}.reason.txt").write_text(reason + "\n")
+        fsync_dir(folder)
         remove_temporaries(self.out_root)
 
 

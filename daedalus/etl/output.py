@@ -8,6 +8,9 @@ are not stored in the files (Hive style: the path carries them).
 Every file is written as ``part-<segment>.parquet.tmp`` next to its final name and only
 renamed by :meth:`PartitionedWriter.commit`, so a reader never sees half a file and a
 crashed run leaves nothing under a final name that the rerun would not write identically.
+Partition values map one-to-one onto directories (:func:`daedalus.layout.partition_component`),
+so two distinct product ids never share a file, and :func:`commit` refuses to replace a
+committed file with different rows.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from daedalus.capture.segments import fsync_dir as fsync_path  # opens read-only: files and folders
-from daedalus.layout import sanitize_partition_value
+from daedalus.layout import partition_component, sanitize_partition_value
 
 SCALE = 100_000_000
 ROW_GROUP_ROWS = 128 * 1024  # rows buffered per partition before a row group is written (~5-10 MB compressed)
@@ -57,6 +60,7 @@ class PartitionedWriter:
         self.compression = None if compression == "none" else compression
         self.metadata = {k.encode(): v.encode() for k, v in metadata.items()}
         self._open: dict[tuple[str, ...], tuple[pq.ParquetWriter, list[pa.Table], list[int]]] = {}
+        self._directories: dict[Path, tuple[str, ...]] = {}
         self.rows = 0
         self.files: list[Path] = []
 
@@ -110,7 +114,9 @@ class PartitionedWriter:
         if entry is None:
             directory = self.root
             for col, value in zip(self.partition_cols, key, strict=True):
-                directory /= f"{col}={sanitize_partition_value(value)}"
+                directory /= f"{col}={partition_component(value)}"
+            if self._directories.setdefault(directory, key) != key:  # partition_component is one-to-one
+                raise AssertionError(f"partitions {key} and {self._directories[directory]} map to {directory}")
             directory.mkdir(parents=True, exist_ok=True)
             path = directory / (self.name + TMP_SUFFIX)
             schema = table.schema.with_metadata(self.metadata)
@@ -167,14 +173,34 @@ def _encodings(schema: pa.Schema) -> dict:
     return {"use_dictionary": strings, "column_encoding": deltas or None}
 
 
+class OutputConflict(Exception):
+    """A file this segment would commit already exists with other rows: it belongs to a
+    different segment of the same name, and committed output is never overwritten."""
+
+
 def commit(files: Iterable[Path]) -> None:
-    """Rename each ``<file>.tmp`` onto ``<file>`` and fsync the directories touched."""
+    """Rename each ``<file>.tmp`` onto ``<file>`` and fsync the directories touched.
+
+    A final file that exists already is the output of a run that died before recording its
+    commit: the same segment from the same state, so the same rows. Anything else raises
+    :class:`OutputConflict` before a single file is renamed."""
+    files = list(files)
+    for final in files:
+        if final.exists() and not _same_rows(final, final.with_name(final.name + TMP_SUFFIX)):
+            raise OutputConflict(f"{final} is already committed with different rows")
     dirs = set()
     for final in files:
         os.replace(final.with_name(final.name + TMP_SUFFIX), final)
         dirs.add(final.parent)
     for directory in dirs:
         fsync_path(directory)
+
+
+def _same_rows(committed: Path, candidate: Path) -> bool:
+    try:
+        return pq.read_table(committed).equals(pq.read_table(candidate))
+    except (OSError, pa.ArrowException):  # an unreadable committed file is not worth keeping
+        return True
 
 
 def remove_temporaries(root: Path) -> int:
