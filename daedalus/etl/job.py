@@ -338,8 +338,9 @@ class EtlJob:
         self.scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="segment-", dir=self.scratch) as tmp:
             if path.name.endswith(".zst") and not zstd_is_complete(path):
-                log.warning("etl_segment_torn_zstd", segment=path.name)
-                copy = clean_copy(path, Path(tmp) / "clean.ndjson", torn=True)
+                copy = clean_copy(path, Path(tmp) / "clean.ndjson", self.layout.quarantine(self.source))
+                log.warning("etl_segment_damaged_zstd", segment=path.name, damaged_frames=len(copy.damaged),
+                            damaged_bytes=sum(d.length for d in copy.damaged))  # fmt: skip
                 rejected, source = copy.rejected, copy.path
             while True:
                 try:
@@ -352,7 +353,7 @@ class EtlJob:
                         limit = LARGEST_OBJECT_BYTES
                     elif source == path:  # some line is bad: check each, retry with the good ones
                         log.warning("etl_segment_has_bad_lines", segment=path.name, error=str(exc))
-                        copy = clean_copy(path, Path(tmp) / "clean.ndjson")
+                        copy = clean_copy(path, Path(tmp) / "clean.ndjson", self.layout.quarantine(self.source))
                         rejected, source = copy.rejected, copy.path
                     else:
                         raise SegmentDataError(f"undecodable even after removing the bad lines: {exc}") from exc
