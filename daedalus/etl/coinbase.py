@@ -5,12 +5,27 @@ Output (:class:`ParsedBatch`): the frame list the book engine walks (every recor
 sequence numbers and control lines are seen in order), the level2 rows grouped by frame,
 and tables for trades, tickers and candles. Numbers stay strings until they are cast as
 whole columns: prices and sizes become exact int64 units of 1e-8, times ns since the epoch.
-Nothing here loops over rows in Python except on a batch that holds malformed values.
+
+Bad values. The unit of quarantine is the line: a record holding a value the feed never
+sends (a product id that is not one, a price or size that is not a plain ASCII decimal of
+the right sign, a level2 side other than bid/offer, a receive time outside the plausible
+window) goes to quarantine whole, with its reason, counted once under
+``quarantined_<family>``; none of its rows reach a table or a book, and every other line
+of the segment is processed. A quarantined level2 frame is lost book data, so it acts as a
+gap on its connection (books invalid until the next snapshot); other quarantined frames
+keep their place in the sequence. Exchange times are not a reason to quarantine: a missing,
+unreadable or implausible one falls back to the frame's ``timestamp``, then to the receive
+time (counted as ``ts_event_fallbacks``), never to 1970.
+
+Checks are column operations; Python runs only over the values that failed one.
 """
 
 from __future__ import annotations
 
+import re
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
@@ -28,6 +43,19 @@ CHANNELS = ["l2_data", "market_trades", "ticker", "ticker_batch", "candles", "he
 L2, TRADES, TICKER, TICKER_BATCH, CANDLES = 0, 1, 2, 3, 4
 _CONTROL = {"gap": GAP, "connect": CONNECT, "disconnect": DISCONNECT}
 
+EARLIEST_NS = 1_230_768_000 * 10**9  # 2009-01-01T00:00:00Z: no crypto market data is older
+CLOCK_SLACK_NS = 86_400 * 10**9  # a receive time a day past now, or an exchange time a day past its receipt: wrong
+#: What a Coinbase product id looks like (BTC-USD, BTC-PERP-INTX, BIT-31JAN25-CDE): anything
+#: else ('', '.', 'BTC/USD', 'BTC-USD\x00', 10,000 characters) is not a product.
+PRODUCT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+#: level2 ``side`` as sent -> 0 bid, 1 ask. Coinbase sends bid/offer; ``ask`` (the output
+#: column's own word) is an unambiguous alias. ``buy``/``sell`` are not: in trades they name
+#: the maker side, so a level2 row saying them is quarantined rather than guessed.
+L2_SIDES = ["bid", "offer", "ask"]
+_L2_SIDE_CODES = np.array([0, 1, 1, -1], np.int8)  # last: not in L2_SIDES
+_SIGNED_DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"  # price_percent_chg_24_h, the feed's one signed number
+_NULL_STRING = pa.scalar(None, pa.string())
+
 
 @dataclass
 class ParsedBatch:
@@ -40,8 +68,91 @@ class ParsedBatch:
     quarantine: list[tuple[int, str]] = field(default_factory=list)  # (line index in the segment, reason)
 
 
-def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int) -> ParsedBatch:
-    """Decode one batch of raw records (``first_line`` = segment line index of row 0)."""
+class Rejects:
+    """The lines of a batch that hold a bad value. A line is rejected whole, once: its first
+    reason is kept and counted under ``quarantined_<family>``."""
+
+    def __init__(self, already: np.ndarray) -> None:
+        self.already = already  # lines quarantined for another reason (not JSON, unknown channel, ...)
+        self.bad = np.zeros(already.shape[0], np.bool_)
+        self.reasons: list[tuple[int, str, str]] = []  # (line in batch, family, reason)
+
+    def add(self, line_of: np.ndarray, failed: np.ndarray, family: str, describe: Callable[[int], str]) -> None:
+        """Value ``i`` failed a check when ``failed[i]``; it belongs to line ``line_of[i]``;
+        ``describe(i)`` says why (called only for the first failed value of a new line)."""
+        values = np.flatnonzero(failed)
+        if values.shape[0] == 0:
+            return
+        lines = line_of[values]
+        new = ~self.bad[lines] & ~self.already[lines]
+        lines, first = np.unique(lines[new], return_index=True)
+        for value, line in zip(values[new][first].tolist(), lines.tolist(), strict=True):
+            self.reasons.append((line, family, describe(value)))
+        self.bad[lines] = True
+
+    def report(self, first_line: int, counts: Counter[str]) -> list[tuple[int, str]]:
+        for _, family, _ in self.reasons:
+            counts[f"quarantined_{family}"] += 1
+        return [(first_line + line, reason) for line, _, reason in self.reasons]
+
+
+@dataclass
+class _Batch:
+    """What every channel parser needs: the decoded columns, per frame, and the rejects."""
+
+    msg: pa.Array
+    flat: _Events
+    channel_index: np.ndarray
+    recv: np.ndarray  # recv_ns per line
+    seq: np.ndarray
+    frame_time: np.ndarray  # the frame's timestamp, else recv_ns
+    frame_time_ok: np.ndarray  # False where frame_time fell back to recv_ns
+    counts: Counter[str]
+    rejects: Rejects
+
+    def check_products(self, line_of: np.ndarray, ids: pa.Array, selected: np.ndarray | None = None) -> None:
+        """Reject the lines whose (selected) product ids do not look like Coinbase's."""
+        ok = pc.match_substring_regex(ids, PRODUCT_ID_PATTERN).fill_null(False).to_numpy(zero_copy_only=False)
+        bad = ~ok if selected is None else selected & ~ok
+        self.rejects.add(line_of, bad, "bad_product", lambda i: f"bad product_id {_show(ids[i].as_py())}")
+
+    def units(self, line_of: np.ndarray, items: pa.StructArray, name: str, where: str, *, positive: bool = False,
+              required: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Field ``name`` of ``items`` as int64 units of 1e-8 and its validity. A value that is
+        not the feed's plain ``digits[.digits]`` (at most 8 decimals that matter, within int64
+        units), or is 0 where ``positive``, or is missing where ``required``, rejects its line.
+        Rounding is never done: a finer value is not a Coinbase number."""
+        strings = pc.struct_field(items, name)
+        units, ok, valid = parse_units(strings, plain=True)
+        if positive:
+            ok &= units > 0
+        bad = ~ok if required else valid & ~ok
+        want = "a plain decimal > 0" if positive else "a plain decimal"
+
+        def describe(i: int) -> str:
+            value = strings[i].as_py()
+            return f"{where} {name} missing" if value is None else f"{where} {name} {_show(value)} is not {want}"
+
+        self.rejects.add(line_of, bad, "bad_number", describe)
+        return units, valid
+
+    def event_times(self, strings: pa.Array, frame_of: np.ndarray, keep: np.ndarray) -> pa.Array:
+        """Exchange times of items (``frame_of``: their frames), each falling back to its
+        frame's time when missing or implausible; fallbacks among kept items are counted."""
+        ns, ok = _plausible_times(strings, self.recv[frame_of])
+        ns = np.where(ok, ns, self.frame_time[frame_of])
+        self.counts["ts_event_fallbacks"] += int(np.count_nonzero(~ok & keep))
+        return pa.array(ns, pa.int64()).cast(_TS_TYPE)
+
+    def frame_times(self, frame_of: np.ndarray, keep: np.ndarray) -> pa.Array:
+        """The frame's time for each item (tickers, candles carry no time of their own)."""
+        self.counts["ts_event_fallbacks"] += int(np.count_nonzero(~self.frame_time_ok[frame_of] & keep))
+        return pa.array(self.frame_time[frame_of], pa.int64()).cast(_TS_TYPE)
+
+
+def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int, now_ns: int | None = None) -> ParsedBatch:
+    """Decode one batch of raw records (``first_line`` = segment line index of row 0;
+    ``now_ns``: the wall clock receive times are checked against, default now)."""
     n = batch.num_rows
     counts: Counter[str] = Counter()
     quarantine: list[tuple[int, str]] = []
@@ -68,58 +179,66 @@ def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int) -> Parse
     counts["control"] = int(np.count_nonzero(has_event))
     counts["overflow_dropped"] = int(pc.sum(batch.column("dropped")).as_py() or 0)
     counts["gap_lines"] = int(np.count_nonzero(kind == GAP))
-    _flag_unusable(batch, msg, has_msg, has_event, channel_index, first_line, counts, quarantine)
+    unusable = _flag_unusable(batch, msg, has_msg, has_event, channel_index, first_line, counts, quarantine)
+
+    rejects = Rejects(unusable)
+    now = time.time_ns() if now_ns is None else now_ns
+    recv_ok = (recv >= EARLIEST_NS) & (recv <= now + CLOCK_SLACK_NS)
+    rejects.add(np.arange(n), ~recv_ok, "bad_time", lambda i: f"receive time out of range: recv_ns={recv[i]}")
+    frame_time, frame_time_ok = _plausible_times(pc.struct_field(msg, "timestamp"), recv)
+    frame_time = np.where(frame_time_ok, frame_time, recv)
+    parts = _Batch(msg, _all_events(msg), channel_index, recv, seq, frame_time, frame_time_ok, counts, rejects)
+
+    l2_rows, frames_rs, frames_re, l2 = _level2(parts, books)
+    trades, tickers, candles = _trades(parts), _tickers(parts), _candles(parts)
+
+    lost_l2 = rejects.bad & has_msg & (channel_index == L2)  # its updates are missing from the books: a gap
+    kind[lost_l2] = GAP
+    aux[lost_l2] = np.where(seq[lost_l2] >= 0, seq[lost_l2] + 1, 0)
+    quarantine = sorted(quarantine + rejects.report(first_line, counts))
 
     distinct, inverse = np.unique(conn_ids, return_inverse=True)
     slots = np.array([books.conn_slot(c) for c in distinct.tolist()], np.int64)[inverse.reshape(-1)]
-    flat = _all_events(msg)
-    l2_rows, frames_rs, frames_re, l2 = _level2(batch, msg, flat, channel_index, books, recv, seq, counts)
-    frames = FrameBatch(slots, kind, seq, aux, recv, frames_rs, frames_re, *l2_rows)
-    return ParsedBatch(
-        frames,
-        l2,
-        _trades(msg, flat, channel_index, recv, seq, counts),
-        _tickers(msg, flat, channel_index, recv, seq, counts),
-        _candles(msg, flat, channel_index, recv, seq, counts),
-        counts,
-        quarantine,
-    )
+    clock = _last_good(recv, recv_ok)  # a rejected receive time must not move the books' clock
+    frames = FrameBatch(slots, kind, seq, aux, clock, frames_rs, frames_re, *l2_rows)
+    return ParsedBatch(frames, l2, trades, tickers, candles, counts, quarantine)
 
 
 # ---- level2 ---------------------------------------------------------------------------------
-def _level2(batch, msg, flat, channel_index, books, recv, seq, counts):
-    """Rows of every l2_data update, in frame order, plus each frame's row range."""
-    n = batch.num_rows
-    frame_of_row, events, updates = _flatten_events(flat, channel_index == L2, "updates")
-    side = pc.struct_field(updates, "side")
-    is_offer = pc.equal(side, "offer").fill_null(False).to_numpy(zero_copy_only=False)
-    is_bid = pc.equal(side, "bid").fill_null(False).to_numpy(zero_copy_only=False)
-    price, price_ok = to_units(pc.struct_field(updates, "price_level"))
-    size, size_ok = to_units(pc.struct_field(updates, "new_quantity"))
+def _level2(b: _Batch, books: BookSet):
+    """Rows of every l2_data update of the lines kept, in frame order, plus each frame's row range."""
+    n = b.recv.shape[0]
+    l2_frames = b.channel_index == L2
+    frame_of_row, events, updates = _flatten_events(b.flat, l2_frames, "updates")
     ev_of_row = events.parent_of_row
-    product = _codes(pc.struct_field(events.values, "product_id"), books)[ev_of_row]
-    ok = (is_bid | is_offer) & price_ok & size_ok & (product >= 0)
+    ev_product = pc.struct_field(b.flat.values, "product_id")
+    l2_event = l2_frames[b.flat.parent]
+    b.check_products(b.flat.parent, ev_product, l2_event)
+    side_text = pc.struct_field(updates, "side")
+    side_index = pc.index_in(side_text, value_set=pa.array(L2_SIDES)).fill_null(len(L2_SIDES))
+    side = _L2_SIDE_CODES[side_index.to_numpy(zero_copy_only=False)]
+    b.rejects.add(frame_of_row, side < 0, "bad_side",
+                  lambda i: f"level2 side {_show(side_text[i].as_py())} is not bid, offer or ask")  # fmt: skip
+    price, _ = b.units(frame_of_row, updates, "price_level", "level2", positive=True)
+    size, _ = b.units(frame_of_row, updates, "new_quantity", "level2")
+
+    keep = ~b.rejects.bad[frame_of_row]
+    kept_events = pa.array(l2_event & ~b.rejects.bad[b.flat.parent])  # only they get a book slot
+    product = _codes(pc.if_else(kept_events, ev_product, _NULL_STRING), books)[ev_of_row]
     snap = pc.equal(pc.struct_field(events.values, "type"), "snapshot").fill_null(False)
     r_snap = snap.to_numpy(zero_copy_only=False)[ev_of_row]
-    ts, ts_ok = times_ns(pc.struct_field(updates, "event_time"))
-    frame_ts, frame_ts_ok = times_ns(pc.struct_field(msg, "timestamp"))
-    ts_ok = ts_ok | frame_ts_ok[frame_of_row]
-    ts = np.where(ts_ok, ts, frame_ts[frame_of_row])  # the update's time, else the frame's
-    columns = [frame_of_row, product, is_offer, price, size, r_snap, ts, ts_ok]
-    if not ok.all():
-        counts["bad_level2_updates"] += int(np.count_nonzero(~ok))
-        columns = [c[ok] for c in columns]
-    frame_of_row, product, is_offer, price, size, r_snap, ts, ts_ok = columns
-    rows = (product, is_offer.astype(np.int8), price, size, r_snap)
+    ts = b.event_times(pc.struct_field(updates, "event_time"), frame_of_row, keep)
+    columns = [frame_of_row, product, side, price, size, r_snap]
+    if not keep.all():
+        columns = [c[keep] for c in columns]
+        ts = ts.filter(pa.array(keep))
+    frame_of_row, product, side, price, size, r_snap = columns
+    rows = (product, side, price, size, r_snap)
     frames = np.arange(n)
     rs = np.searchsorted(frame_of_row, frames, "left")
-    re = np.searchsorted(frame_of_row, frames, "right")
-    l2 = {
-        "ts_event": pa.array(ts, pa.int64(), mask=~ts_ok).cast(_TS_TYPE),
-        "ts_recv": recv[frame_of_row],
-        "seq": seq[frame_of_row],
-    }
-    return rows, rs.astype(np.int64), re.astype(np.int64), l2
+    re_ = np.searchsorted(frame_of_row, frames, "right")
+    l2 = {"ts_event": ts, "ts_recv": b.recv[frame_of_row], "seq": b.seq[frame_of_row]}
+    return rows, rs.astype(np.int64), re_.astype(np.int64), l2
 
 
 @dataclass
@@ -159,70 +278,122 @@ def _codes(product: pa.Array, books: BookSet) -> np.ndarray:
 
 
 # ---- trades, tickers, candles ------------------------------------------------------------------
-def _trades(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
-    frame_of, events, trades = _flatten_events(flat, channel_index == TRADES, "trades")
+def _trades(b: _Batch) -> pa.Table:
+    frame_of, events, trades = _flatten_events(b.flat, b.channel_index == TRADES, "trades")
+    b.check_products(frame_of, pc.struct_field(trades, "product_id"))
+    price, _ = b.units(frame_of, trades, "price", "market_trades", positive=True)
+    size, _ = b.units(frame_of, trades, "size", "market_trades")
+    keep = ~b.rejects.bad[frame_of]
     is_snapshot = pc.take(pc.equal(pc.struct_field(events.values, "type"), "snapshot"), pa.array(events.parent_of_row))
-    table, ok = _item_table(trades, frame_of, recv, seq, ["product_id", "trade_id", "side"], ["price", "size"], counts,
-                            "trades", ts_field="time")  # fmt: skip
-    return table.append_column("is_snapshot", is_snapshot.fill_null(False).filter(ok))
+    table = pa.table({
+        "ts_event": b.event_times(pc.struct_field(trades, "time"), frame_of, keep),
+        **_frame_columns(b, frame_of),
+        **{name: pc.struct_field(trades, name) for name in ("product_id", "trade_id", "side")},
+        "price": pa.array(price),
+        "size": pa.array(size),
+        "is_snapshot": is_snapshot.fill_null(False),
+    })  # fmt: skip
+    return _kept(table, keep)
 
 
-def _tickers(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
-    selected = (channel_index == TICKER) | (channel_index == TICKER_BATCH)
-    frame_of, events, tickers = _flatten_events(flat, selected, "tickers")
-    numbers = ["price", "best_bid", "best_bid_quantity", "best_ask", "best_ask_quantity", "volume_24_h", "low_24_h",
-               "high_24_h"]  # fmt: skip
-    frame_ts = to_timestamps(pc.struct_field(msg, "timestamp"))
-    table, ok = _item_table(tickers, frame_of, recv, seq, ["product_id"], numbers, counts, "tickers",
-                            ts=pc.take(frame_ts, pa.array(frame_of, pa.int64())))  # fmt: skip
-    extra = {
-        "price_pct_chg_24h": pc.cast(pc.struct_field(tickers, "price_percent_chg_24_h"), pa.float64(), safe=False),
-        "is_snapshot": pc.take(
-            pc.equal(pc.struct_field(events.values, "type"), "snapshot"), pa.array(events.parent_of_row)
-        ).fill_null(False),
-        "batch": pa.array(channel_index[frame_of] == TICKER_BATCH),
-    }
-    for name, column in extra.items():
-        table = table.append_column(name, column.filter(ok))
-    return table
+_TICKER_NUMBERS = ["best_bid", "best_bid_quantity", "best_ask", "best_ask_quantity", "volume_24_h", "low_24_h",
+                   "high_24_h"]  # fmt: skip
 
 
-def _candles(msg, flat, channel_index, recv, seq, counts) -> pa.Table:
-    frame_of, _events, candles = _flatten_events(flat, channel_index == CANDLES, "candles")
-    frame_ts = pc.take(to_timestamps(pc.struct_field(msg, "timestamp")), pa.array(frame_of, pa.int64()))
-    seconds, start_ok = to_units(pc.struct_field(candles, "start"))  # epoch seconds, as a string
-    start = pa.array(seconds * (1_000_000_000 // UNITS), pa.int64(), mask=~start_ok).cast(_TS_TYPE)  # null if bad
-    table, ok = _item_table(candles, frame_of, recv, seq, ["product_id"], ["open", "high", "low", "close", "volume"],
-                            counts, "candles", ts=frame_ts)  # fmt: skip
-    return table.add_column(3, "start", start.filter(ok))
+def _tickers(b: _Batch) -> pa.Table:
+    selected = (b.channel_index == TICKER) | (b.channel_index == TICKER_BATCH)
+    frame_of, events, tickers = _flatten_events(b.flat, selected, "tickers")
+    b.check_products(frame_of, pc.struct_field(tickers, "product_id"))
+    price, _ = b.units(frame_of, tickers, "price", "ticker", positive=True)
+    numbers = {"price": pa.array(price)}
+    for name in _TICKER_NUMBERS:  # optional: null when missing
+        units, valid = b.units(frame_of, tickers, name, "ticker", required=False)
+        numbers[name] = pa.array(units, mask=~valid)
+    pct = pc.struct_field(tickers, "price_percent_chg_24_h")
+    pct_ok = pc.match_substring_regex(pct, _SIGNED_DECIMAL).fill_null(True).to_numpy(zero_copy_only=False)
+    b.rejects.add(frame_of, ~pct_ok, "bad_number",
+                  lambda i: f"ticker price_percent_chg_24_h {_show(pct[i].as_py())} is not a decimal")  # fmt: skip
+    keep = ~b.rejects.bad[frame_of]
+    pct = pc.if_else(pa.array(pct_ok), pct, _NULL_STRING)  # only rejected lines lose a value here
+    table = pa.table({
+        "ts_event": b.frame_times(frame_of, keep),
+        **_frame_columns(b, frame_of),
+        "product_id": pc.struct_field(tickers, "product_id"),
+        **numbers,
+        "price_pct_chg_24h": pc.cast(pct, pa.float64()),
+        "is_snapshot": pc.take(pc.equal(pc.struct_field(events.values, "type"), "snapshot"),
+                               pa.array(events.parent_of_row)).fill_null(False),
+        "batch": pa.array(b.channel_index[frame_of] == TICKER_BATCH),
+    })  # fmt: skip
+    return _kept(table, keep)
 
 
-def _item_table(items, frame_of, recv, seq, strings, numbers, counts, what, ts_field=None, ts=None):
-    """One row per item: ts_event, ts_recv, seq, the string columns, the numbers as units.
-    Rows missing a product id or holding an unreadable number are dropped and counted;
-    returns (table, kept mask) so callers can align extra columns."""
-    cols: dict[str, pa.Array] = {}
-    ok = pc.is_valid(pc.struct_field(items, "product_id")).to_numpy(zero_copy_only=False)
-    cols["ts_event"] = to_timestamps(pc.struct_field(items, ts_field)) if ts_field else ts
-    cols["ts_recv"] = pa.array(recv[frame_of], pa.int64()).cast(_TS_TYPE)
-    cols["seq"] = pa.array(seq[frame_of], pa.int64())
-    for name in strings:
-        cols[name] = pc.struct_field(items, name)
-    for name in numbers:
-        units, good = to_units(pc.struct_field(items, name), allow_null=name != "price")
-        cols[name] = pa.array(units, mask=~good | pc.is_null(pc.struct_field(items, name)).to_numpy(False))
-        ok &= good
-    if not ok.all():
-        counts[f"bad_{what}"] += int(np.count_nonzero(~ok))
-    mask = pa.array(ok, pa.bool_())
-    return pa.table(cols).filter(mask), mask
+def _candles(b: _Batch) -> pa.Table:
+    frame_of, _events, candles = _flatten_events(b.flat, b.channel_index == CANDLES, "candles")
+    b.check_products(frame_of, pc.struct_field(candles, "product_id"))
+    seconds, _ = b.units(frame_of, candles, "start", "candles")  # epoch seconds, as a string
+    latest = (b.recv[frame_of] + CLOCK_SLACK_NS) // (1_000_000_000 // UNITS)
+    start_ok = (seconds >= EARLIEST_NS // (1_000_000_000 // UNITS)) & (seconds <= latest)
+    b.rejects.add(frame_of, ~start_ok, "bad_time", lambda i: f"candles start {seconds[i] // UNITS} s is out of range")
+    numbers = {}
+    for name in ("open", "high", "low", "close", "volume"):
+        units, valid = b.units(frame_of, candles, name, "candles", positive=name != "volume", required=False)
+        numbers[name] = pa.array(units, mask=~valid)
+    keep = ~b.rejects.bad[frame_of]
+    start = np.where(start_ok, seconds, 0) * (1_000_000_000 // UNITS)
+    table = pa.table({
+        "ts_event": b.frame_times(frame_of, keep),
+        **_frame_columns(b, frame_of),
+        "start": pa.array(start, pa.int64()).cast(_TS_TYPE),
+        "product_id": pc.struct_field(candles, "product_id"),
+        **numbers,
+    })  # fmt: skip
+    return _kept(table, keep)
+
+
+def _frame_columns(b: _Batch, frame_of: np.ndarray) -> dict[str, pa.Array]:
+    return {"ts_recv": pa.array(b.recv[frame_of], pa.int64()).cast(_TS_TYPE), "seq": pa.array(b.seq[frame_of])}
+
+
+def _kept(table: pa.Table, keep: np.ndarray) -> pa.Table:
+    return table if keep.all() else table.filter(pa.array(keep))
+
+
+def _show(value: str | None, limit: int = 40) -> str:
+    """A value for a reason line: repr'd (so NUL, spaces and empties are visible), truncated."""
+    if value is None:
+        return "null"
+    return repr(value[:limit]) + (f"... ({len(value):,} chars)" if len(value) > limit else "")
+
+
+def _plausible_times(strings: pa.Array, recv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RFC 3339 exchange times -> (ns, ok): ok only when readable, from 2009 on and not more
+    than a day after their receipt."""
+    ns, ok = times_ns(strings)
+    ok &= (ns >= EARLIEST_NS) & (ns <= recv + CLOCK_SLACK_NS)
+    return ns, ok
+
+
+def _last_good(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """``values`` with each bad one replaced by the last good one before it (the first good
+    one at the start, 0 when there is none)."""
+    if ok.all():
+        return values
+    if not ok.any():
+        return np.zeros_like(values)
+    index = np.where(ok, np.arange(values.shape[0]), 0)
+    np.maximum.accumulate(index, out=index)
+    index[: int(np.argmax(ok))] = int(np.argmax(ok))
+    return values[index]
 
 
 # ---- helpers --------------------------------------------------------------------------------
 def to_units(strings: pa.Array, allow_null: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal strings -> (int64 units of 1e-8, ok mask). Exact. The compiled parser takes the
-    plain decimals; anything else (exponents, junk, more than 8 decimals) goes through
-    ``Decimal`` one by one, and what is not an exact number of units is not ok."""
+    """Decimal strings -> (int64 units of 1e-8, ok mask), exact, for any ASCII decimal (sign,
+    exponent). The feed's own numbers go through :meth:`_Batch.units` (plain decimals only);
+    this general form takes the compiled parser's answer and hands anything else (exponents,
+    more than 8 decimals) to ``Decimal`` one by one, after an ASCII-only shape check:
+    ``Decimal`` alone would take Arabic-Indic or fullwidth digits, ``1_000`` and spaces."""
     units, ok, valid = parse_units(strings)
     odd = np.flatnonzero(valid & ~ok)
     if odd.shape[0]:
@@ -234,12 +405,17 @@ def to_units(strings: pa.Array, allow_null: bool = False) -> tuple[np.ndarray, n
     return units, ok
 
 
+_ASCII_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
+
+
 def _units_slow(values: list[str | None], allow_null: bool) -> tuple[np.ndarray, np.ndarray]:
     units = np.zeros(len(values), np.int64)
     ok = np.zeros(len(values), np.bool_)
     for i, text in enumerate(values):
         if text is None:
             ok[i] = allow_null
+            continue
+        if not _ASCII_DECIMAL.fullmatch(text):
             continue
         try:
             scaled = Decimal(text) * UNITS
@@ -274,8 +450,9 @@ def _int_column(column: pa.Array, fill: int) -> np.ndarray:
     return column.fill_null(fill).to_numpy(zero_copy_only=False).astype(np.int64, copy=True)
 
 
-def _flag_unusable(batch, msg, has_msg, has_event, channel_index, first_line, counts, quarantine) -> None:
-    """Lines that carry no market data we understand go to quarantine with the reason."""
+def _flag_unusable(batch, msg, has_msg, has_event, channel_index, first_line, counts, quarantine) -> np.ndarray:
+    """Lines that carry no market data we understand go to quarantine with the reason;
+    returns their mask."""
     raw = batch.column("raw").is_valid().to_numpy(zero_copy_only=False)
     msg_type = pc.struct_field(msg, "type")
     is_error = pc.equal(msg_type, "error").fill_null(False).to_numpy(zero_copy_only=False)
@@ -297,3 +474,4 @@ def _flag_unusable(batch, msg, has_msg, has_event, channel_index, first_line, co
         else:
             reason = "record has neither msg, event nor raw"
         quarantine.append((first_line + i, reason))
+    return raw | is_error | unknown | nothing

@@ -5,6 +5,11 @@ Why not Arrow's casts: they are exact but cost ~50 ns a value and there are two 
 per level2 update; these loops cost a few ns. Anything they do not recognise (exponents,
 more than 8 decimals, other time formats) is reported per value, and the caller parses
 just those values the slow, general way, so results never depend on which path ran.
+
+``plain=True`` is the feed's own number shape and nothing else: ASCII digits, optionally a
+point followed by digits (``123``, ``0.00000001``); no sign, no exponent, no spaces. Times
+are read only for years the fast path can hold in int64 ns without wrapping (1900..2199);
+others go to the caller's slow path, which refuses what int64 ns cannot represent.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from numba import njit
 
-_MAX_BEFORE_DIGIT = (2**63 - 1 - 9) // 10
+_MAX_TENTH = (2**63 - 1) // 10  # acc * 10 + d fits int64 iff acc < this, or == this and d <= 7
 
 
 def _buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -28,13 +33,14 @@ def _buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return offsets, chars, valid
 
 
-def parse_units(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def parse_units(strings: pa.Array, plain: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decimal strings -> (units of 1e-8, parsed, valid). ``parsed`` is False for nulls and
-    for values this fast path does not handle."""
+    for values this fast path does not handle (with ``plain``: for anything but the feed's
+    unsigned ``digits[.digits]``)."""
     offsets, chars, valid = _buffers(strings)
     units = np.zeros(len(strings), np.int64)
     parsed = np.zeros(len(strings), np.bool_)
-    _units(offsets, chars, valid, units, parsed)
+    _units(offsets, chars, valid, units, parsed, plain)
     return units, parsed, valid
 
 
@@ -48,15 +54,17 @@ def parse_times(strings: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @njit(cache=True)
-def _units(offsets, chars, valid, out, parsed):
+def _units(offsets, chars, valid, out, parsed, plain):
     for i in range(out.shape[0]):
         if not valid[i]:
             continue
         a, b = offsets[i], offsets[i + 1]
         if a == b:
             continue
+        if plain and (chars[a] == 46 or chars[b - 1] == 46):  # ".5", "12.": not the feed's shape
+            continue
         neg = False
-        if chars[a] == 45 or chars[a] == 43:  # - +
+        if not plain and (chars[a] == 45 or chars[a] == 43):  # - +
             neg = chars[a] == 45
             a += 1
         acc = 0
@@ -77,7 +85,7 @@ def _units(offsets, chars, valid, out, parsed):
                     ok = False
                     break
                 continue
-            if acc > _MAX_BEFORE_DIGIT:
+            if acc >= _MAX_TENTH and (acc > _MAX_TENTH or d > 7):
                 ok = False
                 break
             acc = acc * 10 + d
@@ -88,7 +96,7 @@ def _units(offsets, chars, valid, out, parsed):
             continue
         scale = 8 - (frac if frac > 0 else 0)
         for _ in range(scale):
-            if acc > (2**63 - 1) // 10:
+            if acc > _MAX_TENTH:
                 ok = False
                 break
             acc *= 10
@@ -108,6 +116,13 @@ def _num(chars, a, n):
     return v
 
 
+@njit(cache=True, inline="always")
+def _days_in_month(year, month):
+    if month == 2:
+        return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return 30 if month == 4 or month == 6 or month == 9 or month == 11 else 31
+
+
 @njit(cache=True)
 def _times(offsets, chars, valid, out, parsed):
     for i in range(out.shape[0]):
@@ -120,7 +135,9 @@ def _times(offsets, chars, valid, out, parsed):
             continue
         year, month, day = _num(chars, a, 4), _num(chars, a + 5, 2), _num(chars, a + 8, 2)
         hour, minute, second = _num(chars, a + 11, 2), _num(chars, a + 14, 2), _num(chars, a + 17, 2)
-        if year < 0 or not (1 <= month <= 12) or not (1 <= day <= 31) or hour < 0 or hour > 23:
+        if year < 1900 or year > 2199 or not (1 <= month <= 12) or hour < 0 or hour > 23:
+            continue  # other years: the slow path (int64 ns only reach 1677..2262)
+        if day < 1 or day > _days_in_month(year, month):
             continue
         if minute < 0 or minute > 59 or second < 0 or second > 60:
             continue

@@ -64,6 +64,8 @@ from daedalus.logs import get_logger
 
 log = get_logger("daedalus.etl")
 SOURCE = "coinbase"
+#: counters of lines rejected or repaired, printed when not zero (the reasons are in the rejects file)
+_BAD_INPUT_COUNTERS = ("quarantined_", "dropped_", "ts_event_fallbacks")
 MAX_CONSECUTIVE_FAILURES = 3  # the watcher's retries of an unexpected error before it exits non-zero
 _UNIT_NS = {"s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000}
 
@@ -148,10 +150,10 @@ class Summary:
             f"late_for_bars={self.counts['late_trades']:,}",
             f"quarantined: lines={self.quarantined_lines:,} segments={self.quarantined_segments:,}",
         ]
-        reasons = {k: v for k, v in sorted(self.counts.items()) if v and k.startswith(("quarantined_", "dropped_"))}
-        reasons.pop("dropped_before_snapshot", None)
-        if reasons:
-            lines.append("rejected: " + ", ".join(f"{k}={v:,}" for k, v in reasons.items()))
+        bad = {k: v for k, v in sorted(self.counts.items()) if v and k.startswith(_BAD_INPUT_COUNTERS)}
+        bad.pop("dropped_before_snapshot", None)  # not bad input: printed with the books
+        if bad:
+            lines.append("bad input: " + ", ".join(f"{k}={v:,}" for k, v in bad.items()))
         return "\n".join(lines)
 
 
