@@ -192,11 +192,11 @@ def test_samples_are_the_book_as_of_each_grid_time() -> None:
     frames: list[Frame] = [
         (FRAME, 1, 0, 0, 1_500, [("A", True, [(0, 100, 1), (0, 99, 2), (1, 101, 3)])]),
         (FRAME, 1, 1, 0, 2_100, [("A", False, [(0, 100, 0)])]),  # samples t=2000 before this frame
-        (FRAME, 1, 2, 0, 5_000, [("A", False, [(1, 102, 4)])]),  # samples t=3000, 4000, 5000
+        (FRAME, 1, 2, 0, 5_000, [("A", False, [(1, 102, 4)])]),  # samples t=3000 only: 4000 and 5000 hold the same book
     ]
     _, samples = books.apply(make_batch(books, frames))
-    assert samples.ts.tolist() == [2_000, 3_000, 4_000, 5_000]
+    assert samples.ts.tolist() == [2_000, 3_000]
     assert samples.bid_px[0].tolist() == [100, 99, 0] and samples.bid_sz[0].tolist() == [1, 2, 0]
     assert samples.bid_px[1].tolist() == [99, 0, 0]
-    assert samples.ask_px[3].tolist() == [101, 0, 0] and samples.ask_sz[3].tolist() == [3, 0, 0]
+    assert samples.ask_px[1].tolist() == [101, 0, 0] and samples.ask_sz[1].tolist() == [3, 0, 0]
     assert samples.valid.all()

@@ -17,6 +17,35 @@ frame gets its product's best bid/ask and ``book_valid``. Sequence numbers, cont
 (gap, connect, disconnect) and snapshots drive validity (architecture 3.5). The loop stops
 before a frame it has no room for (chunks or sample rows) and reports what it needs;
 :class:`BookSet` grows the arrays and resumes at that frame, so nothing is ever half-applied.
+
+Validity. A snapshot makes a book valid only when it leaves both sides with levels: a
+one-sided snapshot (an empty side, or rows of one side lost upstream) is counted
+(``one_sided``) and the book stays invalid until the next two-sided snapshot. An update
+that adds the missing side does not make it valid: it cannot bring back the levels the
+snapshot should have had, so the best price of that side could be wrong.
+
+Samples follow the data. Book samples sit on a grid of ``interval`` on the receive clock;
+the sample at grid time t is the book just before the first frame (in data order) stamped
+at or after t, i.e. the state after every earlier frame. They are taken when a product's
+frame passes the next grid time, and a frame takes at most ONE sample: the first grid
+time it passed. The grid times after it up to the frame are skipped: the book did not
+change between them (no frame of the product came), so a reader filling forward from that
+one sample has the right book at every time, and the number of samples is bounded by the
+number of frames, never by a gap in time (a clock jumped 10 years ahead costs one sample).
+Sample times of a product only increase, with one exception below. When the receive clock
+goes back before the last grid time passed (``ts < next_sample - interval``):
+
+- by at most ``SAMPLE_CLOCK_RESTART`` intervals behind the last sample: sampling resumes at
+  the grid time after the last sample (no time is sampled twice; a short step back pauses
+  sampling at most that long). This is also what makes a one-off outlier harmless: a frame
+  stamped +20 min took one sample (at the first grid time after the previous frame), so
+  when the clock comes back, sampling continues on the next grid time at once;
+- by more: the clock was stepped back (or ran ahead for a while); the grid restarts at the
+  data's time. Times sampled under the wrong clock may then be sampled again later.
+
+``book_valid`` of a sample is the book's validity when it is taken (not crossed, no gap
+since a two-sided snapshot); a gap announced between a grid time and the frame that takes
+its sample already shows, which errs on the side of invalid.
 """
 
 from __future__ import annotations
@@ -52,7 +81,12 @@ C_GAPS = 0
 C_CROSSED = 1
 C_SNAPSHOTS = 2
 C_DROPPED = 3  # update rows before the product's first snapshot
-N_COUNTERS = 4
+C_ONE_SIDED = 4  # snapshots that left a side without levels (the book stays invalid)
+N_COUNTERS = 5
+
+# The receive clock going back more than this many sample intervals behind the last sample
+# restarts the sample grid at the data's time (see the module docstring).
+SAMPLE_CLOCK_RESTART = 60
 
 
 @njit(cache=True, inline="always")
@@ -201,6 +235,17 @@ def _top(b, depth, ck, cs, cn, order, nch, sign, out_px, out_sz):
 
 
 @njit(cache=True)
+def _sample_clock_back(p, ts, interval, next_sample, last_sample):
+    """The receive clock went back before the last grid time passed: move product ``p``'s next
+    grid time by the rules of the module docstring and return it."""
+    if ts < last_sample[p] - SAMPLE_CLOCK_RESTART * interval:
+        next_sample[p] = (ts // interval + 1) * interval  # stepped back: the grid restarts here
+    else:
+        next_sample[p] = last_sample[p] + interval  # resume right after the last sample taken
+    return next_sample[p]
+
+
+@njit(cache=True)
 def _invalidate_conn(conn, book_conn, valid):
     for p in range(valid.shape[0]):
         if book_conn[p] == conn:
@@ -234,6 +279,7 @@ def run_frames(
     has_book,
     book_conn,
     next_sample,
+    last_sample,
     pcount,
     last_seq,
     o_bb,
@@ -281,6 +327,7 @@ def run_frames(
         ts = f_ts[f]
         # room check before touching anything of this frame
         need = 0
+        n_events = 0  # each event takes at most one sample
         g = rs
         while g < re:
             p = r_prod[g]
@@ -300,13 +347,12 @@ def run_frames(
                         meta[M_STATUS] = NEED_CHUNKS
                         meta[M_NEED] = nch[2 * p + sd] + (e - g)
                         return f
-            if interval > 0 and has_book[p] and ts >= next_sample[p]:
-                k = (ts - next_sample[p]) // interval + 1
-                if meta[M_NSAMPLES] + k > s_cap:
-                    meta[M_STATUS] = NEED_SAMPLES
-                    meta[M_NEED] = k
-                    return f
+            n_events += 1
             g = e
+        if interval > 0 and meta[M_NSAMPLES] + n_events > s_cap:
+            meta[M_STATUS] = NEED_SAMPLES
+            meta[M_NEED] = n_events
+            return f
         if need > meta[M_NFREE]:
             meta[M_STATUS] = NEED_CHUNKS
             meta[M_NEED] = need
@@ -327,20 +373,23 @@ def run_frames(
             e = g + 1  # the event: rows with one product and one snapshot flag
             while e < re and r_prod[e] == p and r_snap[e] == r_snap[g]:
                 e += 1
-            if interval > 0 and has_book[p] and ts >= next_sample[p]:  # sample the book as it was
-                ns = meta[M_NSAMPLES]
-                while next_sample[p] <= ts:
+            if interval > 0 and has_book[p]:
+                nxt = next_sample[p]
+                if ts < nxt - interval:
+                    nxt = _sample_clock_back(p, ts, interval, next_sample, last_sample)
+                if ts >= nxt:  # one sample of the book as it was, at the first grid time passed
+                    ns = meta[M_NSAMPLES]  # (room for one per event was checked above)
                     s_prod[ns] = p
-                    s_ts[ns] = next_sample[p]
+                    s_ts[ns] = nxt
                     bb = _best(2 * p, ck, cn, order, nch)
                     ba = _best(2 * p + 1, ck, cn, order, nch)
                     crossed = bb != NO_PRICE and ba != NO_PRICE and bb >= -ba
                     s_valid[ns] = valid[p] and not crossed
                     _top(2 * p, depth, ck, cs, cn, order, nch, 1, s_bpx[ns], s_bsz[ns])
                     _top(2 * p + 1, depth, ck, cs, cn, order, nch, -1, s_apx[ns], s_asz[ns])
-                    next_sample[p] += interval
-                    ns += 1
-                meta[M_NSAMPLES] = ns
+                    meta[M_NSAMPLES] = ns + 1
+                    last_sample[p] = nxt
+                    next_sample[p] = (ts // interval + 1) * interval  # grid times up to ts: same book, skipped
             if r_snap[g]:
                 for sd in range(2):
                     m = 0
@@ -358,8 +407,11 @@ def run_frames(
                     _load(2 * p + sd, keys, sizes, ck, cs, cn, free, meta, order, cmax, nch)
                 if not has_book[p] and interval > 0:
                     next_sample[p] = (ts // interval + 1) * interval
+                    last_sample[p] = next_sample[p] - interval
                 has_book[p] = True
-                valid[p] = True
+                valid[p] = nch[2 * p] > 0 and nch[2 * p + 1] > 0  # one-sided: see the module docstring
+                if not valid[p]:
+                    pcount[p, C_ONE_SIDED] += 1
                 pcount[p, C_SNAPSHOTS] += 1
                 for r in range(g, e):
                     o_keep[r] = True
@@ -528,6 +580,7 @@ class BookSet:
         self.has_book = _grow(getattr(self, "has_book", None), (n,), np.bool_, False)
         self.book_conn = _grow(getattr(self, "book_conn", None), (n,), np.int64, -1)
         self.next_sample = _grow(getattr(self, "next_sample", None), (n,), np.int64, 0)
+        self.last_sample = _grow(getattr(self, "last_sample", None), (n,), np.int64, 0)
         self.pcount = _grow(getattr(self, "pcount", None), (n, N_COUNTERS), np.int64, 0)
         if hasattr(self, "order"):
             self.order = _grow(self.order, (2 * n, self.order.shape[1]), np.int32, 0)
@@ -622,6 +675,7 @@ class BookSet:
                 self.has_book,
                 self.book_conn,
                 self.next_sample,
+                self.last_sample,
                 self.pcount,
                 self.last_seq,
                 res.best_bid,
@@ -680,7 +734,7 @@ class BookSet:
     def counters(self, product_id: str) -> dict[str, int]:
         row = self.pcount[self.product_index[product_id]]
         return {"gaps": int(row[C_GAPS]), "crossed": int(row[C_CROSSED]), "snapshots": int(row[C_SNAPSHOTS]),
-                "dropped_before_snapshot": int(row[C_DROPPED])}  # fmt: skip
+                "dropped_before_snapshot": int(row[C_DROPPED]), "one_sided": int(row[C_ONE_SIDED])}  # fmt: skip
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Everything needed to resume, as plain arrays (saved with ``np.savez``)."""
@@ -690,6 +744,7 @@ class BookSet:
             "has_book": self.has_book[:n].copy(),
             "book_conn": self.book_conn[:n].copy(),
             "next_sample": self.next_sample[:n].copy(),
+            "last_sample": self.last_sample[:n].copy(),
             "pcount": self.pcount[:n].copy(),
             "conn_ids": np.array(list(self.conns), np.int64),
             "last_seq": self.last_seq[: len(self.conns)].copy(),
@@ -712,7 +767,11 @@ class BookSet:
         books.valid[:n] = arrays["valid"]
         books.has_book[:n] = arrays["has_book"]
         books.next_sample[:n] = arrays["next_sample"]
-        books.pcount[:n] = arrays["pcount"]
+        # checkpoints written before last_sample existed: the last grid time passed is the last sample
+        last = arrays.get("last_sample")
+        books.last_sample[:n] = books.next_sample[:n] - interval_ns if last is None else last
+        pcount = arrays["pcount"]
+        books.pcount[:n, : pcount.shape[1]] = pcount  # older checkpoints have fewer counters
         for conn in arrays["conn_ids"].tolist():
             books.conn_slot(int(conn))
         books.last_seq[: len(books.conns)] = arrays["last_seq"]

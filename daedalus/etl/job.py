@@ -144,7 +144,7 @@ class Summary:
             f"-> {self.bytes / 1e6 / secs:,.1f} MB/s, {self.rows['level2'] / secs:,.0f} level2 rows/s",
             "rows: " + ", ".join(f"{k}={v:,}" for k, v in sorted(self.rows.items())) if self.rows else "rows: none",
             f"books: gaps={self.counts['gaps']:,} crossed={self.counts['crossed']:,} "
-            f"snapshots={self.counts['snapshots']:,} "
+            f"snapshots={self.counts['snapshots']:,} one_sided={self.counts['one_sided']:,} "
             f"dropped_before_snapshot={self.counts['dropped_before_snapshot']:,}",
             f"trades: duplicates_dropped={self.counts['duplicate_trades']:,} "
             f"late_for_bars={self.counts['late_trades']:,}",
