@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import TextIO
 
 from daedalus.capture.auth import ws_jwt
 from daedalus.capture.coinbase import CoinbaseCollector
-from daedalus.capture.segments import SegmentWriter, recover_active
+from daedalus.capture.segments import RecoveryInterrupted, SegmentWriter, recover_active
 from daedalus.config import ConfigError, DaedalusConfig
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
@@ -68,7 +69,11 @@ class IngestPipeline:
         self.check_settings()
         self.layout.ensure(SOURCE)
         self._lock = hold_lock(self.layout.active(SOURCE) / ".lock")
-        recover_active(self.layout, SOURCE)
+        if not await self._recover(stop):
+            self._lock.close()  # nothing was started: only the lock to give back
+            self._lock = None
+            self._log_stopped(False, time.monotonic() - self._started)
+            return
         self.writer.start()
         log.info(
             "ingest_started",
@@ -92,6 +97,35 @@ class IngestPipeline:
                     break
         finally:
             await self.shutdown(tasks, reporter, stopper, out)
+
+    async def _recover(self, stop: asyncio.Event) -> bool:
+        """Recover ``active/`` before anything is captured; False if asked to stop while
+        the disk kept failing (the leftovers stay, intact, for the next start).
+
+        Collectors and the writer start only afterwards, so no frame arrives meanwhile and
+        the new segment's name is chosen knowing the recovered ones. The retries run in a
+        thread so that the event loop still sees SIGTERM.
+        """
+        stopping = threading.Event()
+        relay = asyncio.create_task(stop.wait())
+        relay.add_done_callback(lambda _: stopping.set())
+        try:
+            report = await asyncio.to_thread(recover_active, self.layout, SOURCE, stopping)
+        except RecoveryInterrupted as exc:
+            self.writer.stats.write_errors += exc.failures  # the writer has not started yet
+            log.error(
+                "recovery_interrupted",
+                source=SOURCE,
+                segment=exc.segment,
+                error=exc.error,
+                failures=exc.failures,
+                action="stopped as asked; the segment stays in raw/active/ and is recovered at the next start",
+            )
+            return False
+        finally:
+            relay.cancel()
+        self.writer.stats.write_errors += report.write_errors  # shown in the statistics block
+        return True
 
     async def shutdown(
         self,

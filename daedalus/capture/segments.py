@@ -16,6 +16,7 @@ that still fails is given up on and every record it held is counted as unwritten
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -46,6 +47,15 @@ log = get_logger(__name__)
 NS_PER_HOUR = 3_600_000_000_000
 LATENCY_SAMPLE_EVERY = 16
 LAST_SEGMENT_FILE = ".last_segment"
+
+
+LOG_EVERY_FAILURES = 60  # a failing disk logs its first failure, then every Nth
+MAX_RETRY_PAUSE_S = 5.0
+
+
+def retry_pause(failures: int) -> float:
+    """Backoff after a failed disk operation: 0.2 s doubling to 5 s, so a full disk costs no CPU."""
+    return min(MAX_RETRY_PAUSE_S, 0.1 * 2 ** min(failures, 10))
 
 
 def fsync_dir(path: Path) -> None:
@@ -84,7 +94,6 @@ class WriterGaveUp(Exception):
 
 CLOSING_ATTEMPTS = 3  # tries of a failing disk operation once shutdown was asked
 CLOSING_RETRY_PAUSE_S = 0.2
-MAX_RETRY_PAUSE_S = 5.0
 
 
 class SegmentWriter:
@@ -123,7 +132,10 @@ class SegmentWriter:
         self._scanned = False
         self._stepped_back_from: str | None = None  # the name hour the clock stepped back from
         self._exhausted_warned = False
-        self._compressor = zstandard.ZstdCompressor(level=3) if self.suffix.endswith(".zst") else None
+        # the content checksum (4 bytes a flush) lets a reader tell a flipped bit from data
+        self._compressor = (
+            zstandard.ZstdCompressor(level=3, write_checksum=True) if self.suffix.endswith(".zst") else None
+        )
         self.error: BaseException | None = None
         self.gave_up = False
 
@@ -335,7 +347,7 @@ class SegmentWriter:
                 if undo is not None:
                     with contextlib.suppress(OSError):
                         undo()
-                if failures == 1 or failures % 60 == 0:
+                if failures == 1 or failures % LOG_EVERY_FAILURES == 0:
                     log.error(
                         "segment_write_failed",
                         source=self.source,
@@ -351,7 +363,7 @@ class SegmentWriter:
                         raise WriterGaveUp(f"{step}: {exc.strerror or exc!r} after {failures} attempts") from exc
                     time.sleep(CLOSING_RETRY_PAUSE_S)
                 else:
-                    self._stopping.wait(min(MAX_RETRY_PAUSE_S, 0.1 * 2 ** min(failures, 10)))
+                    self._stopping.wait(retry_pause(failures))
                 continue
             if failures:
                 log.info(
@@ -510,6 +522,7 @@ class RecoveryReport:
     records_kept: int = 0
     bytes_quarantined: int = 0
     quarantined: list[str] = field(default_factory=list)
+    write_errors: int = 0  # failed attempts, each retried
 
 
 def _split_ndjson(data: bytes) -> tuple[bytes, bytes, int]:
@@ -545,53 +558,58 @@ def _split_zstd(data: bytes) -> tuple[bytes, bytes, int]:
     return data[:offset], data[offset:], records
 
 
-def recover_active(layout: DataLayout, source: str) -> RecoveryReport:
+class RecoveryInterrupted(Exception):
+    """Shutdown was asked while the disk kept failing: the segment being recovered stays
+    where it is, each step done so far complete, and the next start finishes the job."""
+
+    def __init__(self, segment: str, error: str, failures: int) -> None:
+        super().__init__(f"{segment}: {error} after {failures} attempts")
+        self.segment = segment
+        self.error = error
+        self.failures = failures
+
+
+
+
+@dataclass
+class _SegmentOutcome:
+    """What recovering one segment did, carried across retries of the same segment."""
+
+    moved: bool = False
+    records: int = 0
+    torn: Path | None = None
+    torn_bytes: int = 0
+
+
+def recover_active(layout: DataLayout, source: str, stopping: threading.Event | None = None) -> RecoveryReport:
     """Move every segment left in ``active/`` to ``ready/``, torn tails to ``quarantine/``.
 
     Safe to interrupt: the tail is written to quarantine before the segment is cut, and
-    the segment is cut before it is renamed, so a second run finishes the job.
+    the segment is cut before it is renamed, so a second run finishes the job (and finds
+    the tail already quarantined instead of copying it twice). A failing disk (full, I/O
+    error) is retried with backoff until it works or ``stopping`` is set, which raises
+    :class:`RecoveryInterrupted`: recovery never leaves a segment half moved.
     """
     report = RecoveryReport()
     active, ready, quarantine = layout.active(source), layout.ready(source), layout.quarantine(source)
     if not active.is_dir():
         return report
+    stopping = stopping or threading.Event()
     for path in sorted(active.iterdir()):
         if parse_segment_name(path.name) is None:
             continue
-        data = path.read_bytes()
-        split = _split_zstd if path.name.endswith(".zst") else _split_ndjson
-        good, tail, records = split(data)
-        if tail:
-            quarantine.mkdir(parents=True, exist_ok=True)
-            torn = quarantine / f"{path.name}.tail-{time.time_ns()}"
-            torn.write_bytes(tail)
-            with open(torn, "rb+") as f:
-                os.fsync(f.fileno())
-            fsync_dir(quarantine)
-            report.bytes_quarantined += len(tail)
-            report.quarantined.append(torn.name)
-            log.warning("segment_torn_tail", source=source, segment=path.name, bytes=len(tail), to=str(torn))
-        if not good:
-            path.unlink()
-        else:
-            if len(good) != len(data):
-                if data.startswith(good):
-                    os.truncate(path, len(good))
-                else:  # bad lines in the middle: rewrite the good ones
-                    tmp = path.with_name(path.name + ".tmp")
-                    with open(tmp, "wb") as f:
-                        f.write(good)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                with open(path, "rb+") as f:
-                    os.fsync(f.fileno())
-            ready.mkdir(parents=True, exist_ok=True)
-            os.rename(path, ready / path.name)
+        outcome = _SegmentOutcome()
+        attempt = functools.partial(_recover_segment, path, ready, quarantine, outcome)
+        report.write_errors += _retry_recovery(source, path.name, stopping, attempt)
+        if outcome.torn is not None:
+            report.bytes_quarantined += outcome.torn_bytes
+            report.quarantined.append(outcome.torn.name)
+            log.warning(
+                "segment_torn_tail", source=source, segment=path.name, bytes=outcome.torn_bytes, to=str(outcome.torn)
+            )
+        if outcome.moved:
             report.segments += 1
-            report.records_kept += records
-        fsync_dir(active)
-        fsync_dir(ready)
+            report.records_kept += outcome.records
     if report.segments or report.quarantined:
         log.info(
             "recovery_done",
@@ -599,5 +617,127 @@ def recover_active(layout: DataLayout, source: str) -> RecoveryReport:
             segments=report.segments,
             records=report.records_kept,
             quarantined_bytes=report.bytes_quarantined,
+            write_errors=report.write_errors,
         )
     return report
+
+
+def _retry_recovery(source: str, segment: str, stopping: threading.Event, attempt: Callable[[], None]) -> int:
+    """Run ``attempt`` until it succeeds; returns the failures. Logs like the writer does.
+
+    A full disk at start-up is an operations problem: ingest waits for space rather than
+    die with a traceback, and stops promptly (:class:`RecoveryInterrupted`) when asked.
+    """
+    failures = 0
+    while True:
+        try:
+            attempt()
+        except OSError as exc:
+            failures += 1
+            error = exc.strerror or repr(exc)
+            if failures == 1 or failures % LOG_EVERY_FAILURES == 0:
+                log.error("recovery_write_failed", source=source, segment=segment, error=error, failures=failures)
+            if stopping.wait(retry_pause(failures)):
+                raise RecoveryInterrupted(segment, error, failures) from exc
+            continue
+        if failures:
+            log.info("recovery_write_recovered", source=source, segment=segment, failures=failures)
+        return failures
+
+
+def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _SegmentOutcome) -> None:
+    """One attempt at one segment; idempotent, so a failed attempt is simply run again.
+
+    Re-reading the file each time makes every step safe to repeat: a tail already cut off
+    is not found again, a cut already made is not made again, a rename already done
+    leaves nothing in ``active/``.
+    """
+    if path.exists():
+        data = path.read_bytes()
+        split = _split_zstd if path.name.endswith(".zst") else _split_ndjson
+        good, tail, records = split(data)
+        if tail:
+            # one name for every attempt, so that a failed attempt's leftovers are recognised
+            outcome.torn = outcome.torn or quarantine / f"{path.name}.tail-{time.time_ns()}"
+            outcome.torn = _quarantine_tail(outcome.torn, tail)
+            outcome.torn_bytes = len(tail)
+        if not good:
+            path.unlink()
+        else:
+            _cut_to(path, data, good)
+            ready.mkdir(parents=True, exist_ok=True)
+            os.rename(path, ready / path.name)
+            outcome.moved = True
+            outcome.records = records
+    fsync_dir(path.parent)
+    if ready.is_dir():
+        fsync_dir(ready)
+
+
+def _cut_to(path: Path, data: bytes, good: bytes) -> None:
+    """Leave exactly ``good`` in ``path``, durably (also when an earlier attempt cut it)."""
+    if len(good) != len(data):
+        if data.startswith(good):
+            os.truncate(path, len(good))
+        else:  # bad lines in the middle: rewrite the good ones
+            _write_file_durably(path.with_name(path.name + ".tmp"), good)
+            os.replace(path.with_name(path.name + ".tmp"), path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _quarantine_tail(planned: Path, tail: bytes) -> Path:
+    """Store ``tail`` as ``planned`` (``<segment>.tail-<ns>``) exactly once, never half written.
+
+    Written under a ``.partial`` name and renamed; a copy left by an earlier attempt (or by
+    a run that died before the cut) is reused rather than duplicated.
+    """
+    quarantine = planned.parent
+    quarantine.mkdir(parents=True, exist_ok=True)
+    torn = _quarantined_copy(quarantine, planned.name.rpartition(".tail-")[0], tail)
+    if torn is None:
+        torn = planned
+        partial = torn.with_name(torn.name + ".partial")
+        _write_file_durably(partial, tail)
+        try:
+            os.rename(partial, torn)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
+    fsync_dir(quarantine)
+    return torn
+
+
+def _quarantined_copy(quarantine: Path, segment: str, tail: bytes) -> Path | None:
+    """An existing ``<segment>.tail-<ns>`` holding exactly ``tail``; drops stale partials
+    (their bytes are still in the segment). Names are never reused, so a match is ours."""
+    prefix = f"{segment}.tail-"
+    found = None
+    with os.scandir(quarantine) as entries:
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            if entry.name.endswith(".partial"):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+            elif found is None and entry.stat().st_size == len(tail) and Path(entry.path).read_bytes() == tail:
+                found = Path(entry.path)
+    return found
+
+
+def _write_file_durably(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data`` and fsync it; on failure remove what was written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
