@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import math
+import os
 import signal
 import sys
+import tempfile
 import threading
 from datetime import date
 from enum import StrEnum
@@ -47,6 +51,41 @@ def _configured(path: Path) -> DaedalusConfig:
     return settings
 
 
+# A full disk is not a reason to refuse to start: capture keeps retrying and counts what it
+# could not write, the ETL leaves the segment to the next run.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _require_writable(directory: Path, key: str) -> None:
+    """Create ``directory`` and a probe file in it, or exit 2 with one line naming ``key``.
+
+    A real create rather than ``os.access``: root passes every permission check but not a
+    read-only mount, and a path component that is a file fails either way. Called at the
+    start of the commands that write, so the problem is not a traceback at the first flush.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise _fail(f"{key}: cannot write to {directory}: it is a file, not a directory") from None
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            return
+        raise _fail(f"{key}: cannot write to {directory}: {exc.strerror or exc}") from None
+
+
+def _check_seconds(value: float | None, flag: str, *, zero: str | None = None) -> None:
+    """Exit 2 unless ``value`` is a finite number of seconds in (0, 1 day]; ``zero`` names
+    what 0 means for flags where 0 is allowed (e.g. "off")."""
+    if value is None or (zero is not None and value == 0):
+        return
+    if not (math.isfinite(value) and 0 < value <= 86_400):
+        allowed = f"0 ({zero}) or" if zero else "more than 0 and"
+        raise _fail(f"{flag}: must be {allowed} at most 86400 seconds (got {value})")
+
+
 @app.command()
 def version() -> None:
     """Print the Daedalus version."""
@@ -69,14 +108,18 @@ def config_check(
 @app.command()
 def ingest(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
-    stats_interval: Annotated[float | None, typer.Option(help="Print the statistics block every S seconds.")] = None,
+    stats_interval: Annotated[
+        float | None, typer.Option(help="Print the statistics block every S seconds (0 or unset: never).")
+    ] = None,
 ) -> None:
     """Capture the Coinbase feed into durable raw segments until SIGINT/SIGTERM."""
     from daedalus.capture.auth import AuthError
     from daedalus.capture.pipeline import ingest as run_ingest
     from daedalus.locks import AlreadyRunning
 
+    _check_seconds(stats_interval, "--stats-interval", zero="off")
     settings = _configured(config)
+    _require_writable(settings.layout.raw, "data_dir")
     try:
         ok = asyncio.run(run_ingest(settings, stats_interval))
     except KeyboardInterrupt:
@@ -109,29 +152,44 @@ def etl(
     watch: Annotated[bool, typer.Option(help="Keep running: process segments as they become ready.")] = False,
     poll_interval: Annotated[float | None, typer.Option(help="Seconds between looks at ready/ (--watch).")] = None,
     progress: Annotated[bool | None, typer.Option(help="Progress bar (default: when stderr is a terminal).")] = None,
+    rebuild_state: Annotated[
+        bool, typer.Option(help="Move a damaged or incompatible checkpoint aside first and start from empty books.")
+    ] = False,
 ) -> None:
     """Turn closed raw segments into Hive-partitioned Parquet (books, trades, tickers, bars)."""
-    from daedalus.etl.job import EtlIoError, EtlJob
+    from daedalus.etl.job import EtlIoError, EtlJob, EtlStuck
+    from daedalus.etl.state import EtlStateError
     from daedalus.locks import AlreadyRunning
 
+    _check_seconds(poll_interval, "--poll-interval")
     settings = _configured(config)
     start, end = _etl_dates(mode, day, start_date, end_date)
+    _require_writable(settings.layout.raw, "data_dir")
+    _require_writable(settings.processed_dir, "etl.output_dir" if settings.etl.output_dir else "data_dir")
     job = EtlJob(settings)
     show = sys.stderr.isatty() if progress is None else progress
     try:
+        if rebuild_state:
+            moved = job.rebuild_state()
+            typer.echo(f"checkpoint moved to {moved}" if moved else "no checkpoint to move aside", err=True)
         if watch:
             if mode is not EtlMode.all:
                 raise _fail("--watch processes every segment as it arrives: use it without --mode date/range")
             stop = threading.Event()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, lambda *_: stop.set())
-            summary = job.watch(poll_interval or settings.etl.poll_interval_seconds, stop.is_set, show)
+            poll = settings.etl.poll_interval_seconds if poll_interval is None else poll_interval
+            summary = job.watch(poll, stop.is_set, show)
         else:
             summary = job.run(start, end, show)
     except AlreadyRunning as exc:
         raise _fail(f"cannot start: {exc}") from None
     except EtlIoError as exc:
         raise _fail(f"etl stopped: {exc} (the segment stays in raw/processing/ and is retried next run)", 1) from None
+    except EtlStuck as exc:
+        raise _fail(f"etl stopped: {exc}", 1) from None
+    except EtlStateError as exc:
+        raise _fail(f"cannot start: {exc}") from None
     typer.echo(summary.text())
 
 
@@ -156,22 +214,30 @@ def _etl_dates(mode: EtlMode, day: str | None, start: str | None, end: str | Non
 
 
 def _parse_rate(value: str) -> float | None:
+    """``--rate``: frames per second, or None for 'max' (the range is checked by SimConfig)."""
     if value == "max":
         return None
     try:
-        rate = float(value)
+        return float(value)
     except ValueError:
-        raise typer.BadParameter(f"expected a number of frames per second or 'max', got {value!r}") from None
-    if rate < 0:
-        raise typer.BadParameter("must be >= 0")
-    return rate
+        raise _fail(f"--rate: expected a number of frames per second or 'max', got {value!r}") from None
+
+
+def _parse_products(value: str | None) -> tuple[str, ...] | None:
+    """``--products``: the comma-separated ids (each checked by SimConfig), None when not given."""
+    if value is None:
+        return None
+    return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
 @app.command()
 def sim(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.")] = 8765,
-    products: Annotated[str, typer.Option(help="Comma-separated product ids.")] = "BTC-USD,ETH-USD",
+    products: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated product ids (default BTC-USD,ETH-USD); replay adds the recording's."),
+    ] = None,
     rate: Annotated[str, typer.Option(help="Market frames per second, or 'max'.")] = "100",
     seed: Annotated[int, typer.Option(help="Seed of the market's random process.")] = 1,
     levels: Annotated[int, typer.Option(help="Initial book levels per side.")] = 1000,
@@ -194,23 +260,15 @@ def sim(
     log_format: LogFormat = "text",
 ) -> None:
     """Run the exchange simulator (Coinbase Advanced Trade WebSocket + REST) on one port."""
-    from daedalus.sim import FaultConfig, SimConfig, serve
+    from daedalus.sim import FaultConfig, SimConfig, SimConfigError, serve
+    from daedalus.sim.replay import RecordingError
 
     setup_logging(log_level, log_format)
-    product_ids = tuple(p.strip() for p in products.split(",") if p.strip())
-    if not product_ids:
-        raise _fail("--products: give at least one product id")
     faults = FaultConfig(drop_rate, disconnect_every, idle_timeout, malformed_rate, stall_every, stall_seconds)
-    try:
-        faults.validate()
-    except ValueError as exc:
-        raise _fail(f"invalid fault flag: {exc}") from None
-    if replay is not None and not replay.exists():
-        raise _fail(f"--replay: {replay} does not exist")
     config = SimConfig(
         host=host,
         port=port,
-        products=product_ids,
+        products=_parse_products(products),
         rate=_parse_rate(rate),
         seed=seed,
         levels=levels,
@@ -219,6 +277,10 @@ def sim(
         client_id=client_id,
         faults=faults,
     )
+    try:
+        config.validate()
+    except SimConfigError as exc:
+        raise _fail(f"{exc.flag}: {exc}") from None
 
     def ready(server: object) -> None:
         from daedalus.sim import SimServer
@@ -234,6 +296,8 @@ def sim(
         asyncio.run(serve(config, ready))
     except KeyboardInterrupt:
         pass
+    except RecordingError as exc:
+        raise _fail(f"--replay {replay}: {exc}") from None
     except OSError as exc:
         raise _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}", 1) from None
 

@@ -4,7 +4,10 @@
   environment (``$${`` keeps a literal ``${``); a missing variable without a default is
   an error naming the key that used it.
 - Secrets are :class:`pydantic.SecretStr`: printed as ``**********``, never logged.
-- Unknown keys are rejected, so a typo never silently falls back to a default.
+- Unknown keys are rejected, so a typo never silently falls back to a default; so are
+  duplicate keys (plain YAML keeps the last one silently).
+- Every number is finite and bounded; YAML loading is bounded in file size, depth and
+  alias expansion (see ``_BoundedLoader``), so hostile input is an error, not a crash.
 - :func:`load_config` raises :class:`ConfigError` carrying one line per problem
   (``coinbase.product_ids.1: ...``), never a traceback.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import yaml
 from pydantic import (
@@ -30,7 +33,9 @@ from pydantic import (
 from daedalus.layout import DataLayout, UnsafeNameError, check_safe_name
 
 _ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_PRODUCT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: What a product id looks like (BTC-USD, BTC-PERP-INTX, BIT-31JAN25-CDE), for the config and the ETL alike
+PRODUCT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_PRODUCT_ID = re.compile(PRODUCT_ID_PATTERN)
 _SECRET_HINTS = ("secret", "api_key", "apikey", "password", "passphrase", "token", "access_key", "private")
 
 
@@ -44,7 +49,9 @@ class ConfigError(Exception):
         super().__init__(f"invalid configuration {source}:\n{lines}")
 
 
-def _product_id(value: str) -> str:
+def validate_product_id(value: str) -> str:
+    """``value`` if it is a product id that is also safe as a path component, else ValueError
+    with the reason (the config, the simulator's flags and replay share this one rule)."""
     try:
         check_safe_name(value, "product id")
     except UnsafeNameError as exc:
@@ -54,15 +61,55 @@ def _product_id(value: str) -> str:
     return value
 
 
-ProductId = Annotated[str, AfterValidator(_product_id)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-PositiveInt = Annotated[int, Field(gt=0)]
+ProductId = Annotated[str, AfterValidator(validate_product_id)]
+
+
+def _directory(path: Path) -> Path:
+    """A directory to use or create. A path that is a file, or lies under one, is refused
+    here so the mistake is one line at start-up; whether it is writable is probed by the
+    commands that write (``daedalus.cli``), because that needs a real write."""
+    for candidate in (path, *path.parents):
+        try:
+            if not candidate.exists():
+                continue
+        except OSError:
+            return path  # cannot look (permissions): the write probe will tell
+        if candidate.is_dir():
+            return path
+        if candidate == path:
+            raise ValueError(f"{path} is a file, not a directory")
+        raise ValueError(f"{candidate} is a file, so no directory can be created under it")
+    return path
+
+
+Directory = Annotated[Path, AfterValidator(_directory)]
+
+_BAR_INTERVAL = re.compile(r"^([0-9]{1,6})([smhd])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _bar_interval(value: str) -> str:
+    """``<n><unit>`` with unit s, m, h or d, from 1s to 1d. Bars start at multiples of the
+    interval since the epoch, so longer bars would start on arbitrary weekdays."""
+    match = _BAR_INTERVAL.match(value)
+    if not match:
+        raise ValueError("must be a whole number and a unit s, m, h or d, like 1m, 15m, 1h")
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not 1 <= seconds <= 86_400:
+        raise ValueError("must be at least 1s and at most 1d")
+    return value
+
+
+# Every duration has an upper bound: beyond a day it is a typo, and huge values overflow
+# sleeps and timers (``time.sleep(1e300)`` raises). Floats are finite (Section config).
+Seconds = Annotated[float, Field(gt=0, le=86_400)]
 PartitionCols = list[Literal["product_id", "date", "hour", "exchange", "symbol"]]
 CoinbaseChannel = Literal["heartbeats", "candles", "status", "ticker", "ticker_batch", "level2", "market_trades"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # allow_inf_nan=False: YAML's .inf/.nan are floats; no setting means anything with them.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class LoggingConfig(Section):
@@ -75,17 +122,18 @@ class IngestionConfig(Section):
 
     raw_format: Literal["ndjson", "parquet"] = "ndjson"
     raw_compression: Literal["none", "zstd"] = "none"
-    batch_size: PositiveInt = 100
-    flush_interval_seconds: PositiveFloat = 5.0
-    queue_maxsize: PositiveInt = 10_000
+    batch_size: Annotated[int, Field(gt=0, le=1_000_000)] = 100
+    flush_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    queue_maxsize: Annotated[int, Field(gt=0, le=10_000_000)] = 10_000
     on_queue_full: Literal["drop", "block"] = "drop"
-    segment_max_mb: PositiveFloat = 100.0
+    # Lower bound: a tiny segment size would make thousands of segments a second.
+    segment_max_mb: Annotated[float, Field(ge=0.01, le=16_384)] = 100.0
     fsync: bool = True
     auto_reconnect: bool = True
-    max_reconnect_attempts: Annotated[int, Field(ge=-1)] = -1
-    reconnect_delay: PositiveFloat = 5.0
-    max_reconnect_delay: PositiveFloat = 120.0
-    watchdog_timeout_seconds: PositiveFloat = 30.0
+    max_reconnect_attempts: Annotated[int, Field(ge=-1, le=1_000_000_000)] = -1
+    reconnect_delay: Seconds = 5.0
+    max_reconnect_delay: Seconds = 120.0
+    watchdog_timeout_seconds: Seconds = 30.0
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> IngestionConfig:
@@ -107,7 +155,7 @@ class CoinbaseConfig(Section):
         "level2",
         "market_trades",
     ]
-    max_products_per_connection: PositiveInt = 50
+    max_products_per_connection: Annotated[int, Field(gt=0, le=10_000)] = 50
     api_key: SecretStr = SecretStr("")
     api_secret: SecretStr = SecretStr("")
 
@@ -141,11 +189,11 @@ class ChannelConfig(Section):
 
 class BookSnapshotConfig(ChannelConfig):
     levels: Annotated[int, Field(gt=0, le=1000)] = 10
-    snapshot_interval_ms: PositiveInt = 1000
+    snapshot_interval_ms: Annotated[int, Field(gt=0, le=86_400_000)] = 1000
 
 
 class BarsConfig(ChannelConfig):
-    interval: Annotated[str, Field(pattern=r"^\d+[smhd]$")] = "1m"
+    interval: Annotated[str, AfterValidator(_bar_interval)] = "1m"
 
 
 class EtlChannels(Section):
@@ -158,11 +206,11 @@ class EtlChannels(Section):
 
 
 class EtlConfig(Section):
-    output_dir: Path | None = None
+    output_dir: Directory | None = None
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
     after_processing: Literal["delete", "archive"] = "delete"
     decimal_strategy: Literal["float", "pips", "decimal"] = "float"
-    poll_interval_seconds: PositiveFloat = 10.0
+    poll_interval_seconds: Seconds = 10.0
     channels: EtlChannels = EtlChannels()
 
 
@@ -174,20 +222,20 @@ class SyncConfig(Section):
     region: str = "us-east-1"
     access_key_id: SecretStr = SecretStr("")
     secret_access_key: SecretStr = SecretStr("")
-    interval_seconds: PositiveFloat = 60.0
+    interval_seconds: Seconds = 60.0
     delete_after_upload: bool = False
 
 
 class SupervisorConfig(Section):
     status_host: str = "127.0.0.1"
     status_port: Annotated[int, Field(ge=0, le=65535)] = 8787
-    restart_backoff_seconds: PositiveFloat = 2.0
-    max_restarts_per_hour: PositiveInt = 20
-    memory_limit_mb: PositiveInt = 1024
+    restart_backoff_seconds: Seconds = 2.0
+    max_restarts_per_hour: Annotated[int, Field(gt=0, le=3600)] = 20
+    memory_limit_mb: Annotated[int, Field(gt=0, le=1_048_576)] = 1024
 
 
 class DaedalusConfig(Section):
-    data_dir: Path = Path("./data")
+    data_dir: Directory = Path("./data")
     logging: LoggingConfig = LoggingConfig()
     ingestion: IngestionConfig = IngestionConfig()
     coinbase: CoinbaseConfig = CoinbaseConfig()
@@ -203,6 +251,136 @@ class DaedalusConfig(Section):
     @property
     def processed_dir(self) -> Path:
         return self.etl.output_dir or self.layout.processed
+
+
+# --- Bounded YAML loading ------------------------------------------------------------
+# A config file is small and shallow. PyYAML's composer recurses per nesting level
+# (RecursionError on ``[[[[...``), and an alias is a reference that later code (env
+# substitution, validation, ``config check``'s dump) expands into copies: a few hundred
+# bytes of nested aliases ("billion laughs") expand to gigabytes. The loader below
+# counts every node and scalar character *as if aliases were expanded* while composing,
+# so such input is refused after a bounded amount of work, before anything is built.
+
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # after alias expansion; a real config has a few hundred
+MAX_YAML_CHARS = 4 * 1024 * 1024  # scalar characters after alias expansion
+
+
+class _YamlRefused(yaml.YAMLError):
+    """Well-formed YAML that is refused as a configuration: one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def _path_text(parts: list[str]) -> str:
+    text = ".".join(parts) or "(top level)"
+    return text if len(text) <= 80 else text[:38] + "..." + text[-38:]
+
+
+def _path_label(index: Any) -> str:
+    """The path component of a child: its key (mapping), position (sequence) or ``<key>``."""
+    if isinstance(index, yaml.ScalarNode):
+        return str(index.value)
+    return "<key>" if index is None or isinstance(index, yaml.Node) else str(index)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader with a depth limit, an expansion budget, no recursive aliases and an
+    error for duplicate keys (which plain YAML loading resolves silently: last one wins)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._path: list[str] = []
+        self._nodes = 0
+        self._chars = 0
+        self._expanded: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes, chars) with aliases expanded
+        self._duplicates: list[str] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if parent is not None:
+            self._path.append(_path_label(index))
+        try:
+            if self.check_event(yaml.AliasEvent):
+                self._expand_alias(self.peek_event())
+                return super().compose_node(parent, index)
+            if len(self._path) > MAX_YAML_DEPTH:
+                self._refuse(f"nested deeper than {MAX_YAML_DEPTH} levels")
+            nodes, chars = self._nodes, self._chars
+            node = super().compose_node(parent, index)
+            self._nodes += 1
+            if isinstance(node, yaml.ScalarNode):
+                self._chars += len(node.value)
+            self._expanded[id(node)] = (self._nodes - nodes, self._chars - chars)
+            self._check_budget()
+            if isinstance(node, yaml.MappingNode):
+                self._find_duplicate_keys(node)
+            return node
+        finally:
+            if parent is not None:
+                self._path.pop()
+
+    def _expand_alias(self, event: yaml.AliasEvent) -> None:
+        """Count the alias as a full copy of its anchor; refuse an alias inside its own anchor."""
+        target = self.anchors.get(event.anchor)
+        if target is None:
+            return  # PyYAML reports the undefined alias
+        if id(target) not in self._expanded:
+            self._refuse(f"alias *{event.anchor} refers to a node that contains it (endless)")
+        nodes, chars = self._expanded[id(target)]
+        self._nodes += nodes
+        self._chars += chars
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        if self._nodes > MAX_YAML_NODES or self._chars > MAX_YAML_CHARS:
+            self._refuse(
+                f"expands to more than {MAX_YAML_NODES:,} values or {MAX_YAML_CHARS // 1024 // 1024} MiB of text "
+                "(nested aliases?)"
+            )
+
+    def _find_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        first: dict[tuple[str, str], int] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue  # merge keys may override on purpose
+            line, identity = key.start_mark.line + 1, (key.tag, key.value)
+            if identity in first:
+                self._duplicates.append(
+                    f"{_path_text([*self._path, key.value])}: duplicate key (lines {first[identity]} and {line}; "
+                    "give it once)"
+                )
+            else:
+                first[identity] = line
+
+    def _refuse(self, reason: str) -> NoReturn:
+        mark = self.peek_event().start_mark if self.check_event() else None
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise _YamlRefused([f"{_path_text(self._path)}: {reason}{where}"])
+
+    def get_single_node(self) -> yaml.Node | None:
+        node = super().get_single_node()
+        if self._duplicates:
+            raise _YamlRefused(self._duplicates)
+        return node
+
+
+def _safe_load_bounded(text: str, source: str) -> Any:
+    """``yaml.safe_load`` with the bounds above; raises :class:`ConfigError`."""
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except _YamlRefused as exc:
+        raise ConfigError(source, exc.problems) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(source, [f"{where}YAML syntax error: {reason}"]) from None
+    finally:
+        loader.dispose()
 
 
 def _substitute_env(node: Any, path: str, env: dict[str, str], problems: list[str]) -> Any:
@@ -265,19 +443,16 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Daedalus
     """Read, substitute and validate a YAML config file; raises :class:`ConfigError`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), [f"not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        reason = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(str(path), [f"{where}YAML syntax error: {reason}"]) from None
-    return parse_config(data, str(path), env)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), [f"file is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a configuration"])
+    return parse_config(_safe_load_bounded(text, str(path)), str(path), env)
 
 
 def _mask_free_form(node: Any) -> Any:

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from daedalus.config import PRODUCT_ID_PATTERN  # the config's rule: '', '.', 'BTC/USD', NUL, 10,000 chars fail
 from daedalus.etl.book import CONNECT, DISCONNECT, FRAME, GAP, OTHER, BookSet, FrameBatch
 from daedalus.etl.decode import parse_times, parse_units
 
@@ -45,9 +46,6 @@ _CONTROL = {"gap": GAP, "connect": CONNECT, "disconnect": DISCONNECT}
 
 EARLIEST_NS = 1_230_768_000 * 10**9  # 2009-01-01T00:00:00Z: no crypto market data is older
 CLOCK_SLACK_NS = 86_400 * 10**9  # a receive time a day past now, or an exchange time a day past its receipt: wrong
-#: What a Coinbase product id looks like (BTC-USD, BTC-PERP-INTX, BIT-31JAN25-CDE): anything
-#: else ('', '.', 'BTC/USD', 'BTC-USD\x00', 10,000 characters) is not a product.
-PRODUCT_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 #: level2 ``side`` as sent -> 0 bid, 1 ask. Coinbase sends bid/offer; ``ask`` (the output
 #: column's own word) is an unambiguous alias. ``buy``/``sell`` are not: in trades they name
 #: the maker side, so a level2 row saying them is quarantined rather than guessed.

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from daedalus.sim.checks import check_range
+
 
 @dataclass
 class FaultConfig:
@@ -33,13 +35,11 @@ class FaultConfig:
     stall_seconds: float = 0.0
 
     def validate(self) -> None:
+        """Raise :class:`SimConfigError` naming the first setting out of range (NaN and inf included)."""
         for name in ("drop_rate", "malformed_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {value}")
+            check_range(name, getattr(self, name), 0.0, 1.0)
         for name in ("disconnect_every", "idle_timeout", "stall_every"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if self.stall_seconds < 0:
-            raise ValueError(f"stall_seconds must be >= 0, got {self.stall_seconds}")
+            if value is not None:
+                check_range(name, value, 0.0, low_open=True)
+        check_range("stall_seconds", self.stall_seconds, 0.0)

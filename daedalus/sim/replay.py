@@ -8,22 +8,41 @@ Two formats are understood, line by line:
   ``event``, invalid frames as ``"raw":"<text>"``), a file or a directory of segments.
 
 Frames are kept as the exact bytes that were received; only the digits of the envelope's
-``sequence_num`` are cut out so each connection can renumber them.
+``sequence_num`` are cut out so each connection can renumber them. Frames may use any
+JSON spacing (compact, ``json.dumps`` defaults, pretty-printed): the envelope keys and
+product ids are found with whitespace-tolerant patterns, without parsing the frames.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+import zstandard
 
 from daedalus.capture.records import iter_lines, split_frame_record
+from daedalus.logs import get_logger
 from daedalus.sim.protocol import SUBSCRIBE_NAME
 
-_SEQUENCE = re.compile(rb'"sequence_num":\s*(\d+)')
-_CHANNEL = re.compile(rb'"channel":\s*"([^"]*)"')
+log = get_logger(__name__)
+
+_WS = rb"[ \t\n\r]*"  # JSON whitespace, allowed around every ':'
+_SEQUENCE = re.compile(rb'"sequence_num"' + _WS + rb":" + _WS + rb"(\d+)")
+_CHANNEL = re.compile(rb'"channel"' + _WS + rb":" + _WS + rb'"([^"]*)"')
+_PRODUCT_ID = re.compile(rb'"product_id"' + _WS + rb":" + _WS + rb'"([^"\\]+)"')
+PRODUCT_SCAN_BYTES = 8192
+"""Product ids are looked for in the first bytes of each frame only: every event names its
+product near its start (the envelope before ``sequence_num`` and the events after it are
+scanned apart), and a 5 MB snapshot need not be scanned to its end."""
+PROBE_LINES = 1000
+"""A file whose first lines hold nothing recognisable is not a recording: stop reading it."""
+
+
+class RecordingError(ValueError):
+    """The path cannot be replayed (missing, unreadable, or holds no Coinbase frames)."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +63,20 @@ class Recording:
     frames: list[RecordedFrame] = field(default_factory=list)
     products_response: bytes | None = None
     products: set[str] = field(default_factory=set)
-    skipped: int = 0
+    skipped: int = 0  # lines that were neither a frame nor a known control line
+    damaged: list[str] = field(default_factory=list)  # files whose zstd stream broke off
+
+
+def products_in(frame: bytes) -> set[str]:
+    """Product ids named in the first :data:`PRODUCT_SCAN_BYTES` of a frame, whatever its spacing."""
+    return {m.group(1).decode(errors="replace") for m in _PRODUCT_ID.finditer(frame, 0, PRODUCT_SCAN_BYTES)}
 
 
 def _split_frame(ts: float, frame: bytes) -> RecordedFrame:
     head_end = frame.find(b'"events"')
     scope = frame if head_end < 0 else frame[:head_end]
     channel_match = _CHANNEL.search(scope)
-    wire = channel_match.group(1).decode() if channel_match else None
+    wire = channel_match.group(1).decode(errors="replace") if channel_match else None
     channel = SUBSCRIBE_NAME.get(wire) if wire else None
     seq = _SEQUENCE.search(scope)
     if seq is None:
@@ -66,33 +91,79 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
+def _readable_lines(file: Path, rec: Recording) -> Iterator[bytes]:
+    """The lines of ``file``; a damaged zstd stream or a vanished file ends it (what was read is kept)."""
+    try:
+        yield from iter_lines(file)
+    except zstandard.ZstdError as exc:
+        rec.damaged.append(f"{file.name}: {exc}")
+    except FileNotFoundError:
+        rec.damaged.append(f"{file.name}: vanished while loading")  # moved on by ingest or the ETL
+    except OSError as exc:
+        raise RecordingError(f"cannot read {file}: {exc.strerror or exc}") from None
+
+
+def _add_line(rec: Recording, line: bytes) -> bool:
+    """Add what ``line`` holds to ``rec``; False when it is a line of neither format."""
+    record = split_frame_record(line)
+    if record is not None:  # a Daedalus segment record carrying a frame verbatim
+        _add_frame(rec, _split_frame(record[0] / 1e9, record[2]))
+        return True
+    try:
+        doc = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False  # a torn or foreign line: the rest of the recording still plays
+    if not isinstance(doc, dict):
+        return False
+    if isinstance(doc.get("recv_ns"), int):  # control line, or an invalid frame kept as text
+        if isinstance(doc.get("raw"), str):  # sent verbatim: no sequence_num to renumber
+            _add_frame(rec, RecordedFrame(doc["recv_ns"] / 1e9, None, doc["raw"].encode(), b""))
+        return True
+    kind = doc.get("t")
+    data = doc.get("data")
+    if kind == "recv" and isinstance(data, str) and isinstance(doc.get("ts"), int | float):
+        _add_frame(rec, _split_frame(float(doc["ts"]), data.encode()))
+        return True
+    if kind == "http" and isinstance(data, str):
+        url = str(doc.get("url", ""))
+        if "/market/products" in url and "product_type" not in url:
+            rec.products_response = data.encode()
+        return True
+    return kind in ("header", "connect", "send")
+
+
+def _add_frame(rec: Recording, frame: RecordedFrame) -> None:
+    rec.frames.append(frame)
+    rec.products |= products_in(frame.head) | products_in(frame.tail)
+
+
 def load_recording(path: str | Path) -> Recording:
-    """Read a recording (file or directory of segments) into memory, in recorded order."""
+    """Read a recording (file or directory of segments) into memory, in recorded order.
+
+    Raises :class:`RecordingError` when ``path`` is not a file or directory, cannot be read,
+    or holds no frame in either format (``/etc/passwd`` is not a recording).
+    """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"recording {path} does not exist")
+        raise RecordingError("does not exist")
+    if not (path.is_file() or path.is_dir()):
+        raise RecordingError("is neither a file nor a directory")
     rec = Recording()
-    for file in _files(path):
-        for line in iter_lines(file):
-            record = split_frame_record(line)
-            if record is not None:  # a Daedalus segment record carrying a frame verbatim
-                rec.frames.append(_split_frame(record[0] / 1e9, record[2]))
-                continue
-            try:
-                doc = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                rec.skipped += 1  # a torn or foreign line: the rest of the recording still plays
-                continue
-            if "recv_ns" in doc:  # control line, or an invalid frame kept as text
-                if "raw" in doc:
-                    rec.frames.append(RecordedFrame(doc["recv_ns"] / 1e9, None, doc["raw"].encode(), b""))
-                continue
-            kind = doc.get("t")
-            if kind == "recv":
-                rec.frames.append(_split_frame(float(doc["ts"]), doc["data"].encode()))
-            elif kind == "http" and "/market/products" in doc.get("url", "") and "product_type" not in doc["url"]:
-                rec.products_response = doc["data"].encode()
-    for frame in rec.frames:
-        for match in re.finditer(rb'"product_id":"([^"]+)"', frame.head[:4096] + frame.tail[:4096]):
-            rec.products.add(match.group(1).decode())
+    files = _files(path)
+    if not files:
+        raise RecordingError("no segment_*.ndjson[.zst] files in this directory")
+    for file in files:
+        recognised = False
+        for number, line in enumerate(_readable_lines(file, rec), 1):
+            if _add_line(rec, line):
+                recognised = True
+            else:
+                rec.skipped += 1
+                if not recognised and number >= PROBE_LINES:
+                    break  # nothing recognisable so far: not a recording, stop reading it
+    if not rec.frames:
+        damage = f"; {rec.damaged[0]}" if rec.damaged else ""
+        raise RecordingError(f"no Coinbase frames found ({rec.skipped} lines in neither recording format{damage})")
+    for damage in rec.damaged:
+        log.warning("sim_replay_damaged", detail=damage, kept_frames=len(rec.frames))
     return rec

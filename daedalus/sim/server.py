@@ -29,10 +29,12 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from daedalus.config import validate_product_id  # the config's rule, one place
 from daedalus.logs import get_logger
 from daedalus.signals import stop_on_signals
 from daedalus.sim import protocol as wire
 from daedalus.sim import rest
+from daedalus.sim.checks import SimConfigError, check_range
 from daedalus.sim.faults import FaultConfig
 from daedalus.sim.market import SIZE_DECIMALS, MarketModel, StepResult, format_decimal, product_spec
 from daedalus.sim.replay import Recording, load_recording
@@ -44,11 +46,15 @@ MONITOR_TICK = 0.05
 BACKLOG_PACE = 256  # frames queued behind a busy connection before producers wait
 
 
+DEFAULT_PRODUCTS = ("BTC-USD", "ETH-USD")
+MAX_LEVELS = 100_000  # per side and product: the reference BTC-USD snapshot holds ~46,000 in all
+
+
 @dataclass
 class SimConfig:
     host: str = "127.0.0.1"
     port: int = 0  # 0 = any free port
-    products: tuple[str, ...] = ("BTC-USD", "ETH-USD")
+    products: tuple[str, ...] | None = None  # None: DEFAULT_PRODUCTS; in replay, served besides the recording's
     rate: float | None = 100.0  # frames/s; None = max; 0 = manual (SimServer.advance)
     seed: int = 1
     levels: int = 1000  # initial levels per side
@@ -62,6 +68,22 @@ class SimConfig:
     max_frame_bytes: int = MAX_FRAME_BYTES
     faults: FaultConfig = field(default_factory=FaultConfig)
     keep_sent: bool = False  # tests: keep every frame written to each connection
+
+    def validate(self) -> None:
+        """Raise :class:`SimConfigError` naming the first setting out of range."""
+        check_range("port", self.port, 0, 65535)
+        check_range("levels", self.levels, 1, MAX_LEVELS)
+        check_range("speed", self.speed, 0.0)
+        if self.rate is not None:
+            check_range("rate", self.rate, 0.0)
+        if self.products is not None and not self.products:
+            raise SimConfigError("products", "give at least one product id")
+        for product_id in self.products or ():
+            try:
+                validate_product_id(product_id)
+            except ValueError as exc:
+                raise SimConfigError("products", str(exc)) from None
+        self.faults.validate()
 
 
 class SimConnection:
@@ -172,7 +194,7 @@ class SimServer:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
         self.faults = self.config.faults
-        self.faults.validate()
+        self.config.validate()
         self.recording: Recording | None = None
         self.markets: dict[str, MarketModel] = {}
         self.connections: list[SimConnection] = []
@@ -191,9 +213,9 @@ class SimServer:
         self._heartbeat_counter = 0
         if self.config.replay is not None:
             self.recording = load_recording(self.config.replay)
-            self.products = sorted(self.recording.products) or list(self.config.products)
+            self.products = sorted(self.recording.products | set(self.config.products or ())) or list(DEFAULT_PRODUCTS)
         else:
-            self.products = list(dict.fromkeys(self.config.products))
+            self.products = list(dict.fromkeys(self.config.products or DEFAULT_PRODUCTS))
             for index, product_id in enumerate(self.products):
                 rng = random.Random(self.config.seed * 1_000_003 + index)
                 self.markets[product_id] = MarketModel(product_spec(product_id), rng, levels=self.config.levels)
