@@ -41,6 +41,12 @@ Run (data under /tmp, removed afterwards unless ``--keep``):
 
 ``--profile`` runs the child under cProfile instead and prints the top functions (the
 timings are then inflated; use it to find hot spots, not for figures).
+
+``--against DIR`` compares with another checkout instead (e.g. ``git worktree add
+/tmp/old <commit>``): the ETL child of each tree runs ``--rounds`` times, alternately, on
+identical copies of the same generated data, and the rows per CPU-second of both and
+their ratio are printed (machines here are shared: a side-by-side ratio is steadier than
+absolute figures). Only the child's ``--child-etl`` mode is needed in the other tree.
 """
 
 from __future__ import annotations
@@ -294,11 +300,14 @@ def _print_profile(profiler: cProfile.Profile) -> None:
     print("---- profile, daedalus/etl only, by cumulative ----\n" + text.getvalue(), flush=True)
 
 
-def run_etl(data_dir: Path, profile: bool) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-etl", str(data_dir)]
+def run_etl(data_dir: Path, profile: bool, tree: Path | None = None) -> dict[str, Any]:
+    """The ETL over ``data_dir`` in a child process of this checkout (or of ``tree``)."""
+    script = (tree / "bench" / "etl.py") if tree else Path(__file__).resolve()
+    cmd = [sys.executable, str(script), "--child-etl", str(data_dir)]
     if profile:
         cmd.append("--profile")
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "PYTHONPATH": str(tree)} if tree else None  # import that tree's daedalus
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=tree)
     sys.stderr.write(proc.stderr)
     result = None
     for line in proc.stdout.splitlines():
@@ -507,6 +516,8 @@ def main() -> None:
     parser.add_argument("--zstd", action="store_true", help="write .ndjson.zst segments (16 MB zstd frames)")
     parser.add_argument("--keep", type=Path, help="generate into this directory and keep it")
     parser.add_argument("--profile", action="store_true", help="run the ETL child under cProfile (slower)")
+    parser.add_argument("--against", type=Path, help="another checkout to compare the ETL with, side by side")
+    parser.add_argument("--rounds", type=int, default=2, help="ETL runs per tree with --against (alternating)")
     parser.add_argument("--child-etl", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_etl:
@@ -524,6 +535,9 @@ def main() -> None:
         print(f"generated {data.raw_bytes / MB:,.0f} MB raw ({on_disk / MB:,.0f} MB on disk) in {len(data.segments)} "
               f"segments: {data.frames:,} frames, {data.connections} connections, {data.seconds:.1f}s")  # fmt: skip
 
+        if args.against:
+            compare_trees(workdir, args.against.resolve(), args.rounds)
+            return
         first = data.segments[0]
         engine = engine_alone(first)
         print(f"engine alone: {engine['rows']:,} rows ({engine['snapshot_rows']:,} snapshot levels) in "
@@ -577,6 +591,27 @@ def main() -> None:
     width = max(len(name) for name, _, _ in table)
     for name, value, target in table:
         print(f"{name:<{width}}  {value:>14}  {target}")
+
+
+def compare_trees(workdir: Path, other: Path, rounds: int) -> None:
+    """Run the ETL of this checkout and of ``other`` alternately on copies of the same data."""
+    here = Path(__file__).resolve().parents[1]
+    figures: dict[str, list[dict[str, Any]]] = {"this": [], "other": []}
+    for _ in range(rounds):
+        for label, tree in (("other", other), ("this", None)):
+            run_dir = workdir / f"run-{label}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.copytree(workdir / "raw", run_dir / "raw")
+            result = run_etl(run_dir, False, tree)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            figures[label].append(result)
+            print(f"{label:>5} ({tree or here}): {result['rows'].get('level2', 0):,} level2 rows, "
+                  f"wall {result['wall']:.2f}s, CPU {result['cpu']:.2f}s, "
+                  f"peak RSS {result['peak_rss_mb']:,.0f} MB")  # fmt: skip
+    best = {k: max(r["rows"].get("level2", 0) / r["cpu"] for r in v) for k, v in figures.items()}
+    print()
+    print(f"level2 rows per CPU-s, best of {rounds}: this {best['this']:,.0f}, other {best['other']:,.0f}, "
+          f"this/other {best['this'] / best['other']:.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":
