@@ -172,7 +172,7 @@ class EtlJob:
         self.bar_ns = interval_ns(etl.channels.bars.interval)
         self.scratch = self.layout.scratch(f"etl-{source}")
         self._lock = None
-        self.committed = CommittedSegments(self.state_dir, source)
+        self.committed: CommittedSegments  # read by prepare(), under the lock
 
     # ---- selection and claiming -----------------------------------------------------------
     def pending(self, start: date | None = None, end: date | None = None) -> list[Path]:
