@@ -19,7 +19,7 @@ import typer
 import yaml
 
 from daedalus import __version__
-from daedalus.config import ConfigError, DaedalusConfig, effective_config, load_config
+from daedalus.config import MAX_SECONDS, ConfigError, DaedalusConfig, effective_config, load_config
 from daedalus.logs import setup_logging
 
 app = typer.Typer(
@@ -81,9 +81,9 @@ def _check_seconds(value: float | None, flag: str, *, zero: str | None = None) -
     what 0 means for flags where 0 is allowed (e.g. "off")."""
     if value is None or (zero is not None and value == 0):
         return
-    if not (math.isfinite(value) and 0 < value <= 86_400):
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):  # the config's bound for durations
         allowed = f"0 ({zero}) or" if zero else "more than 0 and"
-        raise _fail(f"{flag}: must be {allowed} at most 86400 seconds (got {value})")
+        raise _fail(f"{flag}: must be {allowed} at most {MAX_SECONDS} seconds (got {value})")
 
 
 @app.command()

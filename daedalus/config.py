@@ -88,21 +88,26 @@ _BAR_INTERVAL = re.compile(r"^([0-9]{1,6})([smhd])$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
+def interval_seconds(text: str) -> int:
+    """``"15m"`` -> 900 (the shape is checked by the bars config)."""
+    return int(text[:-1]) * _UNIT_SECONDS[text[-1]]
+
+
 def _bar_interval(value: str) -> str:
     """``<n><unit>`` with unit s, m, h or d, from 1s to 1d. Bars start at multiples of the
     interval since the epoch, so longer bars would start on arbitrary weekdays."""
     match = _BAR_INTERVAL.match(value)
     if not match:
         raise ValueError("must be a whole number and a unit s, m, h or d, like 1m, 15m, 1h")
-    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if not 1 <= seconds <= 86_400:
+    if not 1 <= interval_seconds(value) <= 86_400:
         raise ValueError("must be at least 1s and at most 1d")
     return value
 
 
 # Every duration has an upper bound: beyond a day it is a typo, and huge values overflow
 # sleeps and timers (``time.sleep(1e300)`` raises). Floats are finite (Section config).
-Seconds = Annotated[float, Field(gt=0, le=86_400)]
+MAX_SECONDS = 86_400
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 PartitionCols = list[Literal["product_id", "date", "hour", "exchange", "symbol"]]
 CoinbaseChannel = Literal["heartbeats", "candles", "status", "ticker", "ticker_batch", "level2", "market_trades"]
 
@@ -445,13 +450,14 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Daedalus
     try:
         with path.open("rb") as file:
             raw = file.read(MAX_CONFIG_BYTES + 1)
-        text = raw.decode("utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read file: {exc.strerror or exc}"]) from None
+    if len(raw) > MAX_CONFIG_BYTES:  # before decoding: the cut may fall inside a character
+        raise ConfigError(str(path), [f"file is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a configuration"])
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(str(path), [f"not UTF-8 text: {exc.reason} at byte {exc.start}"]) from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(str(path), [f"file is larger than {MAX_CONFIG_BYTES // 1024} KiB: not a configuration"])
     return parse_config(_safe_load_bounded(text, str(path)), str(path), env)
 
 

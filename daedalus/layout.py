@@ -180,10 +180,11 @@ class DataLayout:
         return self.processed / sanitize_partition_value(source) / sanitize_partition_value(channel)
 
     def partition_dir(self, source: str, channel: str, partitions: dict[str, object]) -> Path:
-        """``processed/<source>/<channel>/<col>=<value>/...`` in the given column order."""
+        """``processed/<source>/<channel>/<col>=<value>/...`` in the given column order (values
+        through :func:`partition_component`, as the ETL's writer does)."""
         path = self.channel_dir(source, channel)
         for column, value in partitions.items():
-            path /= f"{sanitize_partition_value(column)}={sanitize_partition_value(value)}"
+            path /= f"{sanitize_partition_value(column)}={partition_component(value)}"
         return path
 
     def part_file(self, source: str, channel: str, partitions: dict[str, object], segment_stem: str) -> Path:

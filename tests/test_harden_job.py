@@ -82,10 +82,11 @@ def test_a_crash_inside_an_out_of_order_segment_does_not_delete_it_unprocessed(t
 
 def test_a_second_segment_under_a_committed_name_is_quarantined_not_written_over(tmp_path):
     lines = recording_lines()
-    write_segments(tmp_path, [lines[:500]])
+    write_segments(tmp_path, [lines[:500], lines[500:900]])
     run_etl(tmp_path)
     before = channel_table(tmp_path, "level2")
-    write_segments(tmp_path, [lines[500:]])  # same name, other content (a clock stepped back before the fix)
+    # the first name again (not the checkpoint's last one), other content: a clock stepped back before the fix
+    write_segments(tmp_path, [lines[500:]])
     summary = run_etl(tmp_path)
     assert summary.segments == 0 and summary.quarantined_segments == 1
     assert channel_table(tmp_path, "level2") == before
@@ -106,7 +107,7 @@ def test_commit_refuses_to_replace_files_of_another_segment_even_without_the_com
     summary = run_etl(tmp_path)
     assert summary.quarantined_segments == 1
     assert channel_table(tmp_path, "level2") == before
-    assert "already committed with different rows" in next(raw(tmp_path, "quarantine").glob("*.reason.txt")).read_text()
+    assert "already committed with other content" in next(raw(tmp_path, "quarantine").glob("*.reason.txt")).read_text()
     assert not list((tmp_path / "processed").rglob("*.tmp"))
 
 
@@ -122,6 +123,57 @@ def test_a_rerun_of_an_uncommitted_segment_may_replace_identical_output(tmp_path
     summary = run_etl(tmp_path)
     assert summary.segments == 1 and summary.quarantined_segments == 0
     assert channel_table(tmp_path, "level2") == reference
+
+
+DIE_AT_SECOND_CHECKPOINT = """
+import os, sys
+import daedalus.etl.job as job
+from daedalus.config import parse_config
+real, calls = job.save_state, []
+def save_state(*args):
+    calls.append(1)
+    if len(calls) == 2:
+        os._exit(9)  # as SIGKILL: the outputs are renamed into place, the checkpoint is not saved
+    real(*args)
+job.save_state = save_state
+job.EtlJob(parse_config({"data_dir": sys.argv[1]})).run()
+"""
+
+
+def test_a_commit_cut_short_is_rolled_back_even_after_the_checkpoint_moved_on(tmp_path):
+    lines = recording_lines()
+    write_segments(tmp_path, [lines[:400], lines[400:800]])  # W, X on 2026-08-09
+    killed = subprocess.run([sys.executable, "-c", DIE_AT_SECOND_CHECKPOINT, str(tmp_path)], cwd=REPO)
+    assert killed.returncode == 9
+    assert segment_rows(tmp_path, "segment_20260809T21_00002", "market_trades") > 0  # X's files are in place
+    assert (tmp_path / "processed" / "_state" / "coinbase.committing").exists()
+    # a later day is processed first and moves the checkpoint past X
+    write_segments(tmp_path / "staged", [lines[800:]], hour="20260810T00")
+    staged = raw(tmp_path / "staged", "ready") / "segment_20260810T00_00001.ndjson"
+    os.rename(staged, raw(tmp_path, "ready") / staged.name)
+    job = EtlJob(parse_config({"data_dir": str(tmp_path)}))
+    assert job.run(start=date(2026, 8, 10), end=date(2026, 8, 10)).segments == 1
+    summary = job.run()  # X again, now older than the checkpoint: other rows than its cut-short commit
+    assert summary.segments == 1 and summary.quarantined_segments == 0
+    assert names(raw(tmp_path, "processing")) == [] and names(raw(tmp_path, "quarantine")) == []
+    committed = (tmp_path / "processed" / "_state" / "coinbase.committed").read_text().split()
+    assert sorted(committed) == sorted(
+        ["segment_20260809T21_00001.ndjson", "segment_20260809T21_00002.ndjson", "segment_20260810T00_00001.ndjson"]
+    )
+    assert not (tmp_path / "processed" / "_state" / "coinbase.committing").exists()
+    trades = channel_table(tmp_path, "market_trades").to_pylist()
+    assert len({(t["product_id"], t["trade_id"]) for t in trades}) == len(trades)
+
+
+def test_the_committed_list_survives_a_torn_append(tmp_path):
+    from daedalus.etl.state import CommittedSegments
+
+    (tmp_path / "coinbase.committed").write_bytes(b"segment_20260809T21_00001.ndjson\nsegment_20260809T21_000")
+    ledger = CommittedSegments(tmp_path, "coinbase")
+    assert ledger.names == {"segment_20260809T21_00001.ndjson"}
+    ledger.add("segment_20260809T21_00003.ndjson")
+    again = CommittedSegments(tmp_path, "coinbase")
+    assert again.names == {"segment_20260809T21_00001.ndjson", "segment_20260809T21_00003.ndjson"}
 
 
 # ---- item 7: distinct ids never share an output file ---------------------------------------------

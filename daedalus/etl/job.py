@@ -5,15 +5,18 @@ Per segment, in name (= time) order, the unit of work and of failure:
 1. claim: atomic rename ``ready/`` -> ``processing/`` (a segment already in ``processing/``
    at start-up was claimed by a run that died: it is processed again);
 2. read, parse, apply to the books, write every channel to ``*.parquet.tmp`` files;
-3. rename the outputs into place, then commit the checkpoint (books, trade ids, open bars,
-   ``last_segment``);
+3. commit: note the segment and its files in ``<source>.committing``, rename the outputs
+   into place, save the checkpoint (books, trade ids, open bars, ``last_segment``), append
+   the name to ``<source>.committed``, drop the note;
 4. delete the segment or move it to ``archive/``.
 
 A crash before 3 leaves the old checkpoint: the rerun starts from the same state and writes
-the same files under the same names. Step 3 ends by appending the segment's name to
-``<source>.committed``; a segment found there (or named by the checkpoint) is only cleaned
-up. So killing the job anywhere and rerunning gives the same dataset. Committed output is
-never replaced by different rows (:func:`daedalus.etl.output.commit`).
+the same files under the same names. A crash inside 3 leaves the note: the next run first
+rolls the commit back (deletes the files it renamed) unless the segment got recorded, so
+the segment is processed again as if never committed. A segment found in the committed
+list (or named by the checkpoint) is only cleaned up. So killing the job anywhere and
+rerunning gives the same dataset, and committed output is never replaced by other content
+(:func:`daedalus.etl.output.check_conflicts`).
 
 What goes wrong decides where the segment goes:
 
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -44,10 +48,17 @@ import pyarrow.compute as pc
 
 from daedalus.capture.records import iter_lines
 from daedalus.capture.segments import fsync_dir
-from daedalus.config import DaedalusConfig
+from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.etl import processors
 from daedalus.etl.coinbase import ParsedBatch, parse_batch
-from daedalus.etl.output import OutputConflict, PartitionedWriter, commit, remove_temporaries
+from daedalus.etl.output import (
+    OutputConflict,
+    PartitionedWriter,
+    check_conflicts,
+    commit,
+    discard,
+    remove_temporaries,
+)
 from daedalus.etl.reader import (
     LARGEST_OBJECT_BYTES,
     MAX_OBJECT_BYTES,
@@ -57,7 +68,16 @@ from daedalus.etl.reader import (
     read_batches,
     zstd_is_complete,
 )
-from daedalus.etl.state import CommittedSegments, EtlState, load_state, save_state, set_state_aside
+from daedalus.etl.state import (
+    CommittedSegments,
+    EtlState,
+    begin_commit,
+    end_commit,
+    interrupted_commit,
+    load_state,
+    save_state,
+    set_state_aside,
+)
 from daedalus.layout import parse_segment_name
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
@@ -65,16 +85,10 @@ from daedalus.logs import get_logger
 log = get_logger("daedalus.etl")
 SOURCE = "coinbase"
 #: counters of lines rejected or repaired, printed when not zero (the reasons are in the rejects file)
-_BAD_INPUT_COUNTERS = ("quarantined_", "dropped_", "ts_event_fallbacks")
+BAD_INPUT_COUNTERS = ("quarantined_bad_product", "quarantined_bad_number", "quarantined_bad_time",
+                      "quarantined_bad_side", "undecodable_frames", "unknown_channels", "unrecognised_records",
+                      "exchange_errors", "ts_event_fallbacks")  # fmt: skip
 MAX_CONSECUTIVE_FAILURES = 3  # the watcher's retries of an unexpected error before it exits non-zero
-_UNIT_NS = {"s": 1_000_000_000, "m": 60_000_000_000, "h": 3_600_000_000_000, "d": 86_400_000_000_000}
-
-
-def interval_ns(text: str) -> int:
-    """``"1m"`` -> nanoseconds (the config validates the shape)."""
-    return int(text[:-1]) * _UNIT_NS[text[-1]]
-
-
 class EtlIoError(Exception):
     """The machine, not the data, failed (disk full, permissions): the segment stays in
     ``processing/`` and is retried by the next run."""
@@ -150,10 +164,9 @@ class Summary:
             f"late_for_bars={self.counts['late_trades']:,}",
             f"quarantined: lines={self.quarantined_lines:,} segments={self.quarantined_segments:,}",
         ]
-        bad = {k: v for k, v in sorted(self.counts.items()) if v and k.startswith(_BAD_INPUT_COUNTERS)}
-        bad.pop("dropped_before_snapshot", None)  # not bad input: printed with the books
+        bad = [f"{k}={self.counts[k]:,}" for k in BAD_INPUT_COUNTERS if self.counts[k]]
         if bad:
-            lines.append("bad input: " + ", ".join(f"{k}={v:,}" for k, v in bad.items()))
+            lines.append("bad input: " + ", ".join(bad))
         return "\n".join(lines)
 
 
@@ -169,7 +182,7 @@ class EtlJob:
         self.state_dir = config.processed_dir / "_state"
         self.depth = etl.channels.book_snapshot.levels
         self.sample_ns = etl.channels.book_snapshot.snapshot_interval_ms * 1_000_000
-        self.bar_ns = interval_ns(etl.channels.bars.interval)
+        self.bar_ns = interval_seconds(etl.channels.bars.interval) * 1_000_000_000
         self.scratch = self.layout.scratch(f"etl-{source}")
         self._lock = None
         self.committed: CommittedSegments  # read by prepare(), under the lock
@@ -210,6 +223,23 @@ class EtlJob:
     def _committed(self, name: str, state: EtlState) -> bool:
         return name in self.committed or name == state.last_segment
 
+    def _settle_interrupted_commit(self) -> None:
+        """Finish or roll back a commit that a crash cut short (see the module docstring)."""
+        interrupted = interrupted_commit(self.state_dir, self.source)
+        if interrupted is None:
+            return
+        segment, files = interrupted
+        if self._committed(segment, self._load()):
+            if segment not in self.committed:
+                self.committed.add(segment)
+        else:  # some of its files may be in place: they are not committed output, take them back
+            for final in files:
+                final.unlink(missing_ok=True)
+            discard(files)
+            log.warning("etl_commit_rolled_back", segment=segment, files=len(files),
+                        effect="the segment is processed again")  # fmt: skip
+        end_commit(self.state_dir, self.source)
+
     # ---- running --------------------------------------------------------------------------
     def prepare(self) -> None:
         """Take the source's lock, then clear what a killed run may have left (temporary
@@ -238,16 +268,17 @@ class EtlJob:
         """Process every pending segment once (``start``/``end``: only segments of those dates),
         checking ``should_stop()`` between segments."""
         self.prepare()
+        self._settle_interrupted_commit()
         summary = Summary()
         todo = self.pending(start, end)
         if not todo:
             return summary
         state = self._load()
-        bar = _progress(len(todo), sum(p.stat().st_size for p in todo)) if progress and len(todo) > 1 else None
+        bar = _progress(len(todo), sum(_size(p) for p in todo)) if progress and len(todo) > 1 else None
         try:
-            for path in todo:
+            for index, path in enumerate(todo):
                 if should_stop():
-                    log.info("etl_stopping", left=len(todo) - summary.segments)
+                    log.info("etl_stopping", segments_left=len(todo) - index)
                     break
                 try:
                     size = path.stat().st_size
@@ -295,6 +326,8 @@ class EtlJob:
         if self._committed(name, state):
             if path.parent == self.layout.processing(self.source):
                 log.info("etl_finishing_committed_segment", segment=name)  # died between commit and cleanup
+                if name not in self.committed:  # recorded by the checkpoint only: record it for good
+                    self.committed.add(name)
                 self._finish(path)
             else:  # a second file under a name whose outputs are committed: never overwrite them
                 summary.quarantined_segments += 1
@@ -313,14 +346,12 @@ class EtlJob:
             summary.quarantined_segments += 1
             self._quarantine_segment(path, str(exc))
             return self._load() if not older else state
-        except OSError as exc:  # disk full, permissions: not the segment's fault, it stays claimed for a retry
-            remove_temporaries(self.out_root)
+        except (EtlIoError, OSError) as exc:  # disk full, permissions: it stays claimed for a retry
             if not path.exists():  # removed from processing/ by hand while it was read
                 log.warning("etl_segment_vanished", segment=name, effect="skipped; nothing of it was committed")
                 return self._load() if not older else state
-            raise EtlIoError(f"{name}: {exc}") from exc
+            raise exc if isinstance(exc, EtlIoError) else EtlIoError(f"{name}: {exc}") from exc
         except Exception as exc:
-            remove_temporaries(self.out_root)
             log.error("etl_segment_error", segment=name, error=repr(exc), exc_info=True,
                       effect="kept in processing/, not quarantined")  # fmt: skip
             raise EtlStuck(name, exc) from exc
@@ -358,25 +389,39 @@ class EtlJob:
                         copy = clean_copy(path, Path(tmp) / "clean.ndjson", self.layout.quarantine(self.source))
                         rejected, source = copy.rejected, copy.path
                     else:
-                        raise SegmentDataError(f"undecodable even after removing the bad lines: {exc}") from exc
-            lines = outcome.quarantine_lines(source)
-        quarantined = [(reason, line) for reason, line in rejected] + lines
-        if quarantined:
-            self._write_quarantine(path.name, quarantined)
-        try:
-            commit(outcome.files)
-        except OutputConflict as exc:
-            remove_temporaries(self.out_root)
-            raise SegmentDataError(f"{exc}: a different segment under the same name was committed before") from exc
+                        raise _second_decode_failure(exc) from exc
+            try:
+                lines = outcome.quarantine_lines(source)
+            except BaseException:
+                discard(outcome.files)
+                raise
         new_state = outcome.state
         if not older:
             new_state.last_segment = path.name
             for key, value in outcome.counts.items():
                 new_state.totals[key] = new_state.totals.get(key, 0) + value
-            save_state(self.state_dir, self.source, new_state)
-        self.committed.add(path.name)
+        try:
+            check_conflicts(outcome.files)
+            quarantined = [(reason, line) for reason, line in rejected] + lines
+            if quarantined:
+                self._write_quarantine(path.name, quarantined)
+            self._commit(path.name, outcome.files, None if older else new_state)
+        except OutputConflict as exc:
+            raise SegmentDataError(f"{exc}: a different segment under the same name was committed before") from exc
+        finally:
+            discard(outcome.files)  # nothing left once committed; everything on the way out
         seconds = time.perf_counter() - started
         return SegmentResult(path.name, size, seconds, outcome.rows, outcome.counts, len(quarantined)), new_state
+
+    def _commit(self, name: str, files: list[Path], state: EtlState | None) -> None:
+        """Outputs into place, then the checkpoint (``state``; None: leave it), then the name
+        in the committed list; the ``committing`` note makes the three one step for a crash."""
+        begin_commit(self.state_dir, self.source, name, files)
+        commit(files)
+        if state is not None:
+            save_state(self.state_dir, self.source, state)
+        self.committed.add(name)
+        end_commit(self.state_dir, self.source)
 
     def _write_quarantine(self, segment: str, entries: list[tuple[str, bytes]]) -> None:
         folder = self.layout.quarantine(self.source)
@@ -401,7 +446,6 @@ class EtlJob:
         shutil.move(str(path), target)
         (folder / f"{target.name}.reason.txt").write_text(reason + "\n")
         fsync_dir(folder)
-        remove_temporaries(self.out_root)
 
 
 class SegmentRun:
@@ -447,7 +491,7 @@ class SegmentRun:
         except BaseException:
             for writer in self.writers.values():
                 writer.close()
-            remove_temporaries(self.job.out_root)
+                discard(writer.files)
             raise
         finally:
             con.close()
@@ -533,6 +577,25 @@ _CANDLE_NUMBERS = ["open", "high", "low", "close", "volume"]
 def _rows(parsed) -> tuple:
     f = parsed.frames
     return f.r_prod, f.r_side, f.r_px, f.r_sz, f.r_snap
+
+
+def _second_decode_failure(exc: SegmentDecodeError) -> Exception:
+    """DuckDB refused the clean copy, whose every line passed our own check: out of memory or
+    an I/O error is the machine (retry later); a decode error is data our check let through
+    (quarantine the segment whole rather than stop the pipeline on it)."""
+    cause, text = exc.__cause__, str(exc)  # mid-stream, DuckDB's errors arrive as Arrow's OSError
+    if isinstance(cause, duckdb.IOException | duckdb.OutOfMemoryException) or "IO Error" in text or (
+        "Out of Memory Error" in text
+    ):
+        return EtlIoError(f"DuckDB could not read the clean copy: {exc}")
+    return SegmentDataError(f"undecodable even after removing the bad lines: {exc}")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # taken away since the listing
+        return 0
 
 
 def _stem(name: str) -> str:

@@ -9,12 +9,13 @@ Every file is written as ``part-<segment>.parquet.tmp`` next to its final name a
 renamed by :meth:`PartitionedWriter.commit`, so a reader never sees half a file and a
 crashed run leaves nothing under a final name that the rerun would not write identically.
 Partition values map one-to-one onto directories (:func:`daedalus.layout.partition_component`),
-so two distinct product ids never share a file, and :func:`commit` refuses to replace a
-committed file with different rows.
+so two distinct product ids never share a file, and :func:`check_conflicts` refuses to
+let a commit replace a file with other content.
 """
 
 from __future__ import annotations
 
+import filecmp
 import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -60,7 +61,6 @@ class PartitionedWriter:
         self.compression = None if compression == "none" else compression
         self.metadata = {k.encode(): v.encode() for k, v in metadata.items()}
         self._open: dict[tuple[str, ...], tuple[pq.ParquetWriter, list[pa.Table], list[int]]] = {}
-        self._directories: dict[Path, tuple[str, ...]] = {}
         self.rows = 0
         self.files: list[Path] = []
 
@@ -114,9 +114,7 @@ class PartitionedWriter:
         if entry is None:
             directory = self.root
             for col, value in zip(self.partition_cols, key, strict=True):
-                directory /= f"{col}={partition_component(value)}"
-            if self._directories.setdefault(directory, key) != key:  # partition_component is one-to-one
-                raise AssertionError(f"partitions {key} and {self._directories[directory]} map to {directory}")
+                directory /= f"{col}={partition_component(value)}"  # one-to-one: never a shared file
             directory.mkdir(parents=True, exist_ok=True)
             path = directory / (self.name + TMP_SUFFIX)
             schema = table.schema.with_metadata(self.metadata)
@@ -144,7 +142,7 @@ class PartitionedWriter:
             self._flush(entry)
             entry[0].close()
         for final in self.files:
-            fsync_path(final.with_name(final.name + TMP_SUFFIX))
+            fsync_path(_temporary(final))
         self._open.clear()
         return self.files
 
@@ -174,33 +172,39 @@ def _encodings(schema: pa.Schema) -> dict:
 
 
 class OutputConflict(Exception):
-    """A file this segment would commit already exists with other rows: it belongs to a
+    """A file this segment would commit already exists with other content: it belongs to a
     different segment of the same name, and committed output is never overwritten."""
 
 
-def commit(files: Iterable[Path]) -> None:
-    """Rename each ``<file>.tmp`` onto ``<file>`` and fsync the directories touched.
+def check_conflicts(files: Iterable[Path]) -> None:
+    """Raise :class:`OutputConflict` if a final name is taken by a file with other bytes.
 
-    A final file that exists already is the output of a run that died before recording its
-    commit: the same segment from the same state, so the same rows. Anything else raises
-    :class:`OutputConflict` before a single file is renamed."""
-    files = list(files)
+    A final file with the same bytes is a leftover of this very segment (the same writer on
+    the same input writes the same bytes); an interrupted commit is rolled back before a
+    segment is processed again (see the job), so anything else belongs to another segment."""
     for final in files:
-        if final.exists() and not _same_rows(final, final.with_name(final.name + TMP_SUFFIX)):
-            raise OutputConflict(f"{final} is already committed with different rows")
+        if final.exists() and not filecmp.cmp(final, _temporary(final), shallow=False):
+            raise OutputConflict(f"{final} is already committed with other content")
+
+
+def commit(files: Iterable[Path]) -> None:
+    """Rename each ``<file>.tmp`` onto ``<file>`` and fsync the directories touched."""
     dirs = set()
     for final in files:
-        os.replace(final.with_name(final.name + TMP_SUFFIX), final)
+        os.replace(_temporary(final), final)
         dirs.add(final.parent)
     for directory in dirs:
         fsync_path(directory)
 
 
-def _same_rows(committed: Path, candidate: Path) -> bool:
-    try:
-        return pq.read_table(committed).equals(pq.read_table(candidate))
-    except (OSError, pa.ArrowException):  # an unreadable committed file is not worth keeping
-        return True
+def discard(files: Iterable[Path]) -> None:
+    """Delete the temporary files of outputs that will not be committed."""
+    for final in files:
+        _temporary(final).unlink(missing_ok=True)
+
+
+def _temporary(final: Path) -> Path:
+    return final.with_name(final.name + TMP_SUFFIX)
 
 
 def remove_temporaries(root: Path) -> int:

@@ -8,6 +8,10 @@ Beside it, ``<source>.committed`` lists every segment whose outputs are committe
 a line, appended and fsynced after the commit. Whether a segment was committed is looked up
 there (or is the checkpoint's own ``last_segment``), never inferred from name order: a
 segment processed out of order (``--mode date``, recovered late) is just as committed.
+
+While a segment's outputs are being renamed into place, ``<source>.committing`` names the
+segment and its files, so a commit cut short by a crash is rolled back (or, if the segment
+did get recorded, finished) before anything else runs: see :func:`interrupted_commit`.
 """
 
 from __future__ import annotations
@@ -95,25 +99,58 @@ class CommittedSegments:
     def __init__(self, directory: Path, source: str) -> None:
         self.path = directory / f"{source}.committed"
         self.names: set[str] = set()
-        self._torn = False
+        self._whole = 0  # bytes up to the last complete line: a crash mid-append leaves a partial one
         if self.path.exists():
             data = self.path.read_bytes()
-            end = data.rfind(b"\n") + 1  # a crash mid-append leaves a partial last line: not a name
-            self._torn = end != len(data)
-            self.names = set(data[:end].decode("utf-8", "replace").split())
+            self._whole = data.rfind(b"\n") + 1
+            self.names = set(data[: self._whole].decode("utf-8", "replace").split())
 
     def __contains__(self, name: str) -> bool:
         return name in self.names
 
     def add(self, name: str) -> None:
-        """Record ``name`` durably (after its outputs are in place)."""
+        """Record ``name`` durably (after its outputs are in place); a partial line left by a
+        crash or a failed append is cut first, so a fragment never reads as a name."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = name.encode() + b"\n"
         with self.path.open("ab") as handle:
-            handle.write((b"\n" if self._torn else b"") + name.encode() + b"\n")
+            handle.truncate(self._whole)
+            handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+        self._whole += len(line)
         self.names.add(name)
-        self._torn = False
+
+
+def begin_commit(directory: Path, source: str, segment: str, files: list[Path]) -> None:
+    """Record, durably, that ``segment``'s ``files`` are about to be renamed into place."""
+    record = {"segment": segment, "files": [str(f) for f in files]}
+    _write_atomically(directory / f"{source}.committing", orjson.dumps(record))
+
+
+def end_commit(directory: Path, source: str) -> None:
+    """The commit begun by :func:`begin_commit` is recorded in the committed list."""
+    (directory / f"{source}.committing").unlink(missing_ok=True)
+    fsync_dir(directory)
+
+
+def interrupted_commit(directory: Path, source: str) -> tuple[str, list[Path]] | None:
+    """``(segment, files)`` of a commit a crash cut short, if any."""
+    path = directory / f"{source}.committing"
+    if not path.exists():
+        return None
+    record = orjson.loads(path.read_bytes())  # written atomically: whole or absent
+    return record["segment"], [Path(f) for f in record["files"]]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def save_state(directory: Path, source: str, state: EtlState) -> None:
@@ -136,13 +173,7 @@ def save_state(directory: Path, source: str, state: EtlState) -> None:
         "bars": state.bars.to_json(),
         "totals": state.totals,
     }
-    tmp = directory / f"{source}.json.tmp"
-    with tmp.open("wb") as handle:
-        handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / f"{source}.json")
-    fsync_dir(directory)
+    _write_atomically(directory / f"{source}.json", orjson.dumps(data, option=orjson.OPT_INDENT_2))
     for old in directory.glob(f"{source}.books-*.npz"):
         if old.name != books_file:
             old.unlink(missing_ok=True)
