@@ -1,5 +1,5 @@
-"""The compiled string parsers agree with Arrow's exact casts, and hand what they cannot
-read to the slow path instead of guessing."""
+"""The compiled string parsers agree with Arrow's exact casts; numbers they cannot read
+exactly are refused, times in other formats go to the slow path, nothing is guessed."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daedalus.etl.coinbase import times_ns, to_units
+from daedalus.etl.coinbase import times_ns
+from daedalus.etl.decode import parse_units
 
 
 def arrow_units(values: list[str]) -> np.ndarray:
@@ -20,19 +21,20 @@ def arrow_units(values: list[str]) -> np.ndarray:
 def test_units_equal_arrow_decimal_casts_on_random_feed_numbers() -> None:
     rng = random.Random(3)
     values = [f"{rng.uniform(0, 1e6):.{rng.randint(0, 8)}f}" for _ in range(50_000)]
-    values += ["0", "-1.5", "+2", "12.", ".5", "0.100000000", "92233720368.54775807"]
-    units, ok = to_units(pa.array(values))
-    assert ok.all()
+    values += ["0", "0.100000000", "92233720368.54775807", "007.50"]
+    units, ok, valid = parse_units(pa.array(values), plain=True)
+    assert ok.all() and valid.all()
     assert (units == arrow_units(values)).all()
 
 
 def test_units_refuse_what_is_not_an_exact_number_of_units() -> None:
-    values = ["1e-5", "0.000000001", "92233720368.54775808", "abc", "", "-", "1.2.3", None, "NaN", "Infinity"]
-    units, ok = to_units(pa.array(values, pa.string()))
-    assert units[0] == 1000 and ok[0]  # an exponent: exact, via the slow path
-    assert not ok[1:].any()
-    _, ok_null = to_units(pa.array([None, "1"], pa.string()), allow_null=True)
-    assert ok_null.all()
+    """Not the feed's shape (signs, exponents, a bare point), not exact in 1e-8 units or beyond
+    int64: refused, never rounded or wrapped; a null is refused and reported as not valid."""
+    values = ["1e-5", "0.000000001", "92233720368.54775808", "abc", "", "-", "1.2.3", None, "NaN", "Infinity",
+              "-1.5", "+2", "12.", ".5"]  # fmt: skip
+    _, ok, valid = parse_units(pa.array(values, pa.string()), plain=True)
+    assert not ok.any()
+    assert valid.tolist() == [v is not None for v in values]
 
 
 def test_times_equal_arrow_casts_and_other_offsets_use_the_slow_path() -> None:

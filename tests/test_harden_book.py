@@ -2,9 +2,10 @@
 engine part of item 12 (a snapshot that leaves a one-sided book does not publish it as valid).
 
 The rules under test are in the docstring of ``daedalus.etl.book``: a frame takes at most one
-sample (the first grid time it passed), a step back of the clock resumes sampling right after
-the last sample, a step back of more than ``SAMPLE_CLOCK_RESTART`` intervals restarts the grid,
-and a book is valid only from a two-sided snapshot."""
+sample (the first grid time it passed), a short step back of the clock (measured from the last
+grid time passed) pauses sampling, a longer one resumes after the frame and the last sample, one
+of more than ``SAMPLE_CLOCK_RESTART`` intervals behind the last sample too restarts the grid, and
+a book is valid only from a two-sided snapshot; a level2 frame lost by the parser is a gap."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 from daedalus.capture.records import control_line, frame_line
-from daedalus.etl.book import CONNECT, FRAME, GAP, NO_PRICE, SAMPLE_CLOCK_RESTART, BookSet, Samples
+from daedalus.etl.book import CONNECT, FRAME, GAP, LOST, NO_PRICE, SAMPLE_CLOCK_RESTART, BookSet, Samples
 from tests.etl_helpers import channel_table, recording_frames, run_etl, write_segments
 from tests.test_etl_book import Event, Frame, make_batch, random_frames
 
@@ -59,11 +60,11 @@ class ReferenceBooks:
 
     def _sample(self, product: str, ts: int) -> None:
         nxt = self.next[product]
-        if ts < nxt - self.interval:  # the clock went back
-            if ts < self.last[product] - SAMPLE_CLOCK_RESTART * self.interval:
-                self.next[product] = self._grid_after(ts)
-                return
-            nxt = self.next[product] = self.last[product] + self.interval
+        restart = SAMPLE_CLOCK_RESTART * self.interval
+        if ts < nxt - self.interval - restart:  # the clock went back further than a short step
+            last = self.last[product]
+            self.next[product] = self._grid_after(ts if ts < last - restart else max(ts, last))
+            return
         if ts < nxt:
             return
         bids, asks = self.top(product)
@@ -76,6 +77,10 @@ class ReferenceBooks:
         if kind == CONNECT:
             self.last_seq.pop(conn, None)
             self._invalidate(conn)
+            return
+        if kind == LOST:
+            self._invalidate(conn)
+            self.last_seq[conn] = max(self.last_seq.get(conn, -1), seq)
             return
         if kind == GAP:
             self._invalidate(conn)
@@ -245,6 +250,101 @@ def test_engine_samples_match_the_reference_through_jumps_steps_and_a_checkpoint
     for i, (g, e) in enumerate(zip(got, reference.samples, strict=True)):
         assert g == e, f"sample {i}: engine {g} != reference {e}"
     assert any(not s[2] for s in got) and any(s[2] for s in got)
+
+
+def test_jitter_after_a_quiet_period_does_not_sample_a_later_book() -> None:
+    """The review's case: after an hour without frames the last sample lies far back; 100 ns of
+    jitter must pause sampling, not restart the grid after that old sample with today's book."""
+    frames: list[Frame] = [
+        (FRAME, 1, -1, 0, 1_500, [("A", True, [(0, 100, 1), (1, 200, 1)])]),
+        (FRAME, 1, -1, 0, 2_100, [("A", False, [(0, 100, 2)])]),
+        (FRAME, 1, -1, 0, 3_603_000, [("A", False, [(0, 100, 9)])]),
+        (FRAME, 1, -1, 0, 3_602_900, [("A", False, [(0, 100, 7)])]),  # 100 ns of jitter back
+        (FRAME, 1, -1, 0, 3_604_100, [("A", False, [(0, 100, 8)])]),
+    ]
+    books = BookSet(interval_ns=1_000, depth=1)
+    _, samples = books.apply(make_batch(books, frames))
+    assert list(zip(samples.ts.tolist(), samples.bid_sz[:, 0].tolist(), strict=True)) == [
+        (2_000, 1), (3_000, 2), (3_604_000, 7)]  # fmt: skip
+
+
+def jittery_market(rng: random.Random, n: int, interval: int) -> list[Frame]:
+    """Two products on one connection, quiet periods of up to an hour, and receive times that
+    step back by up to ``SAMPLE_CLOCK_RESTART`` intervals behind the latest one (jitter)."""
+    frames: list[Frame] = [(FRAME, 1, -1, 0, T0 + i, [(p, True, [(0, 100, 5), (1, 200, 5)])])
+                           for i, p in enumerate("AB")]  # fmt: skip
+    clock = T0 + 2
+    for _ in range(n):
+        r = rng.random()
+        clock += rng.choice((3_600 * SECOND, rng.randint(1, 100) * interval)) if r < 0.05 else rng.randint(0, interval)
+        ts = clock - rng.randint(0, SAMPLE_CLOCK_RESTART * interval) if rng.random() < 0.3 else clock
+        rows = [(side, rng.randint(90, 100) if side == 0 else rng.randint(101, 110), rng.randint(0, 9))
+                for side in (rng.randint(0, 1) for _ in range(rng.randint(1, 3)))]  # fmt: skip
+        frames.append((FRAME, 1, -1, 0, ts, [(rng.choice("AB"), False, rows)]))
+    return frames
+
+
+def truth_samples(frames: list[Frame], interval: int, depth: int) -> list[tuple]:
+    """The invariant, not the engine's rule: in data order, a product's frame stamped past every
+    earlier one of its frames takes the first grid time after them, if it reached it, showing the
+    book before that frame; plain dict books."""
+    sides: dict[str, tuple[dict[int, int], dict[int, int]]] = {}
+    latest: dict[str, int] = {}
+    out = []
+    for _, _, _, _, ts, events in frames:
+        for product, snap, rows in events:
+            if product in sides:
+                grid = (latest[product] // interval + 1) * interval
+                if ts >= grid:
+                    bids, asks = sides[product]
+                    pad = [(0, 0)] * depth
+                    out.append((product, grid, True, (sorted(bids.items(), reverse=True) + pad)[:depth],
+                                (sorted(asks.items()) + pad)[:depth]))  # fmt: skip
+                latest[product] = max(latest[product], ts)
+            elif snap:
+                latest[product] = ts
+            if snap:
+                sides[product] = ({}, {})
+            for side, px, sz in rows:
+                if sz:
+                    sides[product][side][px] = sz
+                else:
+                    sides[product][side].pop(px, None)
+    return sorted(out, key=lambda s: (s[1], s[0]))
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_samples_under_jitter_and_quiet_periods_never_show_a_later_book(seed: int) -> None:
+    interval, depth = 1_000_000, 3
+    frames = jittery_market(random.Random(seed), 5_000, interval)
+    books = BookSet(interval_ns=interval, depth=depth)
+    _, samples = books.apply(make_batch(books, frames))
+    got = sorted(sample_tuples(books, samples), key=lambda s: (s[1], s[0]))
+    want = truth_samples(frames, interval, depth)
+    assert len(want) > 1_000
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g == w, f"sample {i}: engine {g} != truth {w}"
+
+
+def test_a_lost_level2_frame_is_always_a_gap() -> None:
+    """The parser sends a rejected level2 frame as LOST, with its sequence number or -1: either
+    way the connection's books are invalid until a snapshot, and the sequence moves on past it."""
+    snap = [("A", True, [(0, 100, 1), (1, 101, 1)])]
+    update = [("A", False, [(0, 99, 1)])]
+    frames: list[Frame] = [
+        (FRAME, 1, 0, 0, 1_000, snap),
+        (LOST, 1, -1, 0, 1_100, []),  # no sequence_num: a gap all the same
+        (FRAME, 1, 1, 0, 1_200, update),
+        (FRAME, 1, 2, 0, 1_300, snap),
+        (LOST, 1, 3, 0, 1_400, []),  # in sequence, yet its updates are missing
+        (FRAME, 1, 4, 0, 1_500, update),  # follows the lost one: no second gap
+        (FRAME, 1, 5, 0, 1_600, snap),
+    ]
+    books = BookSet()
+    result, _ = books.apply(make_batch(books, frames))
+    assert result.valid.tolist() == [True, True, False, True, True, False, True, True]
+    assert books.counters("A")["gaps"] == 2
 
 
 # ---- one-sided snapshots (item 12, the engine part) ----------------------------------------

@@ -1,6 +1,7 @@
 """Issue 8, items 8, 10, 11, 12: one bad line is quarantined alone (with its reason and a
-counter), never poisons the books or the other rows; numbers are the feed's plain ASCII
-decimals; exchange times are range-checked and fall back frame time -> receive time.
+counter), never poisons the books or the other rows (a lost level2 frame is a gap); numbers
+are the feed's plain ASCII decimals; exchange times are range-checked and fall back frame
+time -> receive time; only a frame's receive time is checked (a control line's is not data).
 
 End to end: raw segments cut from the reference recording with hostile lines spliced in,
 the real ETL, the Parquet read back, compared with a run over the same segment without them.
@@ -12,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import orjson
 import pyarrow as pa
 import pytest
 
-from daedalus.capture.records import frame_line
-from daedalus.etl.coinbase import times_ns, to_units
+from daedalus.capture.records import control_line, frame_line
+from daedalus.etl.coinbase import Rejects, _Batch, times_ns
 from daedalus.etl.decode import parse_units
 from tests.conftest import RECORDING
 from tests.etl_helpers import channel_table, recording_lines, run_etl, write_segments
@@ -141,9 +143,22 @@ def test_each_bad_line_is_quarantined_alone_and_every_good_row_is_exact(tmp_path
         assert summary.counts[f"quarantined_{family}"] == sum(h[2] == family for h in HOSTILE), family
     assert len(found[0]["line"]) > 10_000  # the whole line is kept, the reason is short
     assert len(found[0]["reason"]) < 100
-    for channel in ("level2", "market_trades", "ticker", "candles", "book_snapshot_10"):
+    for channel in ("market_trades", "ticker", "candles"):
         assert channel_table(bad, channel) == channel_table(clean, channel), channel
-    assert reference.counts["gaps"] == summary.counts["gaps"] == 0
+    # every rejected level2 frame is lost book data: a gap on both books of its connection
+    lost_l2 = sum(frame["channel"] == "l2_data" for frame, _, _, _ in HOSTILE)
+    assert reference.counts["gaps"] == 0 and summary.counts["gaps"] == 2 * lost_l2
+    for channel in ("level2", "book_snapshot_10"):  # the same rows, invalid from the first lost frame on
+        got, want = channel_table(bad, channel), channel_table(clean, channel)
+        assert got.drop_columns(["book_valid"]) == want.drop_columns(["book_valid"]), channel
+        if channel == "book_snapshot_10":
+            after = np.asarray(got.column("ts_recv")) > recv
+        else:  # the recording's frames after the splice, and the spliced alias line (no sequence_num)
+            seq = np.asarray(got.column("seq"))
+            after = (seq > orjson.loads(recording_lines()[SPLICE - 1])["msg"]["sequence_num"]) | (seq < 0)
+        valid, reference_valid = np.asarray(got.column("book_valid")), np.asarray(want.column("book_valid"))
+        assert (valid[~after] == reference_valid[~after]).all() and reference_valid[after].any(), channel
+        assert not valid[after].any(), channel
     products = duckdb.sql(
         f"SELECT DISTINCT product_id FROM read_parquet('{bad}/processed/coinbase/*/**/*.parquet', "
         "hive_partitioning=true, union_by_name=true) ORDER BY 1"
@@ -179,6 +194,40 @@ def test_a_rejected_level2_frame_is_lost_book_data_and_invalidates_the_book_like
     victim_seq = record["msg"]["sequence_num"]
     assert valid[seq < victim_seq].tolist() == want.column("book_valid").to_numpy()[seq < victim_seq].tolist()
     assert not valid[seq > victim_seq].any()  # no snapshot follows in this cut: invalid to the end
+
+
+def test_a_rejected_level2_frame_without_a_sequence_number_is_a_gap_too(tmp_path):
+    recv = recv_at(SPLICE - 1)
+    write_segments(tmp_path, [spliced([line(l2(bad_update(side="sell")), recv)])])  # no sequence_num
+    summary = run_etl(tmp_path)
+    assert summary.quarantined_lines == 1 and summary.counts["gaps"] == 2  # BTC-USD and ETH-USD, one connection
+    level2 = channel_table(tmp_path, "level2")
+    after = np.asarray(level2.column("ts_recv")) > recv
+    assert after.any() and not np.asarray(level2.column("book_valid"))[after].any()
+
+
+def test_a_control_line_with_a_bad_receive_time_is_applied_not_quarantined(tmp_path):
+    """Only frames carry data on the receive clock; a control line's time is not data, so a bad
+    one neither quarantines it (while the engine acts on it) nor moves any clock."""
+    recv = recv_at(SPLICE - 1)
+    ahead = control_line(recv + 10 * YEAR_NS, 1, "connect", {"url": "wss://advanced-trade-ws.coinbase.com"})
+    bad, clean = tmp_path / "bad", tmp_path / "clean"
+    write_segments(bad, [spliced([ahead])])
+    write_segments(clean, [spliced([])])
+    summary, reference = run_etl(bad), run_etl(clean)
+    assert summary.quarantined_lines == 0 and summary.counts["quarantined_bad_time"] == 0
+    assert rejects(bad) == []
+    level2 = channel_table(bad, "level2")
+    after = np.asarray(level2.column("ts_recv")) > recv
+    assert after.any() and not np.asarray(level2.column("book_valid"))[after].any()  # the reconnect was applied
+    assert level2.drop_columns(["book_valid"]) == channel_table(clean, "level2").drop_columns(["book_valid"])
+    for channel in ("market_trades", "ticker", "candles"):
+        assert channel_table(bad, channel) == channel_table(clean, channel), channel
+    bars = sorted(path.name for path in (clean / "processed" / "coinbase").glob("bars_*"))
+    assert bars and bars == sorted(path.name for path in (bad / "processed" / "coinbase").glob("bars_*"))
+    for channel in bars:  # the line 10 years ahead closed no bar early
+        assert channel_table(bad, channel) == channel_table(clean, channel), channel
+    assert summary.counts["late_trades"] == reference.counts["late_trades"]
 
 
 def test_exchange_times_fall_back_to_the_frame_time_then_the_receive_time(tmp_path):
@@ -229,6 +278,12 @@ def test_feed_numbers_are_plain_ascii_decimals_and_the_general_parser_is_ascii_o
                "0.000000001", "92233720368.54775808"]  # fmt: skip
     _, ok, _ = parse_units(pa.array(refused), plain=True)
     assert not ok.any()
-    # the general parser (signs, exponents) no longer lets Decimal() read non-ASCII digits or underscores
-    _, ok = to_units(pa.array(["\u0661\u0662", "\uff11", "1_000", "1__0", " 1", "1\u00a0", "1e-5", "-1.5"]))
-    assert ok.tolist() == [False] * 6 + [True, True]
+    # what the ETL calls: a refused value rejects its line; a missing optional one does not
+    items = pa.array([{"price": v} for v in [*plain, *refused, None]])
+    line_of = np.arange(len(items))
+    batch = _Batch(None, None, None, None, None, None, None, None, Rejects(np.zeros(len(items), np.bool_)))
+    units, valid = batch.units(line_of, items, "price", "ticker", required=False)
+    assert units[: len(plain)].tolist() == [12_300_000_000, 12_345_000_000, 1, 0, 2**63 - 1, 10_000_000]
+    assert batch.rejects.bad.tolist() == [False] * len(plain) + [True] * len(refused) + [False]
+    assert [family for _, family, _ in batch.rejects.reasons] == ["bad_number"] * len(refused)
+    assert valid.tolist() == [True] * (len(plain) + len(refused)) + [False]

@@ -14,7 +14,8 @@ deep in a 50,000-level book costs the same as one at the touch.
 
 Frames, not rows, are the unit: after applying every event of a frame, each row of that
 frame gets its product's best bid/ask and ``book_valid``. Sequence numbers, control lines
-(gap, connect, disconnect) and snapshots drive validity (architecture 3.5). The loop stops
+(gap, connect, disconnect), level2 frames the parser rejected (``LOST``: always a gap) and
+snapshots drive validity (architecture 3.5). The loop stops
 before a frame it has no room for (chunks or sample rows) and reports what it needs;
 :class:`BookSet` grows the arrays and resumes at that frame, so nothing is ever half-applied.
 
@@ -33,15 +34,20 @@ change between them (no frame of the product came), so a reader filling forward 
 one sample has the right book at every time, and the number of samples is bounded by the
 number of frames, never by a gap in time (a clock jumped 10 years ahead costs one sample).
 Sample times of a product only increase, with one exception below. When the receive clock
-goes back before the last grid time passed (``ts < next_sample - interval``):
+goes back before the last grid time passed (``ts < next_sample - interval``), the step is
+measured from that grid time, never from the last sample taken (after a quiet period the
+last sample lies far back, and restarting there would sample grid times the data has
+already passed with a book from later frames):
 
-- by at most ``SAMPLE_CLOCK_RESTART`` intervals behind the last sample: sampling resumes at
-  the grid time after the last sample (no time is sampled twice; a short step back pauses
-  sampling at most that long). This is also what makes a one-off outlier harmless: a frame
-  stamped +20 min took one sample (at the first grid time after the previous frame), so
-  when the clock comes back, sampling continues on the next grid time at once;
-- by more: the clock was stepped back (or ran ahead for a while); the grid restarts at the
-  data's time. Times sampled under the wrong clock may then be sampled again later.
+- by at most ``SAMPLE_CLOCK_RESTART`` intervals (jitter, a short step): sampling pauses
+  until the data passes the next grid time again, so no time is sampled twice and a
+  sample at t never shows a frame stamped at or after t;
+- by more, but not that far behind the last sample: a one-off outlier ahead came back (it
+  took one sample, at the first grid time after the previous frame). Sampling continues on
+  the first grid time after both the frame and the last sample, at once;
+- by more than that behind the last sample too: the clock was stepped back (or ran ahead
+  for a while); the grid restarts at the data's time. Times sampled under the wrong clock
+  may then be sampled again later.
 
 ``book_valid`` of a sample is the book's validity when it is taken (not crossed, no gap
 since a two-sided snapshot); a gap announced between a grid time and the frame that takes
@@ -64,6 +70,7 @@ GAP = 1  # control line: the collector saw a sequence jump (f_aux = received seq
 CONNECT = 2
 DISCONNECT = 3
 OTHER = 4  # counted elsewhere, no effect on books
+LOST = 5  # a level2 frame rejected by the parser: its updates are missing (f_seq: its sequence, or -1)
 
 # engine status (meta[M_STATUS])
 DONE = 0
@@ -238,10 +245,13 @@ def _top(b, depth, ck, cs, cn, order, nch, sign, out_px, out_sz):
 def _sample_clock_back(p, ts, interval, next_sample, last_sample):
     """The receive clock went back before the last grid time passed: move product ``p``'s next
     grid time by the rules of the module docstring and return it."""
-    if ts < last_sample[p] - SAMPLE_CLOCK_RESTART * interval:
+    restart = SAMPLE_CLOCK_RESTART * interval
+    if ts >= next_sample[p] - interval - restart:
+        return next_sample[p]  # jitter or a short step: pause until the data passes it again
+    if ts < last_sample[p] - restart:
         next_sample[p] = (ts // interval + 1) * interval  # stepped back: the grid restarts here
-    else:
-        next_sample[p] = last_sample[p] + interval  # resume right after the last sample taken
+    else:  # an outlier ahead came back: go on after both the frame and the last sample
+        next_sample[p] = (max(ts, last_sample[p]) // interval + 1) * interval
     return next_sample[p]
 
 
@@ -250,6 +260,15 @@ def _invalidate_conn(conn, book_conn, valid):
     for p in range(valid.shape[0]):
         if book_conn[p] == conn:
             valid[p] = False
+
+
+@njit(cache=True)
+def _gap(conn, book_conn, valid, has_book, pcount):
+    """Frames of connection ``conn`` were lost: count a gap on each of its books, invalidate them."""
+    for p in range(valid.shape[0]):
+        if book_conn[p] == conn and has_book[p]:
+            pcount[p, C_GAPS] += 1
+    _invalidate_conn(conn, book_conn, valid)
 
 
 @njit(cache=True)
@@ -313,12 +332,14 @@ def run_frames(
         if kind == GAP:
             received = f_aux[f]
             if last_seq[conn] < received - 1 or last_seq[conn] == -1:
-                for p in range(valid.shape[0]):
-                    if book_conn[p] == conn and has_book[p]:
-                        pcount[p, C_GAPS] += 1
-                _invalidate_conn(conn, book_conn, valid)
+                _gap(conn, book_conn, valid, has_book, pcount)
             if received - 1 > last_seq[conn]:
                 last_seq[conn] = received - 1
+            continue
+        if kind == LOST:  # always a gap: whatever its sequence says, its updates are missing
+            _gap(conn, book_conn, valid, has_book, pcount)
+            if f_seq[f] > last_seq[conn]:
+                last_seq[conn] = f_seq[f]
             continue
         if kind != FRAME:
             continue
@@ -361,10 +382,7 @@ def run_frames(
         seq = f_seq[f]
         if seq >= 0:
             if last_seq[conn] >= 0 and seq != last_seq[conn] + 1:
-                for p in range(valid.shape[0]):
-                    if book_conn[p] == conn and has_book[p]:
-                        pcount[p, C_GAPS] += 1
-                _invalidate_conn(conn, book_conn, valid)
+                _gap(conn, book_conn, valid, has_book, pcount)
             last_seq[conn] = seq
         # apply each event (run of rows with one product and one snapshot flag)
         g = rs

@@ -11,30 +11,30 @@ sends (a product id that is not one, a price or size that is not a plain ASCII d
 the right sign, a level2 side other than bid/offer, a receive time outside the plausible
 window) goes to quarantine whole, with its reason, counted once under
 ``quarantined_<family>``; none of its rows reach a table or a book, and every other line
-of the segment is processed. A quarantined level2 frame is lost book data, so it acts as a
-gap on its connection (books invalid until the next snapshot); other quarantined frames
-keep their place in the sequence. Exchange times are not a reason to quarantine: a missing,
-unreadable or implausible one falls back to the frame's ``timestamp``, then to the receive
-time (counted as ``ts_event_fallbacks``), never to 1970.
+of the segment is processed. A quarantined level2 frame is lost book data: it always counts
+a gap on its connection's books and invalidates them until the next snapshot, whether it
+carries a ``sequence_num`` or not; other quarantined frames keep their place in the
+sequence. The receive time is checked on frames only: a control line's time is not data.
+Exchange times are not a reason to quarantine: a missing, unreadable or implausible one
+falls back to the frame's ``timestamp``, then to the receive time (counted as
+``ts_event_fallbacks``), never to 1970.
 
 Checks are column operations; Python runs only over the values that failed one.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from daedalus.config import PRODUCT_ID_PATTERN  # the config's rule: '', '.', 'BTC/USD', NUL, 10,000 chars fail
-from daedalus.etl.book import CONNECT, DISCONNECT, FRAME, GAP, OTHER, BookSet, FrameBatch
+from daedalus.etl.book import CONNECT, DISCONNECT, FRAME, GAP, LOST, OTHER, BookSet, FrameBatch
 from daedalus.etl.decode import parse_times, parse_units
 
 UNITS = 100_000_000  # 1e-8: prices and sizes are int64 counts of this
@@ -53,6 +53,10 @@ L2_SIDES = ["bid", "offer", "ask"]
 _L2_SIDE_CODES = np.array([0, 1, 1, -1], np.int8)  # last: not in L2_SIDES
 _SIGNED_DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"  # price_percent_chg_24_h, the feed's one signed number
 _NULL_STRING = pa.scalar(None, pa.string())
+#: the numbers of a ticker and of a candle, as the feed names them (cast by the ETL's writer too)
+TICKER_NUMBERS = ["price", "best_bid", "best_bid_quantity", "best_ask", "best_ask_quantity", "volume_24_h",
+                  "low_24_h", "high_24_h"]  # fmt: skip
+CANDLE_NUMBERS = ["open", "high", "low", "close", "volume"]
 
 
 @dataclass
@@ -68,11 +72,12 @@ class ParsedBatch:
 
 class Rejects:
     """The lines of a batch that hold a bad value. A line is rejected whole, once: its first
-    reason is kept and counted under ``quarantined_<family>``."""
+    reason is kept and counted under ``quarantined_<family>``. ``bad`` starts with the lines
+    quarantined already for another reason (not JSON, unknown channel, ...): none of their
+    values reach a table or a book either, and they are not counted again."""
 
     def __init__(self, already: np.ndarray) -> None:
-        self.already = already  # lines quarantined for another reason (not JSON, unknown channel, ...)
-        self.bad = np.zeros(already.shape[0], np.bool_)
+        self.bad = already.copy()
         self.reasons: list[tuple[int, str, str]] = []  # (line in batch, family, reason)
 
     def add(self, line_of: np.ndarray, failed: np.ndarray, family: str, describe: Callable[[int], str]) -> None:
@@ -82,7 +87,7 @@ class Rejects:
         if values.shape[0] == 0:
             return
         lines = line_of[values]
-        new = ~self.bad[lines] & ~self.already[lines]
+        new = ~self.bad[lines]
         lines, first = np.unique(lines[new], return_index=True)
         for value, line in zip(values[new][first].tolist(), lines.tolist(), strict=True):
             self.reasons.append((line, family, describe(value)))
@@ -182,7 +187,8 @@ def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int, now_ns: 
     rejects = Rejects(unusable)
     now = time.time_ns() if now_ns is None else now_ns
     recv_ok = (recv >= EARLIEST_NS) & (recv <= now + CLOCK_SLACK_NS)
-    rejects.add(np.arange(n), ~recv_ok, "bad_time", lambda i: f"receive time out of range: recv_ns={recv[i]}")
+    rejects.add(np.arange(n), has_msg & ~recv_ok, "bad_time",
+                lambda i: f"receive time out of range: recv_ns={recv[i]}")  # fmt: skip
     frame_time, frame_time_ok = _plausible_times(pc.struct_field(msg, "timestamp"), recv)
     frame_time = np.where(frame_time_ok, frame_time, recv)
     parts = _Batch(msg, _all_events(msg), channel_index, recv, seq, frame_time, frame_time_ok, counts, rejects)
@@ -190,14 +196,14 @@ def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int, now_ns: 
     l2_rows, frames_rs, frames_re, l2 = _level2(parts, books)
     trades, tickers, candles = _trades(parts), _tickers(parts), _candles(parts)
 
-    lost_l2 = rejects.bad & has_msg & (channel_index == L2)  # its updates are missing from the books: a gap
-    kind[lost_l2] = GAP
-    aux[lost_l2] = np.where(seq[lost_l2] >= 0, seq[lost_l2] + 1, 0)
+    kind[rejects.bad & ~unusable & (channel_index == L2)] = LOST  # its updates are missing from the books
     quarantine = sorted(quarantine + rejects.report(first_line, counts))
 
     distinct, inverse = np.unique(conn_ids, return_inverse=True)
     slots = np.array([books.conn_slot(c) for c in distinct.tolist()], np.int64)[inverse.reshape(-1)]
-    clock = _last_good(recv, recv_ok)  # a rejected receive time must not move the books' clock
+    # The books read the clock only on level2 frames with rows (never rejected), the bars only
+    # its maximum: a bad receive time must not move either.
+    clock = np.where(recv_ok, recv, 0)
     frames = FrameBatch(slots, kind, seq, aux, clock, frames_rs, frames_re, *l2_rows)
     return ParsedBatch(frames, l2, trades, tickers, candles, counts, quarantine)
 
@@ -294,18 +300,14 @@ def _trades(b: _Batch) -> pa.Table:
     return _kept(table, keep)
 
 
-_TICKER_NUMBERS = ["best_bid", "best_bid_quantity", "best_ask", "best_ask_quantity", "volume_24_h", "low_24_h",
-                   "high_24_h"]  # fmt: skip
-
-
 def _tickers(b: _Batch) -> pa.Table:
     selected = (b.channel_index == TICKER) | (b.channel_index == TICKER_BATCH)
     frame_of, events, tickers = _flatten_events(b.flat, selected, "tickers")
     b.check_products(frame_of, pc.struct_field(tickers, "product_id"))
-    price, _ = b.units(frame_of, tickers, "price", "ticker", positive=True)
-    numbers = {"price": pa.array(price)}
-    for name in _TICKER_NUMBERS:  # optional: null when missing
-        units, valid = b.units(frame_of, tickers, name, "ticker", required=False)
+    numbers = {}
+    for name in TICKER_NUMBERS:  # the price is required and > 0; the others may be missing (null)
+        is_price = name == "price"
+        units, valid = b.units(frame_of, tickers, name, "ticker", positive=is_price, required=is_price)
         numbers[name] = pa.array(units, mask=~valid)
     pct = pc.struct_field(tickers, "price_percent_chg_24_h")
     pct_ok = pc.match_substring_regex(pct, _SIGNED_DECIMAL).fill_null(True).to_numpy(zero_copy_only=False)
@@ -334,7 +336,7 @@ def _candles(b: _Batch) -> pa.Table:
     start_ok = (seconds >= EARLIEST_NS // (1_000_000_000 // UNITS)) & (seconds <= latest)
     b.rejects.add(frame_of, ~start_ok, "bad_time", lambda i: f"candles start {seconds[i] // UNITS} s is out of range")
     numbers = {}
-    for name in ("open", "high", "low", "close", "volume"):
+    for name in CANDLE_NUMBERS:
         units, valid = b.units(frame_of, candles, name, "candles", positive=name != "volume", required=False)
         numbers[name] = pa.array(units, mask=~valid)
     keep = ~b.rejects.bad[frame_of]
@@ -372,59 +374,7 @@ def _plausible_times(strings: pa.Array, recv: np.ndarray) -> tuple[np.ndarray, n
     return ns, ok
 
 
-def _last_good(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """``values`` with each bad one replaced by the last good one before it (the first good
-    one at the start, 0 when there is none)."""
-    if ok.all():
-        return values
-    if not ok.any():
-        return np.zeros_like(values)
-    index = np.where(ok, np.arange(values.shape[0]), 0)
-    np.maximum.accumulate(index, out=index)
-    index[: int(np.argmax(ok))] = int(np.argmax(ok))
-    return values[index]
-
-
 # ---- helpers --------------------------------------------------------------------------------
-def to_units(strings: pa.Array, allow_null: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Decimal strings -> (int64 units of 1e-8, ok mask), exact, for any ASCII decimal (sign,
-    exponent). The feed's own numbers go through :meth:`_Batch.units` (plain decimals only);
-    this general form takes the compiled parser's answer and hands anything else (exponents,
-    more than 8 decimals) to ``Decimal`` one by one, after an ASCII-only shape check:
-    ``Decimal`` alone would take Arabic-Indic or fullwidth digits, ``1_000`` and spaces."""
-    units, ok, valid = parse_units(strings)
-    odd = np.flatnonzero(valid & ~ok)
-    if odd.shape[0]:
-        slow_units, slow_ok = _units_slow(pc.take(strings, pa.array(odd)).to_pylist(), allow_null)
-        units[odd] = slow_units
-        ok[odd] = slow_ok
-    if allow_null:
-        ok |= ~valid
-    return units, ok
-
-
-_ASCII_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]{1,4})?")
-
-
-def _units_slow(values: list[str | None], allow_null: bool) -> tuple[np.ndarray, np.ndarray]:
-    units = np.zeros(len(values), np.int64)
-    ok = np.zeros(len(values), np.bool_)
-    for i, text in enumerate(values):
-        if text is None:
-            ok[i] = allow_null
-            continue
-        if not _ASCII_DECIMAL.fullmatch(text):
-            continue
-        try:
-            scaled = Decimal(text) * UNITS
-        except (InvalidOperation, ValueError):
-            continue
-        if scaled.is_finite() and scaled == scaled.to_integral_value() and -(2**63) <= scaled < 2**63:
-            units[i] = int(scaled)
-            ok[i] = True
-    return units, ok
-
-
 def times_ns(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """RFC 3339 strings -> (ns since the epoch, ok). The compiled parser takes the feed's UTC
     form; anything else goes through Arrow's cast one value at a time."""
@@ -436,12 +386,6 @@ def times_ns(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
     return ns, ok
-
-
-def to_timestamps(strings: pa.Array) -> pa.Array:
-    """RFC 3339 strings -> timestamp[ns, UTC]; unreadable values become null."""
-    ns, ok = times_ns(strings)
-    return pa.array(ns, pa.int64(), mask=~ok).cast(_TS_TYPE)
 
 
 def _int_column(column: pa.Array, fill: int) -> np.ndarray:

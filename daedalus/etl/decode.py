@@ -2,12 +2,14 @@
 string buffers: decimal numbers -> int64 units of 1e-8, RFC 3339 times -> ns since epoch.
 
 Why not Arrow's casts: they are exact but cost ~50 ns a value and there are two or three
-per level2 update; these loops cost a few ns. Anything they do not recognise (exponents,
-more than 8 decimals, other time formats) is reported per value, and the caller parses
-just those values the slow, general way, so results never depend on which path ran.
+per level2 update; these loops cost a few ns. Anything they do not recognise is reported
+per value: a number that is not exact in int64 units of 1e-8 (exponents, more than 8
+decimals) is refused; a time in another format goes to the caller's slow, general parser,
+so results never depend on which path ran.
 
-``plain=True`` is the feed's own number shape and nothing else: ASCII digits, optionally a
-point followed by digits (``123``, ``0.00000001``); no sign, no exponent, no spaces. Times
+``plain=True`` is the feed's own number shape and nothing else, and what the ETL uses: ASCII
+digits, optionally a point followed by digits (``123``, ``0.00000001``); no sign, no
+exponent, no spaces (without it a leading ``-``/``+`` is read too). Times
 are read only for years the fast path can hold in int64 ns without wrapping (1900..2199);
 others go to the caller's slow path, which refuses what int64 ns cannot represent.
 """

@@ -50,7 +50,7 @@ from daedalus.capture.records import iter_lines
 from daedalus.capture.segments import fsync_dir
 from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.etl import processors
-from daedalus.etl.coinbase import ParsedBatch, parse_batch
+from daedalus.etl.coinbase import CANDLE_NUMBERS, TICKER_NUMBERS, ParsedBatch, parse_batch
 from daedalus.etl.output import (
     OutputConflict,
     PartitionedWriter,
@@ -524,9 +524,9 @@ class SegmentRun:
         trades = self.state.trades.filter(parsed.trades)
         if trades.num_rows:
             self._write_items("market_trades", processors.units_columns(trades, ["price", "size"], self.strategy))
-        self._write_items("ticker", processors.units_columns(parsed.tickers, _TICKER_NUMBERS, self.strategy,
+        self._write_items("ticker", processors.units_columns(parsed.tickers, TICKER_NUMBERS, self.strategy,
                                                              _TICKER_NAMES))  # fmt: skip
-        self._write_items("candles", processors.units_columns(parsed.candles, _CANDLE_NUMBERS, self.strategy))
+        self._write_items("candles", processors.units_columns(parsed.candles, CANDLE_NUMBERS, self.strategy))
         # bars: the receive clock of this batch closes the bars it has passed
         clock = int(parsed.frames.f_ts.max()) if parsed.frames.f_ts.shape[0] else 0
         late_before = self.state.bars.late
@@ -567,11 +567,8 @@ class SegmentRun:
         return found
 
 
-_TICKER_NUMBERS = ["price", "best_bid", "best_bid_quantity", "best_ask", "best_ask_quantity", "volume_24_h",
-                   "low_24_h", "high_24_h"]  # fmt: skip
 _TICKER_NAMES = {"best_bid_quantity": "best_bid_size", "best_ask_quantity": "best_ask_size",
                  "volume_24_h": "volume_24h", "low_24_h": "low_24h", "high_24_h": "high_24h"}  # fmt: skip
-_CANDLE_NUMBERS = ["open", "high", "low", "close", "volume"]
 
 
 def _rows(parsed) -> tuple:
