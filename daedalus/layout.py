@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -28,6 +28,7 @@ _UNSAFE = re.compile(r"[/\\=:*?\"<>|]")
 _DOTS = re.compile(r"\.{2,}")
 _SEGMENT = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5})\.(ndjson|ndjson\.zst|parquet|arrow)$")
 _SEGMENT_PREFIX = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5,})")
+_HOUR = re.compile(r"\d{8}T\d{2}")
 MAX_SEGMENT_COUNTER = 99_999  # five digits, so that names sort in time order
 MAX_COMPONENT = 128
 
@@ -95,15 +96,27 @@ def segment_name(first_record: datetime, counter: int, suffix: str = ".ndjson") 
     The counter has five digits and no more: a sixth would sort ``_100000`` before
     ``_10001`` and break time order, so a counter outside 1..99,999 is refused.
     """
+    return segment_name_for_hour(first_record.astimezone(UTC).strftime("%Y%m%dT%H"), counter, suffix)
+
+
+def segment_name_for_hour(hour: str, counter: int, suffix: str = ".ndjson") -> str:
+    """:func:`segment_name` from the hour as it appears in names (``20260809T21``), as the
+    segment writer keeps it: no round trip through a datetime."""
     if not 1 <= counter <= MAX_SEGMENT_COUNTER:
         raise ValueError(f"segment counter {counter} outside 1..{MAX_SEGMENT_COUNTER}")
-    hour = first_record.astimezone(UTC).strftime("%Y%m%dT%H")
+    if not _HOUR.fullmatch(hour):
+        raise ValueError(f"segment hour {hour!r} is not YYYYMMDDTHH")
     return f"segment_{hour}_{counter:05d}{suffix}"
 
 
 def segment_hour_start(hour: str) -> datetime:
     """The UTC start of a segment name's hour (``20260809T21``)."""
     return datetime.strptime(hour, "%Y%m%dT%H").replace(tzinfo=UTC)
+
+
+def next_segment_hour(hour: str) -> str:
+    """The hour after ``hour`` in name form (``20260809T23`` -> ``20260810T00``)."""
+    return (segment_hour_start(hour) + timedelta(hours=1)).strftime("%Y%m%dT%H")
 
 
 def segment_identity(name: str) -> tuple[str, int] | None:

@@ -1,12 +1,18 @@
-"""Reading what capture wrote, for the tests."""
+"""Reading what capture wrote, and a full disk, for the tests."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
+from daedalus.capture import segments
 from daedalus.capture.records import iter_lines, split_frame_record
 
 
@@ -32,3 +38,48 @@ def ingest_config(data_dir: Path, ws_url: str, **ingestion: Any) -> dict[str, An
         "coinbase": {"ws_url": ws_url, "rest_url": ws_url.replace("ws://", "http://").removesuffix("/ws")},
         "ingestion": {"flush_interval_seconds": 0.1, "reconnect_delay": 0.05, "max_reconnect_delay": 0.2, **ingestion},
     }
+
+
+def frame(i: int, pad: int = 0) -> str:
+    """A ticker frame with sequence number ``i``, ``pad`` bytes longer than the shortest."""
+    return f'{{"channel":"ticker","sequence_num":{i},"events":[{{"x":"{"y" * pad}"}}]}}'
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
+    """The fields of every log record called ``name``."""
+    return [getattr(r, "daedalus_fields", {}) for r in caplog.records if r.getMessage() == name]
+
+
+async def async_wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+class FullDisk:
+    """While ``full``: a write of the segment writer or recovery lands half its bytes then
+    fails with ENOSPC, their fsync fails with ENOSPC (delayed allocation reports it there).
+    ``failures`` counts the injected errors. Only the capture module's own ``write_all`` and
+    ``fsync`` are replaced: the rest of the process (the simulator, pytest) is untouched."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, full: bool = True) -> None:
+        self.full = full
+        self.failures = 0
+        real_write_all, real_fsync = segments.write_all, segments.fsync
+
+        def write_all(fd: int, data: bytes | memoryview) -> None:
+            if self.full:
+                real_write_all(fd, bytes(data)[: len(data) // 2])
+                self.failures += 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_write_all(fd, data)
+
+        def fsync(fd: int) -> None:
+            if self.full:
+                self.failures += 1
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        monkeypatch.setattr(segments, "write_all", write_all)
+        monkeypatch.setattr(segments, "fsync", fsync)

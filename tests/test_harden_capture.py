@@ -1,6 +1,6 @@
 """Issue 8, capture side: names under clock steps and counter exhaustion, padded frames,
 a full disk at start-up and at shutdown. Real files, a real simulator on loopback; the
-full disk is ENOSPC injected at the OS boundary (as in test_capture_segments)."""
+full disk is ENOSPC injected into the capture module's own write_all and fsync."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import errno
 import io
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -22,8 +24,24 @@ from daedalus.capture.records import frame_line, split_frame_record
 from daedalus.capture.segments import LAST_SEGMENT_FILE, SegmentWriter, recover_active
 from daedalus.config import IngestionConfig, parse_config
 from daedalus.etl.reader import connect, read_batches
-from daedalus.layout import DataLayout, segment_hour_start, segment_identity, segment_name
-from tests.capture_helpers import frame_bytes, ingest_config, read_records, segment_files
+from daedalus.layout import (
+    DataLayout,
+    next_segment_hour,
+    segment_hour_start,
+    segment_identity,
+    segment_name,
+    segment_name_for_hour,
+)
+from tests.capture_helpers import (
+    FullDisk,
+    async_wait_until,
+    events,
+    frame,
+    frame_bytes,
+    ingest_config,
+    read_records,
+    segment_files,
+)
 
 HOUR_NS = 3_600_000_000_000
 MINUTE_NS = 60_000_000_000
@@ -31,22 +49,11 @@ T21 = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
 T22 = T21 + HOUR_NS
 
 
-def frame(i: int, pad: int = 0) -> str:
-    return f'{{"channel":"ticker","sequence_num":{i},"events":[{{"x":"{"y" * pad}"}}]}}'
-
-
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
-
-
-async def async_wait_until(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 def make_writer(tmp_path: Path, clock: Callable[[], int], **config: object) -> SegmentWriter:
@@ -57,10 +64,6 @@ def make_writer(tmp_path: Path, clock: Callable[[], int], **config: object) -> S
 
 def all_segment_names(tmp_path: Path) -> list[str]:
     return sorted(p.name for state in ("ready", "active") for p in segment_files(tmp_path, state))
-
-
-def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
-    return [getattr(r, "daedalus_fields", {}) for r in caplog.records if r.getMessage() == name]
 
 
 # -- item 5: JSON whitespace around a frame ------------------------------------------------
@@ -206,29 +209,6 @@ def test_segment_names_refuse_a_sixth_counter_digit_and_identify_derived_files()
 # -- item 14: a full disk ------------------------------------------------------------------
 
 
-class FullDisk:
-    """While ``full``: a write lands half its bytes then fails with ENOSPC, fsync fails with
-    ENOSPC (delayed allocation reports it there). Patched at the OS boundary only."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, full: bool = True) -> None:
-        self.full = full
-        real_write_all, real_fsync = segments.write_all, os.fsync
-
-        def write_all(fd: int, data: bytes | memoryview) -> None:
-            if self.full:
-                real_write_all(fd, bytes(data)[: len(data) // 2])
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_write_all(fd, data)
-
-        def fsync(fd: int) -> None:
-            if self.full:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_fsync(fd)
-
-        monkeypatch.setattr(segments, "write_all", write_all)
-        monkeypatch.setattr(segments.os, "fsync", fsync)
-
-
 def test_a_writer_started_on_a_full_disk_waits_for_space_and_loses_nothing(tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     disk = FullDisk(monkeypatch)
@@ -283,3 +263,169 @@ async def test_ingest_on_a_full_disk_keeps_running_and_tells_the_truth_at_shutdo
     recover_active(DataLayout(tmp_path), "coinbase")
     assert len(frame_bytes(tmp_path)) == stats.written
     assert frame_bytes(tmp_path) == sim.closed_connections[0].sent_frames[: stats.written]
+
+
+# -- review findings: a far-ahead name, counting once, errors waiting cannot cure -----------------
+
+
+def hour_text(recv_ns: int) -> str:
+    return datetime.fromtimestamp(recv_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H")
+
+
+def test_one_frame_stamped_years_ahead_does_not_put_later_names_in_the_future(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    future = T21 + 3653 * 24 * HOUR_NS  # one frame from a clock gone wild: ten years ahead
+    now = [T21 + MINUTE_NS]
+    writer = make_writer(tmp_path, lambda: now[0], batch_size=1, flush_interval_seconds=0.02)
+    for seq, recv_ns in enumerate([T21 + MINUTE_NS, future, T21 + 2 * MINUTE_NS, T22 + MINUTE_NS]):
+        now[0] = max(now[0], min(recv_ns, T22 + MINUTE_NS))
+        writer.put_frame(recv_ns, 1, frame(seq))
+        wait_until(lambda seq=seq: writer.stats.written == seq + 1, what=f"frame {seq}")
+    assert writer.close()
+    far = f"segment_{hour_text(future)}_00001.ndjson"
+    assert [f.name for f in segment_files(tmp_path)] == [
+        "segment_20260809T21_00001.ndjson",
+        "segment_20260809T21_00002.ndjson",  # the hour of its first record, as the ETL assumes
+        "segment_20260809T22_00001.ndjson",
+        far,
+    ]
+    (warning,) = events(caplog, "segment_clock_far_ahead")
+    assert warning["clock_hour"] == "20260809T21" and warning["last_segment_hour"] == hour_text(future)
+    assert not events(caplog, "segment_clock_stepped_back")
+
+    now[0] = T22 + 2 * MINUTE_NS  # a restart finds the far-ahead name on disk: not followed either
+    writer = make_writer(tmp_path, lambda: now[0])
+    writer.put_frame(now[0], 1, frame(4))
+    assert writer.close()
+    assert "segment_20260809T22_00002.ndjson" in {f.name for f in segment_files(tmp_path)}
+    assert [r["msg"]["sequence_num"] for r in read_records(tmp_path)] == [0, 2, 3, 4, 1]
+
+
+def test_a_step_back_of_less_than_a_day_still_keeps_the_last_hour(tmp_path):
+    now = [T21 + 23 * HOUR_NS]
+    writer = make_writer(tmp_path, lambda: now[0], batch_size=1, flush_interval_seconds=0.02)
+    writer.put_frame(now[0], 1, frame(0))
+    wait_until(lambda: writer.stats.written == 1, what="the first frame")
+    now[0] = T21  # 23 hours back: a plausible step, names keep going forward
+    writer.put_frame(now[0], 1, frame(1))
+    assert writer.close()
+    assert [f.name for f in segment_files(tmp_path)] == [
+        "segment_20260810T20_00001.ndjson",
+        "segment_20260810T20_00002.ndjson",
+    ]
+
+
+def test_giving_up_during_a_size_rotation_counts_each_frame_once(tmp_path, monkeypatch):
+    disk = FullDisk(monkeypatch, full=False)
+    writer = make_writer(tmp_path, lambda: T21, batch_size=1, flush_interval_seconds=0.02, segment_max_mb=0.01)
+    writer.put_frame(T21, 1, frame(0, pad=6000))
+    wait_until(lambda: writer.stats.written == 1, what="the first frame")
+    disk.full = True  # the second frame does not fit: the rotation it starts fails
+    writer.put_frame(T21 + 1, 1, frame(1, pad=6000))
+    wait_until(lambda: writer.stats.write_errors >= 1, what="the rotation to fail")
+    assert not writer.close()  # SIGTERM while the disk is still full
+    stats = writer.stats
+    assert stats.written == 1 and stats.unwritten == 1 and stats.unwritten_events == 0
+    assert stats.written + writer.dropped + stats.unwritten == 2  # every frame received, counted once
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread dies, as meant
+def test_an_error_that_waiting_cannot_cure_stops_the_writer_at_once(tmp_path, monkeypatch):
+    real_write_all = segments.write_all
+    read_only = [False]
+
+    def write_all(fd: int, data: bytes | memoryview) -> None:
+        if read_only[0]:
+            raise OSError(errno.EROFS, "Read-only file system")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(segments, "write_all", write_all)
+    writer = make_writer(tmp_path, lambda: T21, batch_size=1, flush_interval_seconds=0.02)
+    writer.put_frame(T21, 1, frame(0))
+    wait_until(lambda: writer.stats.written == 1, what="the first frame")
+    read_only[0] = True  # remounted read-only (errors=remount-ro): no retry can help
+    for i in range(1, 6):
+        writer.put_frame(T21 + i, 1, frame(i))
+    wait_until(lambda: writer.error is not None, what="the writer to stop")
+    assert isinstance(writer.error, OSError) and writer.error.errno == errno.EROFS
+    assert writer.stats.write_errors == 0  # not retried
+    assert not writer.close()
+    assert writer.stats.written + writer.stats.unwritten == 6  # what it held is counted, not hidden
+
+
+def test_raw_folders_removed_while_running_are_created_again(tmp_path):
+    now = [T21 + MINUTE_NS]
+    writer = make_writer(tmp_path, lambda: now[0], batch_size=1, flush_interval_seconds=0.02)
+    writer.put_frame(now[0], 1, frame(0))
+    wait_until(lambda: writer.stats.written == 1, what="the first frame")
+    now[0] = T22 + MINUTE_NS
+    wait_until(lambda: writer.stats.rotations == 1, what="the hour's segment to be published")
+    shutil.rmtree(tmp_path / "raw")  # an operator moved the raw data away
+    writer.put_frame(now[0], 1, frame(1))
+    assert writer.close()
+    assert [f.name for f in segment_files(tmp_path)] == ["segment_20260809T22_00001.ndjson"]
+    assert [r["msg"]["sequence_num"] for r in read_records(tmp_path)] == [1]
+
+
+class LosingFsync:
+    """The first fsync of a segment file fails and, as the kernel may, drops what was written
+    since the file's last good fsync (those bytes read back as zeros). A second fsync of the
+    same file then succeeds: trusting it would publish the zeros."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.failed = False
+        durable: dict[str, int] = {}
+        real_fsync = segments.fsync
+
+        def fsync(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if path.endswith(".ndjson") and not self.failed:
+                self.failed = True
+                size = os.fstat(fd).st_size
+                os.ftruncate(fd, durable.get(path, 0))
+                os.ftruncate(fd, size)  # the lost pages: a hole of zeros
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+            durable[path] = os.fstat(fd).st_size
+
+        monkeypatch.setattr(segments, "fsync", fsync)
+
+
+def test_a_failed_fsync_of_a_write_is_repaired_by_writing_again(tmp_path, monkeypatch):
+    disk = LosingFsync(monkeypatch)
+    writer = make_writer(tmp_path, lambda: T21, batch_size=5, flush_interval_seconds=0.02)
+    for i in range(20):
+        writer.put_frame(T21 + i, 1, frame(i))
+    assert writer.close()
+    assert disk.failed and writer.stats.write_errors == 1
+    (segment,) = segment_files(tmp_path)
+    assert b"\x00" not in segment.read_bytes()
+    assert [r["msg"]["sequence_num"] for r in read_records(tmp_path)] == list(range(20))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread dies, as meant
+def test_a_failed_fsync_after_unsynced_writes_is_not_retried_into_ready(tmp_path, monkeypatch):
+    disk = LosingFsync(monkeypatch)
+    now = [T21 + MINUTE_NS]
+    writer = make_writer(tmp_path, lambda: now[0], batch_size=1, flush_interval_seconds=0.02, fsync=False)
+    for i in range(3):
+        writer.put_frame(now[0] + i, 1, frame(i))
+    wait_until(lambda: writer.stats.written == 3, what="the frames to be written")
+    now[0] = T22 + MINUTE_NS  # the rotation's fsync is the segment's first: it fails
+    wait_until(lambda: writer.error is not None, what="the writer to stop")
+    assert disk.failed and isinstance(writer.error, segments.SegmentNotDurable)
+    assert not writer.close()
+    assert not segment_files(tmp_path)  # nothing unverified reaches ready/
+    (left,) = segment_files(tmp_path, "active")
+    assert left.name == "segment_20260809T21_00001.ndjson"
+    recover_active(DataLayout(tmp_path), "coinbase")  # the next start: the zeros go to quarantine
+    assert not segment_files(tmp_path) and not segment_files(tmp_path, "active")
+    assert len(list(DataLayout(tmp_path).quarantine("coinbase").iterdir())) == 1
+
+
+def test_a_segment_name_is_built_from_the_hour_text():
+    assert segment_name_for_hour("20260809T21", 7, ".ndjson.zst") == "segment_20260809T21_00007.ndjson.zst"
+    assert segment_name_for_hour("20260809T21", 7) == segment_name(segment_hour_start("20260809T21"), 7)
+    assert next_segment_hour("20261231T23") == "20270101T00"
+    with pytest.raises(ValueError, match="not YYYYMMDDTHH"):
+        segment_name_for_hour("2026-08-09T21", 1)

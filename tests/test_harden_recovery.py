@@ -2,7 +2,7 @@
 leftovers in ``active/`` waits for space instead of dying with a traceback, quarantines
 each torn tail exactly once, never half moves a segment, and stops cleanly on SIGTERM.
 Real files, a real simulator on loopback, a real process for the signal; the full disk is
-ENOSPC injected at the OS boundary (as in test_harden_capture)."""
+ENOSPC injected into the capture module's own write_all and fsync (tests/capture_helpers)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,15 +27,11 @@ from daedalus.capture.records import frame_line
 from daedalus.capture.segments import RecoveryInterrupted, recover_active
 from daedalus.config import parse_config
 from daedalus.layout import DataLayout
-from tests.capture_helpers import frame_bytes, ingest_config, segment_files
+from tests.capture_helpers import FullDisk, async_wait_until, events, frame, frame_bytes, ingest_config, segment_files
 from tests.conftest import REPO
 
 T21 = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
 LEFTOVER = "segment_20260809T21_00001.ndjson"
-
-
-def frame(i: int) -> str:
-    return f'{{"channel":"ticker","sequence_num":{i},"events":[]}}'
 
 
 def torn_segment(tmp_path: Path, records: int = 20) -> tuple[bytes, bytes]:
@@ -52,43 +47,6 @@ def torn_segment(tmp_path: Path, records: int = 20) -> tuple[bytes, bytes]:
 def quarantined(tmp_path: Path) -> list[Path]:
     folder = DataLayout(tmp_path).quarantine("coinbase")
     return sorted(folder.iterdir()) if folder.exists() else []
-
-
-def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
-    return [getattr(r, "daedalus_fields", {}) for r in caplog.records if r.getMessage() == name]
-
-
-class FullDisk:
-    """While ``full``: a write lands half its bytes then fails with ENOSPC, fsync fails with
-    ENOSPC. ``failures`` counts the injected errors. Patched at the OS boundary only."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.full = True
-        self.failures = 0
-        real_write_all, real_fsync = segments.write_all, os.fsync
-
-        def write_all(fd: int, data: bytes | memoryview) -> None:
-            if self.full:
-                real_write_all(fd, bytes(data)[: len(data) // 2])
-                self.failures += 1
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_write_all(fd, data)
-
-        def fsync(fd: int) -> None:
-            if self.full:
-                self.failures += 1
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_fsync(fd)
-
-        monkeypatch.setattr(segments, "write_all", write_all)
-        monkeypatch.setattr(segments.os, "fsync", fsync)
-
-
-async def async_wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 async def test_ingest_waits_for_space_to_recover_then_captures(make_sim, tmp_path, monkeypatch, caplog):
@@ -146,7 +104,7 @@ def test_every_disk_step_fails_once_and_each_tail_is_still_quarantined_once(tmp_
         fail_once(("rename", str(dst)))
         real_rename(src, dst)
 
-    monkeypatch.setattr(segments.os, "fsync", fsync)
+    monkeypatch.setattr(segments, "fsync", fsync)
     monkeypatch.setattr(segments.os, "rename", rename)
     monkeypatch.setattr(segments, "retry_pause", lambda failures: 0.0)
     report = recover_active(DataLayout(tmp_path), "coinbase")
@@ -240,3 +198,84 @@ def test_sigterm_while_the_disk_is_full_stops_ingest_with_one_clear_line(tmp_pat
     assert "clean=False" in stopped and "write_errors=0" not in stopped
     assert (DataLayout(tmp_path / "data").active("coinbase") / LEFTOVER).read_bytes() == whole + tail
     assert not quarantined(tmp_path / "data")
+
+
+# -- review findings: the run's total on interruption, errors waiting cannot cure, a failed fsync --
+
+
+class PerSegmentDisk:
+    """fsync of a file named after ``segment_..._00001`` fails ``first`` times, then works;
+    of one named after ``..._00002`` it always fails. ``failures`` counts them by segment."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, first: int) -> None:
+        self.failures = {"00001": 0, "00002": 0}
+        real_fsync = segments.fsync
+
+        def fsync(fd: int) -> None:
+            name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            for counter in self.failures:
+                if f"_{counter}." in name and (counter == "00002" or self.failures[counter] < first):
+                    self.failures[counter] += 1
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(fd)
+
+        monkeypatch.setattr(segments, "fsync", fsync)
+        monkeypatch.setattr(segments, "retry_pause", lambda failures: 0.01)
+
+
+async def test_an_interrupted_recovery_counts_the_failures_of_every_segment(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    whole, _tail = torn_segment(tmp_path)
+    (DataLayout(tmp_path).active("coinbase") / "segment_20260809T21_00002.ndjson").write_bytes(whole)
+    disk = PerSegmentDisk(monkeypatch, first=3)
+    pipeline = IngestPipeline(parse_config(ingest_config(tmp_path, "ws://127.0.0.1:9/ws")))
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop, out=io.StringIO()))
+    await async_wait_until(lambda: disk.failures["00002"] >= 2 or task.done(), what="the second segment to fail")
+    stop.set()
+    await asyncio.wait_for(task, 15)
+    assert pipeline.failed and LEFTOVER in {path.name for path in segment_files(tmp_path)}  # the first one done
+    (interrupted,) = events(caplog, "recovery_interrupted")
+    assert interrupted["segment"] == "segment_20260809T21_00002.ndjson"
+    assert pipeline.writer.stats.write_errors == disk.failures["00001"] + disk.failures["00002"]
+    assert disk.failures["00001"] == 3
+
+
+async def test_recovery_on_a_read_only_disk_stops_with_one_line_instead_of_waiting(tmp_path, monkeypatch, caplog):
+    whole, tail = torn_segment(tmp_path)
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(segments, "fsync", fsync)
+    pipeline = IngestPipeline(parse_config(ingest_config(tmp_path, "ws://127.0.0.1:9/ws")))
+    await asyncio.wait_for(pipeline.run(asyncio.Event(), out=io.StringIO()), 15)  # no stop needed: it ends
+    assert pipeline.failed and pipeline.writer.stats.write_errors == 0  # not retried
+    (failed,) = events(caplog, "recovery_failed")
+    assert "Read-only file system" in str(failed["error"])
+    assert (DataLayout(tmp_path).active("coinbase") / LEFTOVER).read_bytes() == whole + tail  # untouched
+    assert not quarantined(tmp_path)
+
+
+def test_a_segment_whose_fsync_failed_is_written_anew_not_fsynced_again(tmp_path, monkeypatch):
+    """After a failed fsync the kernel may have dropped the pages while reads still return
+    them: the recovered segment must be a new file written from what was read."""
+    whole, _tail = torn_segment(tmp_path)
+    leftover = DataLayout(tmp_path).active("coinbase") / LEFTOVER
+    original = leftover.stat().st_ino
+    real_fsync = segments.fsync
+    failed: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if os.fstat(fd).st_ino == original and not failed:
+            failed.append(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(segments, "fsync", fsync)
+    monkeypatch.setattr(segments, "retry_pause", lambda failures: 0.0)
+    report = recover_active(DataLayout(tmp_path), "coinbase")
+    assert failed and report.write_errors == 1 and report.segments == 1
+    (ready,) = segment_files(tmp_path)
+    assert ready.read_bytes() == whole and ready.stat().st_ino != original
+    assert not list(DataLayout(tmp_path).active("coinbase").iterdir())  # no .tmp left either

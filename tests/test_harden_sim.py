@@ -209,3 +209,16 @@ def test_products_of_a_huge_pretty_frame_are_found(tmp_path):
     path = tmp_path / "big.jsonl"
     path.write_bytes(orjson.dumps({"t": "recv", "ts": 1.0, "data": json.dumps(frame, indent=2)}) + b"\n")
     assert load_recording(path).products == {"SOL-USD"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("port", 80.5), ("levels", 2.5), ("levels", 3.0), ("seed", 1.5), ("port", True), ("max_frame_bytes", 0)],
+)
+def test_integer_settings_take_integers_only(setting, value):
+    """In process a float passed the range check (``SimConfig(port=80.5)``) and failed far away."""
+    from daedalus.sim import SimConfigError
+
+    with pytest.raises(SimConfigError, match=f"^{setting} must be an integer") as caught:
+        SimServer(SimConfig(**{setting: value}))
+    assert caught.value.name == setting

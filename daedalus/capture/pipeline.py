@@ -100,7 +100,8 @@ class IngestPipeline:
 
     async def _recover(self, stop: asyncio.Event) -> bool:
         """Recover ``active/`` before anything is captured; False if asked to stop while
-        the disk kept failing (the leftovers stay, intact, for the next start).
+        the disk kept failing, or if it failed in a way waiting cannot cure (the leftovers
+        stay, intact, for the next start).
 
         Collectors and the writer start only afterwards, so no frame arrives meanwhile and
         the new segment's name is chosen knowing the recovered ones. The retries run in a
@@ -112,7 +113,7 @@ class IngestPipeline:
         try:
             report = await asyncio.to_thread(recover_active, self.layout, SOURCE, stopping)
         except RecoveryInterrupted as exc:
-            self.writer.stats.write_errors += exc.failures  # the writer has not started yet
+            self.writer.stats.write_errors += exc.write_errors  # the writer has not started yet
             log.error(
                 "recovery_interrupted",
                 source=SOURCE,
@@ -120,6 +121,14 @@ class IngestPipeline:
                 error=exc.error,
                 failures=exc.failures,
                 action="stopped as asked; the segment stays in raw/active/ and is recovered at the next start",
+            )
+            return False
+        except OSError as exc:  # not a full disk (a permission, a read-only or failing disk): waiting cannot help
+            log.error(
+                "recovery_failed",
+                source=SOURCE,
+                error=f"{exc.strerror or exc!r}: {exc.filename}" if exc.filename else (exc.strerror or repr(exc)),
+                action="fix the data directory and start again; recovery resumes where it stopped",
             )
             return False
         finally:

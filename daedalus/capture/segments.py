@@ -8,15 +8,20 @@ rotates the segment into ``ready/`` at ``segment_max_mb`` or when the UTC hour c
 The event loop never waits on the disk.
 
 Names never go backwards: a new name sorts after every name the source used, even when
-the clock steps back, and a counter never outgrows five digits. Every disk operation
-(open, write, rotate) is retried with backoff while the disk is full; at shutdown a disk
-that still fails is given up on and every record it held is counted as unwritten.
+the clock steps back (by up to :data:`MAX_NAME_AHEAD`), and a counter never outgrows five
+digits. A disk that fills up (ENOSPC, EDQUOT) is waited out: every disk step is retried
+with backoff by :func:`retry_disk`; at shutdown a disk that still fails is given up on and
+every record it held is counted as unwritten. Any other error (a folder removed and not
+recreatable, EACCES, EROFS, EIO) stops the writer: a supervisor restarts ingest and
+start-up recovery keeps every complete record.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import io
 import os
 import threading
 import time
@@ -29,16 +34,17 @@ from typing import Any
 
 import zstandard
 
-from daedalus.capture.records import control_line, frame_line, is_complete_record
+from daedalus.capture.records import control_line, frame_line, is_complete_record, iter_zstd_frames
 from daedalus.config import IngestionConfig
 from daedalus.layout import (
     MAX_SEGMENT_COUNTER,
     RAW_STATES,
     DataLayout,
+    next_segment_hour,
     parse_segment_name,
     segment_hour_start,
     segment_identity,
-    segment_name,
+    segment_name_for_hour,
 )
 from daedalus.logs import get_logger
 
@@ -47,10 +53,21 @@ log = get_logger(__name__)
 NS_PER_HOUR = 3_600_000_000_000
 LATENCY_SAMPLE_EVERY = 16
 LAST_SEGMENT_FILE = ".last_segment"
-
+# how far the last name's hour may be ahead of a record's and still be kept: the ETL's own
+# receive-time plausibility bound (etl.coinbase.CLOCK_SLACK_NS); beyond it the last name
+# came from a wrong clock and would drag every later name (and `etl --mode date`) along
+MAX_NAME_AHEAD = timedelta(days=1)
 
 LOG_EVERY_FAILURES = 60  # a failing disk logs its first failure, then every Nth
 MAX_RETRY_PAUSE_S = 5.0
+CLOSING_RETRY_PAUSE_S = 0.2
+# errors that waiting can cure: a full disk or quota, an interrupted call. EIO is not one:
+# a device fault rarely heals by itself, after a failed writeback the kernel may already have
+# dropped pages, and retrying forever would leave ingest "running" and useless; stopping lets
+# a supervisor restart it and recovery keep every complete record.
+RETRYABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EINTR, errno.EAGAIN})
+
+fsync = os.fsync  # every fsync of this module goes through here (tests inject disk faults)
 
 
 def retry_pause(failures: int) -> float:
@@ -58,10 +75,79 @@ def retry_pause(failures: int) -> float:
     return min(MAX_RETRY_PAUSE_S, 0.1 * 2 ** min(failures, 10))
 
 
-def fsync_dir(path: Path) -> None:
+class DiskGaveUp(Exception):
+    """Stop was asked while the disk kept failing: what the step held is not written."""
+
+    def __init__(self, step: str, error: str, failures: int) -> None:
+        super().__init__(f"{step}: {error} after {failures} attempts")
+        self.step = step
+        self.error = error
+        self.failures = failures
+
+
+def retry_disk(
+    step: str,
+    action: Callable[[], None],
+    *,
+    stop: threading.Event,
+    attempts_after_stop: int,
+    event: str,
+    fields: Callable[[], dict[str, Any]],
+    undo: Callable[[], None] | None = None,
+    on_failure: Callable[[], None] | None = None,
+) -> None:
+    """Run a disk step until it succeeds, waiting out a full disk with backoff.
+
+    ``undo`` removes what a failed attempt left (a half write): it runs right after the
+    failure, so nothing half done stays behind when this gives up, and if it fails there it
+    runs again before the next attempt, as part of it, so ``action`` never runs on top of a
+    failed attempt. ``on_failure`` counts each failure. Logs ``<event>_failed`` at the
+    first failure and every 60th, ``<event>_recovered`` once it works. An error that
+    waiting cannot cure (see :data:`RETRYABLE_ERRNOS`) is raised at once. Once ``stop`` is
+    set, ``attempts_after_stop`` more attempts are made, then :class:`DiskGaveUp` is
+    raised so the caller counts what is lost instead of hanging.
+    """
+    failures = 0
+    tries_left = attempts_after_stop
+    undo_pending = False
+    while True:
+        try:
+            if undo_pending and undo is not None:
+                undo()
+                undo_pending = False
+            action()
+        except OSError as exc:
+            if undo is not None:
+                undo_pending = True
+                with contextlib.suppress(OSError):
+                    undo()
+                    undo_pending = False
+            if exc.errno not in RETRYABLE_ERRNOS:
+                raise
+            failures += 1
+            if on_failure is not None:
+                on_failure()
+            error = exc.strerror or repr(exc)
+            if failures == 1 or failures % LOG_EVERY_FAILURES == 0:
+                log.error(f"{event}_failed", **fields(), step=step, error=error, failures=failures)
+            if stop.is_set():
+                if tries_left <= 0:
+                    raise DiskGaveUp(step, error, failures) from exc
+                tries_left -= 1
+                time.sleep(CLOSING_RETRY_PAUSE_S)
+            elif stop.wait(retry_pause(failures)) and tries_left <= 0:
+                raise DiskGaveUp(step, error, failures) from exc
+            continue
+        if failures:
+            log.info(f"{event}_recovered", **fields(), step=step, failures=failures)
+        return
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder by path (opened read-only, which works for both)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
@@ -71,6 +157,15 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` all or nothing, durably: a crash leaves the old or the
+    new content, never a mix (temporary file, fsync, rename, folder fsync)."""
+    tmp = path.with_name(path.name + ".tmp")
+    _write_file_durably(tmp, data)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 @dataclass
@@ -88,12 +183,14 @@ class WriterStats:
     latencies_ns: deque[int] = field(default_factory=lambda: deque(maxlen=200_000))
 
 
-class WriterGaveUp(Exception):
-    """The disk kept failing after shutdown was asked: what is still in memory is lost (and counted)."""
+class SegmentNotDurable(Exception):
+    """An fsync failed after writes that were never fsynced (``fsync: false``): the kernel
+    may have dropped those pages and a retried fsync would report success anyway, so the
+    writer stops; the segment stays in ``active/`` for start-up recovery. Not an OSError, so
+    :func:`retry_disk` never retries it."""
 
 
-CLOSING_ATTEMPTS = 3  # tries of a failing disk operation once shutdown was asked
-CLOSING_RETRY_PAUSE_S = 0.2
+CLOSING_RETRIES = 2  # more tries of a failing disk step once shutdown was asked (3 in all)
 
 
 class SegmentWriter:
@@ -121,15 +218,14 @@ class SegmentWriter:
         self._maxsize = config.queue_maxsize
         self._batch_size = config.batch_size - 1  # compared with the depth before the append
         self._wake = threading.Event()
-        self._stopping = threading.Event()  # cuts a retry pause short when shutdown is asked
-        self._closing = False
+        self._stopping = threading.Event()  # shutdown was asked; also cuts a retry pause short
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
         self._path: Path | None = None
         self._hour: int | None = None  # receive hour of the open segment's first record
-        self._counter = 0  # counter of the open segment's name
-        self._last_used: tuple[str, int] | None = None  # (hour, counter) of the last name used
-        self._scanned = False
+        # (hour, counter) of the last name used, so of the open segment; None until the first
+        # name is chosen (the used names are then scanned once)
+        self._last_used: tuple[str, int] | None = None
         self._stepped_back_from: str | None = None  # the name hour the clock stepped back from
         self._exhausted_warned = False
         # the content checksum (4 bytes a flush) lets a reader tell a flipped bit from data
@@ -178,7 +274,6 @@ class SegmentWriter:
         True only if that was done in time and nothing was lost: a disk that still fails
         at shutdown makes it False, with the lost records in ``stats.unwritten``.
         """
-        self._closing = True
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
@@ -193,11 +288,18 @@ class SegmentWriter:
         try:
             self._loop()
             self._rotate()
-        except WriterGaveUp as exc:
+        except DiskGaveUp as exc:
             self._give_up(exc)
         except BaseException as exc:  # the process must learn that its disk writer died
             self.error = exc
-            log.error("segment_writer_failed", source=self.source, error=repr(exc))
+            self._count_queue_unwritten()
+            log.error(
+                "segment_writer_failed",
+                source=self.source,
+                error=repr(exc),
+                unwritten=self.stats.unwritten,
+                unwritten_events=self.stats.unwritten_events,
+            )
             raise
 
     def _loop(self) -> None:
@@ -206,23 +308,18 @@ class SegmentWriter:
         while True:
             self._wake.wait(max(0.0, next_flush - time.monotonic()))
             self._wake.clear()
-            closing = self._closing
+            closing = self._stopping.is_set()
             self._flush()
             next_flush = time.monotonic() + interval
             self._rotate_if_hour_changed()
             if closing and not self._queue:
                 return
 
-    def _give_up(self, exc: WriterGaveUp) -> None:
+    def _give_up(self, exc: DiskGaveUp) -> None:
         """Count every record still in memory as unwritten and say so; the open segment
         stays in ``active/`` (its complete records are recovered at the next start)."""
         self.gave_up = True
-        for _recv_ns, _conn, data in self._queue:
-            if type(data) is str:
-                self.stats.unwritten += 1
-            else:
-                self.stats.unwritten_events += 1
-        self._queue.clear()
+        self._count_queue_unwritten()
         log.error(
             "segment_writer_gave_up",
             source=self.source,
@@ -232,6 +329,15 @@ class SegmentWriter:
             overflow=self.dropped,
             segment=self.stats.segment or "-",
         )
+
+    def _count_queue_unwritten(self) -> None:
+        """The writer stops: what is still queued will never be written; count it."""
+        for _recv_ns, _conn, data in self._queue:
+            if type(data) is str:
+                self.stats.unwritten += 1
+            else:
+                self.stats.unwritten_events += 1
+        self._queue.clear()
 
     def _flush(self) -> None:
         queue = self._queue
@@ -243,42 +349,42 @@ class SegmentWriter:
         exact_size = self._compressor is None
         lines: list[bytes] = []
         size = 0
-        frames = 0  # frames in ``lines``: a record leaves the queue only once it is in a batch
+        # records in ``lines``, counted as they are appended: a record leaves the queue only
+        # once it is in a batch, so a failure counts each record once (batch or queue)
+        frames = 0
         events = 0
         sampled: list[int] = []
         try:
             for index in range(count):
                 recv_ns, conn, data = queue[0]
-                hour = recv_ns // NS_PER_HOUR
-                if self._hour is not None and hour != self._hour and self._fd is not None:
+                if self._fd is not None and recv_ns // NS_PER_HOUR != self._hour:
                     self._write(lines, size, sampled, frames)
                     lines, size, frames, events, sampled = [], 0, 0, 0, []
                     self._rotate()
                 if self._fd is None:
                     self._open(recv_ns)
-                if type(data) is str:
-                    line = frame_line(recv_ns, conn, data)
-                    frames += 1
-                    if not index % LATENCY_SAMPLE_EVERY:
-                        sampled.append(recv_ns)
-                else:
-                    line = control_line(recv_ns, conn, data[0], data[1])
-                    events += 1
+                is_frame = type(data) is str
+                line = frame_line(recv_ns, conn, data) if is_frame else control_line(recv_ns, conn, *data)
                 if (
                     exact_size
                     and self.stats.segment_bytes + size + len(line) > max_bytes
                     and (size or self.stats.segment_bytes)
                     and self._may_rotate_by_size()
                 ):
-                    is_frame = type(data) is str
                     # the segment is full: this line starts the next one
-                    self._write(lines, size, sampled, frames - is_frame)
-                    lines, size, frames, events, sampled = [], 0, int(is_frame), int(not is_frame), []
+                    self._write(lines, size, sampled, frames)
+                    lines, size, frames, events, sampled = [], 0, 0, 0, []
                     self._rotate()
                     self._open(recv_ns)
                 lines.append(line)
                 size += len(line)
                 queue.popleft()
+                if is_frame:
+                    frames += 1
+                    if not index % LATENCY_SAMPLE_EVERY:
+                        sampled.append(recv_ns)
+                else:
+                    events += 1
             if dropped:
                 if self._fd is None:
                     self._open(self.clock())
@@ -289,7 +395,7 @@ class SegmentWriter:
                 self._dropped_written += dropped
                 self.stats.overflow += dropped
             self._write(lines, size, sampled, frames)
-        except WriterGaveUp:
+        except BaseException:  # given up or failed: the batch in hand is lost, counted once
             self.stats.unwritten += frames
             self.stats.unwritten_events += events
             raise
@@ -311,10 +417,12 @@ class SegmentWriter:
         self.stats.segment_bytes += len(data)
 
     def _write_durably(self, data: bytes) -> None:
-        """Append and fsync; on failure (disk full, I/O error) cut the partial write and retry.
+        """Append (and fsync); on a full disk cut back to the last durable size and write again.
 
-        The records stay in memory meanwhile and the queue keeps absorbing new ones (then
-        counts drops), so the event loop never blocks and nothing already taken is lost.
+        Rewriting, not fsyncing again: after a failed fsync the kernel may have dropped the
+        pages, and a second fsync would report success for data that is not on disk. The
+        records stay in memory meanwhile and the queue keeps absorbing new ones (then counts
+        drops), so the event loop never blocks and nothing already taken is lost.
         """
         fd = self._fd
         assert fd is not None
@@ -322,58 +430,36 @@ class SegmentWriter:
         def append() -> None:
             write_all(fd, data)
             if self.config.fsync:
-                os.fsync(fd)
+                fsync(fd)
 
-        def cut_partial_write() -> None:  # no half record stays behind
+        def cut_back() -> None:  # no half record or dropped page stays behind
             os.ftruncate(fd, self.stats.segment_bytes)
 
-        self._retry("write", append, cut_partial_write)
+        self._retry("write", append, cut_back)
 
     def _retry(self, step: str, action: Callable[[], None], undo: Callable[[], None] | None = None) -> None:
-        """Run a disk operation until it succeeds, with backoff, counting ``write_errors``.
+        """:func:`retry_disk` for the writer, counting ``write_errors`` as they happen.
 
         A full disk is an operations problem, not a reason to stop capturing: the writer
         waits for space and resumes by itself. Once shutdown is asked it tries a few more
-        times and then raises :class:`WriterGaveUp`, so the loss is counted, not hidden.
+        times and then gives up (:class:`DiskGaveUp`), so the loss is counted, not hidden.
         """
-        failures = 0
-        closing_failures = 0
-        while True:
-            try:
-                action()
-            except OSError as exc:
-                failures += 1
-                self.stats.write_errors += 1
-                if undo is not None:
-                    with contextlib.suppress(OSError):
-                        undo()
-                if failures == 1 or failures % LOG_EVERY_FAILURES == 0:
-                    log.error(
-                        "segment_write_failed",
-                        source=self.source,
-                        step=step,
-                        segment=self.stats.segment or "-",
-                        error=exc.strerror or repr(exc),
-                        queued=len(self._queue),
-                        failures=failures,
-                    )
-                if self._closing:
-                    closing_failures += 1
-                    if closing_failures >= CLOSING_ATTEMPTS:
-                        raise WriterGaveUp(f"{step}: {exc.strerror or exc!r} after {failures} attempts") from exc
-                    time.sleep(CLOSING_RETRY_PAUSE_S)
-                else:
-                    self._stopping.wait(retry_pause(failures))
-                continue
-            if failures:
-                log.info(
-                    "segment_write_recovered",
-                    source=self.source,
-                    step=step,
-                    segment=self.stats.segment or "-",
-                    failures=failures,
-                )
-            return
+        retry_disk(
+            step,
+            action,
+            undo=undo,
+            stop=self._stopping,
+            attempts_after_stop=CLOSING_RETRIES,
+            event="segment_write",
+            fields=self._retry_fields,
+            on_failure=self._count_write_error,
+        )
+
+    def _retry_fields(self) -> dict[str, Any]:
+        return {"source": self.source, "segment": self.stats.segment or "-", "queued": len(self._queue)}
+
+    def _count_write_error(self) -> None:
+        self.stats.write_errors += 1
 
     # -- naming and opening ------------------------------------------------------------
 
@@ -381,18 +467,19 @@ class SegmentWriter:
         """Open the next segment for a record received at ``first_recv_ns``.
 
         The name is chosen once; creating the file and recording the name go through the
-        same retry as writes, so a full disk at start-up (or at a rotation) is waited out.
+        same retry as writes, so a full disk at start-up (or at a rotation) is waited out,
+        and a removed ``active/`` is created again.
         """
         # whole seconds: a float timestamp could round into the next hour
         record_hour = datetime.fromtimestamp(first_recv_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H")
         hour, counter = self._next_name(record_hour)
-        name = segment_name(segment_hour_start(hour), counter, self.suffix)
+        name = segment_name_for_hour(hour, counter, self.suffix)
         path = self.active_dir / name
 
         def create() -> None:
+            self.active_dir.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            self._write_marker(name)
-            fsync_dir(self.active_dir)
+            self._write_marker(name)  # its folder fsync makes the new file's entry durable too
 
         def close_again() -> None:  # a retry opens it anew
             if self._fd is not None:
@@ -404,22 +491,13 @@ class SegmentWriter:
         self._retry("open", create, close_again)
         self._path = path
         self._hour = first_recv_ns // NS_PER_HOUR
-        self._counter = counter
         self._last_used = (hour, counter)
         self._exhausted_warned = False
 
     def _write_marker(self, name: str) -> None:
-        """Record the name in ``active/.last_segment`` (atomically): the ETL may delete
-        every segment, and a name must never be used twice."""
-        marker = self.active_dir / LAST_SEGMENT_FILE
-        tmp = marker.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            write_all(fd, name.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, marker)
+        """Record the name in ``active/.last_segment``: the ETL may delete every segment,
+        and a name must never be used twice."""
+        write_atomically(self.active_dir / LAST_SEGMENT_FILE, name.encode())
 
     def _next_name(self, record_hour: str) -> tuple[str, int]:
         """``(hour, counter)`` of the next segment: after every name this source used.
@@ -428,6 +506,11 @@ class SegmentWriter:
         hour before the last name's, the name keeps the last hour (the records keep their
         receive times): names stay unique and in order whatever the wall clock does. If
         that hour's 99,999 counters are used up, the name moves on to the next hour.
+
+        A last name more than :data:`MAX_NAME_AHEAD` ahead came from a clock that was
+        wrong (one frame stamped years ahead), not from a step back: keeping its hour would
+        name every later segment in the future. The record's hour is used again, with the
+        next counter not used in that hour in any raw folder.
         """
         last = self._last_name_used()
         if last is None or record_hour > last[0]:
@@ -435,6 +518,12 @@ class SegmentWriter:
             return record_hour, 1
         hour, counter = last
         if record_hour < hour:
+            if segment_hour_start(hour) - segment_hour_start(record_hour) > MAX_NAME_AHEAD:
+                log.warning(
+                    "segment_clock_far_ahead", source=self.source, clock_hour=record_hour, last_segment_hour=hour
+                )
+                self._stepped_back_from = None
+                return self._first_free_name(record_hour)
             if self._stepped_back_from != hour:
                 self._stepped_back_from = hour
                 log.warning(
@@ -444,29 +533,41 @@ class SegmentWriter:
             self._stepped_back_from = None
         if counter < MAX_SEGMENT_COUNTER:
             return hour, counter + 1
-        following = (segment_hour_start(hour) + timedelta(hours=1)).strftime("%Y%m%dT%H")
+        following = next_segment_hour(hour)
         log.warning("segment_counter_exhausted", source=self.source, hour=hour, next_name_hour=following)
         return following, 1
 
     def _last_name_used(self) -> tuple[str, int] | None:
-        """The highest ``(hour, counter)`` used: remembered, or found once at start-up in
+        """The last ``(hour, counter)`` used: remembered, or the highest found at start-up in
         ``.last_segment`` and every raw state folder (quarantined files included)."""
-        if not self._scanned:
-            self._scanned = True
-            names: list[str] = []
-            with contextlib.suppress(OSError):
-                names.append((self.active_dir / LAST_SEGMENT_FILE).read_text().strip())
-            for state in RAW_STATES:
-                with contextlib.suppress(OSError):
-                    names += os.listdir(self.layout.raw_dir(state, self.source))
-            found = [identity for identity in map(segment_identity, names) if identity is not None]
-            self._last_used = max(found, default=None)
+        if self._last_used is None:
+            self._last_used = max(self._used_names(), default=None)
         return self._last_used
+
+    def _used_names(self) -> list[tuple[str, int]]:
+        """``(hour, counter)`` of ``.last_segment`` and of every file in a raw state folder."""
+        names: list[str] = []
+        with contextlib.suppress(OSError):
+            names.append((self.active_dir / LAST_SEGMENT_FILE).read_text().strip())
+        for state in RAW_STATES:
+            with contextlib.suppress(OSError):
+                names += os.listdir(self.layout.raw_dir(state, self.source))
+        return [identity for identity in map(segment_identity, names) if identity is not None]
+
+    def _first_free_name(self, hour: str) -> tuple[str, int]:
+        """The counter after the highest one used in ``hour`` (or in the next hour with one
+        free): a scan, done only when a far-ahead name is left behind."""
+        used = self._used_names()
+        while True:
+            highest = max((counter for used_hour, counter in used if used_hour == hour), default=0)
+            if highest < MAX_SEGMENT_COUNTER:
+                return hour, highest + 1
+            hour = next_segment_hour(hour)
 
     def _may_rotate_by_size(self) -> bool:
         """False once the open segment holds the hour's last counter: it then grows past
         ``segment_max_mb`` until the hour changes, rather than reuse or outgrow a name."""
-        if self._counter < MAX_SEGMENT_COUNTER:
+        if self._last_used is None or self._last_used[1] < MAX_SEGMENT_COUNTER:
             return True
         if not self._exhausted_warned:
             self._exhausted_warned = True
@@ -490,13 +591,17 @@ class SegmentWriter:
             return
         path = self._path
         target = self.ready_dir / path.name
-        self._retry("rotate", self._sync_and_close)
+        self._sync_and_close()
 
         def publish() -> None:
-            if path.exists():  # a retry after the rename itself succeeded
+            self.ready_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():
                 os.rename(path, target)
-            fsync_dir(self.ready_dir)
-            fsync_dir(self.active_dir)
+            elif not target.exists():  # deleted while open: its records are gone, say so
+                raise FileNotFoundError(errno.ENOENT, "open segment removed from active/", str(path))
+            # else a retry after the rename itself succeeded
+            fsync_path(self.ready_dir)
+            fsync_path(self.active_dir)
 
         self._retry("rotate", publish)
         self.stats.rotations += 1
@@ -507,9 +612,26 @@ class SegmentWriter:
         self.stats.segment_bytes = 0
 
     def _sync_and_close(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-            fd, self._fd = self._fd, None
+        """Close the open segment, its data durable.
+
+        With ``fsync: true`` every write was fsynced already, so there is nothing left to
+        fail. With ``fsync: false`` this is the segment's only fsync, and the data it covers
+        is no longer in memory: a failure is not retried (a second fsync could succeed over
+        dropped pages) but raised as :class:`SegmentNotDurable`.
+        """
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if not self.config.fsync:
+                try:
+                    fsync(fd)
+                except OSError as exc:
+                    raise SegmentNotDurable(
+                        f"{self.stats.segment}: fsync failed after unsynced writes ({exc.strerror or exc!r}); "
+                        "left in raw/active/ for start-up recovery"
+                    ) from exc
+        finally:
             os.close(fd)
 
 
@@ -538,37 +660,29 @@ def _split_ndjson(data: bytes) -> tuple[bytes, bytes, int]:
 
 
 def _split_zstd(data: bytes) -> tuple[bytes, bytes, int]:
-    """Keep every complete zstd frame (one per flush); the rest is the torn tail."""
-    offset = 0
-    records = 0
-    view = memoryview(data)  # slicing a view copies nothing: recovery stays linear in the file size
-    while offset < len(data):
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
-        try:
-            content = decompressor.decompress(view[offset:])
-        except zstandard.ZstdError:
+    """Keep every zstd frame (one per flush) that decodes into whole lines, up to the first
+    that does not: from there on all is the torn tail (recovery never skips ahead). Frames
+    are walked the one way every reader walks them (``records.iter_zstd_frames``)."""
+    good_end, records, counts = 0, 0, []
+    for frame in iter_zstd_frames(io.BytesIO(data), lambda lines: counts.append(lines.count(b"\n"))):
+        if frame.problem is not None:
             break
-        if not decompressor.eof:
-            break
-        consumed = len(data) - offset - len(decompressor.unused_data)
-        if not content.endswith(b"\n"):
-            break
-        records += content.count(b"\n")
-        offset += consumed
-    return data[:offset], data[offset:], records
+        good_end, records = frame.offset + frame.length, records + sum(counts)
+        counts.clear()
+    return data[:good_end], data[good_end:], records
 
 
 class RecoveryInterrupted(Exception):
     """Shutdown was asked while the disk kept failing: the segment being recovered stays
-    where it is, each step done so far complete, and the next start finishes the job."""
+    where it is, each step done so far complete, and the next start finishes the job.
+    ``failures`` are this segment's; ``write_errors`` every failed attempt of the run."""
 
-    def __init__(self, segment: str, error: str, failures: int) -> None:
+    def __init__(self, segment: str, error: str, failures: int, write_errors: int) -> None:
         super().__init__(f"{segment}: {error} after {failures} attempts")
         self.segment = segment
         self.error = error
         self.failures = failures
-
-
+        self.write_errors = write_errors
 
 
 @dataclass
@@ -579,6 +693,7 @@ class _SegmentOutcome:
     records: int = 0
     torn: Path | None = None
     torn_bytes: int = 0
+    rewrite: bool = False  # an fsync of the segment failed: write it anew, never trust a second fsync
 
 
 def recover_active(layout: DataLayout, source: str, stopping: threading.Event | None = None) -> RecoveryReport:
@@ -586,21 +701,36 @@ def recover_active(layout: DataLayout, source: str, stopping: threading.Event | 
 
     Safe to interrupt: the tail is written to quarantine before the segment is cut, and
     the segment is cut before it is renamed, so a second run finishes the job (and finds
-    the tail already quarantined instead of copying it twice). A failing disk (full, I/O
-    error) is retried with backoff until it works or ``stopping`` is set, which raises
-    :class:`RecoveryInterrupted`: recovery never leaves a segment half moved.
+    the tail already quarantined instead of copying it twice). A full disk is retried
+    with backoff until it works or ``stopping`` is set, which raises
+    :class:`RecoveryInterrupted`: recovery never leaves a segment half moved. Any other
+    OSError is raised as it is.
     """
     report = RecoveryReport()
     active, ready, quarantine = layout.active(source), layout.ready(source), layout.quarantine(source)
     if not active.is_dir():
         return report
     stopping = stopping or threading.Event()
+
+    def count_failure() -> None:
+        report.write_errors += 1
+
     for path in sorted(active.iterdir()):
         if parse_segment_name(path.name) is None:
             continue
         outcome = _SegmentOutcome()
-        attempt = functools.partial(_recover_segment, path, ready, quarantine, outcome)
-        report.write_errors += _retry_recovery(source, path.name, stopping, attempt)
+        try:
+            retry_disk(
+                "recover",
+                functools.partial(_recover_segment, path, ready, quarantine, outcome),
+                stop=stopping,
+                attempts_after_stop=0,
+                event="recovery_write",
+                fields=lambda name=path.name: {"source": source, "segment": name},
+                on_failure=count_failure,
+            )
+        except DiskGaveUp as exc:
+            raise RecoveryInterrupted(path.name, exc.error, exc.failures, report.write_errors) from exc
         if outcome.torn is not None:
             report.bytes_quarantined += outcome.torn_bytes
             report.quarantined.append(outcome.torn.name)
@@ -622,29 +752,6 @@ def recover_active(layout: DataLayout, source: str, stopping: threading.Event | 
     return report
 
 
-def _retry_recovery(source: str, segment: str, stopping: threading.Event, attempt: Callable[[], None]) -> int:
-    """Run ``attempt`` until it succeeds; returns the failures. Logs like the writer does.
-
-    A full disk at start-up is an operations problem: ingest waits for space rather than
-    die with a traceback, and stops promptly (:class:`RecoveryInterrupted`) when asked.
-    """
-    failures = 0
-    while True:
-        try:
-            attempt()
-        except OSError as exc:
-            failures += 1
-            error = exc.strerror or repr(exc)
-            if failures == 1 or failures % LOG_EVERY_FAILURES == 0:
-                log.error("recovery_write_failed", source=source, segment=segment, error=error, failures=failures)
-            if stopping.wait(retry_pause(failures)):
-                raise RecoveryInterrupted(segment, error, failures) from exc
-            continue
-        if failures:
-            log.info("recovery_write_recovered", source=source, segment=segment, failures=failures)
-        return failures
-
-
 def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _SegmentOutcome) -> None:
     """One attempt at one segment; idempotent, so a failed attempt is simply run again.
 
@@ -659,45 +766,50 @@ def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _Segmen
         if tail:
             # one name for every attempt, so that a failed attempt's leftovers are recognised
             outcome.torn = outcome.torn or quarantine / f"{path.name}.tail-{time.time_ns()}"
-            outcome.torn = _quarantine_tail(outcome.torn, tail)
+            outcome.torn = _quarantine_tail(outcome.torn, path.name, tail)
             outcome.torn_bytes = len(tail)
         if not good:
             path.unlink()
         else:
-            _cut_to(path, data, good)
+            _cut_to(path, data, good, outcome)
             ready.mkdir(parents=True, exist_ok=True)
             os.rename(path, ready / path.name)
             outcome.moved = True
             outcome.records = records
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
     if ready.is_dir():
-        fsync_dir(ready)
+        fsync_path(ready)
 
 
-def _cut_to(path: Path, data: bytes, good: bytes) -> None:
-    """Leave exactly ``good`` in ``path``, durably (also when an earlier attempt cut it)."""
+def _cut_to(path: Path, data: bytes, good: bytes, outcome: _SegmentOutcome) -> None:
+    """Leave exactly ``good`` in ``path``, durably (also when an earlier attempt cut it).
+
+    A failed fsync may have dropped the file's pages while a read still returns them: the
+    next attempt writes ``good`` anew (what was read) instead of trusting a second fsync.
+    """
+    if outcome.rewrite or not data.startswith(good):  # bad lines in the middle: rewrite the good ones
+        write_atomically(path, good)
+        outcome.rewrite = False
+        return
     if len(good) != len(data):
-        if data.startswith(good):
-            os.truncate(path, len(good))
-        else:  # bad lines in the middle: rewrite the good ones
-            _write_file_durably(path.with_name(path.name + ".tmp"), good)
-            os.replace(path.with_name(path.name + ".tmp"), path)
-    fd = os.open(path, os.O_RDONLY)
+        os.truncate(path, len(good))
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(path)
+    except OSError:
+        outcome.rewrite = True
+        raise
 
 
-def _quarantine_tail(planned: Path, tail: bytes) -> Path:
-    """Store ``tail`` as ``planned`` (``<segment>.tail-<ns>``) exactly once, never half written.
+def _quarantine_tail(planned: Path, segment: str, tail: bytes) -> Path:
+    """Store ``tail`` of ``segment`` as ``planned`` (``<segment>.tail-<ns>``) exactly once,
+    never half written.
 
     Written under a ``.partial`` name and renamed; a copy left by an earlier attempt (or by
     a run that died before the cut) is reused rather than duplicated.
     """
     quarantine = planned.parent
     quarantine.mkdir(parents=True, exist_ok=True)
-    torn = _quarantined_copy(quarantine, planned.name.rpartition(".tail-")[0], tail)
+    torn = _quarantined_copy(quarantine, segment, tail)
     if torn is None:
         torn = planned
         partial = torn.with_name(torn.name + ".partial")
@@ -708,7 +820,7 @@ def _quarantine_tail(planned: Path, tail: bytes) -> Path:
             with contextlib.suppress(OSError):
                 os.unlink(partial)
             raise
-    fsync_dir(quarantine)
+    fsync_path(quarantine)
     return torn
 
 
@@ -730,11 +842,12 @@ def _quarantined_copy(quarantine: Path, segment: str, tail: bytes) -> Path | Non
 
 
 def _write_file_durably(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data`` and fsync it; on failure remove what was written."""
+    """Create ``path`` with ``data`` and fsync it; on failure remove what was written (a
+    retry writes it anew rather than trust a second fsync)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        fsync(fd)
     except OSError:
         os.close(fd)
         with contextlib.suppress(OSError):

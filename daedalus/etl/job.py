@@ -46,8 +46,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from daedalus.capture.records import iter_lines
-from daedalus.capture.segments import fsync_dir
+from daedalus.capture.records import ZstdFrameDamaged, iter_lines
+from daedalus.capture.segments import fsync_path
 from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.etl import processors
 from daedalus.etl.coinbase import CANDLE_NUMBERS, TICKER_NUMBERS, ParsedBatch, parse_batch
@@ -89,6 +89,8 @@ BAD_INPUT_COUNTERS = ("quarantined_bad_product", "quarantined_bad_number", "quar
                       "quarantined_bad_side", "undecodable_frames", "unknown_channels", "unrecognised_records",
                       "exchange_errors", "ts_event_fallbacks")  # fmt: skip
 MAX_CONSECUTIVE_FAILURES = 3  # the watcher's retries of an unexpected error before it exits non-zero
+
+
 class EtlIoError(Exception):
     """The machine, not the data, failed (disk full, permissions): the segment stays in
     ``processing/`` and is retried by the next run."""
@@ -215,10 +217,10 @@ class EtlJob:
             except FileNotFoundError:  # removed by hand meanwhile: its outputs are committed all the same
                 log.warning("etl_segment_vanished", segment=path.name, effect="committed; nothing to archive")
                 return
-            fsync_dir(target.parent)
+            fsync_path(target.parent)
         else:
             path.unlink(missing_ok=True)
-        fsync_dir(path.parent)
+        fsync_path(path.parent)
 
     def _committed(self, name: str, state: EtlState) -> bool:
         return name in self.committed or name == state.last_segment
@@ -392,6 +394,9 @@ class EtlJob:
                         raise _second_decode_failure(exc) from exc
             try:
                 lines = outcome.quarantine_lines(source)
+            except ZstdFrameDamaged as exc:  # DuckDB read a frame that the frame walker refuses
+                discard(outcome.files)
+                raise SegmentDataError(f"a zstd frame DuckDB read does not decode into whole lines: {exc}") from exc
             except BaseException:
                 discard(outcome.files)
                 raise
@@ -445,7 +450,7 @@ class EtlJob:
             target = folder / f"{path.name}.{time.time_ns()}"
         shutil.move(str(path), target)
         (folder / f"{target.name}.reason.txt").write_text(reason + "\n")
-        fsync_dir(folder)
+        fsync_path(folder)
 
 
 class SegmentRun:
@@ -581,8 +586,10 @@ def _second_decode_failure(exc: SegmentDecodeError) -> Exception:
     an I/O error is the machine (retry later); a decode error is data our check let through
     (quarantine the segment whole rather than stop the pipeline on it)."""
     cause, text = exc.__cause__, str(exc)  # mid-stream, DuckDB's errors arrive as Arrow's OSError
-    if isinstance(cause, duckdb.IOException | duckdb.OutOfMemoryException) or "IO Error" in text or (
-        "Out of Memory Error" in text
+    if (
+        isinstance(cause, duckdb.IOException | duckdb.OutOfMemoryException)
+        or "IO Error" in text
+        or ("Out of Memory Error" in text)
     ):
         return EtlIoError(f"DuckDB could not read the clean copy: {exc}")
     return SegmentDataError(f"undecodable even after removing the bad lines: {exc}")

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from daedalus.capture.segments import fsync_dir as fsync_path  # opens read-only: files and folders
+from daedalus.capture.segments import fsync_path
 from daedalus.layout import partition_component, sanitize_partition_value
 
 SCALE = 100_000_000

@@ -27,10 +27,16 @@ from typing import BinaryIO
 import duckdb
 import orjson
 import pyarrow as pa
-import zstandard
 
-from daedalus.capture.records import RECORD_PREFIX, iter_lines
-from daedalus.capture.segments import fsync_dir
+from daedalus.capture.records import (
+    RECORD_PREFIX,
+    ZstdFrame,
+    ZstdFrameDamaged,
+    iter_lines,
+    iter_zstd_frames,
+    zstd_frame_end,
+)
+from daedalus.capture.segments import fsync_path
 
 BATCH_ROWS = 8192  # records per Arrow batch: a few MB of level2, small enough to bound memory
 # DuckDB sizes its read buffers from this (16 MB: ~115 MB of RSS; 64 MB: ~200 MB). DuckDB 2.0
@@ -204,15 +210,7 @@ def _copy_lines(lines: Iterable[bytes], sink: BinaryIO) -> tuple[int, list[tuple
 
 # -- zstd frames ---------------------------------------------------------------------------
 
-_ZSTD_MAGIC = 0xFD2FB528
-_ZSTD_MAGIC_BYTES = _ZSTD_MAGIC.to_bytes(4, "little")
-_MAX_BLOCK = 128 << 10  # zstd's Block_Maximum_Size: a larger block length is a damaged header
-_READ_CHUNK = 1 << 20  # bytes read at a time when scanning or copying
-_DECODE_CHUNK = 64 << 10  # compressed bytes fed at a time: bounds what one call decompresses
-
-
-class _Damaged(Exception):
-    """The zstd frame at hand (or what should be one) does not decode into whole lines."""
+_READ_CHUNK = 1 << 20  # bytes copied at a time when keeping damaged bytes
 
 
 def zstd_is_complete(path: Path) -> bool:
@@ -224,79 +222,58 @@ def zstd_is_complete(path: Path) -> bool:
         pos = 0
         while pos < size:
             try:
-                pos, _ = _frame_extent(handle, pos, size)
-            except _Damaged:
+                pos = zstd_frame_end(handle, pos, size)
+            except ZstdFrameDamaged:
                 return False
         return True
 
 
-def _frame_extent(handle: BinaryIO, pos: int, size: int) -> tuple[int, bool]:
-    """(end offset, holds data) of the frame starting at ``pos``, from its frame and block
-    headers alone; skippable frames hold no data. Raises :class:`_Damaged` when the headers
-    are not those of a frame that ends within the file."""
-    handle.seek(pos)
-    head = handle.read(18)  # magic + the longest frame header
-    if len(head) < 4:
-        raise _Damaged("the file ends inside a frame's magic number")
-    magic = int.from_bytes(head[:4], "little")
-    if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
-        end = pos + 8 + int.from_bytes(head[4:8], "little")
-        if len(head) < 8 or end > size:
-            raise _Damaged("a skippable frame runs past the end of the file")
-        return end, False
-    if magic != _ZSTD_MAGIC:
-        raise _Damaged("no zstd magic number where a frame should start")
-    try:
-        pos += zstandard.frame_header_size(head)
-        has_checksum = zstandard.get_frame_parameters(head).has_checksum
-    except zstandard.ZstdError as exc:
-        raise _Damaged(f"unreadable frame header ({exc})") from exc
-    while True:
-        handle.seek(pos)
-        block = handle.read(3)
-        if len(block) < 3:
-            raise _Damaged("the file ends inside the frame (cut)")
-        value = int.from_bytes(block, "little")
-        last, kind, length = value & 1, (value >> 1) & 3, value >> 3
-        if kind == 3 or length > _MAX_BLOCK:
-            raise _Damaged("invalid block header")
-        pos += 3 + (1 if kind == 1 else length)
-        if pos > size:
-            raise _Damaged("the file ends inside the frame (cut)")
-        if last:
-            break
-    pos += 4 if has_checksum else 0
-    if pos > size:
-        raise _Damaged("the file ends inside the frame's checksum (cut)")
-    return pos, True
+class _FrameCopy:
+    """Copies the lines of the frame being decoded to ``sink``, all or nothing: a frame
+    that turns out damaged is cut off ``sink`` again, with its counts."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.mark = sink.tell()
+        self.kept = 0
+        self.rejected: list[tuple[str, bytes]] = []
+
+    def write(self, block: bytes) -> None:
+        kept, rejected = _copy_lines((line.rstrip(b"\r") for line in block.split(b"\n")), self.sink)
+        self.kept += kept
+        self.rejected += rejected
+
+    def take(self) -> tuple[int, list[tuple[str, bytes]]]:
+        """The frame decoded whole: its counts, and the next frame starts here."""
+        counts = self.kept, self.rejected
+        self.kept, self.rejected, self.mark = 0, [], self.sink.tell()
+        return counts
+
+    def drop(self) -> None:
+        """The frame is damaged: forget what it wrote."""
+        self.sink.seek(self.mark)
+        self.sink.truncate()
+        self.kept, self.rejected = 0, []
 
 
 def _copy_zstd(source: Path, sink: BinaryIO, out: CleanCopy, damaged_dir: Path | None) -> None:
-    """Copy the lines of every frame that decodes whole; collect the runs of bytes that do not.
-
-    After a damaged frame the walk resumes at the next zstd magic number, so one bad frame
-    (even one whose header is damaged) costs only its own bytes."""
-    size = source.stat().st_size
+    """Copy the lines of every frame that decodes whole; collect the runs of bytes that do not
+    (adjacent damaged frames make one run), byte-exact in ``damaged_dir``."""
+    runs: list[ZstdFrame] = []
+    copy = _FrameCopy(sink)
     with source.open("rb") as handle:
-        pos, bad_start, bad_reason = 0, -1, ""
-        while pos < size:
-            try:
-                end, holds_data = _frame_extent(handle, pos, size)
-                if holds_data:
-                    kept, rejected = _copy_frame(handle, pos, end, sink)
-                    out.kept += kept
-                    out.rejected += rejected
-            except _Damaged as exc:
-                if bad_start < 0:
-                    bad_start, bad_reason = pos, str(exc)
-                pos = _next_magic(handle, pos + 1, size)
-                continue
-            if bad_start >= 0:
-                out.damaged.append(_keep_damaged(handle, source, bad_start, pos, bad_reason, damaged_dir))
-                bad_start = -1
-            pos = end
-        if bad_start >= 0:
-            out.damaged.append(_keep_damaged(handle, source, bad_start, size, bad_reason, damaged_dir))
+        for frame in iter_zstd_frames(handle, copy.write):
+            if frame.problem is None:
+                kept, rejected = copy.take()
+                out.kept += kept
+                out.rejected += rejected
+            else:
+                copy.drop()
+                if runs and runs[-1].offset + runs[-1].length == frame.offset:
+                    previous = runs.pop()
+                    frame = ZstdFrame(previous.offset, previous.length + frame.length, previous.problem)
+                runs.append(frame)
+        out.damaged = [_keep_damaged(handle, source, run, damaged_dir) for run in runs]
     for damage in out.damaged:
         where = f"saved to {damage.saved_to}" if damage.saved_to else "not saved (no quarantine folder given)"
         out.rejected.append(
@@ -304,57 +281,9 @@ def _copy_zstd(source: Path, sink: BinaryIO, out: CleanCopy, damaged_dir: Path |
         )
 
 
-def _copy_frame(handle: BinaryIO, start: int, end: int, sink: BinaryIO) -> tuple[int, list[tuple[str, bytes]]]:
-    """Decode one frame (bytes ``start``..``end``) and copy its good lines to ``sink``.
-
-    All or nothing: if the frame does not decode to exactly its bytes, or its content does
-    not end with a newline, what it wrote is cut off ``sink`` again and :class:`_Damaged` is raised."""
-    mark = sink.tell()
-    decoder = zstandard.ZstdDecompressor().decompressobj()
-    kept, rejected, pending = 0, [], b""
-    try:
-        handle.seek(start)
-        for offset in range(start, end, _DECODE_CHUNK):
-            pending += decoder.decompress(handle.read(min(_DECODE_CHUNK, end - offset)))
-            whole, newline, pending = pending.rpartition(b"\n")
-            if newline:
-                more, bad = _copy_lines((line.rstrip(b"\r") for line in whole.split(b"\n")), sink)
-                kept, rejected = kept + more, rejected + bad
-        if not decoder.eof or decoder.unused_data:
-            raise _Damaged("the frame's blocks do not decode to its end (corrupted data)")
-        if pending:
-            raise _Damaged("the frame's content does not end with a newline")
-    except zstandard.ZstdError as exc:
-        _cut_back(sink, mark)
-        raise _Damaged(f"does not decode ({exc})") from exc
-    except _Damaged:
-        _cut_back(sink, mark)
-        raise
-    return kept, rejected
-
-
-def _cut_back(sink: BinaryIO, mark: int) -> None:
-    """Drop what a frame that turned out damaged wrote to ``sink``."""
-    sink.seek(mark)
-    sink.truncate()
-
-
-def _next_magic(handle: BinaryIO, start: int, size: int) -> int:
-    """Offset of the next zstd magic number at or after ``start`` (``size`` if none)."""
-    pos = start
-    while pos < size:
-        handle.seek(pos)
-        found = handle.read(_READ_CHUNK + 3).find(_ZSTD_MAGIC_BYTES)
-        if found >= 0:
-            return pos + found
-        pos += _READ_CHUNK
-    return size
-
-
-def _keep_damaged(
-    handle: BinaryIO, source: Path, start: int, end: int, reason: str, folder: Path | None
-) -> DamagedBytes:
-    """Copy bytes ``start``..``end`` of ``source`` byte-exact to ``folder`` (fsynced, atomic)."""
+def _keep_damaged(handle: BinaryIO, source: Path, run: ZstdFrame, folder: Path | None) -> DamagedBytes:
+    """Copy the bytes of ``run`` in ``source`` byte-exact to ``folder`` (fsynced, atomic)."""
+    start, end, reason = run.offset, run.offset + run.length, str(run.problem)
     if folder is None:
         return DamagedBytes(start, end - start, reason, None)
     folder.mkdir(parents=True, exist_ok=True)
@@ -367,7 +296,7 @@ def _keep_damaged(
         copy.flush()
         os.fsync(copy.fileno())
     partial.replace(target)
-    fsync_dir(folder)
+    fsync_path(folder)
     return DamagedBytes(start, end - start, reason, target)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from daedalus.capture.segments import fsync_dir
+from daedalus.capture.segments import fsync_path, write_atomically
 from daedalus.etl.book import BookSet
 from daedalus.etl.processors import BarBuilder, TradeDeduper
 
@@ -89,7 +89,7 @@ def set_state_aside(directory: Path, source: str) -> Path | None:
     target.mkdir(parents=True, exist_ok=True)
     for path in files:
         shutil.move(str(path), target / path.name)
-    fsync_dir(directory)
+    fsync_path(directory)
     return target
 
 
@@ -125,13 +125,13 @@ class CommittedSegments:
 def begin_commit(directory: Path, source: str, segment: str, files: list[Path]) -> None:
     """Record, durably, that ``segment``'s ``files`` are about to be renamed into place."""
     record = {"segment": segment, "files": [str(f) for f in files]}
-    _write_atomically(directory / f"{source}.committing", orjson.dumps(record))
+    write_atomically(directory / f"{source}.committing", orjson.dumps(record))
 
 
 def end_commit(directory: Path, source: str) -> None:
     """The commit begun by :func:`begin_commit` is recorded in the committed list."""
     (directory / f"{source}.committing").unlink(missing_ok=True)
-    fsync_dir(directory)
+    fsync_path(directory)
 
 
 def interrupted_commit(directory: Path, source: str) -> tuple[str, list[Path]] | None:
@@ -141,16 +141,6 @@ def interrupted_commit(directory: Path, source: str) -> tuple[str, list[Path]] |
         return None
     record = orjson.loads(path.read_bytes())  # written atomically: whole or absent
     return record["segment"], [Path(f) for f in record["files"]]
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def save_state(directory: Path, source: str, state: EtlState) -> None:
@@ -173,7 +163,7 @@ def save_state(directory: Path, source: str, state: EtlState) -> None:
         "bars": state.bars.to_json(),
         "totals": state.totals,
     }
-    _write_atomically(directory / f"{source}.json", orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    write_atomically(directory / f"{source}.json", orjson.dumps(data, option=orjson.OPT_INDENT_2))
     for old in directory.glob(f"{source}.books-*.npz"):
         if old.name != books_file:
             old.unlink(missing_ok=True)

@@ -34,3 +34,20 @@ def check_range(name: str, value: float, low: float, high: float = math.inf, *, 
         bound = f"> {low:g}" if low_open else f">= {low:g}"
         raise SimConfigError(name, f"{name} must be a finite number {bound}, got {value!r}")
     raise SimConfigError(name, f"{name} must be between {low:g} and {high:g}, got {value!r}")
+
+
+def check_int(name: str, value: int, low: float = -math.inf, high: float = math.inf) -> None:
+    """Raise :class:`SimConfigError` unless ``value`` is an integer within ``[low, high]``.
+
+    A port or a count given as ``80.5`` or ``2.5`` (possible in process; the CLI parses
+    integers) would pass :func:`check_range` and fail later, far from its cause."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and low <= value <= high:
+        return
+    if math.isinf(low) and math.isinf(high):
+        bound = ""
+    elif math.isinf(high):
+        bound = f" >= {low:g}"
+    else:
+        bound = f" between {low:g} and {high:g}"
+    raise SimConfigError(name, f"{name} must be an integer{bound}, got {value!r}")

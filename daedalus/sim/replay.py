@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-import zstandard
 
-from daedalus.capture.records import iter_lines, split_frame_record
+from daedalus.capture.records import ZstdFrame, iter_lines, split_frame_record
 from daedalus.logs import get_logger
 from daedalus.sim.protocol import SUBSCRIBE_NAME
 
@@ -64,7 +63,7 @@ class Recording:
     products_response: bytes | None = None
     products: set[str] = field(default_factory=set)
     skipped: int = 0  # lines that were neither a frame nor a known control line
-    damaged: list[str] = field(default_factory=list)  # files whose zstd stream broke off
+    damaged: list[str] = field(default_factory=list)  # damaged zstd frames skipped: file, where, why
 
 
 def products_in(frame: bytes) -> set[str]:
@@ -92,15 +91,17 @@ def _files(path: Path) -> list[Path]:
 
 
 def _readable_lines(file: Path, rec: Recording) -> Iterator[bytes]:
-    """The lines of ``file``; a damaged zstd stream or a vanished file ends it (what was read is kept)."""
+    """The lines of ``file``. A damaged zstd frame costs only its own lines (noted in
+    ``rec.damaged``); a vanished file ends it (what was read is kept)."""
+    damaged: list[ZstdFrame] = []
     try:
-        yield from iter_lines(file)
-    except zstandard.ZstdError as exc:
-        rec.damaged.append(f"{file.name}: {exc}")
+        yield from iter_lines(file, damaged)
     except FileNotFoundError:
         rec.damaged.append(f"{file.name}: vanished while loading")  # moved on by ingest or the ETL
     except OSError as exc:
         raise RecordingError(f"cannot read {file}: {exc.strerror or exc}") from None
+    finally:
+        rec.damaged += (f"{file.name}: {frame.describe()}" for frame in damaged)
 
 
 def _add_line(rec: Recording, line: bytes) -> bool:

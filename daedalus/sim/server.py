@@ -34,7 +34,7 @@ from daedalus.logs import get_logger
 from daedalus.signals import stop_on_signals
 from daedalus.sim import protocol as wire
 from daedalus.sim import rest
-from daedalus.sim.checks import SimConfigError, check_range
+from daedalus.sim.checks import SimConfigError, check_int, check_range
 from daedalus.sim.faults import FaultConfig
 from daedalus.sim.market import SIZE_DECIMALS, MarketModel, StepResult, format_decimal, product_spec
 from daedalus.sim.replay import Recording, load_recording
@@ -71,8 +71,10 @@ class SimConfig:
 
     def validate(self) -> None:
         """Raise :class:`SimConfigError` naming the first setting out of range."""
-        check_range("port", self.port, 0, 65535)
-        check_range("levels", self.levels, 1, MAX_LEVELS)
+        check_int("port", self.port, 0, 65535)
+        check_int("levels", self.levels, 1, MAX_LEVELS)
+        check_int("seed", self.seed)
+        check_int("max_frame_bytes", self.max_frame_bytes, 1)  # aiohttp takes 0 as "no limit"
         check_range("speed", self.speed, 0.0)
         if self.rate is not None:
             check_range("rate", self.rate, 0.0)
