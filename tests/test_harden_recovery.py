@@ -279,3 +279,34 @@ def test_a_segment_whose_fsync_failed_is_written_anew_not_fsynced_again(tmp_path
     (ready,) = segment_files(tmp_path)
     assert ready.read_bytes() == whole and ready.stat().st_ino != original
     assert not list(DataLayout(tmp_path).active("coinbase").iterdir())  # no .tmp left either
+
+
+async def test_ingest_on_a_fresh_data_dir_of_a_full_disk_waits_to_create_its_folders(make_sim, tmp_path, monkeypatch):
+    """Not even ``raw/`` exists yet and the disk is full: creating the folders and the lock
+    file waits for space like every other disk step, then capture starts."""
+    real_ensure, full = DataLayout.ensure, [True]
+    attempts = []
+
+    def ensure(layout: DataLayout, source: str) -> None:
+        attempts.append(1)
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(layout.raw))
+        real_ensure(layout, source)
+
+    monkeypatch.setattr(DataLayout, "ensure", ensure)
+    monkeypatch.setattr(segments, "retry_pause", lambda failures: 0.01)
+    sim = await make_sim(rate=0, keep_sent=True)
+    pipeline = IngestPipeline(parse_config(ingest_config(tmp_path / "fresh", sim.ws_url, flush_interval_seconds=0.05)))
+    stop = asyncio.Event()
+    task = asyncio.create_task(pipeline.run(stop, out=io.StringIO()))
+    await async_wait_until(lambda: len(attempts) >= 3 or task.done(), what="retries on the full disk")
+    assert not task.done() and not sim.connections
+    full[0] = False
+    await async_wait_until(lambda: sim.connections and len(sim.connections[0].subs) == 4, what="capture to start")
+    await sim.advance(20)
+    collector = pipeline.collectors[0]
+    await async_wait_until(lambda: pipeline.writer.stats.written == collector.stats.messages >= 20, what="frames")
+    stop.set()
+    await asyncio.wait_for(task, 15)
+    assert not pipeline.failed and pipeline.writer.stats.write_errors >= 3
+    assert frame_bytes(tmp_path / "fresh") == sim.closed_connections[0].sent_frames

@@ -13,7 +13,14 @@ from typing import TextIO
 
 from daedalus.capture.auth import ws_jwt
 from daedalus.capture.coinbase import CoinbaseCollector
-from daedalus.capture.segments import RecoveryInterrupted, SegmentWriter, recover_active
+from daedalus.capture.segments import (
+    DiskGaveUp,
+    RecoveryInterrupted,
+    RecoveryReport,
+    SegmentWriter,
+    recover_active,
+    retry_disk,
+)
 from daedalus.config import ConfigError, DaedalusConfig
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
@@ -67,11 +74,10 @@ class IngestPipeline:
 
     async def run(self, stop: asyncio.Event, stats_interval: float | None = None, out: TextIO = sys.stdout) -> None:
         self.check_settings()
-        self.layout.ensure(SOURCE)
-        self._lock = hold_lock(self.layout.active(SOURCE) / ".lock")
         if not await self._recover(stop):
-            self._lock.close()  # nothing was started: only the lock to give back
-            self._lock = None
+            if self._lock is not None:  # nothing was started: only the lock to give back
+                self._lock.close()
+                self._lock = None
             self._log_stopped(False, time.monotonic() - self._started)
             return
         self.writer.start()
@@ -111,7 +117,7 @@ class IngestPipeline:
         relay = asyncio.create_task(stop.wait())
         relay.add_done_callback(lambda _: stopping.set())
         try:
-            report = await asyncio.to_thread(recover_active, self.layout, SOURCE, stopping)
+            report = await asyncio.to_thread(self._prepare_and_recover, stopping)
         except RecoveryInterrupted as exc:
             self.writer.stats.write_errors += exc.write_errors  # the writer has not started yet
             log.error(
@@ -135,6 +141,34 @@ class IngestPipeline:
             relay.cancel()
         self.writer.stats.write_errors += report.write_errors  # shown in the statistics block
         return True
+
+    def _prepare_and_recover(self, stopping: threading.Event) -> RecoveryReport:
+        """The raw folders and the writer lock, then recovery. On a fresh data directory on
+        a full disk even creating those waits for space, like every other disk step."""
+
+        def prepare() -> None:
+            self.layout.ensure(SOURCE)
+            if self._lock is None:
+                self._lock = hold_lock(self.layout.active(SOURCE) / ".lock")
+
+        failures = 0
+
+        def count() -> None:
+            nonlocal failures
+            failures += 1
+
+        try:
+            retry_disk("prepare", prepare, stop=stopping, attempts_after_stop=0, event="recovery_write",
+                       fields=lambda: {"source": SOURCE, "segment": "-"}, on_failure=count)  # fmt: skip
+        except DiskGaveUp as exc:
+            raise RecoveryInterrupted("-", exc.error, exc.failures, failures) from exc
+        try:
+            report = recover_active(self.layout, SOURCE, stopping)
+        except RecoveryInterrupted as exc:
+            exc.write_errors += failures
+            raise
+        report.write_errors += failures
+        return report
 
     async def shutdown(
         self,
