@@ -189,3 +189,31 @@ def test_garbage_that_holds_a_magic_number_is_one_damaged_run(tmp_path):
     damaged: list = []
     assert len(list(iter_lines(path, damaged))) == 2 * LINES_PER_FRAME
     assert [(d.offset, d.length) for d in damaged] == [(len(frames[0]), 8), (len(frames[0]) + 8, len(garbage) - 8)]
+
+
+def hostile_frame_of_lines(megabytes: int) -> bytes:
+    """A valid zstd frame of ~12 bytes per MB that decodes to 128 KB lines of ``x``."""
+    header = (0xFD2FB528).to_bytes(4, "little") + bytes([0x00, 7 << 3])  # no size, no checksum, 128 KB window
+    block = 128 << 10
+    xs = (0b010 | block << 3).to_bytes(3, "little") + b"x"
+    line = xs + (0b000 | 1 << 3).to_bytes(3, "little") + b"\n"
+    last = xs + (0b001 | 1 << 3).to_bytes(3, "little") + b"\n"  # the last block ends the frame
+    return header + line * (megabytes * 8 - 1) + last
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from /proc (Linux)")
+def test_a_hostile_frame_of_many_lines_is_let_go_by_iter_lines(tmp_path):
+    """iter_lines holds one frame's lines until the frame is known whole: a frame decoding to
+    more than MAX_FRAME_HOLD_BYTES (here 600 MB of 128 KB lines) is dropped as damaged."""
+    frames, _ = capture_frames(2)
+    segment = tmp_path / SEGMENT
+    segment.write_bytes(frames[0] + hostile_frame_of_lines(600) + frames[1])
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, "iter_lines", str(tmp_path), str(segment)],
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert child.returncode == 0, child.stderr
+    result = json.loads(child.stdout)
+    assert result["grown_mb"] < PEAK_GROWTH_LIMIT_MB, result
+    assert result["kept"] == 2 * LINES_PER_FRAME
+    assert result["reasons"] == ["decodes to more than 256 MB"]

@@ -94,7 +94,18 @@ def iter_lines(path: Path, damaged: list[ZstdFrame] | None = None) -> Iterator[b
                     yield line
             return
         held: list[bytes] = []
-        for frame in iter_zstd_frames(raw, held.append):
+        size = [0]  # bytes held; past MAX_FRAME_HOLD_BYTES the frame is let go (memory stays bounded)
+
+        def hold(block: bytes) -> None:
+            size[0] += len(block)
+            if size[0] <= MAX_FRAME_HOLD_BYTES:
+                held.append(block)
+            else:
+                held.clear()
+
+        for frame in iter_zstd_frames(raw, hold):
+            if frame.problem is None and size[0] > MAX_FRAME_HOLD_BYTES:
+                frame = ZstdFrame(frame.offset, frame.length, f"decodes to more than {MAX_FRAME_HOLD_BYTES >> 20} MB")
             if frame.problem is None:
                 for block in held:
                     for line in block.split(b"\n"):
@@ -106,6 +117,7 @@ def iter_lines(path: Path, damaged: list[ZstdFrame] | None = None) -> Iterator[b
             else:
                 damaged.append(frame)
             held.clear()
+            size[0] = 0
 
 
 # -- zstd frames ---------------------------------------------------------------------------
@@ -125,6 +137,12 @@ MAX_LINE_BYTES = 128 << 20
 (``coinbase.MAX_FRAME_BYTES``, 64 MB; real BTC-USD snapshots are ~5 MB), so the envelope and
 a ``raw`` frame's escaping fit. A longer run without a newline is a damaged (or hostile)
 frame: it is not held in memory."""
+
+
+MAX_FRAME_HOLD_BYTES = 256 << 20
+"""Most a frame may decode to in :func:`iter_lines`, which holds one frame's lines until the
+frame is known whole. A capture flush is far smaller (it is bounded by ``queue_maxsize``
+records); a larger frame is damaged or hostile."""
 
 
 class ZstdFrameDamaged(ValueError):

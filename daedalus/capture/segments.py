@@ -7,13 +7,13 @@ records, writes them with one ``os.write`` (one zstd frame when compressed), fsy
 rotates the segment into ``ready/`` at ``segment_max_mb`` or when the UTC hour changes.
 The event loop never waits on the disk.
 
-Names never go backwards: a new name sorts after every name the source used, even when
-the clock steps back (by up to :data:`MAX_NAME_AHEAD`), and a counter never outgrows five
-digits. A disk that fills up (ENOSPC, EDQUOT) is waited out: every disk step is retried
-with backoff by :func:`retry_disk`; at shutdown a disk that still fails is given up on and
-every record it held is counted as unwritten. Any other error (a folder removed and not
-recreatable, EACCES, EROFS, EIO) stops the writer: a supervisor restarts ingest and
-start-up recovery keeps every complete record.
+Names never go backwards: a new name sorts after every name the source used, whatever the
+clock does, and a counter never outgrows five digits. A disk that fills up (ENOSPC,
+EDQUOT) is waited out: every disk step is retried with backoff by :func:`retry_disk`; at
+shutdown a disk that still fails is given up on and every record it held is counted as
+unwritten. Any other error (a folder removed and not recreatable, EACCES, EROFS, EIO)
+stops the writer: a supervisor restarts ingest and start-up recovery keeps every complete
+record.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ from daedalus.layout import (
     DataLayout,
     next_segment_hour,
     parse_segment_name,
-    segment_hour_start,
     segment_identity,
     segment_name_for_hour,
 )
@@ -56,7 +55,6 @@ LAST_SEGMENT_FILE = ".last_segment"
 # how far the last name's hour may be ahead of a record's and still be kept: the ETL's own
 # receive-time plausibility bound (etl.coinbase.CLOCK_SLACK_NS); beyond it the last name
 # came from a wrong clock and would drag every later name (and `etl --mode date`) along
-MAX_NAME_AHEAD = timedelta(days=1)
 
 LOG_EVERY_FAILURES = 60  # a failing disk logs its first failure, then every Nth
 MAX_RETRY_PAUSE_S = 5.0
@@ -331,13 +329,15 @@ class SegmentWriter:
         )
 
     def _count_queue_unwritten(self) -> None:
-        """The writer stops: what is still queued will never be written; count it."""
-        for _recv_ns, _conn, data in self._queue:
+        """The writer stops: what is still queued will never be written; count it. Popped one
+        by one (collectors may still be appending: iterating the deque would race them)."""
+        queue = self._queue
+        for _ in range(len(queue)):
+            _recv_ns, _conn, data = queue.popleft()
             if type(data) is str:
                 self.stats.unwritten += 1
             else:
                 self.stats.unwritten_events += 1
-        self._queue.clear()
 
     def _flush(self) -> None:
         queue = self._queue
@@ -507,10 +507,11 @@ class SegmentWriter:
         receive times): names stay unique and in order whatever the wall clock does. If
         that hour's 99,999 counters are used up, the name moves on to the next hour.
 
-        A last name more than :data:`MAX_NAME_AHEAD` ahead came from a clock that was
-        wrong (one frame stamped years ahead), not from a step back: keeping its hour would
-        name every later segment in the future. The record's hour is used again, with the
-        next counter not used in that hour in any raw folder.
+        This holds for a clock that was far ahead too (one frame stamped years ahead): names
+        then stay in that hour. Going back to the real hour instead would need every name
+        ever used in it, and the ETL may have deleted those segments; a reused name would
+        reach the ETL as a second segment under a committed name, and a name sorting before
+        the checkpoint's would be processed as out of order, from empty books.
         """
         last = self._last_name_used()
         if last is None or record_hour > last[0]:
@@ -518,12 +519,6 @@ class SegmentWriter:
             return record_hour, 1
         hour, counter = last
         if record_hour < hour:
-            if segment_hour_start(hour) - segment_hour_start(record_hour) > MAX_NAME_AHEAD:
-                log.warning(
-                    "segment_clock_far_ahead", source=self.source, clock_hour=record_hour, last_segment_hour=hour
-                )
-                self._stepped_back_from = None
-                return self._first_free_name(record_hour)
             if self._stepped_back_from != hour:
                 self._stepped_back_from = hour
                 log.warning(
@@ -553,16 +548,6 @@ class SegmentWriter:
             with contextlib.suppress(OSError):
                 names += os.listdir(self.layout.raw_dir(state, self.source))
         return [identity for identity in map(segment_identity, names) if identity is not None]
-
-    def _first_free_name(self, hour: str) -> tuple[str, int]:
-        """The counter after the highest one used in ``hour`` (or in the next hour with one
-        free): a scan, done only when a far-ahead name is left behind."""
-        used = self._used_names()
-        while True:
-            highest = max((counter for used_hour, counter in used if used_hour == hour), default=0)
-            if highest < MAX_SEGMENT_COUNTER:
-                return hour, highest + 1
-            hour = next_segment_hour(hour)
 
     def _may_rotate_by_size(self) -> bool:
         """False once the open segment holds the hour's last counter: it then grows past

@@ -231,16 +231,19 @@ class EtlJob:
         if interrupted is None:
             return
         segment, files = interrupted
-        if self._committed(segment, self._load()):
-            if segment not in self.committed:
-                self.committed.add(segment)
-        else:  # some of its files may be in place: they are not committed output, take them back
-            for final in files:
-                final.unlink(missing_ok=True)
-            discard(files)
-            log.warning("etl_commit_rolled_back", segment=segment, files=len(files),
-                        effect="the segment is processed again")  # fmt: skip
-        end_commit(self.state_dir, self.source)
+        try:
+            if self._committed(segment, self._load()):
+                if segment not in self.committed:
+                    self.committed.add(segment)
+            else:  # some of its files may be in place: they are not committed output, take them back
+                for final in files:
+                    final.unlink(missing_ok=True)
+                discard(files)
+                log.warning("etl_commit_rolled_back", segment=segment, files=len(files),
+                            effect="the segment is processed again")  # fmt: skip
+            end_commit(self.state_dir, self.source)
+        except OSError as exc:  # the disk, not the data: the note stays for the next try
+            raise EtlIoError(f"settling the interrupted commit of {segment}: {exc}") from exc
 
     # ---- running --------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -351,8 +354,11 @@ class EtlJob:
         except (EtlIoError, OSError) as exc:  # disk full, permissions: it stays claimed for a retry
             if not path.exists():  # removed from processing/ by hand while it was read
                 log.warning("etl_segment_vanished", segment=name, effect="skipped; nothing of it was committed")
+                self._settle_interrupted_commit()  # a commit it had begun is taken back
                 return self._load() if not older else state
-            raise exc if isinstance(exc, EtlIoError) else EtlIoError(f"{name}: {exc}") from exc
+            if isinstance(exc, EtlIoError):
+                raise
+            raise EtlIoError(f"{name}: {exc}") from exc
         except Exception as exc:
             log.error("etl_segment_error", segment=name, error=repr(exc), exc_info=True,
                       effect="kept in processing/, not quarantined")  # fmt: skip
@@ -438,6 +444,9 @@ class EtlJob:
                     orjson.dumps({"segment": segment, "reason": reason, "line": line.decode("utf-8", "replace")})
                 )
                 handle.write(b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())  # durable before the segment may be deleted
+        fsync_path(folder)
         log.warning("etl_quarantined_lines", segment=segment, count=len(entries), file=str(target))
 
     def _quarantine_segment(self, path: Path, reason: str) -> None:

@@ -81,7 +81,7 @@ def load_state(directory: Path, source: str, sample_interval_ns: int, depth: int
 def set_state_aside(directory: Path, source: str) -> Path | None:
     """Move ``source``'s checkpoint files into ``_state/broken-<source>-<time>/`` (kept for a
     post-mortem); the committed list stays, since what it names is in the dataset."""
-    files = [directory / f"{source}.json", *directory.glob(f"{source}.books-*.npz")]
+    files = [directory / f"{source}.json", directory / f"{source}.committing", *directory.glob(f"{source}.books-*.npz")]
     files = [f for f in files if f.exists()]
     if not files:
         return None
@@ -139,8 +139,14 @@ def interrupted_commit(directory: Path, source: str) -> tuple[str, list[Path]] |
     path = directory / f"{source}.committing"
     if not path.exists():
         return None
-    record = orjson.loads(path.read_bytes())  # written atomically: whole or absent
-    return record["segment"], [Path(f) for f in record["files"]]
+    try:
+        record = orjson.loads(path.read_bytes())  # written atomically: whole or absent, unless the disk lies
+        return record["segment"], [Path(f) for f in record["files"]]
+    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+        raise EtlStateError(
+            f"the ETL's commit note {path} cannot be read ({type(exc).__name__}); run 'daedalus etl --rebuild-state' "
+            "to set it aside (a segment it names is processed again; files it left are then reported as conflicts)"
+        ) from None
 
 
 def save_state(directory: Path, source: str, state: EtlState) -> None:
