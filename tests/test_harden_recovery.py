@@ -49,6 +49,16 @@ def quarantined(tmp_path: Path) -> list[Path]:
     return sorted(folder.iterdir()) if folder.exists() else []
 
 
+async def capture_then_stop(sim, pipeline: IngestPipeline, frames: int, stop: asyncio.Event, task: asyncio.Task):
+    """Once capture starts: ``frames`` market frames, all written, then a clean stop."""
+    await async_wait_until(lambda: sim.connections and len(sim.connections[0].subs) == 4, what="capture to start")
+    await sim.advance(frames)
+    collector = pipeline.collectors[0]
+    await async_wait_until(lambda: pipeline.writer.stats.written == collector.stats.messages >= frames, what="frames")
+    stop.set()
+    await asyncio.wait_for(task, 15)
+
+
 async def test_ingest_waits_for_space_to_recover_then_captures(make_sim, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     whole, tail = torn_segment(tmp_path)
@@ -64,12 +74,7 @@ async def test_ingest_waits_for_space_to_recover_then_captures(make_sim, tmp_pat
     assert len(events(caplog, "recovery_write_failed")) == 1  # the first failure, not one per retry
 
     disk.full = False  # space comes back
-    await async_wait_until(lambda: sim.connections and len(sim.connections[0].subs) == 4, what="capture to start")
-    await sim.advance(50)
-    collector = pipeline.collectors[0]
-    await async_wait_until(lambda: pipeline.writer.stats.written == collector.stats.messages >= 50, what="frames")
-    stop.set()
-    await asyncio.wait_for(task, 15)
+    await capture_then_stop(sim, pipeline, 50, stop, task)
 
     assert not pipeline.failed
     assert pipeline.writer.stats.write_errors >= 3  # the failed recovery attempts are counted
@@ -302,11 +307,6 @@ async def test_ingest_on_a_fresh_data_dir_of_a_full_disk_waits_to_create_its_fol
     await async_wait_until(lambda: len(attempts) >= 3 or task.done(), what="retries on the full disk")
     assert not task.done() and not sim.connections
     full[0] = False
-    await async_wait_until(lambda: sim.connections and len(sim.connections[0].subs) == 4, what="capture to start")
-    await sim.advance(20)
-    collector = pipeline.collectors[0]
-    await async_wait_until(lambda: pipeline.writer.stats.written == collector.stats.messages >= 20, what="frames")
-    stop.set()
-    await asyncio.wait_for(task, 15)
+    await capture_then_stop(sim, pipeline, 20, stop, task)
     assert not pipeline.failed and pipeline.writer.stats.write_errors >= 3
     assert frame_bytes(tmp_path / "fresh") == sim.closed_connections[0].sent_frames
