@@ -77,6 +77,14 @@ def is_complete_record(line: bytes) -> bool:
     return line.startswith(RECORD_PREFIX) and line.endswith(b"}")
 
 
+def block_lines(block: bytes) -> Iterator[bytes]:
+    """The non-empty lines of a block of whole lines (as a zstd frame decodes to)."""
+    for line in block.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line:
+            yield line
+
+
 def iter_lines(path: Path, damaged: list[ZstdFrame] | None = None) -> Iterator[bytes]:
     """Every non-empty line of an NDJSON file, plain or zstd (any number of frames).
 
@@ -108,10 +116,7 @@ def iter_lines(path: Path, damaged: list[ZstdFrame] | None = None) -> Iterator[b
                 frame = ZstdFrame(frame.offset, frame.length, f"decodes to more than {MAX_FRAME_HOLD_BYTES >> 20} MB")
             if frame.problem is None:
                 for block in held:
-                    for line in block.split(b"\n"):
-                        line = line.rstrip(b"\r")
-                        if line:
-                            yield line
+                    yield from block_lines(block)
             elif damaged is None:
                 raise ZstdFrameDamaged(f"{path.name}: {frame.describe()}")
             else:

@@ -32,6 +32,7 @@ from daedalus.capture.records import (
     RECORD_PREFIX,
     ZstdFrame,
     ZstdFrameDamaged,
+    block_lines,
     iter_lines,
     iter_zstd_frames,
     zstd_frame_end,
@@ -239,7 +240,7 @@ class _FrameCopy:
         self.rejected: list[tuple[str, bytes]] = []
 
     def write(self, block: bytes) -> None:
-        kept, rejected = _copy_lines((line.rstrip(b"\r") for line in block.split(b"\n")), self.sink)
+        kept, rejected = _copy_lines(block_lines(block), self.sink)
         self.kept += kept
         self.rejected += rejected
 
