@@ -20,7 +20,9 @@ import yaml
 
 from daedalus import __version__
 from daedalus.config import MAX_SECONDS, ConfigError, DaedalusConfig, effective_config, load_config
+from daedalus.exitcodes import FAILED, NEEDS_OPERATOR
 from daedalus.logs import setup_logging
+from daedalus.ops.child import follow_supervisor
 
 app = typer.Typer(
     name="daedalus",
@@ -36,7 +38,7 @@ LogLevel = Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING
 LogFormat = Annotated[str, typer.Option("--log-format", help="text or json.")]
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
+def _fail(message: str, code: int = NEEDS_OPERATOR) -> typer.Exit:
     typer.echo(message, err=True)
     return typer.Exit(code)
 
@@ -118,6 +120,7 @@ def ingest(
     from daedalus.locks import AlreadyRunning
 
     _check_seconds(stats_interval, "--stats-interval", zero="off")
+    follow_supervisor()
     settings = _configured(config)
     _require_writable(settings.layout.raw, "data_dir")
     try:
@@ -128,8 +131,8 @@ def ingest(
         raise _fail(f"cannot authenticate: {exc}") from None
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    except AlreadyRunning as exc:
-        raise _fail(f"cannot start: {exc}") from None
+    except AlreadyRunning as exc:  # transient: the supervisor retries with backoff
+        raise _fail(f"cannot start: {exc}", FAILED) from None
     if not ok:
         raise typer.Exit(1)
 
@@ -162,6 +165,7 @@ def etl(
     from daedalus.locks import AlreadyRunning
 
     _check_seconds(poll_interval, "--poll-interval")
+    follow_supervisor()
     settings = _configured(config)
     start, end = _etl_dates(mode, day, start_date, end_date)
     _require_writable(settings.layout.raw, "data_dir")
@@ -182,8 +186,8 @@ def etl(
             summary = job.watch(poll, stop.is_set, show)
         else:
             summary = job.run(start, end, show)
-    except AlreadyRunning as exc:
-        raise _fail(f"cannot start: {exc}") from None
+    except AlreadyRunning as exc:  # transient: the supervisor retries with backoff
+        raise _fail(f"cannot start: {exc}", FAILED) from None
     except EtlIoError as exc:
         raise _fail(f"etl stopped: {exc} (the segment stays in raw/processing/ and is retried next run)", 1) from None
     except EtlStuck as exc:
@@ -300,6 +304,86 @@ def sim(
         raise _fail(f"--replay {replay}: {exc}") from None
     except OSError as exc:
         raise _fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}", 1) from None
+
+
+def _source_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [s.strip() for s in value.split(",") if s.strip()]
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+    sources: Annotated[
+        str | None, typer.Option(help="Comma-separated sources to capture (default: every enabled one).")
+    ] = None,
+    no_sync: Annotated[bool, typer.Option("--no-sync", help="Do not start the S3 sync child.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the command lines it would start, then exit.")] = (
+        False
+    ),
+    status: Annotated[bool, typer.Option("--status", help="Print the running supervisor's status (as `status`).")] = (
+        False
+    ),
+    memory_limit_mb: Annotated[
+        float | None, typer.Option(help="Restart a child gracefully above this RSS (overrides memory_critical_mb).")
+    ] = None,
+) -> None:
+    """The supervisor: start ingest, the ETL watcher (and sync), keep them alive, serve status."""
+    settings = _configured(config)
+    if status:
+        raise typer.Exit(_print_status(settings))
+    from daedalus.supervisor.main import SupervisorUsageError, run_supervisor
+
+    if memory_limit_mb is not None and not (math.isfinite(memory_limit_mb) and 0 < memory_limit_mb <= 1_048_576):
+        raise _fail(f"--memory-limit-mb: must be more than 0 and at most 1048576 (got {memory_limit_mb})")
+    try:
+        code = run_supervisor(
+            settings,
+            config_file=config,
+            sources=_source_list(sources),
+            sync=not no_sync,
+            dry_run=dry_run,
+            memory_limit_mb=memory_limit_mb,
+        )
+    except SupervisorUsageError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(code)
+
+
+def _print_status(settings: DaedalusConfig) -> int:
+    from daedalus.supervisor.report import status_text
+
+    text, code = status_text(settings.layout)
+    typer.echo(text)
+    return code
+
+
+@app.command("status")
+def status_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+) -> None:
+    """Each child of the running supervisor: pid, state, uptime, restarts, RSS, heartbeat, exit reason.
+    Exit 1 when no supervisor runs on this data directory."""
+    raise typer.Exit(_print_status(_configured(config)))
+
+
+@app.command()
+def health(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Backlog, disk, freshness and the supervisor's children. Exit 0 ok, 1 warning, 2 critical."""
+    import orjson
+
+    from daedalus.ops.health import check_health
+
+    report = check_health(_configured(config))
+    if as_json:
+        typer.echo(orjson.dumps(report.to_dict(), option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode())
+    else:
+        typer.echo(report.text())
+    raise typer.Exit(report.exit_code)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -231,12 +231,88 @@ class SyncConfig(Section):
     delete_after_upload: bool = False
 
 
+ChildKind = Literal["ingest", "etl", "sync"]
+Megabytes = Annotated[float, Field(gt=0, le=1_048_576)]
+
+
 class SupervisorConfig(Section):
+    """``daedalus run``: how children are started, watched, restarted and stopped."""
+
     status_host: str = "127.0.0.1"
-    status_port: Annotated[int, Field(ge=0, le=65535)] = 8787
-    restart_backoff_seconds: Seconds = 2.0
-    max_restarts_per_hour: Annotated[int, Field(gt=0, le=3600)] = 20
-    memory_limit_mb: Annotated[int, Field(gt=0, le=1_048_576)] = 1024
+    status_port: Annotated[int, Field(ge=0, le=65535)] = 8787  # 0: any free port (the status record says which)
+    log_dir: Directory | None = None  # default <data_dir>/logs
+    log_max_mb: Annotated[float, Field(ge=0.01, le=1024)] = 10.0
+    log_backups: Annotated[int, Field(ge=0, le=100)] = 5
+    start_seconds: Seconds = 5.0  # up this long = running
+    backoff_initial_seconds: Seconds = 1.0
+    backoff_max_seconds: Seconds = 60.0
+    reset_after_seconds: Seconds = 60.0  # up this long: the next failure backs off from the start again
+    max_restarts: Annotated[int, Field(gt=0, le=100_000)] = 5
+    restart_window_seconds: Seconds = 300.0
+    crashloop_cooldown_seconds: Seconds = 600.0
+    heartbeat_seconds: Annotated[float, Field(ge=0.1, le=60)] = 2.0  # how often children publish their record
+    hang_timeout_seconds: Seconds = 60.0
+    memory_check_seconds: Seconds = 10.0
+    memory_warning_mb: Megabytes | None = 512.0
+    memory_critical_mb: Megabytes | None = 1024.0
+    ingestion_shutdown_timeout: Seconds = 30.0
+    etl_shutdown_timeout: Seconds = 30.0
+    sync_shutdown_timeout: Seconds = 60.0
+    process_nice: dict[ChildKind, Annotated[int, Field(ge=-20, le=19)]] = {"ingest": 0, "etl": 10, "sync": 10}
+    cpu_affinity: dict[ChildKind, Annotated[list[Annotated[int, Field(ge=0, le=4095)]], Field(min_length=1)]] = {}
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SupervisorConfig:
+        if self.backoff_initial_seconds > self.backoff_max_seconds:
+            raise ValueError(
+                f"backoff_initial_seconds ({self.backoff_initial_seconds:g}) must not exceed "
+                f"backoff_max_seconds ({self.backoff_max_seconds:g})"
+            )
+        warning, critical = self.memory_warning_mb, self.memory_critical_mb
+        if warning is not None and critical is not None and warning > critical:
+            raise ValueError(f"memory_warning_mb ({warning:g}) must not exceed memory_critical_mb ({critical:g})")
+        if self.hang_timeout_seconds <= self.heartbeat_seconds:
+            raise ValueError(
+                f"hang_timeout_seconds ({self.hang_timeout_seconds:g}) must be longer than heartbeat_seconds "
+                f"({self.heartbeat_seconds:g}), or every child would look hung"
+            )
+        return self
+
+    def shutdown_timeout(self, kind: ChildKind) -> float:
+        return {
+            "ingest": self.ingestion_shutdown_timeout,
+            "etl": self.etl_shutdown_timeout,
+            "sync": self.sync_shutdown_timeout,
+        }[kind]
+
+
+class HealthConfig(Section):
+    """``daedalus health`` thresholds: warning (exit 1) and critical (exit 2)."""
+
+    disk_warning_free_percent: Annotated[float, Field(ge=0, le=100)] = 15.0
+    disk_critical_free_percent: Annotated[float, Field(ge=0, le=100)] = 5.0
+    disk_warning_hours_left: Annotated[float, Field(ge=0, le=100_000)] = 72.0  # at the current write rate
+    disk_critical_hours_left: Annotated[float, Field(ge=0, le=100_000)] = 6.0
+    backlog_warning_segments: Annotated[int, Field(gt=0, le=10_000_000)] = 10
+    backlog_critical_segments: Annotated[int, Field(gt=0, le=10_000_000)] = 100
+    backlog_warning_seconds: Seconds = 1800.0  # age of the oldest ready segment
+    backlog_critical_seconds: Seconds = 21_600.0
+    stale_warning_seconds: Seconds = 120.0  # age of the newest record per product
+    stale_critical_seconds: Seconds = 900.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HealthConfig:
+        pairs = [
+            ("disk_critical_free_percent", "disk_warning_free_percent"),
+            ("disk_critical_hours_left", "disk_warning_hours_left"),
+            ("backlog_warning_segments", "backlog_critical_segments"),
+            ("backlog_warning_seconds", "backlog_critical_seconds"),
+            ("stale_warning_seconds", "stale_critical_seconds"),
+        ]
+        for low, high in pairs:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} ({getattr(self, low):g}) must not exceed {high} ({getattr(self, high):g})")
+        return self
 
 
 class DaedalusConfig(Section):
@@ -248,6 +324,7 @@ class DaedalusConfig(Section):
     etl: EtlConfig = EtlConfig()
     sync: SyncConfig = SyncConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    health: HealthConfig = HealthConfig()
 
     @property
     def layout(self) -> DataLayout:
@@ -256,6 +333,10 @@ class DaedalusConfig(Section):
     @property
     def processed_dir(self) -> Path:
         return self.etl.output_dir or self.layout.processed
+
+    @property
+    def log_dir(self) -> Path:
+        return self.supervisor.log_dir or self.layout.logs
 
 
 # --- Bounded YAML loading ------------------------------------------------------------

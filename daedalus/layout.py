@@ -189,6 +189,28 @@ class DataLayout:
         often RAM on a Pi) and cleaned by the job at start, so a killed run leaves nothing."""
         return self.root / "tmp" / sanitize_partition_value(job)
 
+    @property
+    def run_dir(self) -> Path:
+        """``<data_dir>/run``: live records (heartbeats, the supervisor's status) and its lock."""
+        return self.root / "run"
+
+    def heartbeat_file(self, child: str) -> Path:
+        """The record a child (``ingest-coinbase``, ``etl``, ...) replaces every few seconds."""
+        return self.run_dir / f"{sanitize_partition_value(child)}.json"
+
+    @property
+    def supervisor_status_file(self) -> Path:
+        return self.run_dir / "supervisor.json"
+
+    @property
+    def supervisor_lock(self) -> Path:
+        return self.run_dir / "supervisor.lock"
+
+    @property
+    def logs(self) -> Path:
+        """Default ``supervisor.log_dir``: one rotated log per child."""
+        return self.root / "logs"
+
     def channel_dir(self, source: str, channel: str) -> Path:
         return self.processed / sanitize_partition_value(source) / sanitize_partition_value(channel)
 

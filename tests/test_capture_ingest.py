@@ -310,6 +310,6 @@ async def test_a_second_ingest_on_the_same_data_dir_is_refused(make_sim, tmp_pat
         cwd=REPO,
     )
     await run.close()
-    assert result.returncode == 2
+    assert result.returncode == 1  # transient: a supervisor retries it with backoff
     assert "another daedalus ingest is already writing to" in result.stderr
     assert len(sim.closed_connections) == 1  # the second one never connected

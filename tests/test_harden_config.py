@@ -170,7 +170,7 @@ def test_non_finite_floats_are_refused(tmp_path, key, value):
         ("etl", "poll_interval_seconds", 0, "greater than 0"),
         ("sync", "interval_seconds", -5, "greater than 0"),
         ("supervisor", "status_port", 70_000, "less than or equal to 65535"),
-        ("supervisor", "memory_limit_mb", -1, "greater than 0"),
+        ("supervisor", "memory_critical_mb", -1, "greater than 0"),
     ],
 )
 def test_numbers_out_of_bounds_name_the_key(section, key, value, reason):

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import orjson
@@ -27,6 +28,10 @@ log = get_logger(__name__)
 
 SEQ_KEY = '"sequence_num":'
 SEQ_SCAN = 256  # the envelope's sequence_num comes before the events
+PRODUCT_KEY = '"product_id":"'
+PRODUCT_SCAN = 400  # the first event's product_id follows the envelope closely
+TICKER_PREFIX = '{"channel":"ticker'  # ticker and ticker_batch
+MAX_TICKER_BYTES = 16 * 1024
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # level2 snapshots of busy books exceed 5 MB
 RESUBSCRIBE_GRACE_S = 5.0
 
@@ -44,6 +49,39 @@ def sequence_of(frame: str) -> int | None:
         return int(frame[start:end])
     except ValueError:
         return None
+
+
+def product_of(frame: str) -> str | None:
+    """The first event's ``product_id`` by a bounded substring scan (None if not near the start)."""
+    at = frame.find(PRODUCT_KEY, 0, PRODUCT_SCAN)
+    if at < 0:
+        return None
+    start = at + len(PRODUCT_KEY)
+    end = frame.find('"', start, start + 80)
+    return frame[start:end] if end > 0 else None
+
+
+def ticker_mids(frame: str) -> dict[str, float]:
+    """Mid price (or last price) per product of a ticker frame; {} for anything unexpected.
+
+    Ticker frames are small and a few per second, so parsing them costs nothing measurable;
+    the mids feed the status page's chart, never the data.
+    """
+    if len(frame) > MAX_TICKER_BYTES:
+        return {}
+    try:
+        message = orjson.loads(frame)
+        mids = {}
+        for event in message.get("events") or ():
+            for ticker in event.get("tickers") or ():
+                product = ticker.get("product_id")
+                bid, ask = ticker.get("best_bid"), ticker.get("best_ask")
+                price = (float(bid) + float(ask)) / 2 if bid and ask else float(ticker["price"])
+                if isinstance(product, str) and math.isfinite(price):
+                    mids[product] = price
+        return mids
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        return {}
 
 
 def is_l2_snapshot(frame: str) -> bool:
@@ -67,6 +105,9 @@ class CollectorStats:
     last_message_at: float | None = None
     state: str = "starting"
     last_error: str = ""
+    # configured product -> receive time (ns) of its newest frame, and its last ticker mid
+    product_seen: dict[str, int] = field(default_factory=dict)
+    product_mid: dict[str, float] = field(default_factory=dict)
 
     def uptime(self) -> float:
         return time.monotonic() - self.connected_since if self.connected_since else 0.0
@@ -190,6 +231,8 @@ class CoinbaseCollector:
         put_frame = writer.put_frame
         text = aiohttp.WSMsgType.TEXT
         block = self.ingestion.on_queue_full == "block"
+        wanted = frozenset(self.product_ids)  # only these are tracked: the wire cannot grow the map
+        product_seen = stats.product_seen
         try:
             while True:  # the hot path: keep it to a stamp, a queue append and a bounded scan
                 msg = await receive()
@@ -213,6 +256,11 @@ class CoinbaseCollector:
                     while not writer.has_room():
                         await asyncio.sleep(0.001)
                 put_frame(recv_ns, conn, data)
+                product = product_of(data)
+                if product in wanted:
+                    product_seen[product] = recv_ns
+                    if data.startswith(TICKER_PREFIX):
+                        stats.product_mid.update((p, m) for p, m in ticker_mids(data).items() if p in wanted)
                 seq = sequence_of(data)
                 if seq is not None:
                     if seq > expected:

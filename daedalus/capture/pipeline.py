@@ -24,6 +24,7 @@ from daedalus.capture.segments import (
 from daedalus.config import ConfigError, DaedalusConfig
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
+from daedalus.ops.heartbeat import HeartbeatPublisher
 from daedalus.signals import stop_on_signals
 
 log = get_logger(__name__)
@@ -56,6 +57,10 @@ class IngestPipeline:
         self.failed = False
         self._lock: TextIO | None = None
         self._last_report: tuple[float, int, dict[int, int]] = (self._started, 0, {})
+        self.heartbeat = HeartbeatPublisher(
+            self.layout, child=f"ingest-{SOURCE}", kind="ingest", source=SOURCE,
+            every_seconds=config.supervisor.heartbeat_seconds,
+        )  # fmt: skip
 
     def check_settings(self) -> None:
         """Fail fast, with the reason, on settings this source cannot honour."""
@@ -74,6 +79,61 @@ class IngestPipeline:
 
     async def run(self, stop: asyncio.Event, stats_interval: float | None = None, out: TextIO = sys.stdout) -> None:
         self.check_settings()
+        beating = asyncio.create_task(self._beat(), name="heartbeat")
+        try:
+            await self._run(stop, stats_interval, out)
+        finally:
+            beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beating
+            self.heartbeat.remove()
+
+    async def _beat(self) -> None:
+        """Publish the heartbeat from the event loop itself, so a stuck loop stops it;
+        it starts before recovery, which runs in a thread and may take a while."""
+        while True:
+            self.heartbeat.publish(**self.heartbeat_stats())
+            await asyncio.sleep(self.heartbeat.every)
+
+    def heartbeat_stats(self) -> dict[str, dict[str, object]]:
+        """Counters, gauges and products for the heartbeat (see daedalus.ops.records)."""
+        w = self.writer.stats
+        conns = {str(c.conn_id): c.stats for c in self.collectors}
+        watchdog = self.config.ingestion.watchdog_timeout_seconds
+        ages = {k: s.last_message_age() for k, s in conns.items()}
+        connected = {k: int(s.state == "connected") for k, s in conns.items()}
+        stalled = any(connected[k] and (ages[k] if ages[k] is not None else s.uptime()) > watchdog
+                      for k, s in conns.items())  # fmt: skip
+        products: dict[str, dict[str, float | None]] = {}
+        for c in self.collectors:
+            for product, seen_ns in c.stats.product_seen.items():
+                products[product] = {"last_time": seen_ns / 1e9, "mid": c.stats.product_mid.get(product)}
+        counters = {
+            "frames_received": {k: s.messages for k, s in conns.items()},
+            "bytes_received": {k: s.bytes for k, s in conns.items()},
+            "reconnects": {k: s.reconnects for k, s in conns.items()},
+            "gaps": {k: s.gaps for k, s in conns.items()},
+            "frames_written": w.written,
+            "bytes_written": w.bytes,
+            "overflow_drops": self.writer.dropped,
+            "write_errors": w.write_errors,
+            "flushes": w.flushes,
+            "segment_rotations": w.rotations,
+            "durable_latency_seconds": w.latency.to_dict(),
+        }
+        gauges = {
+            "queue_depth": self.writer.queue_depth,
+            "queue_capacity": self.config.ingestion.queue_maxsize,
+            "connected": connected,
+            "last_frame_age_seconds": ages,
+            "watchdog_seconds": watchdog,
+            "stalled": int(stalled),
+            "segment": w.segment or None,
+            "segment_bytes": w.segment_bytes,
+        }
+        return {"counters": counters, "gauges": gauges, "products": products}
+
+    async def _run(self, stop: asyncio.Event, stats_interval: float | None, out: TextIO) -> None:
         if not await self._recover(stop):
             if self._lock is not None:  # nothing was started: only the lock to give back
                 self._lock.close()
@@ -192,7 +252,8 @@ class IngestPipeline:
         if self._lock is not None:
             self._lock.close()  # releases the writer lock
             self._lock = None
-        print(self.status_text(), file=out, flush=True)
+        with contextlib.suppress(OSError):  # a supervisor that died took our stdout pipe with it
+            print(self.status_text(), file=out, flush=True)
         self._log_stopped(clean, time.monotonic() - started)
 
     def _log_stopped(self, clean: bool, seconds: float) -> None:

@@ -18,10 +18,12 @@ record.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import functools
 import io
+import itertools
 import os
 import threading
 import time
@@ -166,6 +168,34 @@ def write_atomically(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+# Upper bounds (seconds) of the receive-to-durable latency histogram the heartbeat carries:
+# a flush interval is 1-5 s, an fsync on an SD card 10-100 ms.
+LATENCY_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class LatencyHistogram:
+    """Counts of sampled receive-to-durable latencies per bucket (the last is +Inf)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    total_seconds: float = 0.0
+    count: int = 0
+
+    def observe_ns(self, latencies_ns: list[int]) -> None:
+        for ns in latencies_ns:
+            seconds = ns / 1e9
+            self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+            self.total_seconds += seconds
+        self.count += len(latencies_ns)
+
+    def to_dict(self) -> dict[str, object]:
+        """Prometheus-style: cumulative counts per upper bound, ``+Inf`` last."""
+        cumulative = list(itertools.accumulate(self.counts))
+        buckets = {f"{bound:g}": n for bound, n in zip(LATENCY_BUCKETS_S, cumulative, strict=False)}
+        buckets["+Inf"] = cumulative[-1]
+        return {"buckets": buckets, "sum": self.total_seconds, "count": self.count}
+
+
 @dataclass
 class WriterStats:
     written: int = 0
@@ -179,6 +209,7 @@ class WriterStats:
     segment: str = ""
     segment_bytes: int = 0
     latencies_ns: deque[int] = field(default_factory=lambda: deque(maxlen=200_000))
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class SegmentNotDurable(Exception):
@@ -410,7 +441,9 @@ class SegmentWriter:
             data = self._compressor.compress(data)
         self._write_durably(data)
         done = time.time_ns()
-        self.stats.latencies_ns.extend(done - recv for recv in sampled)
+        latencies = [done - recv for recv in sampled]
+        self.stats.latencies_ns.extend(latencies)
+        self.stats.latency.observe_ns(latencies)
         self.stats.flushes += 1
         self.stats.written += frames
         self.stats.bytes += len(data)

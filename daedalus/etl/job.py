@@ -81,6 +81,7 @@ from daedalus.etl.state import (
 from daedalus.layout import parse_segment_name
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
+from daedalus.ops.heartbeat import HeartbeatPublisher
 
 log = get_logger("daedalus.etl")
 SOURCE = "coinbase"
@@ -188,6 +189,11 @@ class EtlJob:
         self.scratch = self.layout.scratch(f"etl-{source}")
         self._lock = None
         self.committed: CommittedSegments  # read by prepare(), under the lock
+        # called between batches and segments: the watcher publishes its heartbeat there, so a
+        # heartbeat that stops means a stuck job, not just a long backlog
+        self.beat: Callable[[], None] = lambda: None
+        self.running = Summary()  # the current run's progress, segment by segment
+        self.current_segment: str | None = None
 
     # ---- selection and claiming -----------------------------------------------------------
     def pending(self, start: date | None = None, end: date | None = None) -> list[Path]:
@@ -274,7 +280,7 @@ class EtlJob:
         checking ``should_stop()`` between segments."""
         self.prepare()
         self._settle_interrupted_commit()
-        summary = Summary()
+        summary = self.running = Summary()
         todo = self.pending(start, end)
         if not todo:
             return summary
@@ -289,7 +295,13 @@ class EtlJob:
                     size = path.stat().st_size
                 except FileNotFoundError:  # taken away since the listing (by hand): nothing to do
                     continue
-                state = self._one(path, state, summary)
+                self.current_segment = path.name
+                self.beat()
+                try:
+                    state = self._one(path, state, summary)
+                finally:
+                    self.current_segment = None
+                self.beat()
                 if bar is not None:
                     bar.advance(size, summary)
         finally:
@@ -298,8 +310,39 @@ class EtlJob:
         return summary
 
     def watch(self, poll_seconds: float, should_stop: Callable[[], bool], progress: bool = False) -> Summary:
-        """Process new segments as they become ready until ``should_stop()``."""
+        """Process new segments as they become ready until ``should_stop()``, publishing a
+        heartbeat (``<data_dir>/run/etl.json``) for the supervisor."""
         total = Summary()
+        heartbeat = HeartbeatPublisher(self.layout, child="etl", kind="etl", source=self.source,
+                                       every_seconds=self.config.supervisor.heartbeat_seconds)  # fmt: skip
+
+        def beat() -> None:
+            if heartbeat.due():
+                heartbeat.publish(**self.heartbeat_stats(total))
+
+        self.beat = beat
+        try:
+            return self._watch(poll_seconds, should_stop, progress, total)
+        finally:
+            self.beat = lambda: None
+            heartbeat.remove()
+
+    def heartbeat_stats(self, done: Summary) -> dict[str, dict[str, object]]:
+        """The watcher's counters (runs finished plus the one under way) and gauges."""
+        live = Summary()
+        live.merge(done)
+        live.merge(self.running)
+        counters = {
+            "segments_processed": live.segments,
+            "bytes_processed": live.bytes,
+            "rows": dict(live.rows),
+            "quarantined_lines": live.quarantined_lines,
+            "quarantined_segments": live.quarantined_segments,
+        }
+        gauges = {"busy": int(self.current_segment is not None), "current_segment": self.current_segment}
+        return {"counters": counters, "gauges": gauges}
+
+    def _watch(self, poll_seconds: float, should_stop: Callable[[], bool], progress: bool, total: Summary) -> Summary:
         failures = 0
         while not should_stop():
             try:
@@ -307,19 +350,21 @@ class EtlJob:
                 failures = 0
             except EtlIoError as exc:
                 log.error("etl_io_error", error=str(exc), retry_in_s=poll_seconds)
-                summary = Summary()
+                summary = self.running  # the segments done before the error still count
             except EtlStuck as exc:
                 failures += 1
                 if failures >= MAX_CONSECUTIVE_FAILURES:
                     raise
                 log.error("etl_retrying_after_error", segment=exc.segment, failures=failures,
                           gives_up_after=MAX_CONSECUTIVE_FAILURES, retry_in_s=poll_seconds)  # fmt: skip
-                summary = Summary()
+                summary = self.running
             if summary.segments:
                 log.info("etl_watch_round", segments=summary.segments, level2_rows=summary.rows["level2"])
             total.merge(summary)
+            self.running = Summary()
             deadline = time.monotonic() + poll_seconds
             while not should_stop() and time.monotonic() < deadline:
+                self.beat()
                 time.sleep(min(0.2, poll_seconds))
         return total
 
@@ -502,6 +547,7 @@ class SegmentRun:
             for batch in read_batches(con, source, max_object):
                 self._batch(parse_batch(batch, books, line))
                 line += batch.num_rows
+                self.job.beat()
         except BaseException:
             for writer in self.writers.values():
                 writer.close()

@@ -1,0 +1,1 @@
+"""Operating Daedalus: the records children publish, health, metrics and the status page."""
