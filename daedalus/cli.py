@@ -333,6 +333,7 @@ def run(
     settings = _configured(config)
     if status:
         raise typer.Exit(_print_status(settings))
+    setup_logging(settings.logging.level, settings.logging.format, stream=sys.stdout)  # journald reads stdout
     from daedalus.supervisor.main import SupervisorUsageError, run_supervisor
 
     if memory_limit_mb is not None and not (math.isfinite(memory_limit_mb) and 0 < memory_limit_mb <= 1_048_576):

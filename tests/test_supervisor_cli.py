@@ -1,0 +1,37 @@
+"""``daedalus run`` flags that answer without supervising: --dry-run and bad --sources."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+
+from tests.conftest import REPO
+from tests.supervisor_helpers import DAEDALUS, write_yaml
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*DAEDALUS, *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_dry_run_prints_the_exact_command_lines(tmp_path):
+    config = write_yaml(tmp_path / "c.yaml", {"data_dir": str(tmp_path / "data")})
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([*DAEDALUS, "run", "--config", "c.yaml", "--dry-run"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    absolute = str(config.resolve())
+    assert result.stdout.splitlines() == [
+        f"ingest-coinbase: {shlex.join([sys.executable, '-m', 'daedalus', 'ingest', '--config', absolute])}",
+        f"etl: {shlex.join([sys.executable, '-m', 'daedalus', 'etl', '--config', absolute, '--watch'])}",
+    ]
+    assert not (tmp_path / "data" / "run" / "supervisor.lock").exists()  # nothing started, nothing locked
+
+
+def test_sources_are_checked(tmp_path):
+    config = str(write_yaml(tmp_path / "c.yaml", {"data_dir": str(tmp_path / "data")}))
+    unknown = run("run", "--config", config, "--sources", "coinbase,kraken", "--dry-run")
+    assert unknown.returncode == 2 and "--sources: unknown source 'kraken' (available: coinbase)" in unknown.stderr
+    later = run("run", "--config", config, "--sources", "ccxt", "--dry-run")
+    assert later.returncode == 2 and "--sources: ccxt has no collector yet" in later.stderr
+    assert "Traceback" not in unknown.stderr + later.stderr

@@ -1,0 +1,88 @@
+"""The real supervisor against the simulator: a configuration error makes a child
+``fatal`` (never restarted), one supervisor per data directory, SIGKILL of the supervisor
+leaves no child behind, and restarts forced by a tiny memory limit lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+
+from tests.supervisor_helpers import Supervised, check_capture_intact, cli, supervisor_config, wait_gone, write_yaml
+
+INGEST = "ingest-coinbase"
+
+
+def up(child) -> bool:
+    return child.state == "running" and child.pid is not None and child.heartbeat_age is not None
+
+
+async def test_fatal_child_single_supervisor_and_sigkill_of_the_supervisor(tmp_path, make_sim):
+    sim = await make_sim(rate=100.0, heartbeat_interval=0.2)
+    data = tmp_path / "data"
+    config = supervisor_config(data, sim.ws_url, cpu_affinity={"ingest": [0]})
+    config["ingestion"]["segment_max_mb"] = 0.05  # segments become ready often: the ETL reads its checkpoint
+    path = write_yaml(tmp_path / "c.yaml", config)
+    sup = await Supervised(tmp_path, path, data).start()
+    try:
+        ingest = await sup.wait_child(INGEST, up, "ingest running")
+        etl = await sup.wait_child("etl", lambda c: up(c) and c.counters["segments_processed"] > 0, "etl working")
+        assert psutil.Process(etl.pid).nice() == 10 and psutil.Process(ingest.pid).cpu_affinity() == [0]
+
+        # one supervisor per data directory
+        code, _, err = await cli("run", "--config", str(path))
+        assert code == 1 and f"another supervisor runs on {data}" in err
+
+        # the ETL checkpoint is damaged and the ETL dies: its restart exits 2 -> fatal, left alone
+        os.kill(etl.pid, signal.SIGSTOP)  # so it cannot replace the checkpoint we damage
+        (data / "processed" / "_state").mkdir(parents=True, exist_ok=True)
+        (data / "processed" / "_state" / "coinbase.json").write_text('{"version": -1}')
+        os.kill(etl.pid, signal.SIGKILL)
+        fatal = await sup.wait_child("etl", lambda c: c.state == "fatal", "etl fatal")
+        assert fatal.pid is None and fatal.restarts == 1 and fatal.next_start_at is None
+        assert fatal.exit_reason.startswith("exit 2: ") and "--rebuild-state" in fatal.exit_reason
+        # several backoff periods later (backoff_max_seconds is 1 s) it is still fatal, never started again
+        await sup.wait_child("etl", lambda c: sup.status().time > fatal.state_since + 3.0, "time to pass")
+        still = sup.child("etl")
+        assert still.state == "fatal" and still.restarts == 1 and still.pid is None
+        assert sup.child(INGEST).pid == ingest.pid  # the others keep running
+        code, out, _ = await cli("status", "--config", str(path))
+        assert code == 0 and "not restarted" in next(line for line in out.splitlines() if line.startswith("etl "))
+        assert "child_fatal" in sup.text()
+
+        # SIGKILL of the supervisor: its children stop with it, ingest closing its segment
+        assert await sup.stop(signal.SIGKILL) == -signal.SIGKILL
+        await wait_gone([ingest.pid])
+    finally:
+        await sup.kill_all()
+    code, out, _ = await cli("status", "--config", str(path))
+    assert code == 1 and "no supervisor is running" in out and "last status written" in out
+    check_capture_intact(data)
+
+
+async def test_tiny_memory_limit_forces_graceful_restarts_that_lose_nothing(tmp_path, make_sim):
+    sim = await make_sim(rate=300.0, heartbeat_interval=0.2)
+    data = tmp_path / "data"
+    config = supervisor_config(data, sim.ws_url, memory_check_seconds=1.5, memory_warning_mb=0.5,
+                               memory_critical_mb=1024.0, max_restarts=1)  # fmt: skip
+    path = write_yaml(tmp_path / "c.yaml", config)
+    sup = await Supervised(tmp_path, path, data).start("--memory-limit-mb", "1")  # overrides memory_critical_mb
+    try:
+        child = await sup.wait_child(INGEST, lambda c: c.memory_restarts >= 3, "three memory restarts", timeout=45)
+        assert child.state != "crashloop"  # restarts it asks for itself do not count towards crashloop
+        assert child.counters.get("frames_written", 0) > 0
+        etl = await sup.wait_child("etl", lambda c: c.memory_restarts >= 1, "an etl memory restart")
+        pids = [p for p in (sup.child(INGEST).pid, etl.pid) if p]
+        started = time.monotonic()
+        assert await sup.stop(signal.SIGTERM) == 0
+        await wait_gone(pids)
+        assert time.monotonic() - started < 60
+    finally:
+        await sup.kill_all()
+    text = sup.text()
+    assert "child_memory_restart" in text and "child_memory_high" in text and "child_kill" not in text
+    await asyncio.sleep(0)
+    check_capture_intact(data)
