@@ -11,12 +11,17 @@
    on the same stream and measures frames/s until its books reflect the last frame.
 
     .venv/bin/python bench/capture.py [--frames 300000]
+
+``--against DIR`` also runs the ingest of another checkout (e.g. ``git worktree add
+/tmp/base HEAD~3``) on the same stream, alternating with this one at each speed, so a
+change on the hot path is measured side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import random
 import re
@@ -72,7 +77,8 @@ async def start_replay(recording: Path, speed: float) -> tuple[asyncio.subproces
     return await start_sim("--replay", str(recording), "--speed", str(speed))
 
 
-async def run_ingest(ws_url: str, workdir: Path, total: int) -> dict[str, float]:
+async def run_ingest(ws_url: str, workdir: Path, total: int, tree: Path | None = None) -> dict[str, float]:
+    """One ingest process on the stream; ``tree``: import ``daedalus`` from that checkout."""
     config = {
         "data_dir": str(workdir / "data"),
         "logging": {"level": "WARNING"},
@@ -91,6 +97,7 @@ async def run_ingest(ws_url: str, workdir: Path, total: int) -> dict[str, float]
         "--stats-interval",
         "0.25",
         stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(tree)} if tree else None,
     )
     assert proc.stdout is not None
     ps = psutil.Process(proc.pid)
@@ -161,7 +168,7 @@ async def _drain(watch, symbols: list[str]) -> None:  # type: ignore[no-untyped-
 RATE_AT_SPEED_1 = 100_000  # the generated stream is stamped 10 us apart
 
 
-async def main(frames: int, speeds: list[float]) -> None:
+async def main(frames: int, speeds: list[float], against: Path | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="daedalus-bench-") as tmp:
         workdir = Path(tmp)
         recording = workdir / "segment_20260809T21_00001.ndjson"
@@ -175,20 +182,25 @@ async def main(frames: int, speeds: list[float]) -> None:
             f"{'RSS MB':>8}{'p50 ms':>8}{'p99 ms':>8}"
         )
         sustained = 0.0
+        trees: list[tuple[str, Path | None]] = [("daedalus ingest", None)]
+        if against:
+            trees.append((f"  {against.name} (--against)", against))
         for run, speed in enumerate(speeds):
-            sim, ws_url = await start_replay(recording, speed)
-            try:
-                r = await run_ingest(ws_url, workdir / f"ingest-{run}", total)
-            finally:
-                sim.terminate()
-                await sim.wait()
-            offered = f"{RATE_AT_SPEED_1 * speed:,.0f}" if speed else "max"
-            print(
-                f"{'daedalus ingest':28}{offered:>10}{r['frames_per_s']:>12,.0f}{r['overflow']:>10,}"
-                f"{r['cpu_per_100k']:>12.2f}{r['cpu_share']:>6.0%}{r['rss_mb']:>8.0f}{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}"
-            )
-            if r["overflow"] == 0:
-                sustained = max(sustained, r["frames_per_s"])
+            for label, tree in trees if run % 2 == 0 else trees[::-1]:  # alternate who goes first
+                sim, ws_url = await start_replay(recording, speed)
+                try:
+                    r = await run_ingest(ws_url, workdir / f"ingest-{run}-{tree is None}", total, tree)
+                finally:
+                    sim.terminate()
+                    await sim.wait()
+                offered = f"{RATE_AT_SPEED_1 * speed:,.0f}" if speed else "max"
+                print(
+                    f"{label[:27]:28}{offered:>10}{r['frames_per_s']:>12,.0f}{r['overflow']:>10,}"
+                    f"{r['cpu_per_100k']:>12.2f}{r['cpu_share']:>6.0%}{r['rss_mb']:>8.0f}{r['p50_ms']:>8.1f}"
+                    f"{r['p99_ms']:>8.1f}"
+                )
+                if r["overflow"] == 0 and tree is None:
+                    sustained = max(sustained, r["frames_per_s"])
         sim, ws_url = await start_replay(recording, 0)
         try:
             c = await run_ccxt(ws_url, total, last_l2)
@@ -207,5 +219,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=300_000)
     parser.add_argument("--speeds", default="1,1.5,2,0", help="replay speeds; 1 = 100,000 frames/s, 0 = max")
+    parser.add_argument("--against", type=Path, help="another checkout whose ingest runs on the same stream")
     args = parser.parse_args()
-    asyncio.run(main(args.frames, [float(x) for x in args.speeds.split(",")]))
+    against = args.against.resolve() if args.against else None
+    asyncio.run(main(args.frames, [float(x) for x in args.speeds.split(",")], against))

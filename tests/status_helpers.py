@@ -15,12 +15,11 @@ from typing import Any
 import psutil
 import yaml
 
+from daedalus.capture.segments import LatencyHistogram
 from daedalus.config import DaedalusConfig, parse_config
 from daedalus.ops.records import ChildStatus, Heartbeat, SupervisorStatus, read_heartbeat
 from tests.capture_helpers import ingest_config
 from tests.conftest import REPO
-
-BUCKETS = ("0.001", "0.005", "0.01", "0.05", "0.1", "0.5", "1.0", "5.0", "+Inf")
 
 
 def config_for(tmp_path: Path, ws_url: str, **ingestion: Any) -> tuple[DaedalusConfig, Path]:
@@ -70,8 +69,8 @@ def snapshot_from_run_dir(config: DaedalusConfig) -> SupervisorStatus:
 def ingest_heartbeat(frames: int = 1000, *, pid: int = 0, mids: dict[str, float] | None = None) -> Heartbeat:
     """An ingest heartbeat holding every field the ingest child publishes."""
     now = time.time()
-    cumulative = [frames * (i + 1) // len(BUCKETS) for i in range(len(BUCKETS))]
-    cumulative[-1] = frames
+    latency = LatencyHistogram()  # as the ingest child fills and writes it
+    latency.observe_ns([(i % 50) * 1_000_000 for i in range(frames)])  # 0 to 49 ms
     mids = mids if mids is not None else {"BTC-USD": 60_000.0, "ETH-USD": 3_000.0}
     return Heartbeat(
         child="ingest-coinbase", kind="ingest", source="coinbase", pid=pid, started_at=now - 30, time=now,
@@ -80,8 +79,7 @@ def ingest_heartbeat(frames: int = 1000, *, pid: int = 0, mids: dict[str, float]
             "reconnects": {"1": 1, "2": 0}, "gaps": {"1": 2, "2": 0}, "frames_written": frames,
             "bytes_written": frames * 320, "overflow_drops": 3, "write_errors": 0, "flushes": 40,
             "segment_rotations": 2,
-            "durable_latency_seconds": {"buckets": dict(zip(BUCKETS, cumulative, strict=True)), "sum": frames * 0.004,
-                                        "count": frames},
+            "durable_latency_seconds": latency.to_dict(),
         },
         gauges={"queue_depth": 7, "queue_capacity": 10_000, "connected": {"1": 1, "2": 1},
                 "last_frame_age_seconds": {"1": 0.1, "2": None}, "watchdog_seconds": 30, "stalled": 0,

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import time
+from html.parser import HTMLParser
 from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
-from daedalus.ops.metrics import History
+from daedalus.capture.segments import LATENCY_BUCKETS_S
+from daedalus.ops.metrics import History, histogram_of
 from daedalus.ops.records import CHILD_STATES, ChildStatus, SupervisorStatus, read_heartbeat
 from daedalus.ops.web import StatusServer
 from tests.status_helpers import (
@@ -125,7 +129,9 @@ async def test_metrics_of_real_ingest_and_etl_processes(make_sim, tmp_path):
     assert metrics.value("daedalus_child_restarts_total", **child) == 0
     assert metrics.value("daedalus_child_rss_bytes", **child) > 10_000_000
     assert metrics.value("daedalus_child_uptime_seconds", **child) > 0
-    assert 0 <= metrics.value("daedalus_child_heartbeat_age_seconds", **child) < 30
+    # the heartbeat was written while the child ran: no older than the child
+    age = metrics.value("daedalus_child_heartbeat_age_seconds", **child)
+    assert 0 <= age <= metrics.value("daedalus_child_uptime_seconds", **child)
     assert metrics.value("daedalus_disk_free_bytes") > 0
     assert metrics.value("daedalus_disk_total_bytes") >= metrics.value("daedalus_disk_free_bytes")
     files = sum(metrics.value("daedalus_backlog_files", source="coinbase", state=s) for s in ("active", "ready"))
@@ -163,10 +169,14 @@ async def test_every_family_with_exact_values_and_without_data(tmp_path):
         assert metrics.value("daedalus_overflow_drops_total", source="coinbase") == 3
         assert metrics.value("daedalus_segment_rotations_total", source="coinbase") == 2
         assert metrics.value("daedalus_queue_capacity", source="coinbase") == 10_000
+        # the bounds as Prometheus writes them ("1.0", not the heartbeat's "1"), cumulative, +Inf last
         buckets = [s for s in metrics.samples("daedalus_receive_to_durable_seconds") if s.name.endswith("_bucket")]
-        assert [s.labels["le"] for s in buckets][-1] == "+Inf" and len(buckets) == 9
+        assert [s.labels["le"] for s in buckets] == [floatToGoString(b) for b in LATENCY_BUCKETS_S] + ["+Inf"]
         assert [s.value for s in buckets] == sorted(s.value for s in buckets)
+        ten_ms = metrics.value("daedalus_receive_to_durable_seconds_bucket", source="coinbase", le="0.01")
+        assert ten_ms == 11 * 20  # 0 to 10 ms of each 50
         assert metrics.value("daedalus_receive_to_durable_seconds_count", source="coinbase") == 1000
+        assert metrics.value("daedalus_receive_to_durable_seconds_sum", source="coinbase") == pytest.approx(24.5)
         assert metrics.value("daedalus_etl_segments_processed_total", source="coinbase") == 4
         assert metrics.value("daedalus_etl_rows_total", source="coinbase", channel="level2") == 900
         assert metrics.value("daedalus_etl_quarantined_lines_total", source="coinbase") == 1
@@ -180,6 +190,8 @@ async def test_every_family_with_exact_values_and_without_data(tmp_path):
         assert metrics.value("daedalus_child_state", child="sync", state="running") == 0
         assert not [s for s in metrics.samples("daedalus_child_uptime_seconds") if s.labels["child"] == "sync"]
         assert metrics.value("daedalus_health_level") == 1  # the sync child in backoff is a warning
+        code, _, body = await get(server.url + "healthz")
+        assert code == 200 and orjson.loads(body)["level"] == "warning"  # a warning is still healthy
 
         # a scraper asking for OpenMetrics gets it
         code, content_type, text = await get(server.url + "metrics", Accept="application/openmetrics-text")
@@ -246,7 +258,7 @@ async def test_api_status_carries_children_health_and_a_history_of_rates_and_mid
         beat = ingest_heartbeat(frames["n"], mids={"BTC-USD": 60_000.0 + frames["n"]})
         return status_of(config, [child_from(beat), child_from(etl_heartbeat())])
 
-    server = StatusServer(host="127.0.0.1", port=0, config=config, snapshot=snapshot, sample_seconds=0.05)
+    server = StatusServer(host="127.0.0.1", port=0, config=config, snapshot=snapshot, sample_seconds=0.1)
     await server.start()
     try:
         await wait_for(lambda: len(server.history.samples) >= 4, "history samples", 10)
@@ -267,24 +279,98 @@ async def test_api_status_carries_children_health_and_a_history_of_rates_and_mid
     assert mids == sorted(mids) and mids[0] > 60_000
 
 
-def test_history_rate_is_the_counter_growth_and_a_restart_is_not_negative():
-    history = History(seconds=10, interval=1)
+def ingest_at(frames: int, now: float, beat_time: float) -> SupervisorStatus:
+    """A snapshot taken at ``now`` of an ingest child whose last heartbeat was written at ``beat_time``."""
+    child = child_from(ingest_heartbeat(frames), heartbeat_age=now - beat_time)
+    return SupervisorStatus(pid=1, started_at=0, time=now, data_dir="/nonexistent", config_file="x", status_url=None,
+                            children=[child])  # fmt: skip
 
-    def status(frames: int):
-        return status_of_dummy([child_from(ingest_heartbeat(frames))])
 
-    history.add(status(1000), now=100, mono=100)  # 1000 + 500 over two connections
-    history.add(status(3000), now=102, mono=102)  # 4500: +3000 in 2 s
-    history.add(status(200), now=103, mono=103)  # restarted: 300 since
-    history.add(None, now=104, mono=104)
+def test_history_rate_is_the_growth_between_heartbeats_not_between_samples():
+    history = History(seconds=10, interval=1, stale_seconds=8)
+    history.add(ingest_at(1000, 100.0, 99.9), now=100)  # 1000 + 500 over two connections: no rate yet
+    history.add(ingest_at(3000, 102.0, 101.9), now=102)  # 4500: +3000 in the 2 s between the heartbeats
+    history.add(ingest_at(3000, 103.0, 101.9), now=103)  # the same heartbeat seen again: the same rate, not 0
+    history.add(ingest_at(4000, 104.0, 102.9), now=104)  # +1500 in 1 s
+    history.add(ingest_at(200, 105.0, 104.9), now=105)  # restarted with fresh counters: 300 in 2 s, not negative
+    history.add(ingest_at(200, 115.0, 104.9), now=115)  # that heartbeat is now 10 s old: no rate
+    history.add(None, now=116)
     rates = [s["rates"].get("coinbase") for s in history.samples]
-    assert rates == [None, 1500.0, 300.0, None]
+    assert rates == [None, pytest.approx(1500), pytest.approx(1500), pytest.approx(1500), pytest.approx(150), None,
+                     None]  # fmt: skip
     assert history.samples[0]["mids"] == {"BTC-USD": 60_000.0, "ETH-USD": 3_000.0}
     for i in range(20):
-        history.add(None, now=105 + i, mono=105 + i)
+        history.add(None, now=117 + i)
     assert len(history.samples) == 10  # the last ten seconds
 
 
-def status_of_dummy(children: list[ChildStatus]) -> SupervisorStatus:
-    return SupervisorStatus(pid=1, started_at=0, time=time.time(), data_dir="/nonexistent", config_file="x",
-                            status_url=None, children=children)  # fmt: skip
+def test_a_malformed_histogram_is_left_out_rather_than_exposed_wrong():
+    good = {"buckets": {"0.5": 1, "1": 3}, "sum": 2.0, "count": 4}  # no +Inf: the count is its value
+    assert histogram_of(good) == ([("0.5", 1.0), ("1.0", 3.0), ("+Inf", 4.0)], 2.0)
+    bad = [
+        {"buckets": {"0.5": 4, "1": 3, "+Inf": 4}},  # not cumulative
+        {"buckets": {"1": 1, "1.0": 1, "+Inf": 1}},  # the same bound twice
+        {"buckets": {"nan": 1, "+Inf": 1}},
+        {"buckets": {"soon": 1}},
+        {"buckets": {"1": "many"}},
+        {"buckets": [1, 2]},
+        None,
+    ]
+    assert [histogram_of(value) for value in bad] == [None] * len(bad)
+
+
+async def test_hostile_label_values_are_escaped_and_read_back_intact(tmp_path):
+    config, _ = config_for(tmp_path, "ws://127.0.0.1:9/ws")
+    weird = 'a"b\\c\nd{e}=f,</script>'
+    ingest = ingest_heartbeat(10)
+    ingest.counters["frames_received"] = {weird: 5}
+    etl = etl_heartbeat()
+    etl.counters["rows"] = {weird: 7}
+    children = [child_from(ingest, name=weird, source=weird), child_from(etl)]
+    server = StatusServer(host="127.0.0.1", port=0, config=config, snapshot=lambda: status_of(config, children))
+    await server.start()
+    try:
+        metrics = await scrape(server)
+        _, _, text = await get(server.url + "metrics", Accept="application/openmetrics-text")
+    finally:
+        await server.stop()
+    assert metrics.value("daedalus_frames_received_total", source=weird, connection=weird) == 5
+    assert metrics.value("daedalus_child_state", child=weird, state="running") == 1
+    assert metrics.value("daedalus_etl_rows_total", source="coinbase", channel=weird) == 7
+    parsed = {f.name: f for f in openmetrics_families(text)}
+    assert [s.labels for s in parsed["daedalus_frames_received"].samples if s.name.endswith("_total")] == [
+        {"source": weird, "connection": weird}
+    ]
+
+
+class Links(HTMLParser):
+    """Every URL the page's markup would load or link to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.urls += [value or "" for name, value in attrs if name in ("src", "href", "action", "srcset", "data")]
+
+
+async def test_the_page_is_self_contained_and_only_its_own_script_may_run(tmp_path):
+    config, _ = config_for(tmp_path, "ws://127.0.0.1:9/ws")
+    server = StatusServer(host="127.0.0.1", port=0, config=config, snapshot=lambda: None)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(server.url) as response:
+            assert response.status == 200
+            csp, page = response.headers["Content-Security-Policy"], await response.text()
+        for path in ("../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "page.html", "static/page.html", "metrics/../x"):
+            code, _, _ = await get(server.url + path)
+            assert code == 404, path
+    finally:
+        await server.stop()
+    links = Links()
+    links.feed(page)
+    assert links.urls == []
+    assert "url(" not in page and "@import" not in page and "innerHTML" not in page
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    assert directives["default-src"] == "'none'" and directives["connect-src"] == "'self'"
+    assert directives["script-src"].startswith("'sha256-") and "unsafe" not in csp

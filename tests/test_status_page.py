@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
+from daedalus.ops.records import ChildStatus, SupervisorStatus
 from daedalus.ops.web import StatusServer
 from tests.status_helpers import config_for, daedalus_process, snapshot_from_run_dir, wait_for
 
@@ -61,13 +63,23 @@ async def browse(url: str, tmp_path: Path, *options: str) -> tuple[str, str]:
     return out.decode(), err.decode(errors="replace")
 
 
+HOSTILE = """<img id="injected" src="x" onerror="document.title='pwned'"><script>document.title='pwned'</script>"""
+
+
 async def test_the_page_shows_the_children_and_a_live_chart(make_sim, tmp_path):
     sim = await make_sim(rate=200)
     config, config_file = config_for(tmp_path, sim.ws_url)
+
+    def snapshot() -> SupervisorStatus:
+        """The live ingest, and a child whose name and exit reason are markup (shown as text)."""
+        status = snapshot_from_run_dir(config)
+        status.children.append(ChildStatus(name=HOSTILE, kind="sync", source=None, command=["x"], state="backoff",
+                                           state_since=time.time(), exit_reason=HOSTILE))  # fmt: skip
+        return status
+
     async with daedalus_process(config_file, "ingest"):
         await wait_for(lambda: config.layout.heartbeat_file("ingest-coinbase").exists(), "the ingest heartbeat")
-        server = StatusServer(host="127.0.0.1", port=0, config=config, snapshot=lambda: snapshot_from_run_dir(config),
-                              sample_seconds=0.2)  # fmt: skip
+        server = StatusServer(host="127.0.0.1", port=0, config=config, snapshot=snapshot, sample_seconds=0.2)
         url = await server.start()
         try:
             samples = server.history.samples
@@ -79,7 +91,8 @@ async def test_the_page_shows_the_children_and_a_live_chart(make_sim, tmp_path):
         finally:
             await server.stop()
     page = Page(dom)
-    assert page.texts.get("child-name") == ["ingest-coinbase"]
+    assert page.texts.get("child-name") == ["ingest-coinbase", HOSTILE]  # the markup as text
+    assert "injected" not in page.by_id and "<title>Daedalus status</title>" in dom  # no markup ran
     assert page.by_id["level"]["class"] != "badge l-unknown"  # the health verdict arrived
     assert int(page.by_id["chart-rate"]["data-points"]) >= 3
     assert int(page.by_id["chart-mid"]["data-points"]) >= 3

@@ -2,10 +2,11 @@
 
 One verdict (ok, warning, critical: exit 0, 1, 2) from what is on disk and in
 ``<data_dir>/run/``, cheap enough for the supervisor's ``/healthz`` every few seconds:
-directories are listed (never walked deeply), a segment is read only from its tail (a
-bounded number of bytes), and the ingest heartbeat, when fresh, answers freshness without
-touching a segment at all. Odd content (a file deleted while listed, a garbage record, an
-unreadable segment) is skipped, never a crash: a health check that fails is worse than none.
+directories are listed (never walked deeply, never ``archive/``), a segment is read only from
+its tail (:mod:`daedalus.ops.tails`: bounded, remembered for closed segments), and the ingest
+heartbeat, when fresh, answers freshness without touching a segment at all. Odd content (a
+file deleted while listed, a garbage record, an unreadable segment) is skipped, never a
+crash: a health check that fails is worse than none.
 
 Checks, each giving :class:`Finding` s with a recommendation that names the numbers:
 
@@ -21,30 +22,27 @@ Checks, each giving :class:`Finding` s with a recommendation that names the numb
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 import os
 import shutil
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from daedalus.capture.records import ZSTD_MAGIC_BYTES, block_lines, iter_zstd_frames, split_frame_record
 from daedalus.config import DaedalusConfig
 from daedalus.layout import DataLayout, RawState, parse_segment_name, sanitize_partition_value, segment_identity
 from daedalus.logs import get_logger
-from daedalus.ops.records import (
-    Heartbeat,
-    SupervisorStatus,
-    read_heartbeat,
-    read_supervisor_status,
-)
-from daedalus.ops.records import (
-    supervisor_running as probe_supervisor,
-)
+from daedalus.ops.health_text import fmt_age, fmt_bytes, render
+from daedalus.ops.records import ChildStatus, Heartbeat, SupervisorStatus, read_heartbeat, read_supervisor_status
+from daedalus.ops.records import supervisor_running as probe_supervisor
+from daedalus.ops.tails import TAIL_BYTES, first_record_time, newest_in_tail, newest_per_product, tail_lines
+
+__all__ = [  # tails and text live in their own modules; their names stay importable from here
+    "EXIT_CODES", "LEVELS", "Finding", "HealthReport", "Level", "check_health", "child_summary", "first_record_time",
+    "fmt_age", "fmt_bytes", "heartbeat_fresh_seconds", "newest_per_product", "tail_lines", "worst",
+]  # fmt: skip
 
 log = get_logger(__name__)
 
@@ -53,17 +51,10 @@ LEVELS: tuple[Level, ...] = ("ok", "warning", "critical")
 EXIT_CODES: dict[Level, int] = {"ok": 0, "warning": 1, "critical": 2}
 
 SCAN_STATES: tuple[RawState, ...] = ("active", "ready", "processing", "quarantine")
-TAIL_BYTES = 8 << 20
-"""Decompressed bytes read per source for freshness (over at most :data:`TAIL_SEGMENTS`
-segments): a real BTC-USD level2 snapshot line is ~5 MB, so a tail ending in one still
-holds the lines before it."""
-TAIL_SEGMENTS = 3
-ZSTD_WINDOW_FIRST = 256 << 10  # compressed bytes looked at first at the end of a .zst segment
-ZSTD_WINDOW_MAX = 4 << 20  # ... grown 4x while no whole frame was found, up to this
+TAIL_SEGMENTS = 3  # newest segments whose tails are read for freshness (TAIL_BYTES in all)
 RATE_WINDOW_SECONDS = 3600.0  # the write rate is that of segments written in the last hour
 MIN_RATE_SPAN_SECONDS = 60.0  # over less time than this the rate is "unknown"
 STATUS_STALE_SECONDS = 15.0  # the supervisor rewrites its status every second
-_PRODUCT_KEY = b'"product_id"'
 
 
 def worst(levels: Iterable[Level]) -> Level:
@@ -89,7 +80,8 @@ class HealthReport:
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     # {"path", "free_bytes", "total_bytes", "free_percent", "write_bytes_per_second", "hours_until_full", "level"}
     disk: dict[str, Any] = field(default_factory=dict)
-    # product -> {"source", "last_time", "age_seconds", "level", "from"}; "from" says what told the time:
+    # product (or "source:product" when two sources share it) -> {"source", "product", "last_time", "age_seconds",
+    # "level", "from"}; "from" says what told the time:
     # "heartbeat" (the ingest's live record), "segment <name>" (its tail) or None (not found)
     freshness: dict[str, dict[str, Any]] = field(default_factory=dict)
     # {"running": bool, "pid", "status_age_seconds", "children": [{"name", "state", "pid", "restarts", ...}],
@@ -104,7 +96,7 @@ class HealthReport:
         return asdict(self)
 
     def text(self) -> str:
-        return _render(self)
+        return render(self)
 
 
 def check_health(
@@ -177,122 +169,13 @@ def _products(config: DaedalusConfig) -> dict[str, list[str]]:
     return {"coinbase": list(config.coinbase.product_ids)} if config.coinbase.enabled else {}
 
 
-# ---- reading a segment's tail ----------------------------------------------------------------
-def tail_lines(path: Path, budget: int = TAIL_BYTES) -> list[bytes]:
-    """The last whole lines of a segment (plain or zstd), about ``budget`` decompressed bytes,
-    oldest first. A line being written (no newline yet) is left out; OSError when the file
-    cannot be read."""
-    if path.name.endswith(".zst"):
-        return _zstd_tail(path, budget)
-    with open(path, "rb") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        start = max(0, size - budget)
-        handle.seek(start)
-        data = handle.read(size - start)
-    if start > 0:  # the first line is cut: drop it
-        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
-    return list(block_lines(data[: data.rfind(b"\n") + 1]))
-
-
-def _zstd_tail(path: Path, budget: int) -> list[bytes]:
-    """Decode the frames that lie wholly in the last compressed bytes of the file.
-
-    Frames are independent (one per capture flush), so decoding may start at any frame: the
-    first zstd magic number in the window is tried, and :func:`iter_zstd_frames` skips to the
-    next one when that was a chance match inside compressed data. The window grows while no
-    whole frame fits in it (a big snapshot flush)."""
-    with open(path, "rb") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        window = ZSTD_WINDOW_FIRST
-        while True:
-            start = max(0, size - window)
-            handle.seek(start)
-            data = handle.read(size - start)
-            lines, whole = _decode_frames(data, budget)
-            if whole or start == 0 or window >= ZSTD_WINDOW_MAX:
-                return lines
-            window *= 4
-
-
-def _decode_frames(data: bytes, budget: int) -> tuple[list[bytes], bool]:
-    """The last ``budget`` bytes of lines of the good frames in ``data``; whether any was good."""
-    first = data.find(ZSTD_MAGIC_BYTES)
-    if first < 0:
-        return [], False
-    kept: deque[bytes] = deque()
-    kept_bytes = 0
-    held: list[bytes] = []
-    whole = False
-    for frame in iter_zstd_frames(io.BytesIO(data[first:]), held.append):
-        if frame.problem is None:
-            whole = True
-            for block in held:
-                kept.append(block)
-                kept_bytes += len(block)
-            while kept_bytes > budget and len(kept) > 1:
-                kept_bytes -= len(kept.popleft())
-        held.clear()
-    lines = [line for block in kept for line in block_lines(block)]
-    # trim to the budget from the end (a kept block may hold more than is needed)
-    total, cut = 0, len(lines)
-    while cut > 0 and total + len(lines[cut - 1]) <= budget:
-        cut -= 1
-        total += len(lines[cut])
-    return lines[cut:], whole
-
-
-def newest_per_product(lines: list[bytes], wanted: set[str]) -> dict[str, float]:
-    """``{product: receive time (epoch s)}`` of the newest frame record naming each wanted
-    product, from the end of ``lines``; a substring search for ``"product_id"`` (no parse of
-    big snapshot frames)."""
-    found: dict[str, float] = {}
-    for line in reversed(lines):
-        record = split_frame_record(line)
-        if record is None:
-            continue
-        recv_ns, _, frame = record
-        for product in _product_ids(frame):
-            if product in wanted and product not in found:
-                found[product] = recv_ns / 1e9
-        if len(found) == len(wanted):
-            break
-    return found
-
-
-def _product_ids(frame: bytes) -> Iterable[str]:
-    pos = frame.find(_PRODUCT_KEY)
-    while pos >= 0:
-        cursor = pos + len(_PRODUCT_KEY)
-        while cursor < len(frame) and frame[cursor] in b" \t\r\n:":
-            cursor += 1
-        if cursor < len(frame) and frame[cursor] == 0x22:  # '"'
-            end = frame.find(b'"', cursor + 1, cursor + 130)
-            if end > 0:
-                with contextlib.suppress(UnicodeDecodeError):
-                    yield frame[cursor + 1 : end].decode()
-        pos = frame.find(_PRODUCT_KEY, cursor)
-
-
-def first_record_time(path: Path) -> float | None:
-    """Receive time of a segment's first record (epoch s), from its first bytes."""
-    try:
-        with open(path, "rb") as handle:
-            if path.name.endswith(".zst"):
-                import zstandard
-
-                head = zstandard.ZstdDecompressor().stream_reader(handle).read(64)
-            else:
-                head = handle.read(64)
-    except Exception:  # OSError, or zstandard.ZstdError (not an OSError): unknown
-        return None
-    prefix = b'{"recv_ns":'
-    if not head.startswith(prefix):
-        return None
-    digits = head[len(prefix) :].split(b",", 1)[0]
-    return int(digits) / 1e9 if digits.isdigit() else None
-
-
 # ---- heartbeats ------------------------------------------------------------------------------
+def heartbeat_fresh_seconds(config: DaedalusConfig) -> float:
+    """How old a heartbeat may be and still speak for a live child: three missed beats, plus
+    slack for a busy disk (the child rewrites it every ``supervisor.heartbeat_seconds``)."""
+    return 3 * config.supervisor.heartbeat_seconds + 2.0
+
+
 def pid_alive(pid: object) -> bool:
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
@@ -307,27 +190,20 @@ def pid_alive(pid: object) -> bool:
     return True
 
 
-# ---- formatting ------------------------------------------------------------------------------
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover - unreachable
+def _summary(files: list[SegmentFile], now: float) -> dict[str, Any]:
+    """Count, size and ages of the files of one state folder."""
+    mtimes = [f.mtime for f in files]
+    return {
+        "files": len(files),
+        "bytes": sum(f.size for f in files),
+        "oldest_age_seconds": max(0.0, now - min(mtimes)) if mtimes else None,
+        "newest_age_seconds": max(0.0, now - max(mtimes)) if mtimes else None,
+    }
 
 
-def fmt_age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172_800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86_400:.1f} d"
+def _limit(level: Level, warning: float, critical: float) -> float:
+    """The threshold that a value judged ``level`` crossed (for the finding's message)."""
+    return critical if level == "critical" else warning
 
 
 def _level_by(value: float, warning: float, critical: float, *, low_is_bad: bool = False) -> Level:
@@ -339,6 +215,21 @@ def _level_by(value: float, warning: float, critical: float, *, low_is_bad: bool
 def _names(items: list[str], most: int = 5) -> str:
     shown = ", ".join(items[:most])
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+_failures_logged: set[tuple[str, str]] = set()
+_FAILURES_LOGGED_MAX = 100
+
+
+def _log_failure_once(section: str, exc: Exception) -> None:
+    """Log a failing check with its traceback the first time only: the status server runs the
+    check every few seconds for months, and the finding already repeats it each time."""
+    key = (section, repr(exc))
+    if key in _failures_logged:
+        return
+    if len(_failures_logged) < _FAILURES_LOGGED_MAX:
+        _failures_logged.add(key)
+    log.error("health_check_failed", section=section, error=repr(exc), exc_info=exc)
 
 
 # ---- the checks ------------------------------------------------------------------------------
@@ -363,8 +254,8 @@ class _Check:
         """A bug or an odd file in one section must not take the whole verdict down."""
         try:
             run()
-        except Exception as exc:  # reported as a finding, logged with the traceback
-            log.error("health_check_failed", section=section, error=repr(exc), exc_info=True)
+        except Exception as exc:  # reported as a finding, logged with the traceback (once)
+            _log_failure_once(section, exc)
             self.add("warning", "health", section, f"the {section} check failed: {exc!r}",
                      "report it with the log above; the other checks still ran")  # fmt: skip
 
@@ -372,11 +263,10 @@ class _Check:
         """The child's heartbeat when it is fresh and its process alive, else None."""
         if child not in self._heartbeats:
             beat = read_heartbeat(self.layout.heartbeat_file(child))
-            fresh_for = 3 * self.config.supervisor.heartbeat_seconds + 2.0
             ok = (
                 beat is not None
                 and isinstance(beat.time, int | float)
-                and beat.age(self.now) <= fresh_for
+                and beat.age(self.now) <= heartbeat_fresh_seconds(self.config)
                 and pid_alive(beat.pid)
             )
             self._heartbeats[child] = beat if ok else None
@@ -405,7 +295,7 @@ class _Check:
             self._ingest_stalled()
             return
         status_age = max(0.0, self.now - status.time) if isinstance(status.time, int | float) else None
-        children = [_child_dict(c, self.now) for c in status.children]
+        children = [child_summary(c, self.now) for c in status.children]
         self.report.supervisor = {"running": True, "pid": status.pid, "status_age_seconds": status_age,
                                   "status_url": status.status_url, "children": children}  # fmt: skip
         if given is None and status_age is not None and status_age > STATUS_STALE_SECONDS:
@@ -429,7 +319,7 @@ class _Check:
                                 "heartbeat_age_seconds": round(beat.age(self.now), 3)})  # fmt: skip
         return out
 
-    def _child(self, child: Any) -> None:
+    def _child(self, child: ChildStatus) -> None:
         where = f"see {child.log_file}" if child.log_file else "see its log"
         reason = f"; last exit: {child.exit_reason}" if child.exit_reason else ""
         retry = ""
@@ -475,44 +365,36 @@ class _Check:
         for source in _sources(self.config):
             states = {state: _list_state(self.layout, state, source) for state in SCAN_STATES}
             self.files[source] = states
-            summary: dict[str, Any] = {"states": {}}
-            for state, files in states.items():
-                mtimes = [f.mtime for f in files]
-                summary["states"][state] = {
-                    "files": len(files),
-                    "bytes": sum(f.size for f in files),
-                    "oldest_age_seconds": max(0.0, self.now - min(mtimes)) if mtimes else None,
-                    "newest_age_seconds": max(0.0, self.now - max(mtimes)) if mtimes else None,
-                }
-            summary["backlog"] = self._backlog(source, states)
-            self.report.sources[source] = summary
-            self._quarantine(source, summary["states"]["quarantine"])
+            summaries = {state: _summary(files, self.now) for state, files in states.items()}
+            self.report.sources[source] = {"states": summaries, "backlog": self._backlog(source, summaries)}
+            self._quarantine(source, summaries["quarantine"])
 
-    def _backlog(self, source: str, states: dict[RawState, list[SegmentFile]]) -> dict[str, Any]:
+    def _backlog(self, source: str, states: dict[RawState, dict[str, Any]]) -> dict[str, Any]:
+        """What the ETL has still to do (ready + processing), from the state summaries; its
+        age is that of the oldest ready segment (the ETL lag of the metrics)."""
         h = self.health
         ready, processing = states["ready"], states["processing"]
-        segments = len(ready) + len(processing)
-        size = sum(f.size for f in ready) + sum(f.size for f in processing)
-        oldest = max(0.0, self.now - min(f.mtime for f in ready)) if ready else None
+        segments = ready["files"] + processing["files"]
+        size = ready["bytes"] + processing["bytes"]
+        oldest = ready["oldest_age_seconds"]
         by_count = _level_by(segments, h.backlog_warning_segments, h.backlog_critical_segments)
         by_age: Level = "ok"
         if oldest is not None:
             by_age = _level_by(oldest, h.backlog_warning_seconds, h.backlog_critical_seconds)
         level = worst([by_count, by_age])
-        backlog = {"segments": segments, "bytes": size, "oldest_age_seconds": oldest, "level": level}
         if level != "ok":
             why = []
             if by_count != "ok":
-                limit = h.backlog_critical_segments if by_count == "critical" else h.backlog_warning_segments
+                limit = _limit(by_count, h.backlog_warning_segments, h.backlog_critical_segments)
                 why.append(f"{segments} segments >= {limit}")
             if by_age != "ok":
-                limit = h.backlog_critical_seconds if by_age == "critical" else h.backlog_warning_seconds
+                limit = _limit(by_age, h.backlog_warning_seconds, h.backlog_critical_seconds)
                 why.append(f"oldest ready {fmt_age(oldest)} >= {fmt_age(limit)}")
             self.add(level, "backlog", source,
                      f"ETL is {segments} segments / {fmt_bytes(size)} behind (oldest {fmt_age(oldest)}; "
-                     f"{len(processing)} in processing): {', '.join(why)}",
+                     f"{processing['files']} in processing): {', '.join(why)}",
                      self._backlog_advice(source))  # fmt: skip
-        return backlog
+        return {"segments": segments, "bytes": size, "oldest_age_seconds": oldest, "level": level}
 
     def _backlog_advice(self, source: str) -> str:
         etl = None if self.status is None else next((c for c in self.status.children if c.kind == "etl"), None)
@@ -550,31 +432,26 @@ class _Check:
         free_percent = 100.0 * usage.free / usage.total if usage.total else 0.0
         rate = self._write_rate()
         hours = usage.free / rate / 3600 if rate else None
-        level_free = _level_by(free_percent, h.disk_warning_free_percent, h.disk_critical_free_percent,
-                               low_is_bad=True)  # fmt: skip
-        level_hours = (
-            _level_by(hours, h.disk_warning_hours_left, h.disk_critical_hours_left, low_is_bad=True)
-            if hours is not None
-            else "ok"
-        )
+        judged: list[tuple[Level, str]] = []  # (level, message) of each threshold crossed
+        level = _level_by(free_percent, h.disk_warning_free_percent, h.disk_critical_free_percent, low_is_bad=True)
+        limit = _limit(level, h.disk_warning_free_percent, h.disk_critical_free_percent)
+        judged.append((level, f"{fmt_bytes(usage.free)} free of {fmt_bytes(usage.total)} "
+                              f"({free_percent:.1f}% <= {limit:g}%)"))  # fmt: skip
+        if hours is not None and rate is not None:
+            level = _level_by(hours, h.disk_warning_hours_left, h.disk_critical_hours_left, low_is_bad=True)
+            limit = _limit(level, h.disk_warning_hours_left, h.disk_critical_hours_left)
+            judged.append((level, f"full in about {hours:.1f} h (<= {limit:g} h) at the current {fmt_bytes(rate)}/s"))
         self.report.disk = {
             "path": str(path), "free_bytes": usage.free, "total_bytes": usage.total,
             "free_percent": round(free_percent, 3), "write_bytes_per_second": rate,
             "hours_until_full": None if hours is None else round(hours, 2),
-            "level": worst([level_free, level_hours]),
+            "level": worst(level for level, _ in judged),
         }  # fmt: skip
         advice = (f"free space under {path}: delete or move old files of {self.config.processed_dir}, "
                   "keep etl.after_processing: delete (archive keeps every raw segment), or a bigger disk")  # fmt: skip
-        if level_free != "ok":
-            limit = h.disk_critical_free_percent if level_free == "critical" else h.disk_warning_free_percent
-            self.add(level_free, "disk", str(path),
-                     f"{fmt_bytes(usage.free)} free of {fmt_bytes(usage.total)} ({free_percent:.1f}% <= {limit:g}%)",
-                     advice)  # fmt: skip
-        if hours is not None and level_hours != "ok":
-            limit = h.disk_critical_hours_left if level_hours == "critical" else h.disk_warning_hours_left
-            self.add(level_hours, "disk", str(path),
-                     f"full in about {hours:.1f} h (<= {limit:g} h) at the current {fmt_bytes(rate)}/s",
-                     advice)  # fmt: skip
+        for level, message in judged:
+            if level != "ok":
+                self.add(level, "disk", str(path), message, advice)
 
     def _write_rate(self) -> float | None:
         """Bytes per second written to raw segments lately: the segments (any source, any
@@ -601,126 +478,104 @@ class _Check:
 
     # -- freshness --
     def freshness(self) -> None:
-        h = self.health
         for source, products in _products(self.config).items():
-            times: dict[str, tuple[float, str]] = {}
             beat = self.heartbeat(f"ingest-{source}")
-            if beat is not None and isinstance(beat.products, dict):
-                for product in products:
-                    entry = beat.products.get(product)
-                    last = entry.get("last_time") if isinstance(entry, dict) else None
-                    if isinstance(last, int | float) and math.isfinite(last):
-                        times[product] = (float(last), "heartbeat")
+            times = _times_in_heartbeat(beat, products)
             missing = [p for p in products if p not in times]
             if missing:
-                times.update(self._from_segments(source, missing))
-            stale: dict[Level, list[str]] = {"warning": [], "critical": []}
-            unknown: list[str] = []
-            for product in products:
-                last, origin = times.get(product, (None, None))
-                age = None if last is None else max(0.0, self.now - last)
-                level: Level = "warning" if age is None else _level_by(age, h.stale_warning_seconds,
-                                                                           h.stale_critical_seconds)  # fmt: skip
-                key = product if product not in self.report.freshness else f"{source}:{product}"
-                self.report.freshness[key] = {"source": source, "last_time": last, "age_seconds": age,
-                                              "level": level, "from": origin}  # fmt: skip
-                if age is None:
-                    unknown.append(product)
-                elif level != "ok":
-                    stale[level].append(f"{product} {fmt_age(age)}")
-            log_file = self.config.log_dir / f"ingest-{source}.log"
-            advice = (f"is ingest running and connected? `daedalus status`, {log_file}; "
-                      "a product halted or delisted on the exchange also goes quiet")  # fmt: skip
-            for level in ("critical", "warning"):
-                if stale[level]:
-                    limit = h.stale_critical_seconds if level == "critical" else h.stale_warning_seconds
-                    self.add(level, "freshness", source,
-                             f"newest record older than {fmt_age(limit)}: {_names(stale[level])}", advice)  # fmt: skip
-            if unknown:
-                where = ("no fresh heartbeat, and not in the tail of the newest segments" if self._has_segments(source)
-                         else f"nothing captured yet: no segment of {source}")  # fmt: skip
-                self.add("warning", "freshness", source, f"no recent record found for {_names(unknown)} ({where})",
-                         advice)  # fmt: skip
+                times.update(self._from_segments(source, missing, beat))
+            self._judge_freshness(source, products, times)
+
+    def _judge_freshness(self, source: str, products: list[str], times: dict[str, tuple[float, str]]) -> None:
+        h = self.health
+        stale: dict[Level, list[str]] = {"warning": [], "critical": []}
+        unknown: list[str] = []
+        for product in products:
+            last, origin = times.get(product, (None, None))
+            age = None if last is None else max(0.0, self.now - last)
+            level: Level = "warning" if age is None else _level_by(age, h.stale_warning_seconds,
+                                                                       h.stale_critical_seconds)  # fmt: skip
+            key = product if product not in self.report.freshness else f"{source}:{product}"
+            self.report.freshness[key] = {"source": source, "product": product, "last_time": last,
+                                          "age_seconds": age, "level": level, "from": origin}  # fmt: skip
+            if age is None:
+                unknown.append(product)
+            elif level != "ok":
+                stale[level].append(f"{product} {fmt_age(age)}")
+        log_file = self.config.log_dir / f"ingest-{source}.log"
+        advice = (f"is ingest running and connected? `daedalus status`, {log_file}; "
+                  "a product halted or delisted on the exchange also goes quiet")  # fmt: skip
+        for level in ("critical", "warning"):
+            if stale[level]:
+                limit = _limit(level, h.stale_warning_seconds, h.stale_critical_seconds)
+                self.add(level, "freshness", source,
+                         f"newest record older than {fmt_age(limit)}: {_names(stale[level])}", advice)  # fmt: skip
+        if unknown:
+            where = ("no fresh heartbeat, and not in the tail of the newest segments" if self._has_segments(source)
+                     else f"nothing captured yet: no segment of {source}")  # fmt: skip
+            self.add("warning", "freshness", source, f"no recent record found for {_names(unknown)} ({where})",
+                     advice)  # fmt: skip
 
     def _has_segments(self, source: str) -> bool:
         states = self.files.get(source, {})
         return any(states.get(s) for s in ("active", "ready", "processing"))
 
-    def _from_segments(self, source: str, products: list[str]) -> dict[str, tuple[float, str]]:
+    def _from_segments(self, source: str, products: list[str], beat: Heartbeat | None) -> dict[str, tuple[float, str]]:
         """Newest receive time per product from the tails of the newest segments (active
-        first, then ready/processing), within :data:`TAIL_BYTES` in all."""
+        first, then ready/processing), within :data:`TAIL_BYTES` in all.
+
+        The active segment of a live ingest (one it began after it started) is skipped: every
+        product in it is in that ingest's heartbeat already, and it is the one segment that
+        changes between two checks, so reading it would cost megabytes every few seconds for
+        as long as a configured product stays silent."""
         states = self.files.get(source) or {s: _list_state(self.layout, s, source) for s in SCAN_STATES}
         candidates = [f for s in ("active", "ready", "processing") for f in states.get(s, [])
-                      if f.path.name.endswith((".ndjson", ".ndjson.zst"))]  # fmt: skip
+                      if not _written_by(beat, f)]  # fmt: skip
         candidates.sort(key=lambda f: (f.state == "active", f.path.name), reverse=True)
         found: dict[str, tuple[float, str]] = {}
         budget = TAIL_BYTES
         for segment in candidates[:TAIL_SEGMENTS]:
-            wanted = {p for p in products if p not in found}
+            wanted = [p for p in products if p not in found]
             if not wanted or budget <= 0:
                 break
             try:
-                lines = tail_lines(segment.path, budget)
+                times, used = newest_in_tail(segment.path, wanted, budget)
             except OSError:  # moved on by the ETL or deleted meanwhile: the next one
                 continue
-            budget -= sum(len(line) + 1 for line in lines)
-            for product, when in newest_per_product(lines, wanted).items():
+            budget -= used
+            for product, when in times.items():
                 found[product] = (when, f"segment {segment.path.name}")
         return found
 
 
-def _child_dict(child: Any, now: float) -> dict[str, Any]:
+def _times_in_heartbeat(beat: Heartbeat | None, products: list[str]) -> dict[str, tuple[float, str]]:
+    """``{product: (newest receive time, "heartbeat")}`` from a live ingest's heartbeat."""
+    entries = beat.products if beat is not None and isinstance(beat.products, dict) else {}
+    times: dict[str, tuple[float, str]] = {}
+    for product in products:
+        entry = entries.get(product)
+        last = entry.get("last_time") if isinstance(entry, dict) else None
+        if isinstance(last, int | float) and not isinstance(last, bool) and math.isfinite(last):
+            times[product] = (float(last), "heartbeat")
+    return times
+
+
+def _written_by(beat: Heartbeat | None, segment: SegmentFile) -> bool:
+    """Whether ``segment`` is the active segment of the live ingest whose heartbeat is ``beat``."""
+    if beat is None or segment.state != "active" or not isinstance(beat.started_at, int | float):
+        return False
+    first = first_record_time(segment.path)
+    return first is not None and first >= beat.started_at
+
+
+def child_summary(child: ChildStatus, now: float) -> dict[str, Any]:
+    """A child as the report (and the status page) shows it: its status without the heartbeat
+    statistics, with its uptime."""
     return {
-        "name": child.name, "kind": child.kind, "source": child.source, "state": child.state, "pid": child.pid,
+        "name": child.name, "kind": child.kind, "source": child.source, "state": child.state,
+        "state_since": child.state_since, "pid": child.pid,
         "uptime_seconds": child.uptime(now) if isinstance(child.started_at, int | float) else None,
-        "restarts": child.restarts, "rss_bytes": child.rss_bytes, "heartbeat_age": child.heartbeat_age,
-        "exit_reason": child.exit_reason, "next_start_at": child.next_start_at, "log_file": child.log_file,
+        "restarts": child.restarts, "memory_restarts": child.memory_restarts, "hang_restarts": child.hang_restarts,
+        "rss_bytes": child.rss_bytes, "heartbeat_age": child.heartbeat_age, "exit_reason": child.exit_reason,
+        "next_start_at": child.next_start_at, "log_file": child.log_file,
     }  # fmt: skip
-
-
-# ---- the text report -------------------------------------------------------------------------
-def _render(report: HealthReport) -> str:
-    n = len(report.findings)
-    lines = [f"health: {report.level.upper()} ({n} finding{'' if n == 1 else 's'})"]
-    order = sorted(report.findings, key=lambda f: -LEVELS.index(f.level))
-    for f in order:
-        lines.append(f"  {f.level.upper():8} {f.check} {f.subject}: {f.message}")
-        if f.recommendation:
-            lines.append(f"           -> {f.recommendation}")
-    if report.sources:
-        lines.append("sources:")
-        lines.append(f"  {'source':12} {'state':11} {'files':>6} {'bytes':>10} {'oldest':>8} {'newest':>8}")
-        for source, info in report.sources.items():
-            for state, s in info.get("states", {}).items():
-                oldest, newest = fmt_age(s["oldest_age_seconds"]), fmt_age(s["newest_age_seconds"])
-                size = fmt_bytes(s["bytes"])
-                lines.append(f"  {source:12} {state:11} {s['files']:>6} {size:>10} {oldest:>8} {newest:>8}")
-            b = info.get("backlog", {})
-            if b:
-                lines.append(f"  {source:12} backlog: {b['segments']} segments / {fmt_bytes(b['bytes'])}, "
-                             f"oldest ready {fmt_age(b['oldest_age_seconds'])} ({b['level']})")  # fmt: skip
-    d = report.disk
-    if d:
-        rate = d.get("write_bytes_per_second")
-        rate_text = f"writing {fmt_bytes(rate)}/s" if rate else "write rate unknown"
-        hours = d.get("hours_until_full")
-        full = f", full in ~{hours:.0f} h" if hours is not None else ""
-        lines.append(f"disk: {d['path']}: {fmt_bytes(d['free_bytes'])} free of {fmt_bytes(d['total_bytes'])} "
-                     f"({d['free_percent']:.1f}%), {rate_text}{full} ({d['level']})")  # fmt: skip
-    if report.freshness:
-        lines.append("freshness:")
-        for product, fr in report.freshness.items():
-            age = "unknown" if fr["age_seconds"] is None else fmt_age(fr["age_seconds"])
-            lines.append(f"  {product:16} {fr['source']:10} {age:>8}  {fr['level']:8} ({fr['from'] or 'not found'})")
-    sup = report.supervisor
-    if sup is not None:
-        if not sup.get("running"):
-            standalone = ", ".join(f"{s['child']} pid {s['pid']}" for s in sup.get("standalone", []))
-            lines.append("supervisor: not running" + (f" (running on their own: {standalone})" if standalone else ""))
-        else:
-            lines.append(f"children (supervisor pid {sup.get('pid')}):")
-            for c in sup.get("children", []):
-                reason = f"  last exit: {c['exit_reason']}" if c.get("exit_reason") else ""
-                lines.append(f"  {c['name']:16} {c['state']:10} pid {c['pid'] or '-':<7} "
-                             f"restarts {c['restarts']}{reason}")  # fmt: skip
-    return "\n".join(lines)

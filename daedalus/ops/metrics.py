@@ -22,6 +22,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from daedalus.ops.health import LEVELS, HealthReport
 from daedalus.ops.records import CHILD_STATES, ChildStatus, SupervisorStatus
@@ -127,9 +128,9 @@ class DaedalusCollector(Collector):
         for child in children:
             for name in CHILD_STATES:
                 state.add_metric([child.name, name], 1.0 if child.state == name else 0.0)
-            restarts.add_metric([child.name], float(child.restarts))
-            memory.add_metric([child.name], float(child.memory_restarts))
-            hang.add_metric([child.name], float(child.hang_restarts))
+            restarts.add_metric([child.name], number(child.restarts) or 0.0)
+            memory.add_metric([child.name], number(child.memory_restarts) or 0.0)
+            hang.add_metric([child.name], number(child.hang_restarts) or 0.0)
             if (value := number(child.rss_bytes)) is not None:
                 rss.add_metric([child.name], value)
             if (value := child.uptime(now)) is not None:
@@ -215,9 +216,9 @@ class DaedalusCollector(Collector):
         fresh = GaugeMetricFamily(
             "daedalus_data_age_seconds", "Age of the newest captured record per product.", labels=["source", "product"]
         )
-        for product, data in sorted((health.freshness if health else {}).items()):
+        for key, data in sorted((health.freshness if health else {}).items()):
             if isinstance(data, dict) and (value := number(data.get("age_seconds"))) is not None:
-                fresh.add_metric([str(data.get("source") or "unknown"), product], value)
+                fresh.add_metric([str(data.get("source") or "unknown"), str(data.get("product") or key)], value)
         yield fresh
         level = GaugeMetricFamily("daedalus_health_level", "Health verdict: 0 ok, 1 warning, 2 critical.")
         if health is not None and health.level in LEVELS:
@@ -242,80 +243,128 @@ def _per_source(
 
 def histogram_of(value: Any) -> tuple[list[tuple[str, float]], float] | None:
     """``(buckets, sum)`` of a heartbeat histogram (``{"buckets": {le: cumulative}, "sum", "count"}``),
-    buckets in ascending order ending with ``+Inf``; None when it is missing or malformed."""
+    buckets in ascending order ending with ``+Inf``; None when it is missing or malformed
+    (a bound that is not a number, counts that are not cumulative), as a scraper would
+    reject the whole page over one bad histogram.
+
+    Bounds are written as Prometheus writes them (``1.0``, not the heartbeat's ``1``), so a
+    series keeps its ``le`` label whatever the child's formatting."""
     if not isinstance(value, dict) or not isinstance(value.get("buckets"), dict):
         return None
-    buckets: list[tuple[float, str, float]] = []
+    buckets: dict[float, float] = {}
     for bound, count in value["buckets"].items():
         try:
             upper = float(bound)
-        except ValueError:
+        except (TypeError, ValueError):
             return None
-        if (n := number(count)) is None:
+        if math.isnan(upper) or upper in buckets or (n := number(count)) is None:
             return None
-        buckets.append((upper, "+Inf" if math.isinf(upper) else str(bound), n))
-    buckets.sort()
-    if not buckets or not math.isinf(buckets[-1][0]):
-        buckets.append((math.inf, "+Inf", number(value.get("count")) or (buckets[-1][2] if buckets else 0.0)))
-    return [(label, n) for _, label, n in buckets], number(value.get("sum")) or 0.0
+        buckets[upper] = n
+    if math.inf not in buckets:
+        buckets[math.inf] = number(value.get("count")) or max(buckets.values(), default=0.0)
+    ordered = sorted(buckets.items())
+    counts = [n for _, n in ordered]
+    if counts != sorted(counts):
+        return None
+    return [(floatToGoString(upper), n) for upper, n in ordered], number(value.get("sum")) or 0.0
 
 
 def etl_lag(source: Any) -> float:
-    """Age of the oldest ready segment of a health ``sources`` entry, 0 when none waits."""
-    if not isinstance(source, dict):
-        return 0.0
-    backlog = source.get("backlog") if isinstance(source.get("backlog"), dict) else {}
-    states = source.get("states") if isinstance(source.get("states"), dict) else {}
-    ready = states.get("ready") if isinstance(states.get("ready"), dict) else {}
-    for value in (backlog.get("oldest_age_seconds"), ready.get("oldest_age_seconds")):
-        if (n := number(value)) is not None:
-            return n
-    return 0.0
+    """Age of the oldest ready segment of a health ``sources`` entry (its backlog's age), 0 when none waits."""
+    backlog = source.get("backlog") if isinstance(source, dict) else None
+    age = number(backlog.get("oldest_age_seconds")) if isinstance(backlog, dict) else None
+    return 0.0 if age is None else age
+
+
+def frames_by_source(children: Iterable[ChildStatus]) -> dict[str, float]:
+    """Frames received per source, summed over connections and the source's ingest children."""
+    frames: dict[str, float] = {}
+    for child in children:
+        if child.kind == "ingest":
+            received = sum(per_label(child.counters.get("frames_received")).values())
+            frames[source_of(child)] = frames.get(source_of(child), 0.0) + received
+    return frames
 
 
 # ---- history for the chart ----------------------------------------------------------------------
+SAME_HEARTBEAT_SECONDS = 0.05  # two readings of one heartbeat differ by its age's rounding, never this much
+
+
+@dataclass
+class _Reading:
+    """The last heartbeat seen of a source's ingest: when it was written, its frame count,
+    and the rate it gave."""
+
+    beat_time: float
+    frames: float
+    rate: float | None = None
+
+
 @dataclass
 class History:
     """The last ``seconds`` of samples: per source the message rate, per product the mid.
 
-    A rate is the growth of ``frames_received`` (summed over connections and ingest children
-    of the source) over the time between two samples; a counter that went down means the
-    child restarted with fresh counters, so its new value is the growth.
+    A rate is the growth of ``frames_received`` (over connections and ingest children of the
+    source) between two *heartbeats*, over the time between them as the child wrote them: the
+    sampler and the children's heartbeats tick at about the same period but not in step, so
+    growth per sampler tick would read 0 for a tick that saw no new heartbeat and twice the
+    rate for the next. A sample that sees the same heartbeat again repeats its rate while
+    that heartbeat is fresher than ``stale_seconds`` (no rate after, a gap in the chart). A
+    counter that went down means a child restarted with fresh counters: its value is the growth.
     """
 
     seconds: float = 600.0
     interval: float = 2.0
+    stale_seconds: float = 8.0
     samples: deque[dict[str, Any]] = field(default_factory=deque)
-    _last: tuple[float, dict[str, float]] | None = None
+    _last: dict[str, _Reading] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.samples = deque(maxlen=max(2, math.ceil(self.seconds / self.interval)))
 
-    def add(self, status: SupervisorStatus | None, *, now: float | None = None, mono: float | None = None) -> None:
+    def add(self, status: SupervisorStatus | None, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        mono = time.monotonic() if mono is None else mono
-        frames: dict[str, float] = {}
-        mids: dict[str, float] = {}
-        for child in status.children if status is not None else []:
-            if child.kind == "ingest":
-                source = source_of(child)
-                received = sum(per_label(child.counters.get("frames_received")).values())
-                frames[source] = frames.get(source, 0.0) + received
-            for product, data in (child.products or {}).items():
-                if isinstance(data, dict) and (mid := number(data.get("mid"))) is not None:
-                    mids[product] = mid
+        children = list(status.children) if status is not None else []
         rates: dict[str, float] = {}
-        if self._last is not None and mono > self._last[0]:
-            dt = mono - self._last[0]
-            for source, total in frames.items():
-                before = self._last[1].get(source)
-                if before is not None:
-                    rates[source] = (total - before if total >= before else total) / dt
-        self._last = (mono, frames)
-        self.samples.append({"time": now, "rates": rates, "mids": mids})
+        beats = _beat_times(children, status.time) if status is not None else {}
+        for source, frames in frames_by_source(children).items():
+            if (beat := beats.get(source)) is not None and (rate := self._rate(source, *beat, frames)) is not None:
+                rates[source] = rate
+        self.samples.append({"time": now, "rates": rates, "mids": _mids(children)})
+
+    def _rate(self, source: str, beat_time: float, beat_age: float, frames: float) -> float | None:
+        last = self._last.get(source)
+        if last is not None and abs(beat_time - last.beat_time) < SAME_HEARTBEAT_SECONDS:
+            return last.rate if beat_age <= self.stale_seconds else None
+        rate = None
+        if last is not None and beat_time > last.beat_time:
+            rate = (frames - last.frames if frames >= last.frames else frames) / (beat_time - last.beat_time)
+        self._last[source] = _Reading(beat_time, frames, rate)
+        return rate
 
     def to_dict(self) -> dict[str, Any]:
         return {"interval_seconds": self.interval, "samples": list(self.samples)}
 
     def latest_rates(self) -> dict[str, float]:
         return dict(self.samples[-1]["rates"]) if self.samples else {}
+
+
+def _beat_times(children: list[ChildStatus], now: float) -> dict[str, tuple[float, float]]:
+    """``{source: (time, age)}`` of the newest heartbeat among a source's ingest children."""
+    beats: dict[str, tuple[float, float]] = {}
+    for child in children:
+        if child.kind == "ingest" and (age := number(child.heartbeat_age)) is not None:
+            source = source_of(child)
+            if source not in beats or now - age > beats[source][0]:
+                beats[source] = (now - age, age)
+    return beats
+
+
+def _mids(children: list[ChildStatus]) -> dict[str, float]:
+    """The last mid price per product the children report."""
+    mids: dict[str, float] = {}
+    for child in children:
+        for product, data in (child.products or {}).items():
+            if isinstance(data, dict) and (mid := number(data.get("mid"))) is not None:
+                mids[str(product)] = mid
+    return mids

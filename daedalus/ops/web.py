@@ -10,8 +10,11 @@ seconds; a Pi's SD card need not be listed for each). Read-only: no route change
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
+import hashlib
+import re
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -24,18 +27,17 @@ from prometheus_client.registry import CollectorRegistry
 
 from daedalus.config import DaedalusConfig
 from daedalus.logs import get_logger
-from daedalus.ops import health as health_module
-from daedalus.ops.health import HealthReport
-from daedalus.ops.metrics import DaedalusCollector, History, Inputs, per_label, source_of
-from daedalus.ops.records import SupervisorStatus
+from daedalus.ops.health import HealthReport, check_health, child_summary, heartbeat_fresh_seconds
+from daedalus.ops.metrics import DaedalusCollector, History, Inputs, frames_by_source, number, per_label, source_of
+from daedalus.ops.records import ChildStatus, SupervisorStatus
 
 log = get_logger(__name__)
 
-NO_STORE = {"Cache-Control": "no-store"}
+NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
-    body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+    body = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
     return web.Response(body=body, status=status, content_type="application/json", headers=NO_STORE)
 
 
@@ -43,7 +45,28 @@ def page_html() -> bytes:
     return resources.files("daedalus.ops").joinpath("page.html").read_bytes()
 
 
+def content_security_policy(page: bytes) -> str:
+    """The page may run its own inline script and style (by their SHA-256) and talk to this
+    server, nothing else: no other script, no external resource, no framing. Text from the
+    server is put in with ``textContent`` already; this is the second lock on that door."""
+
+    def hashes(tag: bytes) -> str:
+        bodies = re.findall(rb"<%b>(.*?)</%b>" % (tag, tag), page, re.DOTALL)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body).digest()).decode()}'" for body in bodies)
+
+    return (
+        f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 class StatusServer:
+    """The HTTP side of the supervisor, bound where ``supervisor.status_host/status_port`` say
+    (127.0.0.1 by default: the page is for the Pi's own network only when configured so).
+
+    Bounded by construction: one cached health report, a history ring of
+    ``history_seconds / sample_seconds`` samples, fixed routes and no request body."""
+
     def __init__(
         self,
         *,
@@ -59,7 +82,8 @@ class StatusServer:
         self.snapshot = snapshot
         self.sample_seconds = sample_seconds
         self.health_cache_seconds = health_cache_seconds
-        self.history = History(seconds=history_seconds, interval=sample_seconds)
+        fresh_for = heartbeat_fresh_seconds(config)
+        self.history = History(seconds=history_seconds, interval=sample_seconds, stale_seconds=fresh_for)
         self.url: str | None = None
         self._inputs: Inputs = (None, None)
         self.registry = CollectorRegistry(auto_describe=False)
@@ -69,6 +93,8 @@ class StatusServer:
         self._runner: web.AppRunner | None = None
         self._sampler: asyncio.Task[None] | None = None
         self._page = page_html()
+        self._page_headers = {**NO_STORE, "Content-Security-Policy": content_security_policy(self._page),
+                              "Referrer-Policy": "no-referrer"}  # fmt: skip
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> str:
@@ -104,11 +130,15 @@ class StatusServer:
             log.info("status_server_stopped", url=self.url)
 
     async def _sample_forever(self) -> None:
+        failed: str | None = None  # logged when it changes, not every sample for months
         while True:
             try:
                 self.history.add(self._status())
+                failed = None
             except Exception as exc:  # odd heartbeat content must not end the chart for good
-                log.warning("status_history_sample_failed", error=repr(exc))
+                if repr(exc) != failed:
+                    log.warning("status_history_sample_failed", error=repr(exc))
+                failed = repr(exc)
             await asyncio.sleep(self.sample_seconds)
 
     # ---- inputs ----------------------------------------------------------------------------
@@ -130,9 +160,7 @@ class StatusServer:
             report: HealthReport | None = None
             error: str | None = None
             try:
-                report = await asyncio.to_thread(
-                    health_module.check_health, self.config, supervisor=status, supervisor_running=True
-                )
+                report = await asyncio.to_thread(check_health, self.config, supervisor=status, supervisor_running=True)
             except Exception as exc:  # the page and /metrics must keep working without it
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning("status_health_check_failed", error=error)
@@ -141,7 +169,7 @@ class StatusServer:
 
     # ---- routes ----------------------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._page, content_type="text/html", charset="utf-8", headers=NO_STORE)
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8", headers=self._page_headers)
 
     async def _metrics(self, request: web.Request) -> web.Response:
         status = self._status()
@@ -169,38 +197,40 @@ def api_status(
 ) -> dict[str, Any]:
     """What the page shows: children, per-source capture figures, health and the chart's history."""
     now = time.time()
-    children = []
-    sources: dict[str, dict[str, Any]] = {}
-    rates = history.latest_rates()
-    for child in status.children if status is not None else []:
-        children.append({
-            "name": child.name, "kind": child.kind, "source": child.source, "state": child.state,
-            "state_since": child.state_since, "pid": child.pid, "uptime_seconds": child.uptime(now),
-            "restarts": child.restarts, "memory_restarts": child.memory_restarts, "hang_restarts": child.hang_restarts,
-            "rss_bytes": child.rss_bytes, "heartbeat_age": child.heartbeat_age, "exit_reason": child.exit_reason,
-            "next_start_at": child.next_start_at, "log_file": child.log_file,
-        })  # fmt: skip
-        if child.kind == "ingest":
-            entry = sources.setdefault(source_of(child), {"frames_received": 0.0, "connections": 0, "connected": 0})
-            frames = per_label(child.counters.get("frames_received"))
-            entry["frames_received"] += sum(frames.values())
-            connected = per_label(child.gauges.get("connected"))
-            entry["connections"] += len(connected or frames)
-            entry["connected"] += int(sum(connected.values()))
-            for key in ("queue_depth", "queue_capacity", "overflow_drops", "stalled"):
-                value = child.gauges.get(key, child.counters.get(key))
-                if isinstance(value, int | float):
-                    entry[key] = entry.get(key, 0) + value
-    for source, entry in sources.items():
-        entry["rate"] = rates.get(source)
+    children = list(status.children) if status is not None else []
+    sources = capture_summary(children)
+    for source, rate in history.latest_rates().items():
+        sources.setdefault(source, {})["rate"] = rate
     return {
         "time": now,
         "supervisor": None if status is None else {
             "pid": status.pid, "started_at": status.started_at, "time": status.time, "data_dir": status.data_dir,
             "status_url": status.status_url,
         },
-        "children": children,
+        "children": [child_summary(child, now) for child in children],
         "sources": sources,
         "health": report.to_dict() if report is not None else {"level": "unknown", "error": error},
         "history": history.to_dict(),
     }  # fmt: skip
+
+
+def capture_summary(children: list[ChildStatus]) -> dict[str, dict[str, Any]]:
+    """Per source, over its ingest children: frames received, connections (open / all), queue
+    depth and capacity, overflow drops, stalled (the page's Capture table)."""
+    sources: dict[str, dict[str, Any]] = {
+        source: {"frames_received": frames, "connections": 0, "connected": 0}
+        for source, frames in frames_by_source(children).items()
+    }
+    for child in children:
+        if child.kind != "ingest":
+            continue
+        entry = sources[source_of(child)]
+        connected = per_label(child.gauges.get("connected"))
+        entry["connections"] += len(connected or per_label(child.counters.get("frames_received")))
+        entry["connected"] += int(sum(connected.values()))
+        figures = {key: child.gauges.get(key) for key in ("queue_depth", "queue_capacity", "stalled")}
+        figures["overflow_drops"] = child.counters.get("overflow_drops")
+        for key, value in figures.items():
+            if (n := number(value)) is not None:
+                entry[key] = entry.get(key, 0) + n
+    return sources
