@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import sys
@@ -25,6 +26,7 @@ from tests.capture_helpers import ingest_config, segment_files
 from tests.conftest import REPO
 
 DAEDALUS = [sys.executable, "-m", "daedalus"]
+INGEST = "ingest-coinbase"
 RAW_STATES = ("active", "ready", "processing", "archive", "quarantine")
 
 
@@ -89,17 +91,28 @@ class Supervised:
     async def wait_child(self, name: str, condition: Callable[[ChildStatus], bool], what: str,
                          timeout: float = 30.0) -> ChildStatus:  # fmt: skip
         """Poll the status record until ``condition`` holds for child ``name``."""
-        deadline = time.monotonic() + timeout
-        while True:
+        seen: list[ChildStatus] = []
+
+        def holds() -> bool:
             child = self.child(name)
-            if child is not None and condition(child):
-                return child
+            seen[:] = [child] if child is not None else []
+            return child is not None and condition(child)
+
+        await self.wait(holds, what, timeout, last=lambda: seen)
+        return seen[0]
+
+    async def wait(self, condition: Callable[[], bool], what: str, timeout: float = 30.0,
+                   last: Callable[[], Any] | None = None) -> None:  # fmt: skip
+        """Poll until ``condition()`` holds, failing at once if the supervisor exits meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not condition():
             if self.proc is not None and self.proc.returncode is not None:
                 raise AssertionError(
                     f"supervisor exited {self.proc.returncode} waiting for {what}:\n{self.text()[-3000:]}"
                 )
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; last: {child}\n{self.text()[-3000:]}")
+                seen = f"; last: {last()}" if last is not None else ""
+                raise AssertionError(f"timed out waiting for {what}{seen}\n{self.text()[-3000:]}")
             await asyncio.sleep(0.1)
 
     async def stop(self, signum: int = signal.SIGTERM, timeout: float = 60.0) -> int:
@@ -142,9 +155,48 @@ async def wait_gone(pids: list[int], timeout: float = 30.0) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        proc = psutil.Process(pid)
     except psutil.NoSuchProcess:
         return False
+    return _status(proc) not in (psutil.STATUS_ZOMBIE, "gone")
+
+
+def up(child: ChildStatus) -> bool:
+    """Running (past start_seconds) with a heartbeat of its own."""
+    return child.state == "running" and child.pid is not None and child.heartbeat_age is not None
+
+
+def started_pids(output: str) -> list[int]:
+    """Every child pid the supervisor's log says it started."""
+    return [int(m) for m in re.findall(r"child_started .*?pid=(\d+)", output)]
+
+
+async def open_handles(pid: int, samples: int = 10) -> tuple[int, list[str], int]:
+    """What ``pid`` holds open beyond stdin/out/err: pipes, regular files (paths), and zombie
+    children, at the quietest of a few looks (a spawn, a status write or a child exiting
+    just now holds one for an instant; a leak holds it for good)."""
+    best: tuple[int, list[str], int] | None = None
+    for _ in range(samples):
+        links = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(FileNotFoundError):
+                if int(fd) > 2:
+                    links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        zombies = sum(1 for c in psutil.Process(pid).children() if _status(c) == psutil.STATUS_ZOMBIE)
+        look = (sum(1 for link in links if link.startswith("pipe:")), sorted(p for p in links if p.startswith("/")),
+                zombies)  # fmt: skip
+        if best is None or look[0] + len(look[1]) + look[2] < best[0] + len(best[1]) + best[2]:
+            best = look
+        await asyncio.sleep(0.05)
+    assert best is not None
+    return best
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return proc.status()
+    except psutil.NoSuchProcess:
+        return "gone"
 
 
 def raw_segments(data: Path, states: tuple[str, ...] = ("ready", "processing", "archive")) -> list[Path]:
@@ -180,12 +232,13 @@ class NotifySocket:
         while True:
             self.messages.append((await loop.sock_recv(self.sock, 4096)).decode())
 
-    def seen(self, line: str) -> bool:
-        return any(line in message.splitlines() for message in self.messages)
+    def seen(self, line: str, *, part: bool = False) -> bool:
+        """Whether a notification held ``line`` (with ``part``: a line containing it)."""
+        return any(line in got if part else line == got for message in self.messages for got in message.splitlines())
 
-    async def wait(self, line: str, timeout: float = 30.0) -> None:
+    async def wait(self, line: str, timeout: float = 30.0, *, part: bool = False) -> None:
         deadline = time.monotonic() + timeout
-        while not self.seen(line):
+        while not self.seen(line, part=part):
             assert time.monotonic() < deadline, f"no {line} among {self.messages}"
             await asyncio.sleep(0.05)
 

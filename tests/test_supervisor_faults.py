@@ -1,23 +1,41 @@
 """The real supervisor against the simulator: a configuration error makes a child
-``fatal`` (never restarted), one supervisor per data directory, SIGKILL of the supervisor
-leaves no child behind, and restarts forced by a tiny memory limit lose nothing."""
+``fatal`` (never restarted), one supervisor per data directory, a status record that
+cannot be written, SIGKILL of the supervisor leaves no child behind, restarts forced by a
+tiny memory limit lose nothing (and leak no pipe, file or zombie), SIGTERM during
+start-up."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import os
 import signal
-import time
 
 import psutil
+import pytest
 
-from tests.supervisor_helpers import Supervised, check_capture_intact, cli, supervisor_config, wait_gone, write_yaml
+from tests.supervisor_helpers import (
+    INGEST,
+    Supervised,
+    check_capture_intact,
+    cli,
+    open_handles,
+    started_pids,
+    supervisor_config,
+    up,
+    wait_gone,
+    write_yaml,
+)
 
-INGEST = "ingest-coinbase"
 
-
-def up(child) -> bool:
-    return child.state == "running" and child.pid is not None and child.heartbeat_age is not None
+def block_status_record(path) -> None:
+    """A directory where the status record goes: replacing it fails, as on a full disk."""
+    while True:
+        path.unlink(missing_ok=True)
+        try:
+            path.mkdir()
+            return
+        except FileExistsError:  # the supervisor wrote it again in between
+            continue
 
 
 async def test_fatal_child_single_supervisor_and_sigkill_of_the_supervisor(tmp_path, make_sim):
@@ -53,6 +71,13 @@ async def test_fatal_child_single_supervisor_and_sigkill_of_the_supervisor(tmp_p
         assert code == 0 and "not restarted" in next(line for line in out.splitlines() if line.startswith("etl "))
         assert "child_fatal" in sup.text()
 
+        # the status record cannot be written: logged, supervising goes on, written again once it can be
+        block_status_record(sup.layout.supervisor_status_file)
+        await sup.wait(lambda: "status_write_failed" in sup.text(), "status_write_failed")
+        sup.layout.supervisor_status_file.rmdir()
+        await sup.wait(lambda: "status_write_recovered" in sup.text(), "status_write_recovered")
+        assert sup.child(INGEST).pid == ingest.pid
+
         # SIGKILL of the supervisor: its children stop with it, ingest closing its segment
         assert await sup.stop(signal.SIGKILL) == -signal.SIGKILL
         await wait_gone([ingest.pid])
@@ -74,15 +99,40 @@ async def test_tiny_memory_limit_forces_graceful_restarts_that_lose_nothing(tmp_
         child = await sup.wait_child(INGEST, lambda c: c.memory_restarts >= 3, "three memory restarts", timeout=45)
         assert child.state != "crashloop"  # restarts it asks for itself do not count towards crashloop
         assert child.counters.get("frames_written", 0) > 0
-        etl = await sup.wait_child("etl", lambda c: c.memory_restarts >= 1, "an etl memory restart")
-        pids = [p for p in (sup.child(INGEST).pid, etl.pid) if p]
-        started = time.monotonic()
+        await sup.wait_child("etl", lambda c: c.memory_restarts >= 3, "three etl memory restarts")
+        # nothing piles up over restarts: one output pipe per child at most, each log file open once
+        pipes, files, zombies = await open_handles(sup.pid)
+        logs = [str(data / "logs" / f"{name}.log") for name in ("etl", INGEST)]
+        assert pipes <= 2 and zombies == 0
+        assert sorted(set(files) - {str(sup.layout.supervisor_lock)}) == logs and len(files) == len(set(files))
+        pids = [p for p in (sup.child(INGEST).pid, sup.child("etl").pid) if p]
         assert await sup.stop(signal.SIGTERM) == 0
         await wait_gone(pids)
-        assert time.monotonic() - started < 60
     finally:
         await sup.kill_all()
     text = sup.text()
     assert "child_memory_restart" in text and "child_memory_high" in text and "child_kill" not in text
-    await asyncio.sleep(0)
     check_capture_intact(data)
+
+
+@pytest.mark.parametrize("after", ["supervisor_started", "child_started"])
+async def test_sigterm_twice_during_start_up_stops_cleanly(tmp_path, make_sim, after):
+    """SIGTERM as soon as the signal handlers are in place (no child yet), or as soon as the
+    first child is spawned (still importing, its own handlers not yet in place)."""
+    sim = await make_sim(rate=50.0)
+    data = tmp_path / "data"
+    path = write_yaml(tmp_path / "c.yaml", supervisor_config(data, sim.ws_url))
+    sup = await Supervised(tmp_path, path, data).start()
+    try:
+        await sup.wait(lambda: after in sup.text(), after)
+        sup.proc.send_signal(signal.SIGTERM)
+        await sup.wait(lambda: "supervisor_stopping" in sup.text(), "supervisor_stopping")
+        with contextlib.suppress(ProcessLookupError):  # gone already: nothing for it to interrupt
+            await sup.stop(signal.SIGTERM)  # a second one while stopping changes nothing
+        assert await sup.stop() == 0
+    finally:
+        await sup.kill_all()
+    await wait_gone(started_pids(sup.text()))
+    final = sup.status()
+    assert final is not None and {c.state for c in final.children} == {"exited"}
+    assert "supervisor_failed" not in sup.text() and "child_kill" not in sup.text()

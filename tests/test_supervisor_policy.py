@@ -14,10 +14,11 @@ import pytest
 from daedalus.config import DaedalusConfig, SupervisorConfig
 from daedalus.exitcodes import FAILED, NEEDS_OPERATOR
 from daedalus.layout import DataLayout
-from daedalus.ops.records import ChildStatus, SupervisorStatus, write_record
+from daedalus.ops.records import ChildStatus, Heartbeat, SupervisorStatus, write_record
 from daedalus.supervisor.children import ChildPolicy, SupervisorUsageError, add_counters, plan_children
 from daedalus.supervisor.logfiles import RotatingLog
-from daedalus.supervisor.report import status_text
+from daedalus.supervisor.main import Child
+from daedalus.supervisor.report import duration, status_text
 from daedalus.supervisor.systemd import SystemdNotifier
 
 CFG = SupervisorConfig(
@@ -74,9 +75,14 @@ def test_more_than_max_restarts_in_the_window_is_a_crashloop_retried_after_the_c
     assert p.next_start_at == pytest.approx(now + 0.5 + 600) and p.restarts == 3
     assert not p.due(now + 599)
     assert p.due(now + 601)  # never given up
-    p.started(now + 601)
-    p.tick(now + 700)
-    assert p.state == "running" and p.restarts == 4
+    now += 601
+    assert fail(p, now, after=30) == "crashloop"  # the retry failed (before reset_after_seconds): at once again
+    assert p.next_start_at == pytest.approx(now + 30 + 600) and p.restarts == 4
+    now = p.next_start_at
+    p.started(now)
+    p.tick(now + 100)
+    assert p.state == "running" and p.restarts == 5
+    assert p.exited(now + 100, FAILED) == "backoff"  # it ran long enough: an ordinary failure again
     # failures older than the window no longer count
     q = policy()
     for start in (0.0, 400.0, 800.0, 1200.0, 1600.0):
@@ -181,3 +187,54 @@ def test_status_text_needs_a_live_supervisor(tmp_path: Path):
     assert "up 1h01m" in header and "http://127.0.0.1:8787/" in header
     assert row.split()[:5] == ["etl", "-", "crashloop", "-", "6"] and "(1/2)" in row
     assert "retry in 2m0" in row and "exit 1: boom" in row
+
+
+def beat(pid: int, wall: float, **gauges: float) -> Heartbeat:
+    return Heartbeat(child="ingest-coinbase", kind="ingest", source="coinbase", pid=pid, started_at=wall, time=wall,
+                     gauges=dict(gauges))  # fmt: skip
+
+
+def test_hangs_are_judged_on_the_monotonic_clock_not_the_heartbeats_wall_clock(tmp_path):
+    spec = plan_children(DaedalusConfig(data_dir=tmp_path), tmp_path / "c.yaml", None, sync=False)[0]
+    child = Child(spec, DaedalusConfig(data_dir=tmp_path), random.Random(1))
+    child.heartbeat_seen = 100.0  # the process started at monotonic 100
+    child.observe(beat(41, time.time()), 42, 101.0)  # left by an earlier process: not ours
+    assert child.heartbeat is None and child.silent_for(130.0) == 30.0
+    # NTP steps the wall clock an hour back, then two hours ahead: new records keep the child alive
+    now = time.time()
+    for mono, wall in ((102.0, now - 3600), (104.0, now + 7200), (106.0, now + 7202)):
+        child.observe(beat(42, wall), 42, mono)
+        assert child.silent_for(mono + 1) == 1.0
+    child.observe(beat(42, now + 7202), 42, 200.0)  # the same record read again and again: it hangs
+    assert child.silent_for(200.0) == 94.0
+    # stalled counts while every record says so, and starts again after a break
+    for mono, stalled, expected in ((300.0, 1, 0.0), (310.0, 1, 10.0), (320.0, 0, 0.0), (321.0, 1, 0.0)):
+        child.observe(beat(42, mono, stalled=stalled), 42, mono)
+        assert child.stalled_for(mono) == expected
+
+
+def test_watchdog_usec_that_is_not_a_positive_number_disables_the_pings():
+    for usec in ("0", "-5", "soon"):
+        assert SystemdNotifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": usec}).watchdog_interval is None
+    assert SystemdNotifier({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "30000000"}).watchdog_interval == 15.0
+    assert SystemdNotifier({"WATCHDOG_USEC": "30000000"}).watchdog_interval is None  # not under systemd
+
+
+def test_systemd_status_is_sent_when_it_changes(tmp_path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(tmp_path / "notify"))
+        sock.settimeout(5)
+        notifier = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+        for line in ("etl running", "etl running", "etl crashloop"):
+            notifier.status_changed(line)
+        sock.setblocking(False)
+        got = [sock.recv(4096), sock.recv(4096)]
+        with pytest.raises(BlockingIOError):
+            sock.recv(4096)
+    assert got == [b"STATUS=etl running", b"STATUS=etl crashloop"]
+
+
+def test_durations_never_show_negative():
+    assert [duration(s) for s in (-3.0, 0.25, 42, 303, 11_220, 1_051_200)] == [
+        "0.0s", "0.2s", "42s", "5m03s", "3h07m", "12d04h"
+    ]  # fmt: skip

@@ -10,21 +10,17 @@ import signal
 
 from tests.capture_helpers import segment_files
 from tests.supervisor_helpers import (
+    INGEST,
     NotifySocket,
     Supervised,
     check_capture_intact,
     cli,
     raw_segments,
     supervisor_config,
+    up,
     wait_gone,
     write_yaml,
 )
-
-INGEST = "ingest-coinbase"
-
-
-def running_with_heartbeat(child) -> bool:
-    return child.state == "running" and child.pid is not None and child.heartbeat_age is not None
 
 
 async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim):
@@ -45,7 +41,7 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
     try:
         await notify.wait("READY=1")
         await notify.wait("WATCHDOG=1")
-        first = await sup.wait_child(INGEST, running_with_heartbeat, "ingest running")
+        first = await sup.wait_child(INGEST, up, "ingest running")
         status = sup.status()
         assert status is not None
         assert status.status_url is None or status.status_url.startswith("http://")
@@ -54,9 +50,7 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
         await sup.wait_child(INGEST, lambda c: c.counters.get("frames_written", 0) > 0, "frames written")
         before_kill = {p.name for p in raw_segments(data, ("active", "ready", "processing", "archive"))}
         os.kill(first.pid, signal.SIGKILL)
-        second = await sup.wait_child(
-            INGEST, lambda c: c.pid not in (None, first.pid) and running_with_heartbeat(c), "ingest restarted"
-        )
+        second = await sup.wait_child(INGEST, lambda c: c.pid not in (None, first.pid) and up(c), "ingest restarted")
         assert second.restarts == 1 and second.exit_reason == "killed by SIGKILL"
         written = second.counters["frames_written"]
         await sup.wait_child(INGEST, lambda c: c.counters["frames_written"] > written, "counters carried and growing")
@@ -69,6 +63,7 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
         etl_row = next(line for line in out.splitlines() if line.startswith("etl "))
         assert "crashloop" in etl_row and "retry in" in etl_row
         assert "running" in next(line for line in out.splitlines() if line.startswith(INGEST))
+        await notify.wait("etl crashloop", part=True)  # systemctl status shows it too
         assert sup.child(INGEST).pid == second.pid
 
         # after the cool-down it is tried again; with the lock free it runs
@@ -78,7 +73,7 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
         # a hung child (SIGSTOP): its heartbeat goes stale, it is stopped and restarted
         os.kill(second.pid, signal.SIGSTOP)
         third = await sup.wait_child(INGEST, lambda c: c.hang_restarts == 1 and c.pid not in (None, second.pid)
-                                     and running_with_heartbeat(c), "hung ingest restarted")  # fmt: skip
+                                     and up(c), "hung ingest restarted")  # fmt: skip
         assert third.restarts == 2
         assert "child_hung" in sup.text()
         pids = [third.pid, sup.child("etl").pid]

@@ -8,7 +8,9 @@ States (supervisord's names, one difference: nothing but ``fatal`` is final):
 - ``backoff``: it died; started again at ``next_start_at`` (capped exponential backoff with
   jitter, back to the initial delay once a process has run ``reset_after_seconds``);
 - ``crashloop``: more than ``max_restarts`` failures within ``restart_window_seconds``;
-  tried again after ``crashloop_cooldown_seconds`` (a capture service never gives up).
+  tried again after ``crashloop_cooldown_seconds`` (a capture service never gives up). That
+  retry is a probe: failing before ``reset_after_seconds`` is ``crashloop`` again at once
+  (status and health stay critical rather than flapping through ``backoff``).
   Restarts the supervisor asks for itself (hang, memory) start again at once and do not
   count: they come at most every ``hang_timeout``/``memory_check`` seconds, and a leaking
   ingest restarted now and then still captures, which ten minutes of cool-down would not;
@@ -103,6 +105,7 @@ class ChildPolicy:
     memory_restarts: int = 0
     hang_restarts: int = 0
     failures: int = 0  # consecutive, for the backoff delay
+    probing: bool = False  # the current process is the retry after a crashloop's cool-down
     restart_times: deque[float] = field(default_factory=deque)  # within restart_window_seconds
     stop_reason: str | None = None  # why the supervisor is stopping the process (hang, memory, shutdown)
 
@@ -120,6 +123,7 @@ class ChildPolicy:
 
     def started(self, now: float) -> None:
         self.starts += 1
+        self.probing = self.state == "crashloop"
         self.started_at, self.next_start_at, self.stop_reason = now, None, None
         self._set("starting", now)
 
@@ -166,13 +170,13 @@ class ChildPolicy:
             self.next_start_at = now
             return self.state
         if uptime >= self.config.reset_after_seconds:
-            self.failures = 0
+            self.failures, self.probing = 0, False
         self.failures += 1
         delay = self.backoff_delay()
         self.restart_times.append(now)
         while self.restart_times and now - self.restart_times[0] > self.config.restart_window_seconds:
             self.restart_times.popleft()
-        if len(self.restart_times) > self.config.max_restarts:
+        if len(self.restart_times) > self.config.max_restarts or self.probing:
             self._set("crashloop", now)
             self.next_start_at = now + self.config.crashloop_cooldown_seconds
         else:

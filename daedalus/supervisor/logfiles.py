@@ -35,7 +35,10 @@ class RotatingLog:
         return self._handle
 
     def write(self, data: bytes) -> None:
-        """Append ``data``, rotating first when it would cross ``max_bytes``."""
+        """Append ``data``, rotating first when it would cross ``max_bytes``. A write is not
+        split, so a file may pass ``max_bytes`` by one write (the output pump reads 64 KiB at
+        most): the logs of a child flooding its output stay bounded at about
+        ``(backups + 1) * max_bytes``."""
         if not data:
             return
         try:

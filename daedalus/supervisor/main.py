@@ -30,6 +30,7 @@ __all__ = ["SupervisorUsageError", "run_supervisor"]
 
 log = get_logger(__name__)
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TICK = 0.25  # seconds between looks at the children
 STATUS_EVERY = 1.0
 LOCK_WAIT = 2.0  # `daedalus status` probes the lock with a shared lock for an instant
@@ -46,7 +47,8 @@ def run_supervisor(
     memory_limit_mb: float | None,
 ) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean stop, 1 when another supervisor runs here.
-    Raises :class:`SupervisorUsageError` for flags it cannot act on."""
+    Raises :class:`SupervisorUsageError` for flags it cannot act on. Returns with SIGTERM and
+    SIGINT ignored (:func:`ignore_stop_signals`): the caller is meant to exit."""
     specs = plan_children(settings, config_file, sources, sync=sync)
     if dry_run:
         for spec in specs:
@@ -85,6 +87,16 @@ def take_lock(path: Path, wait: float) -> TextIO | None:
         return handle
 
 
+def ignore_stop_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Once everything is stopped, a late SIGTERM/SIGINT (systemd's second, an impatient
+    Ctrl-C) must not turn a clean exit into death by signal or a KeyboardInterrupt, which is
+    what asyncio's closing the loop would allow: it puts the default handlers back. The
+    process is about to exit; nothing is left to stop."""
+    for signum in STOP_SIGNALS:
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class Child:
     """One supervised child across its processes: its policy, current process, log, and
     what is carried over from earlier processes (counters)."""
@@ -99,14 +111,46 @@ class Child:
         self.process: ChildProcess | None = None
         self.stop_task: asyncio.Task[int] | None = None
         self.heartbeat: Heartbeat | None = None  # the newest of the current process
+        self.heartbeat_seen = 0.0  # monotonic: when that heartbeat last changed, or the process started
         self.carried: dict[str, Any] = {}  # counters of earlier processes, added up
         self.rss: int | None = None
         self.memory_warned = False
         self.stalled_since: float | None = None
         self.exit_reason: str | None = None
 
+    def new_process(self, process: ChildProcess, now: float) -> None:
+        self.process, self.heartbeat, self.heartbeat_seen = process, None, now
+        self.stalled_since, self.rss, self.memory_warned = None, None, False
+
+    def observe(self, heartbeat: Heartbeat | None, pid: int, now: float) -> None:
+        """Keep the newest heartbeat of the current process (one left by an earlier pid is
+        not its own) and note on the monotonic clock when it last changed. Hangs are judged
+        by that, not by the record's wall-clock time: a Pi has no RTC and NTP steps its
+        clock at boot, which must neither make every child look hung nor hide a real hang."""
+        if heartbeat is None or heartbeat.pid != pid:
+            return
+        if self.heartbeat is None or heartbeat.time != self.heartbeat.time:
+            self.heartbeat_seen = now
+        self.heartbeat = heartbeat
+
+    def silent_for(self, now: float) -> float:
+        """Seconds without a new heartbeat (since the process started when none came yet)."""
+        return max(0.0, now - self.heartbeat_seen)
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the heartbeat has said ``stalled`` without a break; 0 when it does not."""
+        if self.heartbeat is None or self.heartbeat.gauges.get("stalled") != 1:
+            self.stalled_since = None
+            return 0.0
+        if self.stalled_since is None:
+            self.stalled_since = now
+        return now - self.stalled_since
+
 
 class Supervisor:
+    """The children, the loop that watches them, and what it tells the world (status record,
+    status server, systemd)."""
+
     def __init__(
         self, settings: DaedalusConfig, specs: list[ChildSpec], config_file: Path, memory_limit_mb: float | None
     ) -> None:
@@ -120,7 +164,7 @@ class Supervisor:
         self.memory_critical = None if critical is None else critical * MIB
         self.memory_warning = None if self.cfg.memory_warning_mb is None else self.cfg.memory_warning_mb * MIB
         self.notifier = SystemdNotifier()
-        self.started_at = time.time()
+        self.started_mono = time.monotonic()
         self.status_url: str | None = None
         self.stop_event = asyncio.Event()
         self.shutting_down = False
@@ -130,7 +174,7 @@ class Supervisor:
     # ---- the loop ------------------------------------------------------------------------
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self._on_signal, signum)
         log.info("supervisor_started", pid=os.getpid(), data_dir=str(self.layout.root),
                  children=",".join(c.spec.name for c in self.children), log_dir=str(self.settings.log_dir))  # fmt: skip
@@ -149,11 +193,16 @@ class Supervisor:
                     await server.stop()
             for child in self.children:
                 child.output.close()
+            ignore_stop_signals(loop)
         log.info("supervisor_stopped", exit_code=code)
         return code
 
     async def _supervise(self) -> None:
-        """The loop, until SIGTERM/SIGINT."""
+        """The loop, until SIGTERM/SIGINT. It is what systemd's watchdog watches: WATCHDOG=1
+        goes out only from a tick that completed, so a loop that stops ticking (a blocking
+        call, an await that never returns) stops the pings and systemd restarts the service.
+        READY=1 once every child has been spawned (not "running": a crash-looping child must
+        not keep the service from starting)."""
         next_status, next_memory = 0.0, time.monotonic() + self.cfg.memory_check_seconds
         while not self.stop_event.is_set():
             now = time.monotonic()
@@ -173,8 +222,9 @@ class Supervisor:
                 await asyncio.wait_for(self.stop_event.wait(), TICK)
 
     def _on_signal(self, signum: int) -> None:
-        if not self.stop_event.is_set():
-            log.info("supervisor_signal", signal=signal.Signals(signum).name)
+        """SIGTERM/SIGINT: stop. Another one while stopping changes nothing (each child keeps
+        its shutdown timeout, then SIGKILL); it is only logged."""
+        log.info("supervisor_signal", signal=signal.Signals(signum).name, already_stopping=self.stop_event.is_set())
         self.stop_event.set()
 
     async def _tick(self, child: Child, now: float) -> None:
@@ -186,7 +236,7 @@ class Supervisor:
             child.policy.tick(now)
             if child.policy.state != "stopping":
                 self._check_liveness(child, process, now)
-        elif child.policy.due(now) and not self.shutting_down:
+        elif child.policy.due(now) and not self.stop_event.is_set():  # a signal may come while spawning
             await self._start(child, now)
 
     async def _start(self, child: Child, now: float) -> None:
@@ -200,8 +250,7 @@ class Supervisor:
             state = child.policy.exited(now, None)
             log.error("child_start_failed", child=spec.name, error=reason, state=state)
             return
-        child.process, child.heartbeat, child.stalled_since, child.rss = process, None, None, None
-        child.memory_warned = False
+        child.new_process(process, now)
         child.policy.started(now)
         process.apply_priority(self.cfg.process_nice.get(spec.kind), self.cfg.cpu_affinity.get(spec.kind))
         log.info("child_started", child=spec.name, pid=process.pid, restarts=child.policy.restarts)
@@ -231,29 +280,21 @@ class Supervisor:
 
     # ---- liveness and memory -------------------------------------------------------------
     def _check_liveness(self, child: Child, process: ChildProcess, now: float) -> None:
-        heartbeat = read_heartbeat(child.heartbeat_path)
-        if heartbeat is not None and heartbeat.pid == process.pid:
-            child.heartbeat = heartbeat
+        """Hung: no new heartbeat for ``hang_timeout_seconds``. Stalled: an ingest whose own
+        watchdog says "connected but silent" for as long."""
+        child.observe(read_heartbeat(child.heartbeat_path), process.pid, now)
         hang = self.cfg.hang_timeout_seconds
-        uptime = now - process.started_mono
-        if uptime <= hang:
-            return
-        if child.heartbeat is None or child.heartbeat.age() > hang:
-            age = None if child.heartbeat is None else round(child.heartbeat.age(), 1)
+        if child.silent_for(now) > hang:
+            age = "none since start" if child.heartbeat is None else round(child.silent_for(now), 1)
             log.warning("child_hung", child=child.spec.name, pid=process.pid, hang_timeout_seconds=hang,
-                        heartbeat_age_seconds=age if age is not None else "none since start")  # fmt: skip
+                        heartbeat_age_seconds=age)  # fmt: skip
             self._request_stop(child, "hang", now)
-            return
-        stalled = child.heartbeat.gauges.get("stalled") == 1
-        if not stalled:
-            child.stalled_since = None
-        elif child.stalled_since is None:
-            child.stalled_since = now
-        elif now - child.stalled_since > hang:
+        elif (stalled := child.stalled_for(now)) > hang:
+            assert child.heartbeat is not None
             log.warning("child_stalled", child=child.spec.name, pid=process.pid,
                         reason="connected but no frame for longer than the ingest watchdog",
                         watchdog_seconds=child.heartbeat.gauges.get("watchdog_seconds"),
-                        stalled_seconds=round(now - child.stalled_since, 1))  # fmt: skip
+                        stalled_seconds=round(stalled, 1))  # fmt: skip
             self._request_stop(child, "stalled", now)
 
     def _check_memory(self, now: float) -> None:
@@ -294,8 +335,7 @@ class Supervisor:
             if child.process is None:
                 child.policy.shutdown(now)
             else:
-                self._request_stop(child, "shutdown", now)
-                child.policy.stop_reason = "shutdown"  # also when it was already stopping for a restart
+                self._request_stop(child, "shutdown", now)  # keeps a stop already under way (and its timeout)
         self._write_status()
         tasks = [c.stop_task for c in self.children if c.stop_task is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -309,44 +349,54 @@ class Supervisor:
 
     # ---- status --------------------------------------------------------------------------
     def snapshot(self) -> SupervisorStatus:
-        """The live status (also what the status page and metrics read)."""
+        """The live status (also what the status page and metrics read). Times are kept on
+        the monotonic clock and turned into epoch seconds here, so uptimes and retry times stay
+        right when NTP steps the wall clock."""
         now, wall = time.monotonic(), time.time()
 
-        def epoch(mono: float | None) -> float | None:
-            return None if mono is None else wall - (now - mono)
+        def epoch(mono: float) -> float:
+            return wall - (now - mono)
 
         children = []
         for child in self.children:
             policy, process, heartbeat = child.policy, child.process, child.heartbeat
+            retry = policy.next_start_at if policy.state in ("backoff", "crashloop") else None
             counters = add_counters(child.carried, heartbeat.counters) if heartbeat is not None else child.carried
             children.append(ChildStatus(
                 name=child.spec.name, kind=child.spec.kind, source=child.spec.source, command=list(child.spec.argv),
-                state=policy.state, state_since=epoch(policy.state_since) or wall,
+                state=policy.state, state_since=epoch(policy.state_since),
                 pid=None if process is None else process.pid,
-                started_at=None if process is None else process.started_at,
+                started_at=None if process is None else epoch(process.started_mono),
                 restarts=policy.restarts, memory_restarts=policy.memory_restarts, hang_restarts=policy.hang_restarts,
-                rss_bytes=child.rss, heartbeat_age=None if heartbeat is None else round(heartbeat.age(wall), 2),
+                rss_bytes=child.rss, heartbeat_age=None if heartbeat is None else round(child.silent_for(now), 2),
                 exit_reason=child.exit_reason,
-                next_start_at=epoch(policy.next_start_at) if policy.state in ("backoff", "crashloop") else None,
+                next_start_at=None if retry is None else epoch(retry),
                 log_file=str(child.log_path), counters=counters,
                 gauges=dict(heartbeat.gauges) if heartbeat is not None else {},
                 products=dict(heartbeat.products) if heartbeat is not None else {},
             ))  # fmt: skip
         return SupervisorStatus(
-            pid=os.getpid(), started_at=self.started_at, time=wall, data_dir=str(self.layout.root),
+            pid=os.getpid(), started_at=epoch(self.started_mono), time=wall, data_dir=str(self.layout.root),
             config_file=str(self.config_file), status_url=self.status_url, children=children,
         )  # fmt: skip
 
     def _write_status(self) -> None:
+        """The status record (and systemd's STATUS line). Failing to write it (full disk, a
+        bug in a record) is logged once and retried next second: never worth stopping capture."""
+        path = self.layout.supervisor_status_file
         try:
-            write_record(self.layout.supervisor_status_file, self.snapshot().to_dict())
-        except OSError as exc:
+            status = self.snapshot()
+            self.notifier.status_changed(status_line(status))
+            write_record(path, status.to_dict())
+        except Exception as exc:
             if not self._status_failed:
-                log.warning("status_write_failed", path=str(self.layout.supervisor_status_file),
-                            error=exc.strerror or repr(exc))  # fmt: skip
+                error = (exc.strerror if isinstance(exc, OSError) else None) or repr(exc)
+                log.warning("status_write_failed", path=str(path), error=error, exc_info=not isinstance(exc, OSError))
             self._status_failed = True
-        else:
-            self._status_failed = False
+            return
+        if self._status_failed:
+            log.info("status_write_recovered", path=str(path))
+        self._status_failed = False
 
     async def _start_status_server(self) -> Any:
         """The status page and /metrics; losing them is not worth losing capture."""
@@ -362,3 +412,8 @@ class Supervisor:
             return None
         log.info("status_server_started", url=self.status_url)
         return server
+
+
+def status_line(status: SupervisorStatus) -> str:
+    """One line for ``systemctl status``: each child and its state."""
+    return ", ".join(f"{child.name} {child.state}" for child in status.children)

@@ -4,7 +4,10 @@ SIGTERM then SIGKILL, measured with psutil.
 
 Spawned from the supervisor's main thread on purpose: ``PR_SET_PDEATHSIG``, which the
 child asks for (:func:`daedalus.ops.child.follow_supervisor`), fires when the *thread*
-that forked it ends, not the process.
+that forked it ends, not the process. asyncio forks on the loop's thread (here the main
+one); its ``ThreadedChildWatcher`` (Python 3.11's default) only *waits* for each child on a
+helper thread that ends with the child, which does not trigger it (checked: a child forked
+by a thread that then ends gets its SIGTERM at once; ours outlive every helper thread).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ class ChildProcess:
         self.spec = spec
         self.proc = proc
         self.pid = proc.pid
-        self.started_at = time.time()
         self.started_mono = time.monotonic()
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._output = output
@@ -64,10 +66,6 @@ class ChildProcess:
         output.write(f"--- daedalus run: started {spec.name} pid {proc.pid} ---\n".encode())
         return cls(spec, proc, output)
 
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
     async def _read_output(self) -> None:
         assert self.proc.stdout is not None
         while chunk := await self.proc.stdout.read(_CHUNK):
@@ -83,8 +81,12 @@ class ChildProcess:
         """The exit code once the process is gone and its output read (a grandchild holding
         the pipe open does not hold us up longer than ``output_grace``)."""
         code = await self.proc.wait()
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(asyncio.shield(self._pump), output_grace)
+        except TimeoutError:
+            pass
+        except Exception:  # losing the last lines must not lose the exit code (and the supervisor with it)
+            log.warning("child_output_failed", child=self.spec.name, pid=self.pid, exc_info=True)
         self._kill_group(signal.SIGKILL)  # whatever it left behind in its group
         self._output.write(f"--- daedalus run: {self.spec.name} pid {self.pid} {self.exit_reason(code)} ---\n".encode())
         return code

@@ -20,7 +20,8 @@ def duration(seconds: float | None) -> str:
     """``42s``, ``5m03s``, ``3h07m``, ``12d04h``: short enough for a table column."""
     if seconds is None:
         return "-"
-    s = int(max(0.0, seconds))
+    seconds = max(0.0, seconds)  # a retry already due, a record a moment old
+    s = int(seconds)
     if s < 60:
         return f"{seconds:.1f}s" if seconds < 10 else f"{s}s"
     if s < 3600:

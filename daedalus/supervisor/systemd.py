@@ -26,20 +26,18 @@ SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 class SystemdNotifier:
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
-        address = env.get("NOTIFY_SOCKET") or ""
+        self.socket_name = env.get("NOTIFY_SOCKET") or ""
         self.address: str | bytes | None = None
-        if address.startswith("@"):
-            self.address = b"\0" + address[1:].encode()
-        elif address.startswith("/"):
-            self.address = address
+        if self.socket_name.startswith("@"):
+            self.address = b"\0" + self.socket_name[1:].encode()
+        elif self.socket_name.startswith("/"):
+            self.address = self.socket_name
         self.watchdog_interval: float | None = None
         usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
         if self.address is not None and usec and (not pid or pid == str(os.getpid())):
-            try:
-                self.watchdog_interval = max(0.05, int(usec) / 1_000_000 / 2)
-            except ValueError:
-                log.warning("systemd_watchdog_usec_invalid", value=usec)
-        self._last_ping = 0.0
+            self.watchdog_interval = half_watchdog(usec)
+        self._last_ping: float | None = None
+        self._last_status: str | None = None
         self._failed = False
 
     @property
@@ -57,8 +55,7 @@ class SystemdNotifier:
                 sock.sendall(payload)
         except OSError as exc:
             if not self._failed:
-                log.warning("systemd_notify_failed", socket=os.environ.get("NOTIFY_SOCKET"),
-                            error=exc.strerror or repr(exc))  # fmt: skip
+                log.warning("systemd_notify_failed", socket=self.socket_name, error=exc.strerror or repr(exc))
             self._failed = True
             return False
         self._failed = False
@@ -67,8 +64,10 @@ class SystemdNotifier:
     def ready(self, status: str) -> None:
         self.notify("READY=1", f"STATUS={status}")
 
-    def status(self, status: str) -> None:
-        self.notify(f"STATUS={status}")
+    def status_changed(self, status: str) -> None:
+        """``STATUS=`` (what ``systemctl status`` shows), sent when it differs from the last one."""
+        if status != self._last_status and self.notify(f"STATUS={status}"):
+            self._last_status = status
 
     def stopping(self) -> None:
         self.notify("STOPPING=1", "STATUS=stopping children")
@@ -78,6 +77,19 @@ class SystemdNotifier:
         if self.watchdog_interval is None:
             return
         now = time.monotonic() if now is None else now
-        if now - self._last_ping >= self.watchdog_interval:
+        if self._last_ping is None or now - self._last_ping >= self.watchdog_interval:
             self._last_ping = now
             self.notify("WATCHDOG=1")
+
+
+def half_watchdog(usec: str) -> float | None:
+    """Half of ``WATCHDOG_USEC`` in seconds (ping twice per period, as sd_watchdog_enabled(3)
+    advises); None, logged, for a value that is not a positive whole number."""
+    try:
+        value = int(usec)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        log.warning("systemd_watchdog_usec_invalid", value=usec, hint="no WATCHDOG pings will be sent")
+        return None
+    return max(0.05, value / 1_000_000 / 2)
