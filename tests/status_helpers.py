@@ -1,5 +1,5 @@
-"""Helpers of the status server's tests: a supervisor-like snapshot from real heartbeats and a
-real ``daedalus ingest`` process."""
+"""Helpers of the status server's tests: a supervisor-like snapshot from real heartbeats, a
+real ``daedalus ingest`` process, and reading /metrics back with prometheus_client's parser."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from daedalus.capture.segments import LatencyHistogram
 from daedalus.config import DaedalusConfig, parse_config
@@ -123,3 +125,48 @@ async def wait_for(condition: Any, what: str, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+# family name (as the parser names it: counters without _total) -> type
+FAMILIES = {
+    "daedalus_frames_received": "counter", "daedalus_received_bytes": "counter", "daedalus_reconnects": "counter",
+    "daedalus_gaps": "counter", "daedalus_connection_up": "gauge", "daedalus_last_frame_age_seconds": "gauge",
+    "daedalus_queue_depth": "gauge", "daedalus_queue_capacity": "gauge", "daedalus_overflow_drops": "counter",
+    "daedalus_write_errors": "counter", "daedalus_flushes": "counter", "daedalus_segment_rotations": "counter",
+    "daedalus_frames_written": "counter", "daedalus_written_bytes": "counter", "daedalus_ingest_stalled": "gauge",
+    "daedalus_active_segment_bytes": "gauge", "daedalus_receive_to_durable_seconds": "histogram",
+    "daedalus_backlog_files": "gauge", "daedalus_backlog_bytes": "gauge",
+    "daedalus_etl_segments_processed": "counter", "daedalus_etl_processed_bytes": "counter",
+    "daedalus_etl_rows": "counter", "daedalus_etl_quarantined_lines": "counter",
+    "daedalus_etl_quarantined_segments": "counter", "daedalus_etl_lag_seconds": "gauge", "daedalus_etl_busy": "gauge",
+    "daedalus_child_state": "gauge", "daedalus_child_restarts": "counter", "daedalus_child_memory_restarts": "counter",
+    "daedalus_child_hang_restarts": "counter", "daedalus_child_rss_bytes": "gauge",
+    "daedalus_child_uptime_seconds": "gauge", "daedalus_child_heartbeat_age_seconds": "gauge",
+    "daedalus_disk_free_bytes": "gauge", "daedalus_disk_total_bytes": "gauge", "daedalus_data_age_seconds": "gauge",
+    "daedalus_health_level": "gauge",
+}  # fmt: skip
+
+
+class Metrics:
+    """A /metrics page as parsed by prometheus_client: ``value(sample name, **labels)``."""
+
+    def __init__(self, text: str) -> None:
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def samples(self, family: str) -> list[Any]:
+        return self.families[family].samples
+
+    def value(self, sample: str, **labels: str) -> float:
+        family = sample.removesuffix("_total").removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+        found = [s.value for s in self.samples(family) if s.name == sample and s.labels == labels]
+        assert len(found) == 1, f"{sample}{labels}: {found} in {self.samples(family)}"
+        return found[0]
+
+
+async def get(url: str, **headers: str) -> tuple[int, str, str]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
+        return response.status, response.headers["Content-Type"], await response.text()
+
+
+def assert_every_family(metrics: Metrics) -> None:
+    assert {name: metrics.families[name].type for name in FAMILIES if name in metrics.families} == FAMILIES

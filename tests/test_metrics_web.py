@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import time
 from html.parser import HTMLParser
-from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 from daedalus.capture.segments import LATENCY_BUCKETS_S
@@ -19,65 +17,24 @@ from daedalus.ops.metrics import History, histogram_of
 from daedalus.ops.records import CHILD_STATES, ChildStatus, SupervisorStatus, read_heartbeat
 from daedalus.ops.web import StatusServer
 from tests.status_helpers import (
+    Metrics,
+    assert_every_family,
     child_from,
     config_for,
     daedalus_process,
     etl_heartbeat,
+    get,
     ingest_heartbeat,
     snapshot_from_run_dir,
     status_of,
     wait_for,
 )
 
-# family name (as the parser names it: counters without _total) -> type
-FAMILIES = {
-    "daedalus_frames_received": "counter", "daedalus_received_bytes": "counter", "daedalus_reconnects": "counter",
-    "daedalus_gaps": "counter", "daedalus_connection_up": "gauge", "daedalus_last_frame_age_seconds": "gauge",
-    "daedalus_queue_depth": "gauge", "daedalus_queue_capacity": "gauge", "daedalus_overflow_drops": "counter",
-    "daedalus_write_errors": "counter", "daedalus_flushes": "counter", "daedalus_segment_rotations": "counter",
-    "daedalus_frames_written": "counter", "daedalus_written_bytes": "counter", "daedalus_ingest_stalled": "gauge",
-    "daedalus_active_segment_bytes": "gauge", "daedalus_receive_to_durable_seconds": "histogram",
-    "daedalus_backlog_files": "gauge", "daedalus_backlog_bytes": "gauge",
-    "daedalus_etl_segments_processed": "counter", "daedalus_etl_processed_bytes": "counter",
-    "daedalus_etl_rows": "counter", "daedalus_etl_quarantined_lines": "counter",
-    "daedalus_etl_quarantined_segments": "counter", "daedalus_etl_lag_seconds": "gauge", "daedalus_etl_busy": "gauge",
-    "daedalus_child_state": "gauge", "daedalus_child_restarts": "counter", "daedalus_child_memory_restarts": "counter",
-    "daedalus_child_hang_restarts": "counter", "daedalus_child_rss_bytes": "gauge",
-    "daedalus_child_uptime_seconds": "gauge", "daedalus_child_heartbeat_age_seconds": "gauge",
-    "daedalus_disk_free_bytes": "gauge", "daedalus_disk_total_bytes": "gauge", "daedalus_data_age_seconds": "gauge",
-    "daedalus_health_level": "gauge",
-}  # fmt: skip
-
-
-class Metrics:
-    """A /metrics page as parsed by prometheus_client: ``value(sample name, **labels)``."""
-
-    def __init__(self, text: str) -> None:
-        self.families = {f.name: f for f in text_string_to_metric_families(text)}
-
-    def samples(self, family: str) -> list[Any]:
-        return self.families[family].samples
-
-    def value(self, sample: str, **labels: str) -> float:
-        family = sample.removesuffix("_total").removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
-        found = [s.value for s in self.samples(family) if s.name == sample and s.labels == labels]
-        assert len(found) == 1, f"{sample}{labels}: {found} in {self.samples(family)}"
-        return found[0]
-
-
-async def get(url: str, **headers: str) -> tuple[int, str, str]:
-    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
-        return response.status, response.headers["Content-Type"], await response.text()
-
 
 async def scrape(server: StatusServer) -> Metrics:
     status, content_type, text = await get(server.url + "metrics")
     assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
     return Metrics(text)
-
-
-def assert_every_family(metrics: Metrics) -> None:
-    assert {name: metrics.families[name].type for name in FAMILIES if name in metrics.families} == FAMILIES
 
 
 async def test_metrics_of_real_ingest_and_etl_processes(make_sim, tmp_path):

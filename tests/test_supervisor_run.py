@@ -8,7 +8,11 @@ import fcntl
 import os
 import signal
 
+import orjson
+
+from daedalus.ops.records import SupervisorStatus
 from tests.capture_helpers import segment_files
+from tests.status_helpers import Metrics, assert_every_family, get
 from tests.supervisor_helpers import (
     INGEST,
     NotifySocket,
@@ -65,6 +69,7 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
         assert "running" in next(line for line in out.splitlines() if line.startswith(INGEST))
         await notify.wait("etl crashloop", part=True)  # systemctl status shows it too
         assert sup.child(INGEST).pid == second.pid
+        await check_http_during_crashloop(sup.status())
 
         # after the cool-down it is tried again; with the lock free it runs
         etl_lock.close()
@@ -97,3 +102,25 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
     assert f"pid {first.pid} killed by SIGKILL" in log
     code, out, _ = await cli("status", "--config", str(path))
     assert code == 1 and "no supervisor is running" in out
+
+
+async def check_http_during_crashloop(status: SupervisorStatus | None) -> None:
+    """The supervisor's own HTTP server says it too: /healthz critical (503) naming the
+    crash-looping child, /metrics with every family and the states as they are."""
+    assert status is not None and status.status_url and status.status_url.startswith("http://127.0.0.1:")
+    code, content_type, body = await get(status.status_url + "healthz")
+    report = orjson.loads(body)
+    assert code == 503 and content_type.startswith("application/json") and report["level"] == "critical"
+    assert any(f["level"] == "critical" and "etl" in f["subject"] and "crashloop" in f["message"]
+               for f in report["findings"]), report["findings"]  # fmt: skip
+    code, _, text = await get(status.status_url + "metrics")
+    assert code == 200
+    metrics = Metrics(text)
+    assert_every_family(metrics)
+    assert metrics.value("daedalus_child_state", child="etl", state="crashloop") == 1
+    assert metrics.value("daedalus_child_state", child=INGEST, state="running") == 1
+    assert metrics.value("daedalus_child_restarts_total", child="etl") == 2
+    assert metrics.value("daedalus_frames_received_total", source="coinbase", connection="1") > 0
+    assert metrics.value("daedalus_health_level") == 2
+    code, _, page = await get(status.status_url)
+    assert code == 200 and "<canvas" in page
