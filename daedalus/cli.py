@@ -338,6 +338,9 @@ def run(
 
     if memory_limit_mb is not None and not (math.isfinite(memory_limit_mb) and 0 < memory_limit_mb <= 1_048_576):
         raise _fail(f"--memory-limit-mb: must be more than 0 and at most 1048576 (got {memory_limit_mb})")
+    if not dry_run:
+        _require_writable(settings.layout.run_dir, "data_dir")
+        _require_writable(settings.log_dir, "supervisor.log_dir" if settings.supervisor.log_dir else "data_dir")
     try:
         code = run_supervisor(
             settings,

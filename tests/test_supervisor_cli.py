@@ -35,3 +35,13 @@ def test_sources_are_checked(tmp_path):
     later = run("run", "--config", config, "--sources", "ccxt", "--dry-run")
     assert later.returncode == 2 and "--sources: ccxt has no collector yet" in later.stderr
     assert "Traceback" not in unknown.stderr + later.stderr
+
+
+def test_a_log_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "not-a-dir").write_text("a file where the logs should go")
+    supervisor = {"log_dir": str(tmp_path / "not-a-dir" / "logs")}
+    config = write_yaml(tmp_path / "c.yaml", {"data_dir": str(tmp_path / "data"), "supervisor": supervisor})
+    result = run("run", "--config", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "supervisor.log_dir" in result.stderr
+    assert not (tmp_path / "data" / "run" / "supervisor.lock").exists()  # refused before anything started
