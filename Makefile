@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint bench clean
+.PHONY: venv test lint bench demo run pi-check clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,19 @@ $(STAMP): pyproject.toml
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# The whole pipeline for a minute against the built-in simulator, offline: summary, query, plot.
+demo: venv
+	$(BIN)/daedalus demo
+
+# The real thing: the supervisor with Coinbase's public channels (no API key needed).
+run: venv
+	$(BIN)/daedalus run --config config/default.yaml
+
+# The product on a Raspberry Pi 4's CPU, emulated (qemu-aarch64 -cpu cortex-a72); ~1 GB of
+# downloads the first time, cached under .cache/. Not part of `make test`.
+pi-check:
+	bash deploy/pi-check.sh
 
 lint: venv
 	$(BIN)/ruff check .

@@ -390,5 +390,18 @@ def health(
     raise typer.Exit(report.exit_code)
 
 
+# Commands that live with their own package (each imports its heavy libraries lazily).
+def _register_commands() -> None:
+    from daedalus.demo import register as register_demo
+    from daedalus.plot.command import register as register_plot
+    from daedalus.query.command import register as register_query
+
+    for register in (register_query, register_plot, register_demo):
+        register(app)
+
+
+_register_commands()
+
+
 def main() -> None:  # pragma: no cover - console entry
     sys.exit(app())

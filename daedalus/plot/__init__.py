@@ -1,0 +1,1 @@
+"""``daedalus plot``: a picture of one product's book, trades and bars."""

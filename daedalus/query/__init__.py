@@ -1,0 +1,1 @@
+"""``daedalus query``: DuckDB over the processed dataset, one view per dataset."""

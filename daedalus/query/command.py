@@ -1,0 +1,9 @@
+"""The ``daedalus query`` command (registered on the CLI by :func:`register`)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``query`` to the ``daedalus`` command line (in progress)."""
