@@ -1,9 +1,177 @@
-"""The ``daedalus query`` command (registered on the CLI by :func:`register`)."""
+"""The ``daedalus query`` command (registered on the CLI by :func:`register`).
+
+DuckDB, pyarrow and the writers are imported inside the command, so ``daedalus --help``
+stays fast.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
 import typer
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from daedalus.config import DaedalusConfig
+
+FORMAT_HELP = "table (aligned text, first --max-rows rows), csv, json (array of records) or parquet (needs --out)."
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``query`` to the ``daedalus`` command line (in progress)."""
+    """Add ``query`` to the ``daedalus`` command line."""
+
+    @app.command()
+    def query(
+        sql: Annotated[
+            str | None, typer.Argument(help="SQL over the views (see --schema).", show_default=False)
+        ] = None,
+        config: Annotated[
+            Path | None, typer.Option("--config", "-c", help="YAML configuration file (default: built-in defaults).")
+        ] = None,
+        data_dir: Annotated[
+            Path | None, typer.Option("--data-dir", help="Read <DIR>/processed instead of the config's data.")
+        ] = None,
+        fmt: Annotated[str, typer.Option("--format", "-f", help=FORMAT_HELP)] = "table",
+        out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the result to FILE, not stdout.")] = None,
+        schema: Annotated[bool, typer.Option("--schema", help="List the views and their columns.")] = False,
+        preset: Annotated[str | None, typer.Option(help="ohlcv, spread or gaps instead of SQL.")] = None,
+        interval: Annotated[str, typer.Option(help="Bucket of --preset ohlcv: 1s .. 1d, like 1m, 15m, 1h.")] = "1m",
+        product: Annotated[str | None, typer.Option(help="Only this product (presets).")] = None,
+        start: Annotated[str | None, typer.Option(help="Presets: from this UTC time (ISO 8601), inclusive.")] = None,
+        end: Annotated[str | None, typer.Option(help="Presets: until this UTC time (ISO 8601), exclusive.")] = None,
+        max_rows: Annotated[int, typer.Option(help="Rows shown by --format table.", min=1)] = 40,
+        show_sql: Annotated[bool, typer.Option("--show-sql", help="Print the preset's SQL instead of running it.")] = (
+            False
+        ),
+    ) -> None:
+        """Run SQL (DuckDB) over the processed dataset: one view per dataset (level2, book_snapshot_10,
+        market_trades, ticker, candles, bars_1m, ...), partition columns included, timestamps as UTC
+        TIMESTAMP plus exact <column>_ns integers. Errors: one line, exit 2."""
+        from daedalus.cli import _fail
+
+        settings = _settings(config, data_dir)
+        if fmt not in ("table", "csv", "json", "parquet"):
+            raise _fail(f"--format: {fmt!r} must be table, csv, json or parquet")
+        if fmt == "parquet" and out is None:
+            raise _fail("--format parquet writes a file: give it with --out FILE")
+        chosen = sum(x for x in (sql is not None, preset is not None, schema))
+        if chosen != 1:
+            raise _fail("give exactly one of: SQL, --preset NAME, --schema (see daedalus query --help)")
+        _run(settings, sql, preset, schema, fmt, out, max_rows, show_sql,
+             {"product": product, "start": start, "end": end, "interval": interval})  # fmt: skip
+
+
+def _settings(config: Path | None, data_dir: Path | None) -> DaedalusConfig:
+    """The config (exit 2 when invalid), with ``--data-dir`` replacing the data directory."""
+    from daedalus.cli import _configured
+    from daedalus.config import parse_config
+    from daedalus.logs import setup_logging
+
+    if config is not None:
+        settings = _configured(config)
+    else:
+        settings = parse_config({})
+        setup_logging("WARNING")
+    if data_dir is not None:
+        settings = settings.model_copy(update={"data_dir": data_dir, "etl": settings.etl.model_copy(
+            update={"output_dir": None})})  # fmt: skip
+    return settings
+
+
+def _run(
+    settings: DaedalusConfig,
+    sql: str | None,
+    preset: str | None,
+    schema: bool,
+    fmt: str,
+    out: Path | None,
+    max_rows: int,
+    show_sql: bool,
+    params: dict[str, str | None],
+) -> None:
+    """Schema, preset or SQL; every failure the user can cause becomes one line and exit 2."""
+    from daedalus.cli import _fail
+    from daedalus.query.api import QueryError, missing_view, no_data_hint, preset_for, stream_sql
+    from daedalus.query.views import dataset_views, open_dataset
+
+    processed = settings.processed_dir
+    try:
+        if preset is not None:
+            sql = preset_for(settings, preset, **params)
+            if show_sql:
+                typer.echo(sql)
+                return
+        con = open_dataset(settings)
+        views = dataset_views(con)
+        if schema:
+            _print_schema(views, processed)
+            return
+        if preset is not None and (problem := missing_view(con, preset, processed)):
+            raise QueryError(problem)
+        try:
+            reader = stream_sql(con, sql)
+        except QueryError as exc:
+            raise QueryError(f"{exc} ({no_data_hint(processed)})" if not views else str(exc)) from None
+        if reader is None:
+            return
+        rows = _write(reader, fmt, out, max_rows)
+    except QueryError as exc:
+        raise _fail(str(exc)) from None
+    except BrokenPipeError:  # `| head`: the reader left; nothing to report, nothing more to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return
+    if out is not None:
+        typer.echo(f"{rows:,} rows -> {out}", err=True)
+
+
+def _write(reader: pa.RecordBatchReader, fmt: str, out: Path | None, max_rows: int) -> int:
+    """Write the batches in ``fmt`` to ``out`` or stdout; DuckDB errors raised while
+    streaming become :class:`QueryError`."""
+    from daedalus.query import output
+    from daedalus.query.api import QueryError, one_line
+
+    try:
+        if fmt == "parquet":
+            return output.write_parquet(reader, out)
+        if fmt == "table":
+            if out is None:
+                return output.write_table(reader, sys.stdout, max_rows)
+            with out.open("w", encoding="utf-8") as handle:
+                return output.write_table(reader, handle, max_rows)
+        write = output.write_csv if fmt == "csv" else output.write_json
+        if out is None:
+            sys.stdout.flush()
+            rows = write(reader, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return rows
+        with out.open("wb") as handle:
+            return write(reader, handle)
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise QueryError(f"--out: cannot write {out}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        if type(exc).__module__.startswith(("_duckdb", "duckdb", "pyarrow")):
+            raise QueryError(one_line(str(exc))) from None
+        raise
+
+
+def _print_schema(views: dict[str, list[tuple[str, str]]], processed: Path) -> None:
+    if not views:
+        typer.echo(f"no views: {_hint(processed)}", err=True)
+        return
+    for view, columns in views.items():
+        typer.echo(view)
+        width = max(len(name) for name, _ in columns)
+        for name, kind in columns:
+            typer.echo(f"  {name.ljust(width)}  {kind}")
+
+
+def _hint(processed: Path) -> str:
+    from daedalus.query.api import no_data_hint
+
+    return no_data_hint(processed)
