@@ -319,3 +319,22 @@ def test_presets_give_prices_in_units_whatever_the_decimal_strategy(tmp_path):
                     k: v for k, v in ref.items() if k not in numbers
                 }
                 assert [got[k] for k in numbers] == pytest.approx([ref[k] for k in numbers], rel=1e-9), (strategy, name)
+
+
+def test_etl_bars_open_and_close_follow_trade_ids_when_trades_share_a_time(tmp_path):
+    """Coinbase lists a frame's trades newest first; trades sharing an exchange time must
+    still open and close a bar in trade-id order, as the ohlcv preset (and the exchange) do.
+    The reference recording has such ties (ETH-USD at 21:04 opened at 1919.36 before)."""
+    from tests.etl_helpers import recording_lines, run_etl, write_segments
+
+    write_segments(tmp_path, [recording_lines()])
+    run_etl(tmp_path)
+    config = parse_config({"data_dir": str(tmp_path)})
+    cols = "product_id, start_ns AS bucket_ns, open, high, low, close, trade_count AS trades"
+    bars = pl.from_arrow(run_sql(config, f"SELECT {cols} FROM bars_1m"))
+    preset = pl.from_arrow(run_preset(config, "ohlcv", interval="1m"))
+    preset = preset.with_columns(pl.col("bucket").dt.epoch("ns").alias("bucket_ns"))
+    both = bars.join(preset, on=["product_id", "bucket_ns"], suffix="_preset")
+    assert both.height == bars.height >= 4
+    for column in ("open", "high", "low", "close", "trades"):
+        assert both[column].to_list() == both[f"{column}_preset"].to_list(), column

@@ -147,6 +147,17 @@ class Bar:
         self.last_event, self.last_recv = later.last_event, later.last_recv
 
 
+def _trade_order(trade_ids: pa.ChunkedArray) -> np.ndarray:
+    """The order of trades that share an exchange time: their numeric trade ids (Coinbase's
+    grow with time, while its frames list the newest first), else arrival order."""
+    if trade_ids.null_count == 0:
+        try:
+            return pc.cast(trade_ids, pa.int64()).to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # not (all) numbers
+            pass
+    return np.arange(len(trade_ids))
+
+
 @dataclass
 class BarBuilder:
     """VWAP bars from de-duplicated trades, by exchange time. Open bars ride in the
@@ -171,9 +182,10 @@ class BarBuilder:
                 return values.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
 
             ts, recv, px, sz = column("ts_event"), column("ts_recv"), column("price"), column("size")
+            order = _trade_order(table.column("trade_id"))
             for code, product in enumerate(encoded.dictionary.to_pylist()):
                 rows = np.flatnonzero(codes == code)
-                rows = rows[np.argsort(ts[rows], kind="stable")]
+                rows = rows[np.lexsort((order[rows], ts[rows]))]  # by time, then by trade id
                 self._add_product(product, ts[rows], recv[rows], px[rows], sz[rows])
         done = []
         for key in sorted(self.open_bars):
