@@ -156,3 +156,21 @@ def test_bad_options_are_one_line(tmp_path: Path) -> None:
         result = subprocess.run([*DAEDALUS, "demo", *args], capture_output=True, text=True, timeout=60, cwd=REPO)
         assert result.returncode == 2, result
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_killed_demos_temporary_directory_is_removed_by_the_next_demo(tmp_path, monkeypatch):
+    """SIGKILL skips the demo's own clean-up; the next demo removes what it left, and only that."""
+    import tempfile
+
+    from daedalus.demo.runner import OWNER_FILE, WORK_PREFIX, sweep_stale_work_dirs
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale, live, foreign = (tmp_path / f"{WORK_PREFIX}{n}" for n in ("stale", "live", "foreign"))
+    for work, owner in ((stale, dead.pid), (live, os.getpid())):
+        (work / "data").mkdir(parents=True)
+        (work / OWNER_FILE).write_text(str(owner))
+    foreign.mkdir()
+    assert sweep_stale_work_dirs() == [stale]
+    assert not stale.exists() and live.exists() and foreign.exists()

@@ -9,6 +9,7 @@ their own, so the terminal's Ctrl-C reaches only the demo, which stops them in o
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+import psutil
 
 from daedalus.demo import procs
 from daedalus.demo.plan import DemoPlan
@@ -282,10 +285,33 @@ def _tail(path: Path, lines: int = 5) -> str:
     return "\n".join("    " + ln for ln in procs.read_text(path).splitlines()[-lines:])
 
 
+WORK_PREFIX = "daedalus-demo-"
+OWNER_FILE = "demo.pid"
+
+
+def sweep_stale_work_dirs() -> list[Path]:
+    """Remove the temporary directories of earlier demos that were killed before their own
+    clean-up ran (their ``demo.pid`` names a process that is gone), so a rerun cleans up."""
+    removed = []
+    for work in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*"):
+        try:
+            owner = int((work / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or just being created: leave it
+        if not psutil.pid_exists(owner):
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+    return removed
+
+
 def run_demo(seconds: float, keep: Path | None, product: str) -> int:
     """The whole demo; returns the exit code (0, 1 when something failed, 130 when cut short)."""
-    work = keep.resolve() if keep is not None else Path(tempfile.mkdtemp(prefix="daedalus-demo-"))
+    for stale in sweep_stale_work_dirs():
+        say(f"removed {stale}, left behind by a demo that was killed")
+    work = keep.resolve() if keep is not None else Path(tempfile.mkdtemp(prefix=WORK_PREFIX))
     work.mkdir(parents=True, exist_ok=True)
+    if keep is None:
+        (work / OWNER_FILE).write_text(str(os.getpid()))
     # kept: everything in one directory; not kept: the report in the current directory (the rest goes)
     run = DemoRun(DemoPlan(seconds, work), product, work if keep is not None else Path.cwd(), Interrupts())
     code = 0
