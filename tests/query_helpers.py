@@ -5,8 +5,6 @@ a process for a few seconds, then the ETL."""
 from __future__ import annotations
 
 import asyncio
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from daedalus.etl.job import EtlJob, Summary
 from daedalus.sim import SimConfig, SimServer
 from daedalus.sim.faults import FaultConfig
 from tests.capture_helpers import ingest_config
-from tests.conftest import REPO
+from tests.status_helpers import daedalus_process
 
 PRODUCTS = ("BTC-USD", "ETH-USD")
 CHANNELS = ["ticker", "level2", "market_trades", "candles"]
@@ -36,7 +34,7 @@ class SimDataset:
         return self.config.processed_dir / "coinbase"
 
 
-def build_dataset(root: Path, seconds: float = 4.0, gaps: int = 6) -> SimDataset:
+def build_dataset(root: Path, seconds: float = 2.5, gaps: int = 6) -> SimDataset:
     """Capture ``seconds`` of simulated market (and at least ``gaps`` sequence gaps), run the ETL."""
     data = root / "data"
     settings = asyncio.run(_capture(data, seconds, gaps))
@@ -49,22 +47,15 @@ def build_dataset(root: Path, seconds: float = 4.0, gaps: int = 6) -> SimDataset
 
 
 async def _capture(data: Path, seconds: float, gaps: int) -> dict:
-    faults = FaultConfig(drop_rate=0.01)
+    faults = FaultConfig(drop_rate=0.03)
     async with SimServer(SimConfig(rate=300, seed=7, products=PRODUCTS, candles_interval=0.5, faults=faults)) as sim:
         settings = ingest_config(data, sim.ws_url)
         settings["coinbase"] |= {"product_ids": list(PRODUCTS), "channels": CHANNELS}
         config_path = data.parent / "ingest.yaml"
         config_path.write_text(yaml.safe_dump(settings))
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "daedalus", "ingest", "--config", str(config_path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=REPO,
-        )  # fmt: skip
-        try:
+        async with daedalus_process(config_path, "ingest") as proc:
             await _wait_for_capture(data, seconds, gaps)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), 30)
-        assert proc.returncode == 0, err.decode()[-2000:]
+        assert proc.returncode == 0, f"ingest exited with {proc.returncode} on SIGTERM"
     return settings
 
 

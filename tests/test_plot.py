@@ -12,7 +12,6 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pytest
 import yaml
@@ -21,14 +20,15 @@ from matplotlib import image as mpimg
 from daedalus.capture.pipeline import IngestPipeline
 from daedalus.config import parse_config
 from daedalus.etl.job import EtlJob
+from daedalus.plot.data import load_for
 from daedalus.plot.html import render_html
-from daedalus.plot.png import DPI, FIGSIZE, INVALID, SIDE_COLOURS, load_for, render_png
+from daedalus.plot.png import DPI, FIGSIZE, INVALID, SIDE_COLOURS, render_png
+from daedalus.query.views import open_dataset
 from daedalus.sim import SimConfig, SimServer
+from tests.browser import dump_dom, needs_browser
 from tests.capture_helpers import ingest_config
 from tests.conftest import REPO
 from tests.etl_helpers import recording_lines, run_etl, write_segments
-
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 async def _capture(data_dir: Path) -> None:
@@ -64,22 +64,20 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     asyncio.run(_capture(data_dir))
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(data_dir)}))
-    EtlJob(parse_config({"data_dir": str(data_dir)})).run()
-    level2 = f"{data_dir}/processed/coinbase/level2/**/*.parquet"
-    sql = f"SELECT count(*) FROM read_parquet('{level2}') WHERE NOT book_valid"
-    invalid = duckdb.connect().execute(sql).fetchone()[0]
+    settings = parse_config({"data_dir": str(data_dir)})
+    EtlJob(settings).run()
+    invalid = open_dataset(settings).execute("SELECT count(*) FROM level2 WHERE NOT book_valid").fetchone()[0]
     assert invalid > 0, "the dropped frames should have left invalid books"
     return config
 
 
+def plot_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "daedalus", "plot", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
 def plot(config: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "daedalus", "plot", "--config", str(config), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return plot_cli("--config", str(config), *args, cwd=cwd)
 
 
 def colours(pixels: np.ndarray) -> np.ndarray:
@@ -105,7 +103,9 @@ def assert_real_plot(pixels: np.ndarray) -> None:
 
 
 def test_png_default_name_is_a_real_plot(dataset, tmp_path):
-    done = plot(dataset, "--product", "BTC-USD", cwd=tmp_path)
+    """--data-dir instead of a config, as in ``daedalus query``; the file lands in the current directory."""
+    data_dir = yaml.safe_load(dataset.read_text())["data_dir"]
+    done = plot_cli("--data-dir", data_dir, "--product", "BTC-USD", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     written = done.stdout.strip()
     assert re.fullmatch(r"plot-BTC-USD-\d{8}T\d{6}Z\.png", written), done.stdout
@@ -130,25 +130,20 @@ def test_html_is_self_contained_with_plot_and_tables(dataset, tmp_path):
     assert re.search(r"<td>market_trades</td><td class=\"n\">[1-9][\d,]*</td>", text)
 
 
+@needs_browser
 def test_html_opens_in_headless_chromium(dataset, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip("no chromium: apt install chromium")
     out = tmp_path / "report.html"
     assert plot(dataset, "--product", "BTC-USD", "--out", str(out), cwd=tmp_path).returncode == 0
-    done = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom",
-         out.as_uri()],
-        capture_output=True, text=True, timeout=90,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert 'id="plot"' in done.stdout and "<h2>Rows per dataset</h2>" in done.stdout
+    dom = dump_dom(out.as_uri(), tmp_path)
+    assert 'id="plot"' in dom and "<h2>Rows per dataset</h2>" in dom
 
 
 def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
     cases = {
         ("--product", "XRP-USD"): "unknown product 'XRP-USD': available: BTC-USD, ETH-USD",
         ("--product", "BTC-USD", "--start", "2020-01-01", "--end", "2020-01-01"): "no data for BTC-USD between",
-        ("--product", "BTC-USD", "--start", "yesterday"): "--start 'yesterday' is not a time",
+        ("--product", "BTC-USD", "--start", "yesterday"): "--start: 'yesterday' is not an ISO 8601 date or time",
+        ("--product", "BTC-USD", "--start", "2026-08-10", "--end", "2026-08-09T12:00"): "is before --start",
         ("--product", "BTC-USD", "--out", "x.jpg"): "--out x.jpg: must end in .png or .html",
     }
     for args, message in cases.items():
@@ -156,6 +151,8 @@ def test_bad_input_is_one_line_and_exit_2(dataset, tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.strip().count("\n") == 0, done.stderr
+    nothing = plot_cli("--product", "BTC-USD", cwd=tmp_path)  # no config: the built-in one, ./data, is empty
+    assert nothing.returncode == 2 and "available: none (no processed data" in nothing.stderr, nothing.stderr
     assert not list(tmp_path.iterdir())
 
 
@@ -203,7 +200,6 @@ def test_every_decimal_strategy_plots_the_same_prices(tmp_path, strategy):
 def test_invalid_intervals_equal_a_row_by_row_scan(dataset, monkeypatch, buckets):
     """Coarse buckets force the row-by-row path for mixed buckets; fine ones the bucket path."""
     from daedalus.plot import data as plot_data
-    from daedalus.query.views import open_dataset
 
     monkeypatch.setattr(plot_data, "VALIDITY_BUCKETS", buckets)
     config = parse_config(yaml.safe_load(dataset.read_text()))
@@ -224,3 +220,32 @@ def test_invalid_intervals_equal_a_row_by_row_scan(dataset, monkeypatch, buckets
     if opened is not None:
         expected.append((opened, hi))
     assert expected and [(int(a.astype("int64")), int(b.astype("int64"))) for a, b in found] == expected
+
+
+def test_bars_beyond_the_limit_are_merged_volume_weighted(tmp_path, monkeypatch):
+    """A year of 1-minute bars is half a million segments: above BAR_POINTS, runs of bars are
+    drawn as one, epoch-aligned, with the VWAP of all their trades."""
+    from daedalus.plot import data as plot_data
+    from daedalus.query.api import run_sql
+
+    write_segments(tmp_path, [recording_lines()])
+    run_etl(tmp_path)
+    config = parse_config({"data_dir": str(tmp_path)})
+    bars = run_sql(config, "SELECT vwap, volume FROM bars_1m WHERE product_id = 'ETH-USD' ORDER BY start").to_pylist()
+    assert len(bars) == 2  # 21:04 and 21:05: one 2-minute bucket (21:04 is an even minute)
+    monkeypatch.setattr(plot_data, "BAR_POINTS", 1)
+    data = load_for(config, "ETH-USD", "2026-08-09T21:00Z", "2026-08-09T22:00Z")
+    assert data.bar_seconds == 120 and len(data.bars["vwap"]) == 1
+    assert str(data.bars["start"][0]) == "2026-08-09T21:04:00.000000"
+    expected = sum(b["vwap"] * b["volume"] for b in bars) / sum(b["volume"] for b in bars)
+    assert data.bars["vwap"][0] == pytest.approx(expected, rel=1e-12)
+
+
+def test_invalid_intervals_are_drawn_at_least_visible_and_merged_when_they_touch():
+    from daedalus.plot.png import shaded_spans
+
+    t = np.datetime64("2026-08-09T21:00:00", "us")
+    second = np.timedelta64(1, "s")
+    spans = shaded_spans([(t, t + second), (t + 3 * second, t + 4 * second), (t + 20 * second, t + 21 * second)],
+                         5 * second)  # fmt: skip
+    assert spans == [(t, t + 8 * second), (t + 20 * second, t + 25 * second)]

@@ -16,7 +16,7 @@ import pytest
 from daedalus.config import parse_config
 from daedalus.query.api import QueryError, run_preset, run_sql
 from daedalus.query.presets import PresetError, preset_sql
-from daedalus.query.views import dataset_views, open_dataset, sql_string
+from daedalus.query.views import dataset_views, open_dataset, sql_identifier, sql_string
 from tests.conftest import REPO
 from tests.query_helpers import SimDataset, build_dataset
 
@@ -116,6 +116,46 @@ def test_a_second_source_gets_prefixed_views_and_plain_names_only_when_unclaimed
     assert names["ticker"].source == "coinbase"
     assert {"ccxt_ticker", "ccxt_trades", "other_trades"} <= set(names) and "trades" not in names
     assert view_names([d("ccxt", "trades")]).keys() == {"ccxt_trades", "trades"}
+    # DuckDB names are case-insensitive: the coinbase dataset keeps its name, the other is left out
+    clash = view_names([d("ccxt", "LEVEL2"), d("coinbase", "level2")])
+    assert {name: ds.source for name, ds in clash.items()} == {"ccxt_LEVEL2": "ccxt", "level2": "coinbase"}
+
+
+def test_hostile_directory_names_neither_break_the_views_nor_reach_other_data(tmp_path):
+    """Glob characters, quotes and SQL in directory names (the data directory's own too) are
+    plain names: each view reads exactly its own files, and one odd directory spoils nothing."""
+    from tests.etl_helpers import recording_lines, run_etl, write_segments
+
+    data = tmp_path / "data [1] *?{a,b} 'q\"d"
+    write_segments(data, [recording_lines()])
+    run_etl(data)
+    coinbase = data / "processed" / "coinbase"
+    ticker_file = next((coinbase / "ticker").rglob("*.parquet"))
+    hostile = ["ticker[1]", "evil'; DROP VIEW level2; --", 'quote"d', "back\\slash"]
+    for name in hostile:
+        target = coinbase / name / ticker_file.relative_to(coinbase / "ticker")
+        target.parent.mkdir(parents=True)
+        target.write_bytes(ticker_file.read_bytes())
+    (coinbase / "ticker1" / "x").mkdir(parents=True)  # what "ticker[1]" would match as a glob
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"product_id": ["NOT-MINE"]}), coinbase / "ticker1" / "x" / "a.parquet")
+
+    config = parse_config({"data_dir": str(data)})
+    con = open_dataset(config)
+    views = dataset_views(con)
+    assert {"level2", "market_trades", "ticker", "ticker[1]", "evil'; DROP VIEW level2; --", 'quote"d'} <= set(views)
+    assert "back\\slash" not in views  # DuckDB's globs cannot match a backslash: left out, with a warning
+    ticker_rows = sum(pq.read_metadata(f).num_rows for f in (coinbase / "ticker").rglob("*.parquet"))
+    for name in ("ticker", "ticker[1]", "evil'; DROP VIEW level2; --", 'quote"d'):
+        rows = ticker_rows if name == "ticker" else pq.read_metadata(ticker_file).num_rows
+        got = con.execute(f"SELECT count(*), count(*) FILTER (product_id = 'NOT-MINE') FROM {sql_identifier(name)}")
+        assert got.fetchone() == (rows, 0), name
+    assert con.execute("SELECT count(*) FROM level2").fetchone()[0] > 0
+    result = cli("--data-dir", str(data), "--preset", "gaps", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert [r["product_id"] for r in json.loads(result.stdout)] == ["BTC-USD", "ETH-USD"]
 
 
 # --- command line ---------------------------------------------------------------------
@@ -163,6 +203,31 @@ def test_each_format_reads_back_as_the_same_rows(ds, tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0].split() == expected.columns and len(lines) == 2 + 5 + 2
     assert lines[-2] == f"… {expected.height - 5:,} more rows" and lines[-1] == f"({expected.height:,} rows)"
+
+
+def test_nanosecond_timestamps_are_iso_utc_in_json_and_exact_in_csv(ds):
+    sql = "SELECT make_timestamp_ns(ts_recv_ns) AS t, ts_recv_ns FROM level2 ORDER BY ts_recv_ns DESC LIMIT 3"
+    records = json.loads(cli("--config", str(ds.config_path), "-f", "json", sql).stdout)
+    for r in records:
+        seconds, fraction = divmod(r["ts_recv_ns"], 1_000_000_000)
+        moment = datetime(1970, 1, 1) + timedelta(seconds=seconds)
+        assert r["t"] == f"{moment:%Y-%m-%dT%H:%M:%S}.{fraction:09d}Z"
+    lines = cli("--config", str(ds.config_path), "-f", "csv", sql).stdout.splitlines()[1:]
+    assert [line.split(",")[0].strip('"') for line in lines] == [r["t"][:-1].replace("T", " ") for r in records]
+
+
+def test_a_query_failing_midway_leaves_no_file_and_keeps_an_earlier_one(ds, tmp_path):
+    """--out is written under a temporary name and renamed: all of the result or nothing."""
+    failing = "SELECT CASE WHEN ts_recv_ns > (SELECT median(ts_recv_ns) FROM level2) THEN error('boom') END FROM level2"
+    for fmt in ("csv", "parquet"):  # a file handle and a path: every format takes one of the two
+        out = tmp_path / f"result.{fmt}"
+        out.write_text("earlier result")
+        result = cli("--config", str(ds.config_path), "--format", fmt, "--out", str(out), failing)
+        assert result.returncode == 2 and "boom" in result.stderr and "Traceback" not in result.stderr, fmt
+        assert out.read_text() == "earlier result", fmt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.csv", "result.parquet"]
+    result = cli("--config", str(ds.config_path), "--out", str(tmp_path / "no" / "dir.csv"), "-f", "csv", "SELECT 1")
+    assert result.returncode == 2 and "--out: cannot write" in result.stderr
 
 
 def test_parquet_needs_out_and_bad_sql_is_one_line_exit_2(ds):
@@ -272,9 +337,9 @@ def test_gaps_equal_a_reference_from_the_level2_files(ds):
         gaps=(~pl.col("book_valid") & pl.col("was_valid")).sum(),
         invalid_s=pl.col("until_next").filter(~pl.col("book_valid")).sum() / 1e9,
         crossed=(pl.col("best_bid") >= pl.col("best_ask")).sum(),
-        snapshots=pl.col("is_snapshot").sum()).sort("product_id")  # fmt: skip
+        snapshots=pl.col("is_snapshot").sum(), valid_at_end=pl.col("book_valid").last()).sort("product_id")  # fmt: skip
     got = pl.from_arrow(run_preset(ds.config, "gaps"))
-    for column in ("product_id", "frames", "gaps", "crossed", "snapshots"):
+    for column in ("product_id", "frames", "gaps", "crossed", "snapshots", "valid_at_end"):
         assert got[column].to_list() == ref[column].to_list(), column
     assert got["invalid_s"].to_list() == pytest.approx(ref["invalid_s"].to_list(), abs=1e-9)
     # the simulator dropped frames: the books went invalid and were resynced by fresh snapshots

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import time
 from html.parser import HTMLParser
 from pathlib import Path
 
-import pytest
-
 from daedalus.ops.records import ChildStatus, SupervisorStatus
 from daedalus.ops.web import StatusServer
+from tests.browser import TIMEOUT, browser_command, needs_browser
 from tests.status_helpers import config_for, daedalus_process, snapshot_from_run_dir, wait_for
 
-BROWSER = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="no chromium: apt install chromium")
+pytestmark = needs_browser
 
 
 class Page(HTMLParser):
@@ -46,15 +42,12 @@ class Page(HTMLParser):
 
 async def browse(url: str, tmp_path: Path, *options: str) -> tuple[str, str]:
     """Run chromium headless on ``url`` (profile and caches under tmp_path): stdout, stderr."""
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "xdg-config"),
-           "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}  # fmt: skip
+    argv, env = browser_command(url, tmp_path, "--virtual-time-budget=8000", *options)
     proc = await asyncio.create_subprocess_exec(
-        BROWSER, "--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=8000", *options, url,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-    )  # fmt: skip
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()

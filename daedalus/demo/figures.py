@@ -4,8 +4,9 @@
   not get to them): frames, bytes, and the control lines: ``gap`` (a sequence jump seen by
   ingest), ``disconnect`` (with its reason) and the ``connect`` that followed;
 - the ETL checkpoint's running totals: book gaps, snapshots, crossed books, quarantined lines;
-- the processed dataset through the query views: rows per dataset, how long each book was
-  valid, how many times an invalid book became valid again (a resync).
+- the processed dataset through the query views: rows per dataset, and per book the
+  ``gaps`` preset of ``daedalus query`` (time valid, snapshots, whether it ended valid), so the
+  demo and the query agree by construction.
 
 Each part is optional: after an interrupted run the summary shows what there is.
 """
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from daedalus.capture.records import RECORD_PREFIX
 from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.logs import get_logger
 
@@ -24,6 +26,7 @@ log = get_logger(__name__)
 SOURCE = "coinbase"
 _EVENT = b',"event":'
 _HEAD = 64  # recv_ns (19 digits) and conn fit well within this: where a control line says so
+_RECV_AT = len(RECORD_PREFIX)  # every line starts {"recv_ns":<digits>,
 
 
 @dataclass
@@ -31,20 +34,35 @@ class RawFigures:
     segments: int = 0
     bytes: int = 0
     frames: int = 0
+    first_ns: int | None = None  # receive time of the first and the last frame
+    last_ns: int | None = None
     gaps: int = 0
     disconnects: list[str] = field(default_factory=list)  # reasons, shutdown excluded
     reconnect_seconds: list[float] = field(default_factory=list)  # disconnect -> next connect, same conn
+
+    @property
+    def seconds(self) -> float:
+        """From the first frame received to the last: what the throughput is over."""
+        return 0.0 if self.first_ns is None or self.last_ns is None else (self.last_ns - self.first_ns) / 1e9
+
+    def count_frame(self, line: bytes) -> None:
+        self.frames += 1
+        end = line.find(b",", _RECV_AT, _HEAD)
+        if end > 0 and line[_RECV_AT:end].isdigit():
+            recv_ns = int(line[_RECV_AT:end])
+            self.first_ns = recv_ns if self.first_ns is None else min(self.first_ns, recv_ns)
+            self.last_ns = recv_ns if self.last_ns is None else max(self.last_ns, recv_ns)
 
 
 @dataclass
 class BookFigures:
     valid_share: dict[str, float] = field(default_factory=dict)  # product -> share of the time valid
     invalid_at_end: list[str] = field(default_factory=list)  # products whose last level2 frame left the book invalid
+    resyncs: int = 0  # snapshots after each book's first: each ended an invalid period (or came with a reconnect)
 
 
 @dataclass
 class DemoFigures:
-    capture_seconds: float
     raw: RawFigures
     totals: dict[str, int]  # the ETL checkpoint's running totals (empty if none)
     rows: dict[str, int]  # view -> rows
@@ -55,24 +73,21 @@ class DemoFigures:
         shares = list(self.books.valid_share.values())
         return 100.0 * sum(shares) / len(shares) if shares else None
 
-    def resyncs(self) -> int:
-        """Snapshots beyond each book's first: every one ended an invalid period (or came with a reconnect)."""
-        return max(0, self.totals.get("snapshots", 0) - len(self.books.valid_share))
-
     def lines(self) -> list[str]:
-        raw, secs = self.raw, max(self.capture_seconds, 1e-9)
+        raw, secs = self.raw, max(self.raw.seconds, 1e-9)
         rows = ", ".join(f"{k}={v:,}" for k, v in self.rows.items()) or "none (no processed data)"
         valid = self.valid_percent()
         per_product = ", ".join(f"{p} {100 * s:.2f}%" for p, s in self.books.valid_share.items())
         why = sorted(set(raw.disconnects)) + [f"reconnected after {s:.1f} s" for s in raw.reconnect_seconds]
+        still_invalid = ", ".join(self.books.invalid_at_end) or "none"
         return [
-            f"frames captured: {raw.frames:,} in {self.capture_seconds:.1f} s",
+            f"frames captured: {raw.frames:,} in {raw.seconds:.1f} s (first to last frame received)",
             f"segments: {raw.segments} ({raw.bytes / 1e6:.1f} MB of raw NDJSON)",
             f"rows: {rows}",
             f"gaps detected: {raw.gaps} sequence gaps seen by ingest (gap lines in raw), "
             f"{self.totals.get('gaps', 0)} book gaps counted by the ETL (each gap hits every book of the connection)",
-            f"gaps resynced: {self.resyncs()} fresh snapshots after the first of each book (after each re-subscribe "
-            f"and reconnect); books still invalid at the end: {', '.join(self.books.invalid_at_end) or 'none'}",
+            f"gaps resynced: {self.books.resyncs} fresh snapshots after the first of each book (after each "
+            f"re-subscribe and reconnect); books still invalid at the end: {still_invalid}",
             f"disconnects: {len(raw.disconnects)}" + (f" ({'; '.join(why)})" if why else ""),
             "books valid: " + (f"{valid:.2f}% of the time ({per_product})" if valid is not None else "n/a (no level2)"),
             f"crossed books: {self.totals.get('crossed', 0)}, files in quarantine: {self.quarantined_files}",
@@ -92,7 +107,7 @@ def raw_figures(config: DaedalusConfig) -> RawFigures:
         with open(path, "rb") as handle:
             for line in handle:
                 if _EVENT not in line[:_HEAD]:
-                    out.frames += 1
+                    out.count_frame(line)
                     continue
                 try:
                     record = orjson.loads(line)
@@ -130,43 +145,36 @@ def etl_totals(config: DaedalusConfig) -> dict[str, int]:
     return dict(state.totals)
 
 
-# Per product, each level2 frame (one ts_recv) lasts until the next one; valid share = time in
-# valid frames / time covered; and whether the last frame left the book valid.
-_BOOKS_SQL = """
-WITH frames AS (
-    SELECT product_id, ts_recv_ns AS t, bool_and(book_valid) AS valid
-    FROM level2 GROUP BY product_id, ts_recv_ns
-), spans AS (
-    SELECT product_id, t, valid, lead(t) OVER (PARTITION BY product_id ORDER BY t) - t AS span FROM frames
-)
-SELECT product_id, sum(span) FILTER (WHERE valid) / nullif(sum(span), 0), arg_max(valid, t)
-FROM spans GROUP BY product_id ORDER BY product_id
-"""
-
-
 def dataset_figures(config: DaedalusConfig) -> tuple[dict[str, int], BookFigures]:
-    """Rows per view and the books' validity, through the query views (one DuckDB connection)."""
-    from daedalus.query.views import dataset_views, open_dataset, sql_identifier
+    """Rows per view and the books' validity (the ``gaps`` preset), on one DuckDB connection."""
+    from daedalus.query.api import read_sql
+    from daedalus.query.presets import preset_sql
+    from daedalus.query.views import dataset_views, open_dataset, sql_identifier, sql_string
 
     books = BookFigures()
     con = open_dataset(config)
     try:
         views = dataset_views(con)
-        rows = {name: int(con.execute(f"SELECT count(*) FROM {sql_identifier(name)}").fetchone()[0])  # type: ignore[index]
-                for name in views}  # fmt: skip
+        count = "SELECT {} AS view, count(*) AS n FROM {}"
+        counts = " UNION ALL ".join(count.format(sql_string(v), sql_identifier(v)) for v in views)
+        counted = {r["view"]: r["n"] for r in read_sql(con, counts).to_pylist()} if views else {}
+        rows = {name: counted[name] for name in views}
         if "level2" in views:
-            for product, share, last_valid in con.execute(_BOOKS_SQL).fetchall():
-                if share is not None:
-                    books.valid_share[str(product)] = float(share)
-                if not last_valid:
-                    books.invalid_at_end.append(str(product))
+            for book in read_sql(con, preset_sql("gaps")).to_pylist():
+                product = str(book["product_id"])
+                if book["span_s"] > 0:
+                    books.valid_share[product] = 1 - book["invalid_s"] / book["span_s"]
+                if not book["valid_at_end"]:
+                    books.invalid_at_end.append(product)
+                books.resyncs += max(0, book["snapshots"] - 1)
     finally:
         con.close()
     return rows, books
 
 
-def collect(config: DaedalusConfig, capture_seconds: float) -> DemoFigures:
+def collect(config: DaedalusConfig) -> DemoFigures:
+    """Everything the summary shows, from the demo's data directory."""
     rows, books = dataset_figures(config)
     quarantine = config.layout.quarantine(SOURCE)
     files = sum(1 for _ in quarantine.iterdir()) if quarantine.is_dir() else 0
-    return DemoFigures(capture_seconds, raw_figures(config), etl_totals(config), rows, books, files)
+    return DemoFigures(raw_figures(config), etl_totals(config), rows, books, files)

@@ -79,6 +79,7 @@ class DemoPlan:
                 "channels": ["ticker", "level2", "market_trades"],
             },
             "ingestion": {
+                "raw_compression": "none",  # the summary counts frames in plain NDJSON
                 "flush_interval_seconds": 0.5,
                 "segment_max_mb": self.segment_max_mb,
                 "reconnect_delay": 0.5,

@@ -2,8 +2,11 @@
 
 Own session: a Ctrl-C in the terminal reaches the demo only, which then stops the others in
 the right order (the supervisor first, so ingest closes its segment; the simulator last).
-``PR_SET_PDEATHSIG``: if the demo itself is killed outright, the kernel sends SIGTERM to
-the simulator and the supervisor, which stops its own children; nothing is left running.
+``PR_SET_PDEATHSIG``: if the demo itself is killed outright (SIGKILL), the kernel sends
+SIGTERM to the simulator, the supervisor and the final ETL; the supervisor stops its own
+children, which are tied to it the same way (:mod:`daedalus.ops.child`). Nothing is left
+running. The demo starts them from its main thread only: the signal fires when the *thread*
+that forked a child ends, not the process.
 """
 
 from __future__ import annotations
@@ -25,9 +28,17 @@ log = get_logger(__name__)
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+def _die_with(parent: int) -> Callable[[], None]:
+    """What the child runs between fork and exec: SIGTERM when ``parent`` dies; if it already
+    died (between the fork and the request, when the request is too late), do not start at all."""
+
+    def tie() -> None:
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return tie
 
 
 def spawn(command: list[str], log_file: Path) -> subprocess.Popen[bytes]:
@@ -36,7 +47,7 @@ def spawn(command: list[str], log_file: Path) -> subprocess.Popen[bytes]:
     with open(log_file, "ab") as out:
         proc = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=_die_with(os.getpid()),
         )  # fmt: skip
     log.debug("demo_process_started", pid=proc.pid, command=" ".join(command[2:]), log=str(log_file))
     return proc

@@ -9,6 +9,7 @@ their own, so the terminal's Ctrl-C reaches only the demo, which stops them in o
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -209,7 +210,7 @@ class DemoRun:
     def summary(self) -> list[dict[str, object]]:
         from daedalus.demo.figures import collect
 
-        figures = collect(self._config(), self.capture_seconds)
+        figures = collect(self._config())
         lines = figures.lines()
         say()
         say("summary")
@@ -218,15 +219,18 @@ class DemoRun:
         return [{"figure": k, "value": v} for k, v in (line.split(": ", 1) for line in lines)]
 
     def sample_query(self) -> None:
+        """The ``ohlcv`` preset over the capture, from the first whole bucket (the subscription's
+        trade snapshot reaches further back, and a bucket cut by --start would be partial)."""
         import pyarrow as pa
 
         from daedalus.query.api import QueryError, run_preset
         from daedalus.query.output import write_table
+        from daedalus.query.times import utc_text
 
-        interval = "10s" if self.capture_seconds < 180 else "1m"
-        # from the capture's start: the trades snapshot sent at each subscribe reaches further back
-        start = datetime.fromtimestamp((self.capture_wall or time.time()) - SLACK_SECONDS, UTC)
-        since = f"{start:%Y-%m-%dT%H:%M:%SZ}"
+        seconds = 10 if self.capture_seconds < 180 else 60
+        interval = f"{seconds}s" if seconds < 60 else "1m"
+        first = (self.capture_wall or time.time()) - SLACK_SECONDS
+        since = utc_text(datetime.fromtimestamp(math.ceil(first / seconds) * seconds, UTC))
         say()
         say(f"sample query: daedalus query --config {self.plan.config_file} --preset ohlcv "
             f"--interval {interval} --product {self.product} --start {since}")  # fmt: skip
@@ -239,9 +243,9 @@ class DemoRun:
         sys.stdout.flush()
 
     def report(self, summary_rows: list[dict[str, object]]) -> None:
-        from daedalus.plot.data import PlotError
+        from daedalus.plot.data import PlotError, load_for
         from daedalus.plot.html import write_html
-        from daedalus.plot.png import load_for, write_png
+        from daedalus.plot.png import write_png
 
         try:
             data = load_for(self._config(), self.product, None, None)

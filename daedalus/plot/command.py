@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from daedalus.query.command import ConfigOption, DataDirOption
+
 SUFFIXES = (".png", ".html")
 
 
@@ -16,9 +18,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def plot(
         product: Annotated[str, typer.Option("--product", "-p", help="Product id, e.g. BTC-USD.")],
-        config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")] = Path(
-            "config/default.yaml"
-        ),
+        config: ConfigOption = None,
+        data_dir: DataDirOption = None,
         start: Annotated[
             str | None, typer.Option(help="UTC time (2026-08-09T21:00:00Z, 2026-08-09); default: the first book row.")
         ] = None,
@@ -28,14 +29,15 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Plot one product: mid with bid/ask band, trades, VWAP bars, spread, invalid-book gaps."""
-        from daedalus.cli import _configured, _fail
+        from daedalus.cli import _fail
+        from daedalus.query.command import settings_for
 
         if out is not None and out.suffix.lower() not in SUFFIXES:
             raise _fail(f"--out {out}: must end in .png or .html")
-        settings = _configured(config)
-        from daedalus.plot.data import PlotError
+        settings = settings_for(config, data_dir)
+        from daedalus.plot.data import PlotError, load_for
         from daedalus.plot.html import write_html
-        from daedalus.plot.png import load_for, write_png
+        from daedalus.plot.png import write_png
 
         try:
             data = load_for(settings, product, start, end)

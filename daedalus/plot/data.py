@@ -3,7 +3,10 @@
 A day of ``level2`` is tens of millions of rows: nothing row-sized reaches Python. Quotes
 and trades are aggregated per time bucket (at most :data:`QUOTE_POINTS` / :data:`TRADE_POINTS`
 buckets over the range, so a short range keeps every update and trade as it is), bars are
-few by nature, and the invalid-book intervals are computed from ``book_valid`` per frame.
+merged into at most :data:`BAR_POINTS` (a year of 1-minute bars is half a million), and the
+invalid-book intervals are computed from ``book_valid`` per frame. Data comes through the
+views of :mod:`daedalus.query.views`; the view and column names in the SQL here come from
+the code and the validated config, never from the user (whose values are parameters).
 Times are handled as int64 microseconds since the epoch (UTC) and become numpy
 ``datetime64[us]`` only at the end, so no time zone is ever guessed.
 """
@@ -18,11 +21,14 @@ import numpy as np
 
 from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.logs import get_logger
+from daedalus.query.times import TimeError, as_utc, is_bare_date, parse_utc, utc_text
+from daedalus.query.views import dataset_views, open_dataset
 
 log = get_logger("daedalus.plot")
 
 QUOTE_POINTS = 4000  # buckets for mid / bid / ask / spread over the range
 TRADE_POINTS = 4000  # buckets per side for trades
+BAR_POINTS = 2000  # VWAP segments: more bars than this are merged (volume-weighted) into wider ones
 VALIDITY_BUCKETS = 100_000  # first pass of the invalid-interval search (see Loader.invalid)
 EXACT_QUANTILE_ROWS = 1_000_000  # above this, spread percentiles are approximate (t-digest): bounded memory
 PIPS_SCALE = 100_000_000  # etl.decimal_strategy "pips": int64 units of 1e-8
@@ -77,6 +83,7 @@ class PlotData:
     quotes: dict[str, np.ndarray] = field(default_factory=dict)  # t, bid, ask, mid, spread
     trades: dict[str, np.ndarray] = field(default_factory=dict)  # t, price, size, side
     bars: dict[str, np.ndarray] = field(default_factory=dict)  # start, end, vwap
+    bar_seconds: int = 0  # the width of one drawn bar (the dataset's, or wider when merged)
     invalid: list[tuple[np.datetime64, np.datetime64]] = field(default_factory=list)
     spread: dict[str, float] = field(default_factory=dict)  # min, p50, mean, p95, max (+ _bps)
 
@@ -90,22 +97,16 @@ class PlotData:
 
 
 def parse_time(value: str | datetime | None, flag: str, *, end: bool = False) -> datetime | None:
-    """``2026-08-09``, ``2026-08-09T21:00``, ``...Z`` or ``...+02:00``; no zone means UTC.
+    """``2026-08-09``, ``2026-08-09T21:00``, ``...Z`` or ``...+02:00`` as aware UTC; no zone means UTC.
 
     A bare date given as an end means the end of that day, so ``--start D --end D`` is day D."""
     if value is None or isinstance(value, datetime):
-        moment = value
-    else:
-        text = value.strip()
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise PlotError(f"{flag} {value!r} is not a time (e.g. 2026-08-09T21:00:00Z or 2026-08-09)") from None
-        if end and len(text) == 10:
-            moment += timedelta(days=1, microseconds=-1)
-    if moment is not None:
-        moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-    return moment
+        return None if value is None else as_utc(value)
+    try:
+        moment = parse_utc(value, flag)
+    except TimeError as exc:
+        raise PlotError(str(exc)) from None
+    return moment + timedelta(days=1, microseconds=-1) if end and is_bare_date(value) else moment
 
 
 def _us(moment: datetime) -> int:
@@ -131,12 +132,9 @@ class Loader:
     def __init__(self, con: duckdb.DuckDBPyConnection, datasets: Datasets) -> None:
         self.con = con
         self.ds = datasets
-        present = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
-        self.present = [name for name in datasets.time_columns() if name in present]
-        self.types = {name: self._types(name) for name in self.present}
-
-    def _types(self, view: str) -> dict[str, str]:
-        return {row[0]: str(row[1]).upper() for row in self.con.execute(f'DESCRIBE "{view}"').fetchall()}
+        views = dataset_views(con)
+        self.present = [name for name in datasets.time_columns() if name in views]
+        self.types = {name: {col: kind.upper() for col, kind in views[name]} for name in self.present}
 
     def num(self, view: str, column: str) -> str:
         """``column`` as DOUBLE in price units whatever ``etl.decimal_strategy`` wrote."""
@@ -222,15 +220,22 @@ class Loader:
             "side": np.asarray(rows["side"], dtype=object),
         }
 
-    def bars(self, params: dict) -> dict[str, np.ndarray]:
+    def bars(self, params: dict) -> tuple[int, dict[str, np.ndarray]]:
+        """VWAP per bar, or per run of ``k`` bars (epoch-aligned, volume-weighted) when the range
+        holds more than :data:`BAR_POINTS` of them. Returns the drawn width in seconds and the bars."""
         view = self.ds.bars
+        merged = -(-params["rows"][view] // BAR_POINTS) * self.ds.bar_seconds
+        width = merged * 1_000_000
+        vwap, volume = self.num(view, "vwap"), self.num(view, "volume")
         rows = self.con.execute(
-            f'SELECT epoch_us(start) AS t, {self.num(view, "vwap")} AS vwap FROM "{view}" '
-            f"WHERE {self.where(view)} AND vwap IS NOT NULL ORDER BY t",
+            f"""SELECT epoch_us(start) // {width} * {width} AS t,
+                       sum({vwap} * {volume}) / nullif(sum({volume}), 0) AS merged_vwap
+            FROM "{view}" WHERE {self.where(view)} AND vwap IS NOT NULL
+            GROUP BY t HAVING merged_vwap IS NOT NULL ORDER BY t""",
             _only(params),
         ).fetchnumpy()
-        start = _times(rows["t"])
-        return {"start": start, "end": start + np.timedelta64(self.ds.bar_seconds, "s"), "vwap": _floats(rows["vwap"])}
+        start, vwap = _times(rows["t"]), _floats(rows["merged_vwap"])
+        return merged, {"start": start, "end": start + np.timedelta64(merged, "s"), "vwap": vwap}
 
     def invalid(self, params: dict) -> list[tuple[np.datetime64, np.datetime64]]:
         """[first invalid frame, next valid frame) for each run of ``book_valid = false``;
@@ -299,14 +304,14 @@ def load(
     lo = _us(start) if start else whole[0]
     hi = _us(end) if end else whole[1]
     if hi < lo:
-        raise PlotError(f"--end {_from_us(hi):%Y-%m-%dT%H:%M:%SZ} is before --start {_from_us(lo):%Y-%m-%dT%H:%M:%SZ}")
+        raise PlotError(f"--end {utc_text(_from_us(hi))} is before --start {utc_text(_from_us(lo))}")
     params = {"product": product, "lo": lo, "hi": hi}
     rows = {v: loader.count(v, params) for v in loader.present}
     if not any(rows.values()):
         first, last = min(s[0] for s in spans.values()), max(s[1] for s in spans.values())
         raise PlotError(
-            f"no data for {product} between {_from_us(lo):%Y-%m-%dT%H:%M:%SZ} and {_from_us(hi):%Y-%m-%dT%H:%M:%SZ}: "
-            f"its data spans {_from_us(first):%Y-%m-%dT%H:%M:%SZ} to {_from_us(last):%Y-%m-%dT%H:%M:%SZ}"
+            f"no data for {product} between {utc_text(_from_us(lo))} and {utc_text(_from_us(hi))}: "
+            f"its data spans {utc_text(_from_us(first))} to {utc_text(_from_us(last))}"
         )
     params["rows"] = rows
     width = max(1, (hi - lo) // QUOTE_POINTS + 1)
@@ -317,7 +322,7 @@ def load(
     if rows.get(datasets.trades):
         data.trades = loader.trades(params, max(1, (hi - lo) // TRADE_POINTS + 1))
     if rows.get(datasets.bars):
-        data.bars = loader.bars(params)
+        data.bar_seconds, data.bars = loader.bars(params)
     if rows.get(datasets.level2):
         data.invalid = loader.invalid(params)
     log.info(
@@ -331,3 +336,15 @@ def load(
         invalid_intervals=len(data.invalid),
     )
     return data
+
+
+def load_for(
+    config: DaedalusConfig, product: str, start: str | datetime | None = None, end: str | datetime | None = None
+) -> PlotData:
+    """Open the dataset of ``config`` and load the plot's data (:class:`PlotError` on bad input)."""
+    first, last = parse_time(start, "--start"), parse_time(end, "--end", end=True)
+    con = open_dataset(config)
+    try:
+        return load(con, Datasets.of(config), product, first, last)
+    finally:
+        con.close()

@@ -15,11 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from daedalus.config import DaedalusConfig
-from daedalus.logs import get_logger
-from daedalus.plot.data import PlotData
-from daedalus.plot.png import DPI, default_path, load_for, png_bytes, time_range_text
-
-log = get_logger("daedalus.plot")
+from daedalus.plot.data import PlotData, load_for
+from daedalus.plot.png import DPI, png_bytes, save, time_range_text
 
 Rows = Sequence[Mapping[str, object]]  # a table: one mapping per row, the first row's keys are the columns
 MAX_INTERVALS_LISTED = 50
@@ -129,8 +126,4 @@ def render_html(
 
 def write_html(data: PlotData, path: str | Path | None = None, extra_tables: Mapping[str, Rows] | None = None) -> Path:
     """Write the report of already loaded ``data``; ``extra_tables`` as in :func:`render_html`."""
-    target = Path(path) if path is not None else default_path(data.product, data.start, ".html")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(report_html(data, extra_tables), encoding="utf-8")
-    log.info("plot_written", path=str(target), product=data.product, format="html")
-    return target
+    return save(data, path, ".html", report_html(data, extra_tables).encode())

@@ -15,7 +15,8 @@ import numpy as np
 
 from daedalus.config import DaedalusConfig
 from daedalus.logs import get_logger
-from daedalus.plot.data import Datasets, PlotData, load, parse_time
+from daedalus.plot.data import PlotData, load_for
+from daedalus.query.output import atomic_file
 
 log = get_logger("daedalus.plot")
 
@@ -25,21 +26,6 @@ BAND, MID, VWAP, INVALID, SPREAD = "#9ecae1", "#08519c", "#7b3294", "#f4a582", "
 FIGSIZE, DPI = (12.0, 7.0), 100  # 1200 x 700 pixels
 MAX_TRADE_AREA, CROWDED_TRADES = 120.0, 300  # point area (pt²) of the largest trade; fewer trades than this: full size
 MIN_SHADE = 1 / 300  # an invalid interval is drawn at least this fraction of the range wide
-
-
-def load_for(
-    config: DaedalusConfig, product: str, start: str | datetime | None = None, end: str | datetime | None = None
-) -> PlotData:
-    """Open the dataset of ``config`` and load the plot's data (:class:`PlotError` on bad input)."""
-    from daedalus.query.views import open_dataset
-
-    first, last = parse_time(start, "--start"), parse_time(end, "--end", end=True)
-    con = open_dataset(config)
-    con.execute("SET enable_progress_bar = false")  # stdout is the path written, nothing else
-    try:
-        return load(con, Datasets.of(config), product, first, last)
-    finally:
-        con.close()
 
 
 def time_range_text(data: PlotData) -> str:
@@ -106,10 +92,21 @@ def figure(data: PlotData):  # -> matplotlib.figure.Figure (imported lazily)
     return fig
 
 
-def _shade_invalid(data: PlotData, axes: tuple, lo: np.datetime64, hi: np.datetime64) -> None:
-    least = (hi - lo) * MIN_SHADE
-    for i, (a, b) in enumerate(data.invalid):
+def shaded_spans(invalid: list[tuple[np.datetime64, np.datetime64]], least: np.timedelta64) -> list[tuple]:
+    """The invalid intervals as drawn: each at least ``least`` wide (a 50 ms gap in a day must
+    show), overlapping ones merged, so a month of gaps is a few hundred shapes, not thousands."""
+    spans: list[tuple] = []
+    for a, b in invalid:
         b = max(b, a + least)
+        if spans and a <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], b))
+        else:
+            spans.append((a, b))
+    return spans
+
+
+def _shade_invalid(data: PlotData, axes: tuple, lo: np.datetime64, hi: np.datetime64) -> None:
+    for i, (a, b) in enumerate(shaded_spans(data.invalid, (hi - lo) * MIN_SHADE)):
         for ax in axes:
             first = i == 0 and ax is axes[0]
             ax.axvspan(a, b, color=INVALID, alpha=0.45, lw=0, label="book invalid (gap)" if first else None)
@@ -120,6 +117,8 @@ def _draw_bars(data: PlotData, ax) -> None:
     if not bars or not len(bars["start"]):
         return
     label = f"VWAP {data.datasets.bars.removeprefix('bars_')} bars"
+    if data.bar_seconds != data.datasets.bar_seconds:
+        label = f"VWAP per {data.bar_seconds:,} s (bars merged)"
     ax.hlines(bars["vwap"], bars["start"], bars["end"], colors=VWAP, lw=2.0, label=label, zorder=3)
 
 
@@ -175,8 +174,14 @@ def render_png(
 
 def write_png(data: PlotData, path: str | Path | None = None) -> Path:
     """Write already loaded ``data`` (so a PNG and an HTML report share one load)."""
-    target = Path(path) if path is not None else default_path(data.product, data.start)
+    return save(data, path, ".png", png_bytes(data))
+
+
+def save(data: PlotData, path: str | Path | None, suffix: str, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` (default: :func:`default_path`), whole or not at all."""
+    target = Path(path) if path is not None else default_path(data.product, data.start, suffix)
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(png_bytes(data))
-    log.info("plot_written", path=str(target), product=data.product, format="png")
+    with atomic_file(target) as tmp:
+        tmp.write_bytes(payload)
+    log.info("plot_written", path=str(target), product=data.product, format=suffix.lstrip("."))
     return target

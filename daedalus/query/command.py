@@ -18,6 +18,12 @@ if TYPE_CHECKING:
 
     from daedalus.config import DaedalusConfig
 
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML configuration file (default: built-in defaults, ./data).")
+]
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Read <DIR>/processed instead of the config's.")]
+
+
 FORMAT_HELP = "table (aligned text, first --max-rows rows), csv, json (array of records) or parquet (needs --out)."
 
 
@@ -29,12 +35,8 @@ def register(app: typer.Typer) -> None:
         sql: Annotated[
             str | None, typer.Argument(help="SQL over the views (see --schema).", show_default=False)
         ] = None,
-        config: Annotated[
-            Path | None, typer.Option("--config", "-c", help="YAML configuration file (default: built-in defaults).")
-        ] = None,
-        data_dir: Annotated[
-            Path | None, typer.Option("--data-dir", help="Read <DIR>/processed instead of the config's data.")
-        ] = None,
+        config: ConfigOption = None,
+        data_dir: DataDirOption = None,
         fmt: Annotated[str, typer.Option("--format", "-f", help=FORMAT_HELP)] = "table",
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the result to FILE, not stdout.")] = None,
         schema: Annotated[bool, typer.Option("--schema", help="List the views and their columns.")] = False,
@@ -52,9 +54,10 @@ def register(app: typer.Typer) -> None:
         market_trades, ticker, candles, bars_1m, ...), partition columns included, timestamps as UTC
         TIMESTAMP plus exact <column>_ns integers. Errors: one line, exit 2."""
         from daedalus.cli import _fail
+        from daedalus.query.output import FORMATS
 
-        settings = _settings(config, data_dir)
-        if fmt not in ("table", "csv", "json", "parquet"):
+        settings = settings_for(config, data_dir)
+        if fmt not in FORMATS:
             raise _fail(f"--format: {fmt!r} must be table, csv, json or parquet")
         if fmt == "parquet" and out is None:
             raise _fail("--format parquet writes a file: give it with --out FILE")
@@ -65,8 +68,9 @@ def register(app: typer.Typer) -> None:
              {"product": product, "start": start, "end": end, "interval": interval})  # fmt: skip
 
 
-def _settings(config: Path | None, data_dir: Path | None) -> DaedalusConfig:
-    """The config (exit 2 when invalid), with ``--data-dir`` replacing the data directory."""
+def settings_for(config: Path | None, data_dir: Path | None) -> DaedalusConfig:
+    """The config of ``--config`` (exit 2 when invalid; built-in defaults without one), with
+    ``--data-dir`` replacing its data directory. Shared by ``query`` and ``plot``."""
     from daedalus.cli import _configured
     from daedalus.config import parse_config
     from daedalus.logs import setup_logging
@@ -129,30 +133,16 @@ def _run(
 
 
 def _write(reader: pa.RecordBatchReader, fmt: str, out: Path | None, max_rows: int) -> int:
-    """Write the batches in ``fmt`` to ``out`` or stdout; DuckDB errors raised while
-    streaming become :class:`QueryError`."""
-    from daedalus.query import output
+    """:func:`output.write_result`, with what can go wrong there as :class:`QueryError`:
+    an ``--out`` that cannot be written, or DuckDB failing while the rows stream."""
     from daedalus.query.api import QueryError, one_line
+    from daedalus.query.output import write_result
 
     try:
-        if fmt == "parquet":
-            return output.write_parquet(reader, out)
-        if fmt == "table":
-            if out is None:
-                return output.write_table(reader, sys.stdout, max_rows)
-            with out.open("w", encoding="utf-8") as handle:
-                return output.write_table(reader, handle, max_rows)
-        write = output.write_csv if fmt == "csv" else output.write_json
-        if out is None:
-            sys.stdout.flush()
-            rows = write(reader, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
-            return rows
-        with out.open("wb") as handle:
-            return write(reader, handle)
+        return write_result(reader, fmt, out, max_rows)
+    except BrokenPipeError:
+        raise
     except OSError as exc:
-        if isinstance(exc, BrokenPipeError):
-            raise
         raise QueryError(f"--out: cannot write {out}: {exc.strerror or exc}") from None
     except Exception as exc:
         if type(exc).__module__.startswith(("_duckdb", "duckdb", "pyarrow")):
@@ -161,17 +151,13 @@ def _write(reader: pa.RecordBatchReader, fmt: str, out: Path | None, max_rows: i
 
 
 def _print_schema(views: dict[str, list[tuple[str, str]]], processed: Path) -> None:
+    from daedalus.query.api import no_data_hint
+
     if not views:
-        typer.echo(f"no views: {_hint(processed)}", err=True)
+        typer.echo(f"no views: {no_data_hint(processed)}", err=True)
         return
     for view, columns in views.items():
         typer.echo(view)
         width = max(len(name) for name, _ in columns)
         for name, kind in columns:
             typer.echo(f"  {name.ljust(width)}  {kind}")
-
-
-def _hint(processed: Path) -> str:
-    from daedalus.query.api import no_data_hint
-
-    return no_data_hint(processed)

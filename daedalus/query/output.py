@@ -7,7 +7,9 @@ form holds rows, and at most the ``max_rows`` it shows.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -20,22 +22,27 @@ FORMATS = ("table", "csv", "json", "parquet")
 MAX_CELL = 60  # characters of one cell in the table form
 
 
-def text_batch(batch: pa.RecordBatch, nested: bool = True) -> pa.RecordBatch:
-    """``batch`` with the columns text formats cannot hold as they are turned into strings:
-    ns timestamps as ISO text (Python datetimes stop at microseconds) and, with ``nested``,
-    lists and structs as JSON (CSV has no place for them; JSON keeps them as they are)."""
+def text_batch(batch: pa.RecordBatch, *, for_json: bool = False) -> pa.RecordBatch:
+    """``batch`` with the columns a text format cannot hold as they are turned into strings.
+
+    ns timestamps: Python datetimes stop at microseconds, so they become text (ISO 8601 with
+    ``T`` and ``Z`` for JSON, like the µs ones orjson writes; ``2026-08-09 21:00:00.123456789``
+    for CSV and the table, like pyarrow writes µs ones). Lists and structs: JSON text, except
+    in JSON itself, which keeps them as they are."""
     import orjson
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     columns, changed = [], False
     for field, column in zip(batch.schema, batch.columns, strict=True):
         kind = field.type
-        if nested and pa.types.is_nested(kind):
+        if not for_json and pa.types.is_nested(kind):
             dump = orjson.dumps
             values = [None if v is None else dump(v, default=_json_default).decode() for v in column.to_pylist()]
             column, changed = pa.array(values, pa.string()), True
         elif pa.types.is_timestamp(kind) and kind.unit == "ns":
-            column, changed = column.cast(pa.string()), True
+            text = pc.strftime(column, format="%Y-%m-%dT%H:%M:%SZ") if for_json else column.cast(pa.string())
+            column, changed = text, True
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, names=batch.schema.names) if changed else batch
 
@@ -78,7 +85,7 @@ def write_json(batches: pa.RecordBatchReader, out: IO[bytes]) -> int:
     rows = 0
     out.write(b"[")
     for batch in batches:
-        for record in text_batch(batch, nested=False).to_pylist():
+        for record in text_batch(batch, for_json=True).to_pylist():
             out.write(b"\n" if rows == 0 else b",\n")
             out.write(orjson.dumps(record, default=_json_default, option=options))
             rows += 1
@@ -86,21 +93,49 @@ def write_json(batches: pa.RecordBatchReader, out: IO[bytes]) -> int:
     return rows
 
 
-def write_parquet(batches: pa.RecordBatchReader, path: Path) -> int:
-    """A Parquet file (zstd), written under a temporary name and renamed: never half a file."""
+def write_parquet(batches: pa.RecordBatchReader, out: Path) -> int:
+    """A Parquet file (zstd); returns the number of rows."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp")
     rows = 0
+    with pq.ParquetWriter(out, batches.schema, compression="zstd") as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary name next to ``path``, renamed to it once the block succeeds and removed if
+    it fails: an ``--out`` file is the whole result or is not there (never half a file, and an
+    earlier file of that name stays as it was)."""
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with pq.ParquetWriter(tmp, batches.schema, compression="zstd") as writer:
-            for batch in batches:
-                writer.write_batch(batch)
-                rows += batch.num_rows
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return rows
+
+
+def write_result(batches: pa.RecordBatchReader, fmt: str, out: Path | None, max_rows: int) -> int:
+    """``batches`` in ``fmt`` (one of :data:`FORMATS`) to the file ``out`` (atomically) or to
+    stdout (parquet needs a file); returns the number of rows."""
+    if out is None:
+        if fmt == "table":
+            return write_table(batches, sys.stdout, max_rows)
+        sys.stdout.flush()
+        rows = (write_csv if fmt == "csv" else write_json)(batches, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return rows
+    with atomic_file(out) as tmp:
+        if fmt == "parquet":
+            return write_parquet(batches, tmp)
+        if fmt == "table":
+            with tmp.open("w", encoding="utf-8") as handle:
+                return write_table(batches, handle, max_rows)
+        with tmp.open("wb") as handle:
+            return (write_csv if fmt == "csv" else write_json)(batches, handle)
 
 
 def write_table(batches: pa.RecordBatchReader, out: IO[str], max_rows: int) -> int:

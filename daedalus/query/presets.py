@@ -12,19 +12,20 @@ rendered from a parsed ``datetime``, or a literal quoted by :func:`views.sql_str
   (a run of frames with ``book_valid = false``: after a sequence gap, a reconnect or a
   crossed book, until the next snapshot), ``invalid_s`` = their total length (from the first
   invalid frame to the next valid one, by ``ts_recv``), ``crossed`` = frames whose published
-  best bid >= best ask, ``snapshots`` (each one after the first is a resync).
+  best bid >= best ask, ``snapshots`` (each one after the first is a resync), ``valid_at_end``
+  (whether the last frame left the book valid).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
+from daedalus.config import _bar_interval as bar_interval
 from daedalus.config import interval_seconds
+from daedalus.query.times import TimeError, as_utc, parse_utc
 from daedalus.query.views import sql_string
-
-_INTERVAL_UNITS = "smhd"
 
 
 class PresetError(ValueError):
@@ -39,25 +40,19 @@ class Preset:
 
 
 def parse_interval(text: str) -> int:
-    """``"1m"`` -> 60: a whole number and a unit s, m, h or d, from 1s to 1d (as bars)."""
-    value = text.strip()
-    if len(value) < 2 or value[-1] not in _INTERVAL_UNITS or not value[:-1].isdigit() or len(value) > 7:
-        raise PresetError(f"--interval: {text!r} must be a whole number and a unit s, m, h or d, like 1m, 15m, 1h")
-    seconds = interval_seconds(value)
-    if not 1 <= seconds <= 86_400:
-        raise PresetError(f"--interval: {text!r} must be at least 1s and at most 1d")
-    return seconds
+    """``"1m"`` -> 60: a whole number and a unit s, m, h or d, from 1s to 1d (the bars' rule)."""
+    try:
+        return interval_seconds(bar_interval(text.strip()))
+    except ValueError as exc:
+        raise PresetError(f"--interval: {text!r} {exc}") from None
 
 
 def parse_time(text: str, flag: str) -> datetime:
     """An ISO 8601 date or time (``Z`` or an offset allowed; none means UTC) as naive UTC."""
     try:
-        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise PresetError(f"{flag}: {text!r} is not an ISO 8601 date or time, like 2026-08-09T21:00Z") from None
-    if value.tzinfo is not None:
-        value = value.astimezone(UTC).replace(tzinfo=None)
-    return value
+        return parse_utc(text, flag).replace(tzinfo=None)
+    except TimeError as exc:
+        raise PresetError(str(exc)) from None
 
 
 def _timestamp(value: datetime) -> str:
@@ -144,6 +139,7 @@ SELECT product_id,
        (max(ts_recv_ns) - min(ts_recv_ns)) / 1e9 AS span_s,
        count(*) FILTER (best_bid >= best_ask) AS crossed,
        count(*) FILTER (is_snapshot) AS snapshots,
+       last(book_valid ORDER BY ts_recv_ns, seq) AS valid_at_end,
        make_timestamp(min(ts_recv_ns) // 1000) AS first_ts,
        make_timestamp(max(ts_recv_ns) // 1000) AS last_ts
 FROM ordered
@@ -185,6 +181,4 @@ def preset_sql(
 
 
 def _naive_utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is None:
-        return value
-    return value.astimezone(UTC).replace(tzinfo=None)
+    return None if value is None else as_utc(value).replace(tzinfo=None)

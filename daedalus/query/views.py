@@ -22,6 +22,12 @@ The connection's time zone is UTC, so ``TIMESTAMPTZ '... +00'`` literals compare
 
 A dataset with no Parquet file has no view; a missing processed directory gives a connection
 with no views at all (callers say so, see :func:`dataset_views`).
+
+Directory names (the data directory's own included) are taken literally: a path enters SQL
+only as a string literal (:func:`sql_string`) holding a glob in which every glob character is
+escaped (:func:`glob_literal`), and a view name only as a quoted identifier. A dataset that
+cannot be read (a damaged file, a name DuckDB cannot glob, a name another view took) is left
+out with a warning; the other views stay usable.
 """
 
 from __future__ import annotations
@@ -101,24 +107,42 @@ def _first_file_keys(root: Path) -> tuple[str, ...] | None:
 
 
 def view_names(datasets: list[Dataset]) -> dict[str, Dataset]:
-    """View name -> dataset, by the rule in the module docstring."""
+    """View name -> dataset, by the rule in the module docstring. Names compare as DuckDB
+    does (case-insensitively); when two datasets would share one, the ``coinbase`` one, then
+    the first in (source, channel) order keeps it and the other is left out with a warning."""
     names: dict[str, Dataset] = {}
     channel_sources: dict[str, set[str]] = {}
     for ds in datasets:
         channel_sources.setdefault(ds.channel, set()).add(ds.source)
-    for ds in datasets:
-        if ds.source == PRIMARY_SOURCE:
-            names[ds.channel] = ds
-            continue
-        names[f"{ds.source}_{ds.channel}"] = ds
-        if channel_sources[ds.channel] == {ds.source}:
-            names[ds.channel] = ds
+    for ds in sorted(datasets, key=lambda d: (d.source != PRIMARY_SOURCE, d.source, d.channel)):
+        wanted = [ds.channel] if ds.source == PRIMARY_SOURCE else [f"{ds.source}_{ds.channel}"]
+        if ds.source != PRIMARY_SOURCE and channel_sources[ds.channel] == {ds.source}:
+            wanted.append(ds.channel)
+        for name in wanted:
+            taken = next((names[n] for n in names if n.lower() == name.lower()), None)
+            if taken is None:
+                names[name] = ds
+            elif taken != ds:
+                log.warning("query_view_name_taken", view=name, path=str(ds.root), by=str(taken.root))
     return dict(sorted(names.items()))
+
+
+_GLOB_SPECIAL = frozenset("*?[]{}")
+
+
+def glob_literal(path: Path) -> str:
+    """``path`` as a DuckDB glob pattern matching only itself: each of ``* ? [ ] { }`` in a
+    bracket class (``data[1]`` would otherwise also match ``data1``). DuckDB's globs cannot
+    match a backslash at all, so a path with one is refused (:class:`ValueError`)."""
+    text = str(path)
+    if "\\" in text:
+        raise ValueError("DuckDB cannot read a path that contains a backslash")
+    return "".join(f"[{c}]" if c in _GLOB_SPECIAL else c for c in text)
 
 
 def _scan_sql(ds: Dataset) -> str:
     """``read_parquet`` of every file of the dataset, partition keys typed explicitly."""
-    glob = sql_string(str(ds.root / "**" / "*.parquet"))
+    glob = sql_string(f"{glob_literal(ds.root)}/**/*.parquet")
     if not ds.partition_keys:
         return f"read_parquet({glob})"
     types = ", ".join(f"{sql_string(k)}: {'DATE' if k == 'date' else 'VARCHAR'}" for k in ds.partition_keys)
@@ -150,7 +174,7 @@ def open_dataset(config: DaedalusConfig, processed_dir: Path | None = None) -> d
     for name, ds in view_names(find_datasets(root)).items():
         try:
             con.execute(_view_sql(con, name, ds))
-        except duckdb.Error as exc:  # e.g. a damaged footer: the other views stay usable
+        except (duckdb.Error, ValueError) as exc:  # e.g. a damaged footer: the other views stay usable
             log.warning("query_view_skipped", view=name, path=str(ds.root), error=" ".join(str(exc).split()))
             continue
         made.append(name)
