@@ -84,7 +84,7 @@ def _directory(path: Path) -> Path:
 
 Directory = Annotated[Path, AfterValidator(_directory)]
 
-_BAR_INTERVAL = re.compile(r"^([0-9]{1,6})([smhd])$")
+_BAR_INTERVAL = re.compile(r"([0-9]{1,6})([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
@@ -93,10 +93,10 @@ def interval_seconds(text: str) -> int:
     return int(text[:-1]) * _UNIT_SECONDS[text[-1]]
 
 
-def _bar_interval(value: str) -> str:
+def bar_interval(value: str) -> str:
     """``<n><unit>`` with unit s, m, h or d, from 1s to 1d. Bars start at multiples of the
     interval since the epoch, so longer bars would start on arbitrary weekdays."""
-    match = _BAR_INTERVAL.match(value)
+    match = _BAR_INTERVAL.fullmatch(value)
     if not match:
         raise ValueError("must be a whole number and a unit s, m, h or d, like 1m, 15m, 1h")
     if not 1 <= interval_seconds(value) <= 86_400:
@@ -198,7 +198,7 @@ class BookSnapshotConfig(ChannelConfig):
 
 
 class BarsConfig(ChannelConfig):
-    interval: Annotated[str, AfterValidator(_bar_interval)] = "1m"
+    interval: Annotated[str, AfterValidator(bar_interval)] = "1m"
 
 
 class EtlChannels(Section):

@@ -201,6 +201,7 @@ def test_bounds_accept_their_limits():
         ("1w", "must be a whole number and a unit"),
         ("\u0663m", "must be a whole number and a unit"),  # Arabic-Indic 3
         ("-1m", "must be a whole number and a unit"),
+        ("1m\n", "must be a whole number and a unit"),  # `$` would accept the newline, then crash
     ],
 )
 def test_bar_interval_must_be_positive_and_sensible(interval, reason):

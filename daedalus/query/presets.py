@@ -22,8 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from daedalus.config import _bar_interval as bar_interval
-from daedalus.config import interval_seconds
+from daedalus.config import bar_interval, interval_seconds
 from daedalus.query.times import TimeError, as_utc, parse_utc
 from daedalus.query.views import sql_string
 
