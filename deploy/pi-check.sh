@@ -9,10 +9,16 @@
 #   bash deploy/pi-check.sh                       # the check (~250 MB downloaded the first time)
 #   bash deploy/pi-check.sh --with pyarrow==21.0.0  # the same with a pinned version (repeatable)
 #   bash deploy/pi-check.sh --clean               # remove .cache/pi-check
+# Writes only under .cache/pi-check (PI_CHECK_CACHE=DIR elsewhere; and .venv via make venv):
+# the system's apt sources, architectures and lists are never touched (apt runs on a private
+# state there). PI_CHECK_RECORDING=FILE replays that recording; PI_CHECK_DEBIAN_MIRROR=URL.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="$ROOT/.cache/pi-check"
+cd "$ROOT"
+CACHE="${PI_CHECK_CACHE:-$ROOT/.cache/pi-check}"
+# The reference recording when it is there (next to the checkout); else the simulator's
+# seeded synthetic market, so a fresh clone needs nothing but the network.
 RECORDING="${PI_CHECK_RECORDING:-$ROOT/../shared/data/coinbase-advanced-trade-2026-08-09.jsonl.zst}"
 SYSROOT="$CACHE/sysroot"
 WHEELS="$CACHE/wheels"
@@ -34,7 +40,7 @@ while (($#)); do
     case "$1" in
         --clean) rm -rf "$CACHE"; echo "removed $CACHE"; exit 0 ;;
         --with) EXTRA+=("${2:?--with needs a requirement, e.g. pyarrow==21.0.0}"); shift 2 ;;
-        -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "pi-check: unknown argument $1 (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -42,6 +48,7 @@ done
 step "qemu-user (qemu-aarch64 with the cortex-a72 model)"
 if ! command -v qemu-aarch64 >/dev/null; then
     if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "qemu-aarch64 is missing: apt-get install qemu-user (root, the system's apt)"
         export DEBIAN_FRONTEND=noninteractive
         apt-get install -y -qq qemu-user >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user >/dev/null; }
     else
@@ -49,35 +56,76 @@ if ! command -v qemu-aarch64 >/dev/null; then
         exit 1
     fi
 fi
-{ qemu-aarch64 -cpu help || true; } | grep -w cortex-a72 >/dev/null  # help exits 1
+if ! { qemu-aarch64 -cpu help || true; } | grep -qw cortex-a72; then  # help exits 1
+    echo "pi-check: this qemu-aarch64 has no cortex-a72 CPU model ($(qemu-aarch64 --version | sed -n 1p));" \
+         "Debian 11 or newer has it" >&2
+    exit 1
+fi
 qemu-aarch64 --version | sed -n 1p
 
 step "native venv (.venv, for the comparison run and pip)"
 make -s -C "$ROOT" venv
-[[ -f "$RECORDING" ]] || { echo "pi-check: recording not found: $RECORDING (set PI_CHECK_RECORDING)" >&2; false; }
+if [[ -f "$RECORDING" ]]; then
+    SOURCE=(--recording "$RECORDING")
+elif [[ -n "${PI_CHECK_RECORDING:-}" ]]; then
+    echo "pi-check: PI_CHECK_RECORDING=$PI_CHECK_RECORDING: no such file" >&2
+    exit 2
+else
+    echo "no recording at $RECORDING: the simulator's synthetic market stands in"
+    SOURCE=()
+fi
 
 step "arm64 sysroot with python3.11 (Debian bookworm packages)"
 if [[ ! -f "$SYSROOT/.complete" ]]; then
-    # A private apt state: the system's dpkg architectures and package lists stay untouched.
+    # A private apt state under $CACHE/apt: its own sources (bookworm, what Raspberry Pi OS
+    # bookworm is built on, whatever the host runs), lists, status, archives and log; the
+    # host's apt.conf.d is still read (a proxy), but its hooks are cleared so nothing runs on
+    # the system's behalf. The system's sources, dpkg architectures and lists stay untouched.
+    KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+    [[ -f $KEYRING ]] || { echo "pi-check: $KEYRING is missing: sudo apt-get install debian-archive-keyring" >&2; exit 1; }
     APT="$CACHE/apt"
-    mkdir -p "$APT"/{lists/partial,archives/partial,etc/sources.list.d,etc/preferences.d,etc/apt.conf.d}
+    mkdir -p "$APT"/{lists/partial,archives/partial,etc/sources.list.d,etc/preferences.d,etc/apt.conf.d,log}
     : >"$APT/status"
-    if [[ -f /etc/apt/sources.list.d/debian.sources ]]; then
-        cp /etc/apt/sources.list.d/debian.sources "$APT/etc/sources.list.d/"
-    else
-        printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\nSuites: bookworm-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >"$APT/etc/sources.list.d/debian.sources"
-    fi
-    APT_OPTS=(-o APT::Architecture=arm64 -o APT::Architectures::=arm64 -o "Dir::State=$APT"
-              -o "Dir::State::Lists=$APT/lists" -o "Dir::State::status=$APT/status" -o "Dir::Cache=$APT"
-              -o "Dir::Cache::Archives=$APT/archives" -o "Dir::Etc=$APT/etc" -o Dir::Etc::SourceList=/dev/null
-              -o "Dir::Etc::SourceParts=$APT/etc/sources.list.d" -o Dir::Etc::Trusted=/etc/apt/trusted.gpg
-              -o Dir::Etc::TrustedParts=/etc/apt/trusted.gpg.d -o APT::Sandbox::User="$(id -un)"
-              -o Debug::NoLocking=1 -o APT::Install-Recommends=0)
+    MIRROR="${PI_CHECK_DEBIAN_MIRROR:-http://deb.debian.org}"
+    printf 'Types: deb\nURIs: %s/debian\nSuites: bookworm bookworm-updates\nComponents: main\nSigned-By: %s\n\nTypes: deb\nURIs: %s/debian-security\nSuites: bookworm-security\nComponents: main\nSigned-By: %s\n' \
+        "$MIRROR" "$KEYRING" "$MIRROR" "$KEYRING" >"$APT/etc/sources.list.d/debian.sources"
+    cat >"$APT/apt.conf" <<EOF
+#clear APT::Update::Pre-Invoke;
+#clear APT::Update::Post-Invoke;
+#clear APT::Update::Post-Invoke-Success;
+#clear DPkg::Pre-Invoke;
+#clear DPkg::Post-Invoke;
+#clear DPkg::Pre-Install-Pkgs;
+APT::Architecture "arm64";
+#clear APT::Architectures;
+APT::Architectures { "arm64"; };
+APT::Install-Recommends "false";
+APT::Sandbox::User "$(id -un)";
+Debug::NoLocking "true";
+Dir::State "$APT";
+Dir::State::Lists "$APT/lists";
+Dir::State::status "$APT/status";
+Dir::State::extended_states "$APT/extended_states";
+Dir::Cache "$APT";
+Dir::Cache::Archives "$APT/archives";
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+Dir::Etc "$APT/etc";
+Dir::Etc::SourceList "/dev/null";
+Dir::Etc::SourceParts "$APT/etc/sources.list.d";
+Dir::Etc::Preferences "/dev/null";
+Dir::Etc::PreferencesParts "$APT/etc/preferences.d";
+Dir::Etc::Trusted "/etc/apt/trusted.gpg";
+Dir::Etc::TrustedParts "/etc/apt/trusted.gpg.d";
+Dir::Log "$APT/log";
+EOF
+    APT_OPTS=(-c "$APT/apt.conf")
     apt-get "${APT_OPTS[@]}" -qq update
     apt-get "${APT_OPTS[@]}" -y -qq install --download-only "${DEBS[@]}" >/dev/null
     rm -rf "$SYSROOT" && mkdir -p "$SYSROOT"
-    for deb in "$APT"/archives/*.deb; do dpkg-deb -x "$deb" "$SYSROOT"; done
-    echo "$(ls "$APT"/archives/*.deb | wc -l) packages, $(du -sh "$APT/archives" | cut -f1) downloaded"
+    debs=("$APT"/archives/*.deb)
+    for deb in "${debs[@]}"; do dpkg-deb -x "$deb" "$SYSROOT"; done
+    echo "${#debs[@]} packages, $(du -sh "$APT/archives" | cut -f1) downloaded"
     touch "$SYSROOT/.complete"
 else
     echo "cached: $SYSROOT"
@@ -89,7 +137,7 @@ step "aarch64 wheels (PyPI) of the runtime dependencies"
 # pyproject's runtime dependencies, less matplotlib (plot/demo only), plus polars (the read-back).
 REQS="$("$PY" - "${EXTRA[@]+"${EXTRA[@]}"}" <<'EOF'
 import sys, tomllib
-project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]  # the script runs from $ROOT
 reqs = [r for r in project["dependencies"] if not r.lower().startswith("matplotlib")]
 reqs += [r for r in project["optional-dependencies"]["dev"] if r.lower().startswith("polars")]
 print("\n".join(sorted(reqs + sys.argv[1:])))
@@ -106,7 +154,7 @@ if [[ ! -f "$SITE/.complete" ]]; then
     "$PY" -m pip install -q --no-warn-conflicts --no-index --find-links "$WHEELS" --no-compile --target "$SITE" "${PLATFORM[@]}" \
         -r "$CACHE/requirements-$KEY.txt" 2> >(grep -v "is ignored" >&2)
     touch "$SITE/.complete"
-    echo "installed into $SITE ($(du -sh "$SITE" | cut -f1); wheels cache $(du -sh "$WHEELS" | cut -f1))"
+    echo "installed into $SITE ($(du -sh "$SITE" | cut -f1); wheels cache $(du -shL "$WHEELS" | cut -f1))"
 else
     echo "cached: $SITE"
 fi
@@ -137,7 +185,7 @@ done
 
 step "smoke under emulation: sim -> ingest -> etl -> read-back, compared with native"
 "$PY" "$ROOT/deploy/pi-check/smoke.py" --sysroot "$SYSROOT" --site "$SITE" --cache "$CACHE" \
-    --recording "$RECORDING" --summary "$CACHE/summary-$KEY.json"
+    "${SOURCE[@]+"${SOURCE[@]}"}" --summary "$CACHE/summary-$KEY.json"
 
 echo
 echo "pi-check: OK (the figures are in $CACHE/summary-$KEY.json)"

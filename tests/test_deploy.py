@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import getpass
 import grp
+import json
 import os
 import shlex
 import shutil
@@ -35,13 +36,17 @@ def paths(tmp_path: Path) -> dict[str, Path]:
 
 
 def setup_sh(tmp_path: Path, *args: str, arch: tuple[str, str, str] = ("aarch64", "64", "arm64"),
-             python: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """setup_pi.sh --dry-run with every path under tmp_path and the architecture given."""
+             python: str | None = None, python_realpath: str = "/usr/bin/python3.11",
+             ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """setup_pi.sh --dry-run with every path under tmp_path and the architecture given. The
+    test's Python may live under /root or /home (pyenv), which the script refuses for the
+    service: it is told the interpreter is the system's unless a test says otherwise."""
     p = paths(tmp_path)
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(SMALL_PI)
     env = dict(os.environ, DAEDALUS_SETUP_MACHINE=arch[0], DAEDALUS_SETUP_LONG_BIT=arch[1],
-               DAEDALUS_SETUP_DPKG_ARCH=arch[2], DAEDALUS_SETUP_MEMINFO=str(meminfo))  # fmt: skip
+               DAEDALUS_SETUP_DPKG_ARCH=arch[2], DAEDALUS_SETUP_MEMINFO=str(meminfo),
+               DAEDALUS_SETUP_PYTHON_REALPATH=python_realpath)  # fmt: skip
     cmd = ["bash", str(SCRIPT), "--dry-run", "--python", python or sys.executable, "--prefix", str(p["opt"]),
            "--config-dir", str(p["etc"]), "--state-dir", str(p["state"]), "--systemd-dir", str(p["systemd"]),
            "--logrotate-dir", str(p["logrotate.d"]), *args]  # fmt: skip
@@ -95,13 +100,16 @@ def test_dry_run_prints_every_action_and_changes_nothing(tmp_path: Path) -> None
     out, p = result.stdout, paths(tmp_path)
     for expected in [
         "architecture: aarch64, 64-bit userland (arm64): ok",
-        f"python: {'.'.join(map(str, sys.version_info[:3]))} at {sys.executable}: ok",
+        f"python: {'.'.join(map(str, sys.version_info[:3]))} at {sys.executable} (64-bit): ok",
         f"+ install -d -m 0750 -o daedalus -g daedalus {p['state']} {p['state']}/data {p['state']}/logs",
-        f"+ tar -C {ROOT} -cf - . | tar -C {p['opt']}/src.new -xf -",
+        f"+ mkdir -p {p['opt']}/src.new\n+ touch {p['opt']}/src.new/.installed-by-setup_pi\n",
+        f"+ tar -C {ROOT} -cf - . | tar -C {p['opt']}/src.new --no-same-owner -xf -",
+        f"+ mv {p['opt']}/src.new {p['opt']}/src\n",
         f"+ {sys.executable} -m venv {p['opt']}/.venv",
         f"+ {p['opt']}/.venv/bin/pip install --disable-pip-version-check --no-cache-dir {p['opt']}/src\n",
+        f"+ {p['opt']}/.venv/bin/python -m compileall -q -j 0 {p['opt']}/.venv/lib >/dev/null\n",
         f"+ render deploy/config.yaml > {p['etc']}/config.yaml (mode 0640, owner root:daedalus)",
-        f"+ {p['opt']}/.venv/bin/daedalus config check {p['etc']}/config.yaml",
+        f"+ runuser -u daedalus -- {p['opt']}/.venv/bin/daedalus config check {p['etc']}/config.yaml",
         *(f"+ render deploy/{unit} > {p['systemd']}/{unit} (mode 0644" for unit in UNITS),
         f"+ render deploy/logrotate/daedalus > {p['logrotate.d']}/daedalus (mode 0644",
         "+ systemctl daemon-reload",
@@ -110,7 +118,8 @@ def test_dry_run_prints_every_action_and_changes_nothing(tmp_path: Path) -> None
         "+ systemctl restart daedalus-health.timer",
         "memory: 922 MB RAM, 0 MB swap",
         "CONF_SWAPSIZE=1024",
-        "MemoryHigh=900M MemoryMax=1200M",
+        "MemoryHigh=1200M MemoryMax=1500M",
+        "With 922 MB, capture and the ETL's peaks hardly fit",
         "status page: http://127.0.0.1:8787/",
         f"daedalus status --config {p['etc']}/config.yaml",
     ]:
@@ -170,6 +179,75 @@ def test_refuses_python_older_than_3_11(tmp_path: Path) -> None:
     assert "+ " not in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("option", "path", "why"),
+    [
+        ("--prefix", "/home/pi/daedalus", "ProtectHome=yes hides /home"),
+        ("--state-dir", "/root/daedalus", "ProtectHome=yes hides /home"),
+        ("--config-dir", "/run/user/1000/daedalus", "ProtectHome=yes hides /home"),
+        ("--prefix", "/", "not / or a top-level directory"),
+        ("--state-dir", "/var", "not / or a top-level directory"),
+    ],
+)
+def test_refuses_paths_the_unit_cannot_use(tmp_path: Path, option: str, path: str, why: str) -> None:
+    """ProtectHome=yes would hide them from the service; / or /var would be written into."""
+    result = setup_sh(tmp_path, option, path)
+    assert result.returncode == 2
+    assert f"{option} {path}: " in result.stderr and why in result.stderr
+    assert "+ " not in result.stdout
+
+
+def test_refuses_a_python_the_unit_cannot_see(tmp_path: Path) -> None:
+    """A pyenv or uv Python under /root or /home: the venv's python links to it and
+    ProtectHome=yes hides it, so the service would fail with status=203/EXEC."""
+    result = setup_sh(tmp_path, python_realpath="/home/pi/.pyenv/versions/3.11.9/bin/python3.11")
+    assert result.returncode == 2
+    assert "is /home/pi/.pyenv/versions/3.11.9/bin/python3.11, under /home" in result.stderr
+    assert "UV_PYTHON_INSTALL_DIR=/opt/python" in result.stderr
+
+
+def test_upgrade_swaps_only_its_own_copy(tmp_path: Path) -> None:
+    """A re-run renames the old copy away before renaming the new one in; a directory the
+    script did not make (no marker) is never deleted, nor a .venv that is not a venv."""
+    src = paths(tmp_path)["opt"] / "src"
+    src.mkdir(parents=True)
+    (src / "precious.txt").write_text("mine\n")
+    result = setup_sh(tmp_path)
+    assert result.returncode == 2 and f"{src} exists but was not made by setup_pi.sh" in result.stderr
+    assert not [line for line in result.stdout.splitlines() if line.startswith("+ ")]  # before any action
+
+    (src / ".installed-by-setup_pi").touch()
+    out = setup_sh(tmp_path).stdout
+    swap = f"+ mv {src} {src}.old\n+ mv {src}.new {src}\n+ rm -rf {src}.old\n"
+    assert swap in out, out
+    assert out.index("| tar -C") < out.index(swap)
+
+    (src.parent / ".venv").mkdir()  # not a venv: no pyvenv.cfg, no bin/python
+    result = setup_sh(tmp_path)
+    assert result.returncode == 2 and "exists and is not a venv" in result.stderr
+    assert (src / "precious.txt").read_text() == "mine\n"
+
+
+def test_warns_when_the_config_writes_outside_the_state_dir(tmp_path: Path) -> None:
+    """The unit may write only under the state directory (ReadWritePaths): a data_dir moved
+    to an SSD needs a drop-in, which the script says. Read with the installed package."""
+    p = paths(tmp_path)
+    python = p["opt"] / ".venv" / "bin" / "python"  # an installed venv, as far as the script can tell
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    python.chmod(0o755)
+    (p["opt"] / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    p["etc"].mkdir()
+    (p["etc"] / "config.yaml").write_text(
+        f"data_dir: /mnt/ssd/daedalus\nsupervisor: {{log_dir: {p['state']}/logs, status_port: 9999}}\n")  # fmt: skip
+    result = setup_sh(tmp_path, "--no-start")
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, result.stdout
+    assert "/mnt/ssd/daedalus (in" in warnings[0] and "ReadWritePaths=/mnt/ssd/daedalus" in warnings[0]
+    assert "status page: http://127.0.0.1:9999/" in result.stdout  # the same reader
+
+
 def test_bad_option_and_non_root_without_dry_run(tmp_path: Path) -> None:
     result = subprocess.run(["bash", str(SCRIPT), "--frobnicate"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "unknown option: --frobnicate" in result.stderr
@@ -177,12 +255,23 @@ def test_bad_option_and_non_root_without_dry_run(tmp_path: Path) -> None:
     assert result.returncode == 2 and "--prefix needs an absolute path" in result.stderr
 
 
-def test_script_syntax_and_shellcheck() -> None:
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True, timeout=30)
+@pytest.mark.parametrize("script", [SCRIPT, DEPLOY / "pi-check.sh"], ids=lambda p: p.name)
+def test_script_syntax_and_shellcheck(script: Path) -> None:
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt install shellcheck)")
-    result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout
+
+
+def test_pi_check_help_and_bad_argument_do_nothing() -> None:
+    """Arguments are read before anything is installed, downloaded or cached."""
+    script = str(DEPLOY / "pi-check.sh")
+    result = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "--clean" in result.stdout and "make pi-check" in result.stdout
+    result = subprocess.run(["bash", script, "--frobnicate"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "unknown argument --frobnicate" in result.stderr
+    assert "=== pi-check" not in result.stdout
 
 
 # --- the units -------------------------------------------------------------------------
@@ -294,3 +383,25 @@ def test_logrotate_rotates_health_log_only(tmp_path: Path) -> None:
         ["health.log", "health.log.1", "etl.log", "etl.log.1", "ingest-coinbase.log"])  # fmt: skip
     assert (logs / "health.log").read_text() == ""  # recreated empty; the next run appends
     assert (logs / "etl.log.1").read_text() == "etl.log.1\n" * 100  # the supervisor's files untouched
+
+
+# --- make pi-check's harness ---------------------------------------------------------------
+
+
+def test_pi_check_smoke_harness_natively_on_the_synthetic_market(tmp_path: Path) -> None:
+    """deploy/pi-check/smoke.py's whole flow (sim -> ingest -> etl twice -> DuckDB/Polars
+    read-back -> compare) with every step native and no recording, as on a fresh clone
+    (the emulated run itself is `make pi-check`, minutes long and not part of the tests)."""
+    summary = tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, str(DEPLOY / "pi-check" / "smoke.py"), "--native", "--cache",
+                             str(tmp_path), "--summary", str(summary)], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no recording: the simulator's synthetic market" in result.stdout
+    assert "compare: final best bid/ask equal to native" in result.stdout
+    facts = json.loads(summary.read_text())
+    assert facts["frames"] >= 600 and facts["segments"] >= 1
+    assert set(facts["final_bbo"]) == {"BTC-USD", "ETH-USD"}
+    assert facts["rows"]["level2"] > 0 and facts["rows"]["market_trades"] > 0
+    assert [f["step"] for f in facts["figures"]][-2:] == [
+        "read-back DuckDB+Polars (native stand-in)", "read-back DuckDB+Polars (native)"]  # fmt: skip

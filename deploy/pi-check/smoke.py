@@ -2,13 +2,15 @@
 
 Every daedalus step runs under ``qemu-aarch64 -cpu cortex-a72`` with the arm64 Python and
 aarch64 wheels that ``deploy/pi-check.sh`` prepared: the simulator replays a cut of the
-reference recording, ``daedalus ingest`` captures it, ``daedalus etl`` processes it (numba,
-pyarrow, DuckDB on the cortex-a72), ``readback.py`` reads it with DuckDB and Polars. The same
-ETL and read-back run natively on a copy of the same raw segments; both must give the same
-final best bid/ask per product and the same row counts. Wall time and peak RSS (``wait4``'s
-``ru_maxrss`` of the qemu process, i.e. the emulated program plus qemu's own few MB) per step.
+reference recording (or, on a clone without it, serves its seeded synthetic market),
+``daedalus ingest`` captures it, ``daedalus etl`` processes it (numba, pyarrow, DuckDB on
+the cortex-a72), ``readback.py`` reads it with DuckDB and Polars. The same ETL and read-back
+run natively on a copy of the same raw segments; both must give the same final best bid/ask
+per product and the same row counts. Wall time and peak RSS (``wait4``'s ``ru_maxrss`` of
+the qemu process, i.e. the emulated program plus qemu's own few MB) per step.
 
 Run by the script; standalone: ``.venv/bin/python deploy/pi-check/smoke.py --help``.
+``--native`` runs every step natively (no qemu, no sysroot): a fast check of this harness.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import zstandard
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DEADLINE = 900.0  # seconds for any one wait: emulation is 10-20x slower than native
+SYNTHETIC_FRAMES = 600  # frames captured from the synthetic market when there is no recording
 
 
 class StepFailed(RuntimeError):
@@ -77,7 +80,14 @@ def _pump(stream: io.BufferedReader, sink: list[str], echo: bool) -> None:
 class Runner:
     """Starts commands natively or under qemu, and keeps the table of figures."""
 
-    def __init__(self, sysroot: Path, site: Path, cache: Path) -> None:
+    def __init__(self, sysroot: Path | None, site: Path | None, cache: Path) -> None:
+        """``sysroot`` None: the "emulated" steps run natively too (``--native``)."""
+        self.native_env = {**os.environ, "NUMBA_CACHE_DIR": str(cache / "numba-native")}
+        self.figures: list[dict[str, object]] = []
+        self.tag = "(emulated)"  # in the step names
+        if sysroot is None or site is None:
+            self.emulated_prefix, self.emulated_env, self.tag = [sys.executable], self.native_env, "(native stand-in)"
+            return
         self.emulated_prefix = [
             "nice", "-n", "10", "qemu-aarch64", "-cpu", "cortex-a72", "-L", str(sysroot),
             str(sysroot / "usr" / "bin" / "python3.11"),
@@ -90,8 +100,6 @@ class Runner:
             "NUMBA_CACHE_DIR": str(cache / "numba"),  # and of aarch64 machine code
             "NUMBA_CPU_NAME": "cortex-a72",  # what LLVM detects on a Pi 4 (qemu-user shows the host's cpuinfo)
         }
-        self.native_env = {**os.environ, "NUMBA_CACHE_DIR": str(cache / "numba-native")}
-        self.figures: list[dict[str, object]] = []
 
     def start(self, name: str, args: list[str], *, emulated: bool, echo: bool = False) -> Proc:
         cmd = (self.emulated_prefix if emulated else [sys.executable]) + args
@@ -165,26 +173,37 @@ def write_config(data_dir: Path, ws_url: str | None) -> Path:
     return path
 
 
-def smoke(runner: Runner, work: Path, recording: Path, lines: int) -> dict[str, object]:
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+def sim_args(work: Path, recording: Path | None, lines: int) -> list[str]:
+    """The simulator's arguments: a cut of the recording, or (on a clone without it) the
+    seeded synthetic market, which is as deterministic for the native comparison: both
+    ETLs read the same captured segments."""
+    args = ["-m", "daedalus", "sim", "--port", "0", "--log-format", "json"]
+    if recording is None:
+        print(f"==> no recording: the simulator's synthetic market (seed 7, {SYNTHETIC_FRAMES} frames)")
+        return [*args, "--seed", "7", "--rate", "200", "--levels", "200"]
     cut = work / "recording.jsonl"
     frames = cut_recording(recording, cut, lines)
     print(f"==> recording: first {lines} lines of {recording.name} ({frames} frames, {cut.stat().st_size >> 20} MB)")
+    return [*args, "--replay", str(cut), "--speed", "0"]
 
-    sim = runner.start("sim (emulated)", ["-m", "daedalus", "sim", "--port", "0", "--replay", str(cut),
-                                          "--speed", "0", "--log-format", "json"], emulated=True)  # fmt: skip
+
+def smoke(runner: Runner, work: Path, recording: Path | None, lines: int) -> dict[str, object]:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    sim = runner.start(f"sim {runner.tag}", sim_args(work, recording, lines), emulated=True)
     ready = re.compile(r"ready ws=(\S+)")
     wait_for(lambda: any(ready.search(line) for line in sim.out), "ready line", sim)
     ws_url = next(m.group(1) for line in sim.out if (m := ready.search(line)))
     print(f"    sim ready after {time.monotonic() - sim.started:.1f} s: {ws_url}")
 
     emu, native = work / "emulated", work / "native"
-    ingest = runner.start("ingest (emulated)", ["-m", "daedalus", "ingest", "--config",
+    ingest = runner.start(f"ingest {runner.tag}", ["-m", "daedalus", "ingest", "--config",
                                                 str(write_config(emu, ws_url))], emulated=True)  # fmt: skip
     done = re.compile(r'"sim_replay_done".*"frames": ?(\d+)|sim_replay_done.*frames=(\d+)')
 
     def sent() -> int | None:
+        if recording is None:  # the synthetic market never ends: enough once that many are on disk
+            return SYNTHETIC_FRAMES
         for line in sim.err:
             if m := done.search(line):
                 return int(m.group(1) or m.group(2))
@@ -193,48 +212,63 @@ def smoke(runner: Runner, work: Path, recording: Path, lines: int) -> dict[str, 
     wait_for(lambda: sent() is not None, "sim_replay_done (every frame sent)", sim)
     wait_for(lambda: frames_written(emu) >= (sent() or 0), f"{sent()} frames written", ingest)
     capture_wall = time.monotonic() - ingest.started
+    captured = frames_written(emu)  # from the heartbeat, which a clean exit removes
     ingest.popen.send_signal(signal.SIGINT)
     runner.finish(ingest, emulated=True, wall=capture_wall)
     sim.popen.send_signal(signal.SIGINT)
     runner.finish(sim, emulated=True)
     segments = sorted((emu / "raw" / "ready").rglob("segment_*"))
     if not segments:
-        raise StepFailed(f"ingest (emulated): no segment in {emu / 'raw' / 'ready'}")
-    print(f"    captured {sent()} frames into {len(segments)} segments")
+        raise StepFailed(f"ingest {runner.tag}: no segment in {emu / 'raw' / 'ready'}")
+    print(f"    captured {captured} frames into {len(segments)} segments")
     shutil.copytree(emu / "raw" / "ready", native / "raw" / "ready")
 
-    runner.run("etl (emulated)", ["-m", "daedalus", "etl", "--config", str(write_config(emu, None))], emulated=True)
+    runner.run(f"etl {runner.tag}", ["-m", "daedalus", "etl", "--config", str(write_config(emu, None))], emulated=True)
     runner.run("etl (native)", ["-m", "daedalus", "etl", "--config", str(write_config(native, None))], emulated=False)
     readback = str(HERE / "readback.py")
-    got = runner.run("read-back DuckDB+Polars (emulated)", [readback, str(emu / "processed")], emulated=True)
+    got = runner.run(f"read-back DuckDB+Polars {runner.tag}", [readback, str(emu / "processed")], emulated=True)
     ref = runner.run("read-back DuckDB+Polars (native)", [readback, str(native / "processed")], emulated=False)
-    got_facts, ref_facts = json.loads(got.out[-1]), json.loads(ref.out[-1])
+    got_facts, ref_facts = facts_of(got), facts_of(ref)
     for key in ("rows", "final_bbo"):
         if got_facts[key] != ref_facts[key]:
             raise StepFailed(f"compare: emulated {key} {got_facts[key]} != native {ref_facts[key]}")
     print(f"==> compare: final best bid/ask equal to native: {got_facts['final_bbo']}")
     print(f"    rows: {got_facts['rows']}")
-    return {"frames": sent(), "segments": len(segments), **got_facts}
+    return {"frames": captured, "segments": len(segments), **got_facts}
+
+
+def facts_of(proc: Proc) -> dict[str, object]:
+    """readback.py's one JSON line (its last line of output)."""
+    try:
+        return json.loads(proc.out[-1])
+    except (IndexError, ValueError):
+        raise StepFailed(f"{proc.name}: no JSON line of facts\n{proc.tail()}") from None
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sysroot", type=Path, required=True, help="arm64 Debian sysroot with python3.11")
-    parser.add_argument("--site", type=Path, required=True, help="aarch64 wheels installed with --target")
-    parser.add_argument("--cache", type=Path, required=True, help="pi-check cache directory")
-    parser.add_argument("--recording", type=Path, required=True, help="the reference recording (.jsonl.zst)")
+    parser.add_argument("--sysroot", type=Path, help="arm64 Debian sysroot with python3.11")
+    parser.add_argument("--site", type=Path, help="aarch64 wheels installed with --target")
+    parser.add_argument("--native", action="store_true", help="no emulation: check this harness quickly")
+    parser.add_argument("--cache", type=Path, required=True, help="pi-check cache directory (the run's files)")
+    parser.add_argument("--recording", type=Path, help="the reference recording (.jsonl.zst); default: synthetic")
     parser.add_argument("--lines", type=int, default=400, help="lines of the recording to replay")
     parser.add_argument("--summary", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
-    runner = Runner(args.sysroot.resolve(), args.site.resolve(), args.cache.resolve())
+    if not args.native and (args.sysroot is None or args.site is None):
+        parser.error("--sysroot and --site are needed (or --native)")
+    if args.native:
+        runner = Runner(None, None, args.cache.resolve())
+    else:
+        runner = Runner(args.sysroot.resolve(), args.site.resolve(), args.cache.resolve())
     try:
         facts = smoke(runner, args.cache.resolve() / "run", args.recording, args.lines)
     except StepFailed as exc:
         print(f"pi-check: FAILED at {exc}", file=sys.stderr)
         return 1
-    print("\nstep                                    wall s   peak RSS MB")
+    print(f"\n{'step':<42} {'wall s':>8}   {'peak RSS MB':>11}")
     for f in runner.figures:
-        print(f"{f['step']:<38} {f['wall_s']:>8.1f}   {f['peak_rss_mb']:>10.0f}")
+        print(f"{f['step']:<42} {f['wall_s']:>8.1f}   {f['peak_rss_mb']:>11.0f}")
     if args.summary:
         args.summary.write_text(json.dumps({"figures": runner.figures, **facts}, indent=2))
     return 0
