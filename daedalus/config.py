@@ -139,6 +139,11 @@ class IngestionConfig(Section):
     reconnect_delay: Seconds = 5.0
     max_reconnect_delay: Seconds = 120.0
     watchdog_timeout_seconds: Seconds = 30.0
+    # raw_format: parquet (the ccxt path's record writer)
+    parquet_queue_maxsize: Annotated[int, Field(gt=0, le=10_000_000)] = 50_000
+    parquet_compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    parquet_compression_level: Annotated[int, Field(ge=-7, le=22)] | None = None
+    max_open_writers: Annotated[int, Field(gt=0, le=10_000)] = 64
 
     @model_validator(mode="after")
     def _batch_fits_queue(self) -> IngestionConfig:
@@ -173,18 +178,43 @@ class CoinbaseConfig(Section):
         return self
 
 
+_CCXT_EXCHANGE_ID = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_CCXT_SYMBOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,63}")  # BTC/USD, BTC/USDT:USDT, ...
+
+
+def _ccxt_exchange_id(value: str) -> str:
+    if not _CCXT_EXCHANGE_ID.fullmatch(value):
+        raise ValueError(f"{value!r} is not a ccxt exchange id (lower-case letters, digits, '_', like kraken)")
+    return value
+
+
+def _ccxt_symbol(value: str) -> str:
+    if not _CCXT_SYMBOL.fullmatch(value):
+        raise ValueError(f"{value!r} is not a ccxt symbol (letters, digits, '.', '_', '/', ':', '-', like BTC/USD)")
+    return value
+
+
+CcxtExchangeId = Annotated[str, AfterValidator(_ccxt_exchange_id)]
+CcxtSymbol = Annotated[str, AfterValidator(_ccxt_symbol)]
+CcxtMethod = Literal["watchOrderBook", "watchTrades", "watchTicker"]
+
+
 class CcxtExchangeConfig(Section):
-    id: str
-    symbols: Annotated[list[str], Field(min_length=1)]
-    channels: list[Literal["ticker", "trades", "orderbook"]] = ["ticker", "trades", "orderbook"]
-    options: dict[str, Any] = {}
+    """One ccxt.pro exchange: which ``watch*`` method streams which symbols."""
+
     api_key: SecretStr = SecretStr("")
     api_secret: SecretStr = SecretStr("")
+    urls: dict[str, Any] = {}  # optional override of ccxt's urls (how the tests reach the simulator)
+    channels: Annotated[dict[CcxtMethod, Annotated[list[CcxtSymbol], Field(min_length=1)]], Field(min_length=1)]
+    options: dict[str, Any] = {}
+    max_orderbook_depth: Annotated[int, Field(gt=0, le=1000)] = 20
 
 
 class CcxtConfig(Section):
+    """``ccxt:`` as users of the original Daedalus write it: exchanges keyed by ccxt id."""
+
     enabled: bool = False
-    exchanges: list[CcxtExchangeConfig] = []
+    exchanges: dict[CcxtExchangeId, CcxtExchangeConfig] = {}
 
 
 class ChannelConfig(Section):

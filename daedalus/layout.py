@@ -172,6 +172,25 @@ class DataLayout:
     def active(self, source: str) -> Path:
         return self.raw_dir("active", source)
 
+    def raw_partition_dir(self, state: RawState, source: str, channel: str, *, exchange: str, symbol: str,
+                          hour: str) -> Path:  # fmt: skip
+        """``raw/<state>/<source>/<channel>/exchange=/symbol=/year=/month=/day=/hour=``: the
+        record writer's directory-aligned partitions (``hour`` as in segment names,
+        ``YYYYMMDDTHH``); exchange and symbol through :func:`partition_component`, so
+        ``BTC/USD`` can never become a path."""
+        if not _HOUR.fullmatch(hour):
+            raise ValueError(f"hour {hour!r} is not YYYYMMDDTHH")
+        return (
+            self.raw_dir(state, source)
+            / sanitize_partition_value(channel)
+            / f"exchange={partition_component(exchange)}"
+            / f"symbol={partition_component(symbol)}"
+            / f"year={hour[:4]}"
+            / f"month={hour[4:6]}"
+            / f"day={hour[6:8]}"
+            / f"hour={hour[9:11]}"
+        )
+
     def ready(self, source: str) -> Path:
         return self.raw_dir("ready", source)
 

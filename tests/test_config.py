@@ -105,9 +105,10 @@ def test_unreadable_and_non_mapping_files(tmp_path):
 
 def test_free_form_options_mask_secret_looking_keys():
     config = parse_config(
-        {"ccxt": {"exchanges": [{"id": "kraken", "symbols": ["BTC/USD"], "options": {"password": "hunter2", "x": 1}}]}}
+        {"ccxt": {"exchanges": {"kraken": {"channels": {"watchTrades": ["BTC/USD"]},
+                                            "options": {"password": "hunter2", "x": 1}}}}}  # fmt: skip
     )
-    shown = effective_config(config)["ccxt"]["exchanges"][0]["options"]
+    shown = effective_config(config)["ccxt"]["exchanges"]["kraken"]["options"]
     assert shown == {"password": "**********", "x": 1}
 
 

@@ -108,13 +108,13 @@ def test_ordinary_anchors_and_merge_keys_still_work(tmp_path):
     text = (
         "coinbase:\n  product_ids: &products [BTC-USD, ETH-USD]\n"
         "ccxt:\n  exchanges:\n"
-        "    - &kraken {id: kraken, symbols: *products, channels: [ticker]}\n"
-        "    - {<<: *kraken, id: bitstamp}\n"
+        "    kraken: &kraken {channels: {watchTicker: *products}, max_orderbook_depth: 10}\n"
+        "    bitstamp: {<<: *kraken, max_orderbook_depth: 5}\n"
     )
     config = load_config(write(tmp_path, text), env={})
-    assert [(e.id, e.symbols, e.channels) for e in config.ccxt.exchanges] == [
-        ("kraken", ["BTC-USD", "ETH-USD"], ["ticker"]),
-        ("bitstamp", ["BTC-USD", "ETH-USD"], ["ticker"]),
+    assert [(k, e.channels, e.max_orderbook_depth) for k, e in config.ccxt.exchanges.items()] == [
+        ("kraken", {"watchTicker": ["BTC-USD", "ETH-USD"]}, 10),
+        ("bitstamp", {"watchTicker": ["BTC-USD", "ETH-USD"]}, 5),
     ]
 
 
