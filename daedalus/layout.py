@@ -73,6 +73,18 @@ def partition_component(value: object) -> str:
     return f"{safe.replace('~', '-')[: MAX_COMPONENT - 13]}~{digest}"
 
 
+def symbol_component(symbol: str) -> str:
+    """The path component of a ccxt unified symbol, readable and one-to-one: ``BTC/USD`` ->
+    ``BTC-USD``, ``BTC/USDT:USDT`` -> ``BTC-USDT_USDT``. A symbol that already holds ``-`` or
+    ``_`` (options, some futures) could collide that way, so it goes through
+    :func:`partition_component` instead (its ``~`` suffix never appears in a mapped name)."""
+    if "-" not in symbol and "_" not in symbol and "~" not in symbol:
+        mapped = symbol.replace("/", "-").replace(":", "_")
+        if partition_component(mapped) == mapped:
+            return mapped
+    return partition_component(symbol)
+
+
 def check_safe_name(value: str, what: str = "name") -> str:
     """Return ``value`` if it is already a safe component, else raise with a clear reason.
 
@@ -176,15 +188,15 @@ class DataLayout:
                           hour: str) -> Path:  # fmt: skip
         """``raw/<state>/<source>/<channel>/exchange=/symbol=/year=/month=/day=/hour=``: the
         record writer's directory-aligned partitions (``hour`` as in segment names,
-        ``YYYYMMDDTHH``); exchange and symbol through :func:`partition_component`, so
-        ``BTC/USD`` can never become a path."""
+        ``YYYYMMDDTHH``); exchange and symbol through :func:`partition_component` and
+        :func:`symbol_component`, so ``BTC/USD`` can never become a path."""
         if not _HOUR.fullmatch(hour):
             raise ValueError(f"hour {hour!r} is not YYYYMMDDTHH")
         return (
             self.raw_dir(state, source)
             / sanitize_partition_value(channel)
             / f"exchange={partition_component(exchange)}"
-            / f"symbol={partition_component(symbol)}"
+            / f"symbol={symbol_component(symbol)}"
             / f"year={hour[:4]}"
             / f"month={hour[4:6]}"
             / f"day={hour[6:8]}"

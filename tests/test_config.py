@@ -104,9 +104,9 @@ def test_unreadable_and_non_mapping_files(tmp_path):
 
 
 def test_free_form_options_mask_secret_looking_keys():
+    secret_options = {"password": "hunter2", "x": 1}
     config = parse_config(
-        {"ccxt": {"exchanges": {"kraken": {"channels": {"watchTrades": ["BTC/USD"]},
-                                            "options": {"password": "hunter2", "x": 1}}}}}  # fmt: skip
+        {"ccxt": {"exchanges": {"kraken": {"channels": {"watchTrades": ["BTC/USD"]}, "options": secret_options}}}}
     )
     shown = effective_config(config)["ccxt"]["exchanges"]["kraken"]["options"]
     assert shown == {"password": "**********", "x": 1}

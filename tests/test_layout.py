@@ -64,3 +64,19 @@ def test_segment_names_sort_in_time():
     names = [segment_name(datetime(2026, 8, 9, h, tzinfo=UTC), c) for h in (9, 10) for c in (1, 2, 10)]
     assert sorted(names) == names
     assert parse_segment_name("segment_x.ndjson") is None
+
+
+def test_ccxt_symbols_become_readable_one_to_one_partition_paths(tmp_path):
+    from daedalus.layout import DataLayout, symbol_component
+
+    assert symbol_component("BTC/USD") == "BTC-USD"
+    assert symbol_component("BTC/USDT:USDT") == "BTC-USDT_USDT"
+    symbols = ["BTC/USD", "BTC-USD", "BTC_USD", "A/B-C", "A-B/C", "ETH/USDT:USDT", "../x", "a\x00b"]
+    components = [symbol_component(s) for s in symbols]
+    assert len(set(components)) == len(symbols)  # never two symbols in one directory
+    assert all("/" not in c and c not in (".", "..") for c in components)
+    path = DataLayout(tmp_path).raw_partition_dir("active", "ccxt", "trades", exchange="coinbase",
+                                                  symbol="BTC/USD", hour="20260809T21")  # fmt: skip
+    assert path.relative_to(tmp_path).as_posix() == (
+        "raw/active/ccxt/trades/exchange=coinbase/symbol=BTC-USD/year=2026/month=08/day=09/hour=21"
+    )
