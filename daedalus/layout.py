@@ -82,7 +82,11 @@ def symbol_component(symbol: str) -> str:
         mapped = symbol.replace("/", "-").replace(":", "_")
         if partition_component(mapped) == mapped:
             return mapped
-    return partition_component(symbol)
+    component = partition_component(symbol)
+    if "~" not in component:  # safe as it is (BTC-USD), but would meet the mapped BTC/USD
+        digest = hashlib.sha256(symbol.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+        component = f"{component[: MAX_COMPONENT - 13]}~{digest}"
+    return component
 
 
 def check_safe_name(value: str, what: str = "name") -> str:
