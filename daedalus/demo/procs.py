@@ -12,30 +12,26 @@ that forked a child ends, not the process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from daedalus.logs import get_logger
+from daedalus.ops.child import die_with_parent
 
 log = get_logger(__name__)
 
-PR_SET_PDEATHSIG = 1
 
 
 def _die_with(parent: int) -> Callable[[], None]:
     """What the child runs between fork and exec: SIGTERM when ``parent`` dies; if it already
-    died (between the fork and the request, when the request is too late), do not start at all."""
+    died (between the fork and the request), do not start at all."""
 
     def tie() -> None:
-        if sys.platform.startswith("linux"):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:
+        if not die_with_parent(parent):
             os._exit(1)
 
     return tie

@@ -19,14 +19,20 @@ SUPERVISOR_PID_ENV = "DAEDALUS_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
 
 
+def die_with_parent(parent: int) -> bool:
+    """Ask the kernel for SIGTERM when this process's parent dies; False when the parent is
+    no longer ``parent`` (it died before the request could take effect). Linux only: elsewhere
+    (or if the kernel refuses) True, and the parent's process-group kill still applies."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    return os.getppid() == parent
+
+
 def follow_supervisor() -> None:
     """Tie this process's life to the supervisor's when started by one (no-op otherwise)."""
     expected = os.environ.get(SUPERVISOR_PID_ENV)
-    if not expected or not sys.platform.startswith("linux"):
+    if not expected or not expected.isdigit():
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
-        return  # the kernel refused: the supervisor's process-group kill still stops us
-    if str(os.getppid()) != expected:
+    if not die_with_parent(int(expected)):
         sys.stderr.write("daedalus: the supervisor that started this process is gone; stopping\n")
         sys.exit(1)
