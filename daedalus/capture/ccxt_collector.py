@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import ccxt.pro
 
+from daedalus.backoff import backoff_delay
 from daedalus.config import CcxtConfig, CcxtExchangeConfig
 from daedalus.logs import get_logger
 
@@ -203,6 +204,7 @@ class CcxtCollector:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.stats = CollectorStats()
+        self._rng = random.Random()
         self.exchange: Any = None
         self._cursors: dict[str, TradeCursor] = {}
         self._book_markers: dict[str, tuple[Any, ...]] = {}
@@ -235,9 +237,9 @@ class CcxtCollector:
             self.stats.state = "stopped"
 
     def _backoff(self, attempt: int) -> float:
-        """Capped exponential backoff with full jitter in its upper half (so exchanges do not retry in step)."""
-        cap = min(self.backoff_max, self.backoff_initial * 2**attempt)
-        return cap / 2 + random.random() * cap / 2
+        """The shared capped backoff (``attempt`` counts from 0 here), jittered so that
+        exchanges do not retry in step."""
+        return backoff_delay(attempt + 1, self.backoff_initial, self.backoff_max, self._rng)
 
     def _fail(self, exc: BaseException, delay: float) -> None:
         text = exc.args[0] if isinstance(exc, CcxtConfigError) else f"{type(exc).__name__}: {exc}"

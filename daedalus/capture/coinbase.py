@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
+from daedalus.backoff import backoff_delay
 from daedalus.capture.auth import ws_jwt
 from daedalus.capture.segments import SegmentWriter
 from daedalus.config import CoinbaseConfig, IngestionConfig
@@ -86,12 +87,6 @@ def ticker_mids(frame: str) -> dict[str, float]:
 
 def is_l2_snapshot(frame: str) -> bool:
     return frame.startswith('{"channel":"l2_data"') and '"type":"snapshot"' in frame[:SEQ_SCAN]
-
-
-def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Capped exponential backoff with full jitter in [0.5, 1.0] of the step."""
-    step = min(cap, base * 2 ** min(max(0, attempt - 1), 32))  # bounded exponent: no overflow after days of outage
-    return step * (0.5 + rng.random() / 2)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daedalus.backoff import backoff_delay
 from daedalus.config import ChildKind, DaedalusConfig, SupervisorConfig
 from daedalus.exitcodes import NEEDS_OPERATOR
 
@@ -145,9 +146,7 @@ class ChildPolicy:
         """``initial * 2**(failures-1)`` capped at the maximum, minus up to 20 % jitter (so
         children that failed together do not retry in lockstep)."""
         cfg = self.config
-        exponent = min(max(self.failures - 1, 0), 60)
-        delay = min(cfg.backoff_initial_seconds * 2.0**exponent, cfg.backoff_max_seconds)
-        return delay * self.rng.uniform(0.8, 1.0)
+        return backoff_delay(self.failures, cfg.backoff_initial_seconds, cfg.backoff_max_seconds, self.rng, low=0.8)
 
     def exited(self, now: float, returncode: int | None, *, shutting_down: bool = False) -> str:
         """The process is gone; decide what comes next and return the new state."""

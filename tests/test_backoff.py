@@ -1,0 +1,25 @@
+"""The one backoff every retry loop uses."""
+
+from __future__ import annotations
+
+import random
+
+from daedalus.backoff import backoff_delay
+from daedalus.capture.ccxt_collector import CcxtCollector
+from daedalus.config import CcxtExchangeConfig
+
+
+def test_doubles_from_base_to_the_cap_with_jitter_in_range():
+    rng = random.Random(1)
+    for attempt, step in [(1, 1.0), (2, 2.0), (3, 4.0), (7, 60.0), (8, 60.0)]:
+        for _ in range(50):
+            assert step * 0.5 <= backoff_delay(attempt, 1.0, 60.0, rng) <= step
+            assert step * 0.8 <= backoff_delay(attempt, 1.0, 60.0, rng, low=0.8) <= step
+
+
+def test_days_of_failures_stay_at_the_cap_instead_of_overflowing():
+    """The ccxt collector used to compute ``base * 2**attempt`` unbounded: after ~1,000 failed
+    attempts (about 17 hours of an exchange down at the 60 s cap) that overflowed a float."""
+    assert backoff_delay(10**6, 1.0, 60.0, random.Random(2)) <= 60.0
+    collector = CcxtCollector("coinbase", CcxtExchangeConfig(channels={"watchTrades": ["BTC/USD"]}), sink=None)
+    assert 30.0 <= collector._backoff(5000) <= 60.0
