@@ -4,6 +4,7 @@ simulator, the ETL watcher as a real process), and remove it at a clean stop."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -88,3 +89,21 @@ async def test_etl_watcher_heartbeat_tracks_segments_and_stops_between_segments(
     assert proc.returncode == 0, err[-2000:]
     assert "segments: 3" in out
     assert not path.exists()
+
+
+def test_half_written_records_of_killed_processes_are_cleaned_at_the_next_start(tmp_path):
+    """A writer SIGKILLed between its write and its rename leaves ``.<name>.<pid>.tmp``; the next
+    publisher (or supervisor) removes those of dead pids and leaves a live writer's alone."""
+    from daedalus.ops.heartbeat import HeartbeatPublisher
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = DataLayout(tmp_path).run_dir
+    run.mkdir(parents=True)
+    stale = run / f".ingest-coinbase.json.{dead.pid}.tmp"
+    live = run / f".etl.json.{os.getpid()}.tmp"
+    for path in (stale, live):
+        path.write_bytes(b'{"half": ')
+    HeartbeatPublisher(DataLayout(tmp_path), child="ingest-coinbase", kind="ingest", source="coinbase",
+                       every_seconds=1.0)  # fmt: skip
+    assert not stale.exists() and live.exists()

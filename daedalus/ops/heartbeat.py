@@ -14,7 +14,7 @@ from typing import Any
 
 from daedalus.layout import DataLayout
 from daedalus.logs import get_logger
-from daedalus.ops.records import Heartbeat, write_record
+from daedalus.ops.records import Heartbeat, remove_stale_temporaries, write_record
 
 log = get_logger(__name__)
 
@@ -27,6 +27,8 @@ class HeartbeatPublisher:
         self.started_at = time.time()
         self._last = 0.0
         self.failures = 0
+        with contextlib.suppress(OSError):  # what a killed predecessor may have left
+            remove_stale_temporaries(self.path.parent)
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every

@@ -16,6 +16,7 @@ whole record or the previous one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,21 @@ def write_record(path: Path, record: dict[str, Any], *, durable: bool = False) -
             handle.flush()
             os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def remove_stale_temporaries(directory: Path) -> int:
+    """Delete the half-written records (``.<name>.<pid>.tmp``) of processes that are gone: a
+    writer killed between its write and its rename leaves one, and nothing else would."""
+    import psutil
+
+    removed = 0
+    for tmp in directory.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
 
 
 def read_record(path: Path) -> dict[str, Any] | None:

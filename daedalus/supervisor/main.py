@@ -20,7 +20,14 @@ from typing import Any, TextIO
 
 from daedalus.config import DaedalusConfig
 from daedalus.logs import get_logger
-from daedalus.ops.records import ChildStatus, Heartbeat, SupervisorStatus, read_heartbeat, write_record
+from daedalus.ops.records import (
+    ChildStatus,
+    Heartbeat,
+    SupervisorStatus,
+    read_heartbeat,
+    remove_stale_temporaries,
+    write_record,
+)
 from daedalus.supervisor.children import ChildPolicy, ChildSpec, SupervisorUsageError, add_counters, plan_children
 from daedalus.supervisor.logfiles import RotatingLog
 from daedalus.supervisor.process import ChildProcess
@@ -60,6 +67,7 @@ def run_supervisor(
         sys.stderr.write(f"daedalus run: another supervisor runs on {layout.root} (lock {layout.supervisor_lock})\n")
         return 1
     try:
+        remove_stale_temporaries(layout.run_dir)  # half-written records of a killed predecessor
         supervisor = Supervisor(settings, specs, Path(config_file).resolve(), memory_limit_mb)
         return asyncio.run(supervisor.run())
     finally:
