@@ -7,7 +7,9 @@ on overflow), then ``close()`` finalises every segment into ready/. Reported:
 
 - records/s from the first put to the end of ``close()`` (every record in Parquet in ready/),
 - RSS after imports and a warm-up (baseline), the peak sampled every 20 ms while writing, and
-  the writer's memory as peak - baseline (the seeds' figure to compare: < 10 MB).
+  the writer's memory as peak - baseline (the seeds' figure to compare: < 10 MB),
+- the writer's own account of buffered rows: flushes forced early by its buffer budget and the
+  peak of buffered bytes (``RecordWriterStats.peak_buffered_bytes``).
 
     .venv/bin/python bench/record_writer.py [--records 400000]
 """
@@ -89,7 +91,9 @@ def run_one(records: int, max_open_writers: int, fsync: bool) -> dict[str, Any]:
             "rss_baseline_mb": round(baseline / 2**20, 1), "rss_peak_mb": round(peak[0] / 2**20, 1),
             "writer_mb": round((peak[0] - baseline) / 2**20, 1), "files": len(files),
             "parquet_mb": round(size / 2**20, 1), "overflow_retries": stats.overflow,
-            "evictions": stats.evictions, "flushes": stats.flushes}  # fmt: skip
+            "evictions": stats.evictions, "flushes": stats.flushes, "early_flushes": getattr(stats, "early_flushes", 0),
+            "compactions": getattr(stats, "compactions", 0),
+            "peak_buffered_mb": round(getattr(stats, "peak_buffered_bytes", 0) / 2**20, 1)}  # fmt: skip
 
 
 def feed(writer: RecordWriter, pools: dict[str, list[dict[str, Any]]], records: int) -> None:
@@ -115,7 +119,8 @@ def main() -> None:
     print(f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"{len(PARTITIONS)} partitions, {args.records} records")  # fmt: skip
     header = ("max_open_writers", "fsync", "records_per_s", "seconds", "rss_baseline_mb", "rss_peak_mb", "writer_mb",
-              "files", "parquet_mb", "evictions", "flushes")  # fmt: skip
+              "files", "parquet_mb", "evictions", "flushes", "early_flushes", "compactions",
+              "peak_buffered_mb")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for writers, fsync in ((350, 0), (350, 1), (64, 1)):

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -328,6 +329,62 @@ def test_memory_stays_bounded_over_hundreds_of_partitions(tmp_path: Path) -> Non
           writer.stats)
     assert plateau_growth < max(later // 10, 8 * 1024 * 1024)
     assert samples[0] - baseline < 200 * 1024 * 1024  # queue (20k dicts) + 300 buffers of 100 rows
+
+
+def test_buffer_budget_holds_over_hundreds_of_order_book_partitions(tmp_path: Path) -> None:
+    """300 partitions of 20-level books with batch_size 100 would buffer ~30 MB of rows; a
+    256 KB budget must hold at every moment, compacting buffers to Arrow and flushing the largest
+    early, with every record in Parquet once and its levels intact. Books come in bursts of 20 a
+    symbol, so some buffers are worth compacting (>= 16 KB of rows)."""
+    from daedalus.capture.record_writer import record_row, row_bytes
+
+    layout = DataLayout(tmp_path)
+    budget = 256 * 1024
+    cfg = config(batch_size=100, flush_interval_seconds=30, max_open_writers=400)
+    writer = RecordWriter(layout, cfg, clock=lambda: HOUR0, max_buffered_bytes=budget)
+    partitions, n = 300, 12_000
+    highest = 0  # sampled by this thread while the writer thread works: the bound holds at every moment
+    writer.start()
+    for i in range(n):
+        burst = i // 20
+        while not writer.put_record(channel="orderbook", exchange=f"ex{burst % 3}", symbol=f"B{burst % partitions}/USD",
+                                    recv_ns=recv(i), record=book(i, 20)):  # fmt: skip
+            time.sleep(0.001)  # back-pressure in the test's producer, not an assertion
+        highest = max(highest, writer.stats.buffered_bytes)
+    assert writer.close(60)
+    stats = writer.stats
+    assert stats.peak_buffered_bytes <= budget and highest <= budget
+    assert stats.early_flushes > 100 and stats.compactions > 100 and stats.buffered_bytes == 0
+    assert stats.records_written == n and stats.durable_seq == writer.last_seq
+    files = ready_files(layout)
+    assert len({f.parent for f in files}) == partitions
+    assert sorted(read_all(files, "orderbook", "nonce")) == list(range(n))
+    row = pq.read_table(files[0]).to_pylist()[0]
+    assert row["asks"][19] == {"price": 120.0, "amount": 2.0} and row["bids"][0] == {"price": 100.0, "amount": 1.0}
+    # the budget counts real memory: row_bytes is at least what building the rows allocates
+    records = [book(i, 20) | {"symbol": f"B{i}/USD"} for i in range(2000)]
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    rows = [record_row("orderbook", recv(i), r) for i, r in enumerate(records)]
+    allocated = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert sum(map(row_bytes, rows)) >= allocated
+
+
+def test_levels_other_than_lists_of_floats_take_the_checked_path(tmp_path: Path) -> None:
+    writer = RecordWriter(DataLayout(tmp_path), config())
+    levels = {"bids": ((100, 1), [99.5, 2, "extra"]), "asks": [], "nonce": 1}  # tuples, ints, no levels
+    writer.put_record(channel="orderbook", exchange="e", symbol="A/B", recv_ns=recv(0), record=book(0) | levels)
+    writer.put_record(channel="orderbook", exchange="e", symbol="A/B", recv_ns=recv(1), record=book(1) | {"asks": None})
+    writer.put_record(channel="orderbook", exchange="e", symbol="A/B", recv_ns=recv(2),
+                      record=book(2) | {"bids": [[1.0, True]]})  # fmt: skip
+    writer.put_record(channel="orderbook", exchange="e", symbol="A/B", recv_ns=recv(3),
+                      record=book(3) | {"bids": [{0: 1.0, 1: 2.0}]})  # fmt: skip
+    assert writer.close(10)
+    assert writer.stats.quarantined == 2 and writer.stats.records_written == 2
+    table = pq.read_table(ready_files(DataLayout(tmp_path))[0]).sort_by("nonce").to_pylist()
+    assert table[0]["bids"] == [{"price": 100.0, "amount": 1.0}, {"price": 99.5, "amount": 2.0}]
+    assert table[0]["asks"] == [] and table[1]["asks"] is None and len(table[1]["bids"]) == 5
 
 
 if __name__ == "__main__":  # pragma: no cover

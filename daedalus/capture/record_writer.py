@@ -13,20 +13,30 @@ becomes Parquet: written to a hidden temporary name in ``ready/``, fsynced, rena
 the IPC file is deleted. :func:`recover` does the same at start-up for every IPC file left
 behind; if the Parquet file already exists (crash between rename and delete) it only
 deletes the IPC file, so no record is ever duplicated.
+
+Memory is bounded by construction: buffered rows are compact (order-book levels as flat
+``array('d')``, not tuples of floats) and each row's size is charged to a budget shared by all
+partitions (``max_buffered_bytes``); when a row takes the total over it, the largest buffers
+are first compacted in memory into Arrow batches (trades and tickers shrink ~5x), and only
+when that is not enough flushed early into their open IPC segment, which changes batch sizes,
+not the data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,6 +53,10 @@ IPC_SUFFIX = ".arrow"
 PARQUET_SUFFIX = ".parquet"
 REJECTED_FILE = "rejected.ndjson"
 ROW_GROUP_ROWS = 65_536  # rows per Parquet row group when converting (many small IPC batches)
+ROW_GROUP_BYTES = 8 * 2**20  # ... or fewer: 65,536 rows of 40-level books would be ~40 MB in memory
+MAX_BUFFERED_BYTES = 4 * 2**20  # default budget of rows buffered across all partitions
+COMPACT_MIN_BYTES = 16 * 1024  # Python rows of one partition worth turning into an Arrow batch
+BATCH_OVERHEAD = 1024  # charged per compacted batch on top of its buffers (objects, padding)
 MAX_DRAIN = 20_000  # records routed per round before flush deadlines are checked again
 CHANNELS = ("ticker", "trades", "orderbook")
 
@@ -140,11 +154,19 @@ def _convert(kind: str, value: Any) -> Any:
         return value
     if not isinstance(value, list | tuple):  # _LEVELS: [[price, amount, ...], ...]
         raise RecordRejected(f"expected a list of levels, got {type(value).__name__}")
-    levels = []
+    # Flat (price, amount, price, amount, ...) doubles: 16 bytes a level instead of ~100 as a
+    # tuple of two floats; the buffers of a hundred book partitions are most of the writer's memory.
+    # Fast path for the usual shape (lists of floats); anything else is checked level by level.
+    with contextlib.suppress(IndexError, TypeError, KeyError):
+        flat = [x for level in value if type(level) is list for x in (level[0], level[1])]
+        if len(flat) == 2 * len(value) and all(type(x) is float for x in flat):
+            return array("d", flat)
+    levels = array("d")
     for level in value:
         if not isinstance(level, list | tuple) or len(level) < 2:
             raise RecordRejected(f"level {level!r} is not [price, amount]")
-        levels.append((_number(level[0]), _number(level[1])))
+        levels.append(_number(level[0]))
+        levels.append(_number(level[1]))
     return levels
 
 
@@ -160,10 +182,32 @@ def record_row(channel: str, recv_ns: int, record: dict[str, Any]) -> tuple[Any,
     return (recv_ns, *[_convert(kind, get(key)) for _, key, kind in fields])
 
 
+def row_bytes(row: tuple[Any, ...]) -> int:
+    """What a buffered row costs, charged to the buffer budget: the tuple and every non-null
+    value, shared objects and None included, so the estimate errs high (level arrays count their data)."""
+    return sys.getsizeof(row) + sum(map(sys.getsizeof, row))
+
+
+def levels_to_array(values: tuple[array | None, ...]) -> pa.Array:
+    """A ``list<struct<price, amount>>`` column from flat level arrays (None: a null list)."""
+    flat = array("d")
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    nulls = [value is None for value in values]
+    for i, levels in enumerate(values):
+        if levels is not None:
+            flat.extend(levels)
+        offsets[i + 1] = len(flat) // 2
+    pairs = np.frombuffer(flat, dtype=np.float64) if flat else np.zeros(0, dtype=np.float64)
+    struct = pa.StructArray.from_arrays([pa.array(pairs[0::2]), pa.array(pairs[1::2])], fields=list(LEVEL))
+    mask = pa.array(nulls, pa.bool_()) if any(nulls) else None
+    return pa.ListArray.from_arrays(pa.array(offsets), struct, type=pa.list_(LEVEL), mask=mask)
+
+
 def rows_to_batch(channel: str, rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
     schema = SCHEMAS[channel]
     columns = list(zip(*rows, strict=True))
-    arrays = [pa.array(values, type=f.type) for values, f in zip(columns, schema, strict=True)]
+    arrays = [levels_to_array(values) if f.type == pa.list_(LEVEL) else pa.array(values, type=f.type)
+              for values, f in zip(columns, schema, strict=True)]  # fmt: skip
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
@@ -191,6 +235,10 @@ class RecordWriterStats:
     records_lost: int = 0  # rows of a batch whose write failed
     quarantined: int = 0
     stale_cleanups: int = 0
+    early_flushes: int = 0  # flushed before batch_size because the buffer budget was reached
+    compactions: int = 0  # buffered rows turned into an in-memory Arrow batch to fit the budget
+    buffered_bytes: int = 0  # row_bytes of every buffered row, now (<= max_buffered_bytes)
+    peak_buffered_bytes: int = 0  # highest buffered_bytes once a routed record's budget is settled
     durable_seq: int = 0  # every record put with seq <= this is flushed, quarantined or lost
 
     def as_dict(self) -> dict[str, int]:
@@ -239,7 +287,7 @@ def ipc_to_parquet(ipc: Path, target: Path, *, compression: str, compression_lev
     read = IpcRead(0, 0, 0)
     writer: pq.ParquetWriter | None = None
     pending: list[pa.RecordBatch] = []
-    pending_rows = 0
+    pending_rows = pending_bytes = 0
     codec = None if compression == "none" else compression
     try:
         for batch in _iter_ipc_batches(ipc, read):
@@ -248,9 +296,10 @@ def ipc_to_parquet(ipc: Path, target: Path, *, compression: str, compression_lev
                                           compression_level=compression_level if codec else None)  # fmt: skip
             pending.append(batch)
             pending_rows += batch.num_rows
-            if pending_rows >= ROW_GROUP_ROWS:
+            pending_bytes += batch.nbytes
+            if pending_rows >= ROW_GROUP_ROWS or pending_bytes >= ROW_GROUP_BYTES:
                 writer.write_table(pa.Table.from_batches(pending))
-                pending, pending_rows = [], 0
+                pending, pending_rows, pending_bytes = [], 0, 0
         if writer is None:
             return read
         if pending:
@@ -361,11 +410,24 @@ class Partition:
     hour_index: int  # recv_ns // HOUR_NS
     relative: Path  # below raw/<state>/<source>
     rows: list[tuple[Any, ...]] = field(default_factory=list)
+    compacted: list[pa.RecordBatch] = field(default_factory=list)  # older buffered rows, as Arrow
+    compacted_rows: int = 0
+    buffered_bytes: int = 0  # row_bytes of ``rows`` + charged bytes of ``compacted``
+    compacted_bytes: int = 0
     seqs_from: int = 0  # seq of the oldest buffered row
     since: float = 0.0  # monotonic time of the oldest buffered row
     last_used: float = 0.0
     next_counter: int | None = None
     segment: OpenSegment | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Anything buffered (Python rows or compacted batches), not yet in a segment."""
+        return bool(self.rows or self.compacted)
+
+    @property
+    def buffered_rows(self) -> int:
+        return len(self.rows) + self.compacted_rows
 
 
 QueueItem = tuple[int, str, str, str, int, Any]
@@ -377,7 +439,8 @@ class RecordWriter:
 
     def __init__(self, layout: DataLayout, ingestion: IngestionConfig, *, source: str = "ccxt",
                  clock: Callable[[], int] = time.time_ns,
-                 on_flush: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                 on_flush: Callable[[int], None] | None = None,
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:  # fmt: skip
         self.layout = layout
         self.source = source
         self.config = ingestion
@@ -392,6 +455,7 @@ class RecordWriter:
         self._drained_seq = 0
         self._max_hour = 0
         self._segment_bytes = int(ingestion.segment_max_mb * 1024 * 1024)
+        self._max_buffered = max_buffered_bytes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._ipc_options = pa.ipc.IpcWriteOptions(compression="lz4")
@@ -476,12 +540,18 @@ class RecordWriter:
                 continue
             key = (channel, exchange, symbol, hour_index)
             partition = self._partitions.get(key) or self._new_partition(key)
-            if not partition.rows:
+            size = row_bytes(row)
+            if self.stats.buffered_bytes + size > self._max_buffered:
+                self._make_room(size)  # before the append: the budget holds at every moment
+            if not partition.pending:
                 partition.seqs_from, partition.since = seq, now
             partition.rows.append(row)
+            partition.buffered_bytes += size
+            self.stats.buffered_bytes += size
             partition.last_used = now
-            if len(partition.rows) >= batch_size:
-                self._flush(partition)
+            if partition.buffered_rows >= batch_size or partition.buffered_bytes > self._max_buffered:
+                self._flush(partition)  # (the second case: a single row bigger than the whole budget)
+            self.stats.peak_buffered_bytes = max(self.stats.peak_buffered_bytes, self.stats.buffered_bytes)
             if hour_index > self._max_hour:
                 self._hour_changed(hour_index)
         self._publish_durable()
@@ -497,18 +567,63 @@ class RecordWriter:
 
     def _flush_due(self, older_than: float) -> None:
         for partition in list(self._partitions.values()):
-            if partition.rows and partition.since <= older_than:
+            if partition.pending and partition.since <= older_than:
                 self._flush(partition)
         self._publish_durable()
 
-    def _flush(self, partition: Partition) -> None:
-        rows, partition.rows = partition.rows, []
+    def _make_room(self, size: int) -> None:
+        """A row of ``size`` bytes would exceed the buffer budget: flush the largest buffers
+        first. They go to their open IPC segment like any flush (smaller batches, same records,
+        same durability)."""
+        while self.stats.buffered_bytes and self.stats.buffered_bytes + size > self._max_buffered:
+            loose = max(self._partitions.values(), key=lambda p: p.buffered_bytes - p.compacted_bytes)
+            if loose.buffered_bytes - loose.compacted_bytes >= COMPACT_MIN_BYTES:
+                self._compact(loose)  # no I/O, batch sizes unchanged
+                continue
+            largest = max(self._partitions.values(), key=lambda p: p.buffered_bytes)
+            self.stats.early_flushes += 1
+            self._flush(largest)
+
+    def _compact(self, partition: Partition) -> None:
+        """Python rows -> one Arrow batch kept in memory until the partition flushes."""
         try:
-            batch = rows_to_batch(partition.channel, rows)
-        except (pa.ArrowException, ValueError, TypeError) as exc:  # validation should have caught it
-            for row in rows:
-                self._reject(partition.channel, partition.exchange, partition.symbol, row[0], None, repr(exc))
+            batch = rows_to_batch(partition.channel, partition.rows)
+        except (pa.ArrowException, ValueError, TypeError):
+            self._flush(partition)  # rejects the rows there, with the reason
             return
+        charged = batch.get_total_buffer_size() + BATCH_OVERHEAD
+        loose = partition.buffered_bytes - partition.compacted_bytes
+        self.stats.buffered_bytes += charged - loose
+        partition.buffered_bytes += charged - loose
+        partition.compacted_bytes += charged
+        partition.compacted.append(batch)
+        partition.compacted_rows += batch.num_rows
+        partition.rows = []
+        self.stats.compactions += 1
+
+    def _take_batch(self, partition: Partition) -> pa.RecordBatch | None:
+        """Everything the partition buffers as one batch, the buffer emptied; rows Arrow refuses
+        are quarantined (validation should have caught them)."""
+        rows, partition.rows = partition.rows, []
+        batches, partition.compacted = partition.compacted, []
+        partition.compacted_rows = partition.compacted_bytes = 0
+        self.stats.buffered_bytes -= partition.buffered_bytes
+        partition.buffered_bytes = 0
+        if rows:
+            try:
+                batches.append(rows_to_batch(partition.channel, rows))
+            except (pa.ArrowException, ValueError, TypeError) as exc:
+                for row in rows:
+                    self._reject(partition.channel, partition.exchange, partition.symbol, row[0], None, repr(exc))
+        if len(batches) > 1:
+            return pa.concat_batches(batches)
+        return batches[0] if batches else None
+
+    def _flush(self, partition: Partition) -> None:
+        batch = self._take_batch(partition)
+        if batch is None:
+            return
+        count = batch.num_rows
         try:
             segment = partition.segment or self._open_segment(partition)
             segment.writer.write_batch(batch)
@@ -516,13 +631,13 @@ class RecordWriter:
                 os.fsync(segment.handle.fileno())
         except OSError as exc:
             self.stats.write_errors += 1
-            self.stats.records_lost += len(rows)
-            log.error("record_writer_flush_failed", partition=str(partition.relative), rows=len(rows), error=str(exc))
+            self.stats.records_lost += count
+            log.error("record_writer_flush_failed", partition=str(partition.relative), rows=count, error=str(exc))
             self._abandon(partition)
             return
-        segment.rows += len(rows)
+        segment.rows += count
         self._open.move_to_end(self._key(partition))  # least recently written is evicted first
-        self.stats.records_written += len(rows)
+        self.stats.records_written += count
         self.stats.flushes += 1
         if segment.handle.tell() >= self._segment_bytes or partition.hour_index < self._max_hour:
             self.stats.rotations += 1  # by size, or a (late) segment of an hour that is over
@@ -584,7 +699,7 @@ class RecordWriter:
 
     def _finalise(self, partition: Partition) -> None:
         """Flush the partition's buffer, then IPC -> Parquet in ready/ -> delete the IPC file."""
-        if partition.rows:
+        if partition.pending:
             self._flush(partition)
             if partition.segment is None:  # the flush rotated or failed
                 return
@@ -612,7 +727,7 @@ class RecordWriter:
         for key, partition in list(self._partitions.items()):
             if key[3] >= hour_index:
                 continue
-            if partition.rows:
+            if partition.pending:
                 self._flush(partition)  # rotates: its hour is over
             elif partition.segment is not None:
                 self.stats.rotations += 1
@@ -627,14 +742,14 @@ class RecordWriter:
             self._hour_changed(clock_hour)
         idle_before = time.monotonic() - 3 * self.config.flush_interval_seconds
         for key, partition in list(self._partitions.items()):
-            if partition.rows or partition.segment is not None:
+            if partition.pending or partition.segment is not None:
                 continue
             if key[3] < self._max_hour or partition.last_used < idle_before:
                 del self._partitions[key]
                 self.stats.stale_cleanups += 1
 
     def _publish_durable(self) -> None:
-        pending = [p.seqs_from for p in self._partitions.values() if p.rows]
+        pending = [p.seqs_from for p in self._partitions.values() if p.pending]
         durable = min(pending) - 1 if pending else self._drained_seq
         if durable > self.stats.durable_seq:
             self.stats.durable_seq = durable
