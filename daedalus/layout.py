@@ -115,6 +115,12 @@ def segment_name(first_record: datetime, counter: int, suffix: str = ".ndjson") 
     return segment_name_for_hour(first_record.astimezone(UTC).strftime("%Y%m%dT%H"), counter, suffix)
 
 
+def segment_hour_of_ns(recv_ns: int) -> str:
+    """The UTC hour a receive time (ns) falls in, as names carry it (``20260809T21``); whole
+    seconds first, so a float timestamp cannot round into the next hour."""
+    return datetime.fromtimestamp(recv_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H")
+
+
 def segment_name_for_hour(hour: str, counter: int, suffix: str = ".ndjson") -> str:
     """:func:`segment_name` from the hour as it appears in names (``20260809T21``), as the
     segment writer keeps it: no round trip through a datetime."""

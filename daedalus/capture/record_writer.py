@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from daedalus.capture.segments import fsync_path, write_atomically
 from daedalus.config import IngestionConfig
-from daedalus.layout import RAW_STATES, DataLayout, segment_identity, segment_name_for_hour
+from daedalus.layout import RAW_STATES, DataLayout, segment_hour_of_ns, segment_identity, segment_name_for_hour
 from daedalus.logs import get_logger
 
 log = get_logger(__name__)
@@ -209,10 +209,6 @@ def rows_to_batch(channel: str, rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
     arrays = [levels_to_array(values) if f.type == pa.list_(LEVEL) else pa.array(values, type=f.type)
               for values, f in zip(columns, schema, strict=True)]  # fmt: skip
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-def hour_of(recv_ns: int) -> str:
-    return time.strftime("%Y%m%dT%H", time.gmtime(recv_ns // 1_000_000_000))
 
 
 # --- stats ----------------------------------------------------------------------------
@@ -558,7 +554,7 @@ class RecordWriter:
 
     def _new_partition(self, key: PartitionKey) -> Partition:
         channel, exchange, symbol, hour_index = key
-        hour = hour_of(hour_index * HOUR_NS)
+        hour = segment_hour_of_ns(hour_index * HOUR_NS)
         path = self.layout.raw_partition_dir("active", self.source, channel, exchange=exchange, symbol=symbol,
                                              hour=hour)  # fmt: skip
         partition = Partition(channel, exchange, symbol, hour, hour_index, path.relative_to(self._active_root))

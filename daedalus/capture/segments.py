@@ -30,7 +30,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from daedalus.layout import (
     DataLayout,
     next_segment_hour,
     parse_segment_name,
+    segment_hour_of_ns,
     segment_identity,
     segment_name_for_hour,
 )
@@ -503,9 +503,7 @@ class SegmentWriter:
         same retry as writes, so a full disk at start-up (or at a rotation) is waited out,
         and a removed ``active/`` is created again.
         """
-        # whole seconds: a float timestamp could round into the next hour
-        record_hour = datetime.fromtimestamp(first_recv_ns // 1_000_000_000, UTC).strftime("%Y%m%dT%H")
-        hour, counter = self._next_name(record_hour)
+        hour, counter = self._next_name(segment_hour_of_ns(first_recv_ns))
         name = segment_name_for_hour(hour, counter, self.suffix)
         path = self.active_dir / name
 
