@@ -329,7 +329,8 @@ def decode_segment(path: Path) -> tuple[BookSet, list[FrameBatch]]:
     try:
         line = 0
         for batch in read_batches(con, path):
-            batches.append(parse_batch(batch, books, line).frames)
+            parsed = parse_batch(batch, line)
+            batches.append(books.bind(parsed.frames, parsed.products))
             line += batch.num_rows
     finally:
         con.close()

@@ -9,14 +9,19 @@ on overflow), then ``close()`` finalises every segment into ready/. Reported:
 - RSS after imports and a warm-up (baseline), the peak sampled every 20 ms while writing, and
   the writer's memory as peak - baseline (the seeds' figure to compare: < 10 MB),
 - the writer's own account of buffered rows: flushes forced early by its buffer budget and the
-  peak of buffered bytes (``RecordWriterStats.peak_buffered_bytes``).
+  peak of buffered bytes (``RecordWriterStats.peak_buffered_bytes``), and of its input queue
+  (peak entries and estimated bytes, when the writer has a queue byte budget).
 
-    .venv/bin/python bench/record_writer.py [--records 400000]
+``--before FILE`` also runs every configuration with the RecordWriter of FILE (e.g. the previous
+commit's ``record_writer.py``), each pair back to back, so both columns share the machine's load.
+
+    .venv/bin/python bench/record_writer.py [--records 200000] [--before /tmp/record_writer_before.py]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -34,6 +39,7 @@ from daedalus.capture.record_writer import RecordWriter
 from daedalus.config import IngestionConfig
 from daedalus.layout import DataLayout
 
+SEEDS_WRITER_MB = 10  # the seeds' figure: < 10 MB writer memory
 PARTITIONS = [("trades", f"ex{k % 5}", f"T{k}/USD") for k in range(150)] + \
     [("ticker", f"ex{k % 5}", f"K{k}/USD") for k in range(100)] + \
     [("orderbook", f"ex{k % 5}", f"B{k}/USD") for k in range(100)]  # fmt: skip
@@ -55,7 +61,20 @@ def sample_records(channel: str, count: int = 64) -> list[dict[str, Any]]:
             for i in range(count)]  # fmt: skip
 
 
-def run_one(records: int, max_open_writers: int, fsync: bool) -> dict[str, Any]:
+def writer_class(path: str | None) -> type[RecordWriter]:
+    """RecordWriter, or the one defined in the file ``path`` (another version, for comparison)."""
+    if not path:
+        return RecordWriter
+    spec = importlib.util.spec_from_file_location("record_writer_under_test", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.RecordWriter
+
+
+def run_one(records: int, max_open_writers: int, fsync: bool, module: str | None = None) -> dict[str, Any]:
+    RecordWriter = writer_class(module)
     process = psutil.Process()
     pools = {channel: sample_records(channel) for channel in ("trades", "ticker", "orderbook")}
     with tempfile.TemporaryDirectory(prefix="bench-rw-", dir=os.environ.get("BENCH_DIR")) as tmp:
@@ -93,7 +112,10 @@ def run_one(records: int, max_open_writers: int, fsync: bool) -> dict[str, Any]:
             "parquet_mb": round(size / 2**20, 1), "overflow_retries": stats.overflow,
             "evictions": stats.evictions, "flushes": stats.flushes, "early_flushes": getattr(stats, "early_flushes", 0),
             "compactions": getattr(stats, "compactions", 0),
-            "peak_buffered_mb": round(getattr(stats, "peak_buffered_bytes", 0) / 2**20, 1)}  # fmt: skip
+            "peak_buffered_mb": round(getattr(stats, "peak_buffered_bytes", 0) / 2**20, 1),
+            "peak_queue": getattr(stats, "peak_queue_depth", None),
+            "peak_queued_mb": round(getattr(stats, "peak_queued_bytes", 0) / 2**20, 1),
+            "target_met": peak[0] - baseline < SEEDS_WRITER_MB * 2**20}  # fmt: skip
 
 
 def feed(writer: RecordWriter, pools: dict[str, list[dict[str, Any]]], records: int) -> None:
@@ -110,24 +132,28 @@ def feed(writer: RecordWriter, pools: dict[str, list[dict[str, Any]]], records: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=400_000)
+    parser.add_argument("--before", help="a record_writer.py to run beside the current one")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # max_open_writers,fsync: run in this process
     args = parser.parse_args()
     if args.one:
         writers, fsync = args.one.split(",")
-        print(json.dumps(run_one(args.records, int(writers), fsync == "1")))
+        print(json.dumps(run_one(args.records, int(writers), fsync == "1", args.before)))
         return
     print(f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
           f"{len(PARTITIONS)} partitions, {args.records} records")  # fmt: skip
-    header = ("max_open_writers", "fsync", "records_per_s", "seconds", "rss_baseline_mb", "rss_peak_mb", "writer_mb",
-              "files", "parquet_mb", "evictions", "flushes", "early_flushes", "compactions",
-              "peak_buffered_mb")  # fmt: skip
+    header = ("version", "max_open_writers", "fsync", "records_per_s", "seconds", "rss_baseline_mb", "rss_peak_mb",
+              "writer_mb", "seeds_target_mb", "target_met", "files", "parquet_mb", "evictions", "flushes",
+              "early_flushes", "compactions", "peak_buffered_mb", "peak_queue", "peak_queued_mb")  # fmt: skip
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    versions = [("before", args.before), ("current", None)] if args.before else [("current", None)]
     for writers, fsync in ((350, 0), (350, 1), (64, 1)):
-        out = subprocess.run([sys.executable, __file__, "--records", str(args.records), "--one", f"{writers},{fsync}"],
-                             check=True, capture_output=True, text=True).stdout  # fmt: skip
-        result = json.loads(out.strip().splitlines()[-1])
-        print("| " + " | ".join(str(result[k]) for k in header) + " |", flush=True)
+        for version, module in versions:
+            command = [sys.executable, __file__, "--records", str(args.records), "--one", f"{writers},{fsync}"]
+            out = subprocess.run(command + (["--before", module] if module else []),
+                                 check=True, capture_output=True, text=True).stdout  # fmt: skip
+            result = json.loads(out.strip().splitlines()[-1]) | {"version": version, "seeds_target_mb": "< 10"}
+            print("| " + " | ".join(str(result[k]) for k in header) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -113,8 +113,11 @@ def ingest(
     stats_interval: Annotated[
         float | None, typer.Option(help="Print the statistics block every S seconds (0 or unset: never).")
     ] = None,
+    source: Annotated[
+        str | None, typer.Option(help="Source to capture (coinbase, ccxt; default: the one enabled in the config).")
+    ] = None,
 ) -> None:
-    """Capture the Coinbase feed into durable raw segments until SIGINT/SIGTERM."""
+    """Capture one source's feed into durable raw segments until SIGINT/SIGTERM."""
     from daedalus.capture.auth import AuthError
     from daedalus.capture.pipeline import ingest as run_ingest
     from daedalus.locks import AlreadyRunning
@@ -122,9 +125,10 @@ def ingest(
     _check_seconds(stats_interval, "--stats-interval", zero="off")
     follow_supervisor()
     settings = _configured(config)
+    chosen = _ingest_source(settings, source)
     _require_writable(settings.layout.raw, "data_dir")
     try:
-        ok = asyncio.run(run_ingest(settings, stats_interval))
+        ok = asyncio.run(run_ingest(settings, stats_interval, chosen))
     except KeyboardInterrupt:
         ok = True
     except AuthError as exc:
@@ -135,6 +139,34 @@ def ingest(
         raise _fail(f"cannot start: {exc}", FAILED) from None
     if not ok:
         raise typer.Exit(1)
+
+
+def _ingest_source(settings: DaedalusConfig, source: str | None) -> str:
+    """``--source``, checked; without it, the one source the config enables."""
+    from daedalus import sources
+
+    enabled = sources.enabled(settings)
+    if source is None:
+        if len(enabled) != 1:
+            found = f"enabled: {', '.join(enabled)}" if enabled else "none is enabled (coinbase.enabled, ccxt.enabled)"
+            raise _fail(f"--source: say which source to capture ({found}); `daedalus run` starts one ingest each")
+        return enabled[0]
+    if source not in sources.names():
+        raise _fail(f"--source: unknown source {source!r} (available: {', '.join(sources.names())})")
+    if source not in enabled:
+        raise _fail(f"--source: {source} is disabled in the config ({source}.enabled: false)")
+    return source
+
+
+def _etl_sources(settings: DaedalusConfig, source: str | None) -> list[str]:
+    """``--source``, checked; without it, every enabled source (coinbase when none is)."""
+    from daedalus import sources
+
+    if source is None:
+        return sources.enabled(settings) or ["coinbase"]
+    if source not in sources.names():
+        raise _fail(f"--source: unknown source {source!r} (available: {', '.join(sources.names())})")
+    return [source]
 
 
 class EtlMode(StrEnum):
@@ -158,6 +190,9 @@ def etl(
     rebuild_state: Annotated[
         bool, typer.Option(help="Move a damaged or incompatible checkpoint aside first and start from empty books.")
     ] = False,
+    source: Annotated[
+        str | None, typer.Option(help="Only this source's segments (default: every enabled source).")
+    ] = None,
 ) -> None:
     """Turn closed raw segments into Hive-partitioned Parquet (books, trades, tickers, bars)."""
     from daedalus.etl.job import EtlIoError, EtlJob, EtlStuck
@@ -170,22 +205,28 @@ def etl(
     start, end = _etl_dates(mode, day, start_date, end_date)
     _require_writable(settings.layout.raw, "data_dir")
     _require_writable(settings.processed_dir, "etl.output_dir" if settings.etl.output_dir else "data_dir")
-    job = EtlJob(settings)
+    chosen = _etl_sources(settings, source)
+    if watch and len(chosen) > 1:
+        raise _fail(f"--watch: one watcher per source (`daedalus run` starts them): add --source "
+                    f"({', '.join(chosen)})")  # fmt: skip
+    if watch and mode is not EtlMode.all:
+        raise _fail("--watch processes every segment as it arrives: use it without --mode date/range")
     show = sys.stderr.isatty() if progress is None else progress
+    stop = threading.Event()
+    if watch:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+    poll = settings.etl.poll_interval_seconds if poll_interval is None else poll_interval
+    summaries = []
     try:
-        if rebuild_state:
-            moved = job.rebuild_state()
-            typer.echo(f"checkpoint moved to {moved}" if moved else "no checkpoint to move aside", err=True)
-        if watch:
-            if mode is not EtlMode.all:
-                raise _fail("--watch processes every segment as it arrives: use it without --mode date/range")
-            stop = threading.Event()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, lambda *_: stop.set())
-            poll = settings.etl.poll_interval_seconds if poll_interval is None else poll_interval
-            summary = job.watch(poll, stop.is_set, show)
-        else:
-            summary = job.run(start, end, show)
+        for name in chosen:
+            job = EtlJob(settings, name)
+            if rebuild_state:
+                moved = job.rebuild_state()
+                typer.echo(f"{name}: checkpoint moved to {moved}" if moved else f"{name}: no checkpoint to move aside",
+                           err=True)  # fmt: skip
+            summary = job.watch(poll, stop.is_set, show) if watch else job.run(start, end, show)
+            summaries.append((name, summary))
     except AlreadyRunning as exc:  # transient: the supervisor retries with backoff
         raise _fail(f"cannot start: {exc}", FAILED) from None
     except EtlIoError as exc:
@@ -194,7 +235,8 @@ def etl(
         raise _fail(f"etl stopped: {exc}", 1) from None
     except EtlStateError as exc:
         raise _fail(f"cannot start: {exc}") from None
-    typer.echo(summary.text())
+    for name, summary in summaries:
+        typer.echo(summary.text() if len(summaries) == 1 else f"[{name}]\n{summary.text()}")
 
 
 def _etl_dates(mode: EtlMode, day: str | None, start: str | None, end: str | None) -> tuple[date | None, date | None]:

@@ -141,6 +141,8 @@ class IngestionConfig(Section):
     watchdog_timeout_seconds: Seconds = 30.0
     # raw_format: parquet (the ccxt path's record writer)
     parquet_queue_maxsize: Annotated[int, Field(gt=0, le=10_000_000)] = 50_000
+    # ... and the bytes those queued records may hold (estimated per record, without parsing it)
+    parquet_queue_max_mb: Annotated[float, Field(ge=0.1, le=16_384)] = 4.0
     parquet_compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
     parquet_compression_level: Annotated[int, Field(ge=-7, le=22)] | None = None
     max_open_writers: Annotated[int, Field(gt=0, le=10_000)] = 64

@@ -168,6 +168,14 @@ def parse_segment_name(name: str) -> SegmentName | None:
     return SegmentName(match.group(1), int(match.group(2)), "." + match.group(3))
 
 
+def segment_stem(name: str) -> str:
+    """The name a segment's outputs are called after (``part-<stem>.parquet``): the segment
+    name without its suffixes, from a bare name or a path below ``raw/<state>/<source>``."""
+    base = name.rsplit("/", 1)[-1]
+    parsed = parse_segment_name(base)
+    return parsed.stem if parsed else base.split(".")[0]
+
+
 @dataclass(frozen=True)
 class DataLayout:
     """Paths under one ``data_dir``. Pure: creates nothing until asked."""

@@ -54,8 +54,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     while proc.poll() is None and time.monotonic() < deadline:
         try:
             for child in parent.children(recursive=True):
-                if child.pid not in seen:
-                    seen[child.pid] = (child, " ".join(child.cmdline()[2:5]))
+                # looked at again each round: a child seen between its fork and its exec still
+                # shows its parent's command line
+                seen[child.pid] = (seen.get(child.pid, (child,))[0], " ".join(child.cmdline()[2:5]))
         except psutil.Error:  # a process gone between the listing and the look
             pass
         time.sleep(0.2)

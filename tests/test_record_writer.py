@@ -3,6 +3,7 @@ across partitions, rotation, eviction, quarantine, SIGKILL recovery and bounded 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 
 from daedalus.capture.record_writer import HOUR_NS, RecordWriter, recover
 from daedalus.config import IngestionConfig
-from daedalus.layout import DataLayout, parse_segment_name
+from daedalus.layout import DataLayout, parse_segment_name, symbol_component
 
 REPO = Path(__file__).resolve().parents[1]
 HOUR0 = 1_786_309_200 * 1_000_000_000  # 2026-08-09T21:00Z, an hour boundary
@@ -82,7 +83,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 def test_records_in_equal_out_across_partitions(tmp_path: Path) -> None:
     layout = DataLayout(tmp_path)
-    writer = RecordWriter(layout, config())
+    writer = RecordWriter(layout, config(), max_queued_bytes=64 * 2**20)  # the burst fits: no overflow here
     writer.start()
     n = 3000
     for i in range(n):
@@ -111,7 +112,7 @@ def test_records_in_equal_out_across_partitions(tmp_path: Path) -> None:
 
 def test_rotation_by_size_numbers_segments_in_order(tmp_path: Path) -> None:
     layout = DataLayout(tmp_path)
-    writer = RecordWriter(layout, config(segment_max_mb=0.01, batch_size=50))
+    writer = RecordWriter(layout, config(segment_max_mb=0.01, batch_size=50), max_queued_bytes=64 * 2**20)
     writer.start()
     for i in range(5000):
         writer.put_record(channel="trades", exchange="coinbase", symbol="BTC/USD", recv_ns=recv(i), record=trade(i))
@@ -369,6 +370,126 @@ def test_buffer_budget_holds_over_hundreds_of_order_book_partitions(tmp_path: Pa
     allocated = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     assert sum(map(row_bytes, rows)) >= allocated
+
+
+# --- stress: hundreds of partitions, few open files, small budgets --------------------------
+
+
+def _open_ipc_fds(active: Path) -> int:
+    """IPC segments this process holds open, read from /proc/self/fd (not from the writer)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            count += target.startswith(str(active)) and target.endswith(".arrow")
+    return count
+
+
+def _identities_read_back(files: list[Path], channel: str, key: str) -> list[tuple[Any, ...]]:
+    """(channel, exchange, symbol, recv_ns, key) of every row of ``channel``, read with pyarrow,
+    DuckDB and Polars; the three must agree. Exchange comes from the Hive path, the symbol from
+    the row (``unified_symbol``), recv_ns from ``ts_recv``."""
+    chosen = [f for f in files if f"/{channel}/" in f.as_posix()]
+
+    def exchange_of(path: str) -> str:
+        return next(part.split("=", 1)[1] for part in Path(path).parts if part.startswith("exchange="))
+
+    by_arrow = []
+    for f in chosen:
+        table = pq.read_table(f, columns=["ts_recv", "unified_symbol", key])
+        recvs = table.column("ts_recv").cast(pa.int64()).to_pylist()
+        by_arrow += [(channel, exchange_of(str(f)), s, r, k) for s, r, k in
+                     zip(table.column("unified_symbol").to_pylist(), recvs, table.column(key).to_pylist(), strict=True)]
+    sql = (f"SELECT filename, unified_symbol, epoch_ns(ts_recv::TIMESTAMP_NS), {key} FROM "
+           f"read_parquet({[str(f) for f in chosen]!r}, filename=true, hive_partitioning=false)")
+    by_duck = [(channel, exchange_of(name), s, ns, k) for name, s, ns, k in duckdb.sql(sql).fetchall()]
+    frames = [pl.read_parquet(f, hive_partitioning=False).select(
+        pl.lit(exchange_of(str(f))).alias("exchange"), "unified_symbol", pl.col("ts_recv").dt.epoch("ns"), key)
+        for f in chosen]
+    by_polars = [(channel, *row) for row in pl.concat(frames).iter_rows()]
+    assert sorted(by_arrow) == sorted(by_duck) == sorted(by_polars)
+    return by_arrow
+
+
+def test_stress_hundreds_of_partitions_few_open_writers_every_record_once(tmp_path: Path) -> None:
+    """3 channels x 2 exchanges x 60 symbols over 2 hours of recv_ns (720 partitions) through 8
+    open writers, 10 KB segments, 64 KiB budgets for the queue and for buffered rows: every record
+    comes out exactly once, evictions and rotations happen, the process never holds more IPC
+    segments open than max_open_writers, and both memory budgets hold."""
+    import random
+
+    from daedalus.capture.record_writer import queued_cost
+
+    layout = DataLayout(tmp_path)
+    budget, queue_budget, open_max = 64 * 1024, 64 * 1024, 8
+    cfg = config(batch_size=10, flush_interval_seconds=30, max_open_writers=open_max, segment_max_mb=0.01,
+                 parquet_queue_maxsize=2000)  # fmt: skip
+    writer = RecordWriter(layout, cfg, clock=lambda: HOUR0, max_buffered_bytes=budget, max_queued_bytes=queue_budget)
+    active, fd_peak = layout.active("ccxt"), [0]
+    opened = writer._open_segment
+
+    def open_and_count(partition: Any) -> Any:  # on the writer thread, right after each open
+        segment = opened(partition)
+        fd_peak[0] = max(fd_peak[0], _open_ipc_fds(active))
+        return segment
+
+    writer._open_segment = open_and_count  # type: ignore[method-assign]
+    keys = [(c, e, f"S{k}/USD") for c in ("trades", "ticker", "orderbook") for e in ("ex0", "ex1") for k in range(60)]
+    rng, n, expected, biggest, burst = random.Random(11), 4000, [], 0, 0
+    writer.start()
+    for i in range(n):
+        if not burst:  # exchanges send in bursts: 1 to 12 records of one partition in a row
+            (channel, exchange, symbol), burst = rng.choice(keys), rng.randint(1, 12)
+        burst -= 1
+        recv_ns = HOUR0 + i * (2 * HOUR_NS // n) // 1000 * 1000  # increasing, microseconds, over 2 hours
+        if channel == "trades":
+            record, key = trade(i, symbol), str(i)
+        elif channel == "ticker":
+            record, key = ticker(i) | {"symbol": symbol}, float(i)
+        else:
+            record, key = book(i, 20) | {"symbol": symbol}, i
+        biggest = max(biggest, queued_cost(channel, record))
+        while not writer.put_record(channel=channel, exchange=exchange, symbol=symbol, recv_ns=recv_ns,
+                                    record=record):  # fmt: skip
+            time.sleep(0.0005)  # back-pressure in the test's producer, not an assertion
+        expected.append((channel, exchange, symbol_component(symbol), recv_ns, key))
+    assert writer.close(60)
+    stats = writer.stats
+    files = ready_files(layout)
+    got = []
+    for channel, key in (("trades", "trade_id"), ("ticker", "last"), ("orderbook", "nonce")):
+        got += [(c, e, symbol_component(s), r, k) for c, e, s, r, k in _identities_read_back(files, channel, key)]
+    assert sorted(got) == sorted(expected) and len(set(got)) == n  # every record exactly once
+    partitions = {(c, e, s, r // HOUR_NS) for c, e, s, r, _ in expected}
+    assert len({f.parent for f in files}) == len(partitions) > 300
+    assert stats.records_written == n and stats.quarantined == stats.records_lost == stats.write_errors == 0
+    assert stats.evictions > 100 and stats.rotations > 10 and stats.segments_finalised == len(files)
+    assert 0 < fd_peak[0] <= open_max and stats.open_writers == 0
+    assert not list(active.rglob("*.arrow"))
+    assert stats.peak_buffered_bytes <= budget and stats.buffered_bytes == 0
+    assert stats.peak_queue_depth <= 2000 and stats.peak_queued_bytes <= queue_budget + biggest
+    assert stats.overflow_bytes > 0 and stats.overflow == stats.overflow_bytes  # the byte budget bound, not the count
+    assert writer.queue_depth == 0 and writer.queued_bytes == 0
+    line = writer.status_line()
+    assert line.startswith(f"[writer] written={n:,} (") and f"open=0/{open_max}" in line and "queue=0/2,000" in line
+    assert writer.snapshot()["evictions"] == stats.evictions
+
+
+def test_queue_byte_budget_refuses_without_blocking_and_takes_one_into_an_empty_queue(tmp_path: Path) -> None:
+    from daedalus.capture.record_writer import queued_cost
+
+    cost = queued_cost("orderbook", book(0, 20))
+    writer = RecordWriter(DataLayout(tmp_path), config(), max_queued_bytes=3 * cost)
+    put = writer.put_record
+    results = [put(channel="orderbook", exchange="e", symbol="A/B", recv_ns=recv(i), record=book(i, 20))
+               for i in range(5)]  # fmt: skip
+    assert results == [True] * 3 + [False] * 2 and writer.queued_bytes == 3 * cost
+    assert writer.stats.overflow == writer.stats.overflow_bytes == 2
+    huge = RecordWriter(DataLayout(tmp_path / "huge"), config(), max_queued_bytes=100)
+    assert huge.put_record(channel="orderbook", exchange="e", symbol="A/B", recv_ns=recv(0), record=book(0, 20))
+    assert not huge.put_record(channel="trades", exchange="e", symbol="A/B", recv_ns=recv(1), record=trade(1))
+    assert writer.close(10) and huge.close(10)
+    assert writer.queued_bytes == 0 and writer.stats.records_written == 3 and huge.stats.records_written == 1
 
 
 def test_levels_other_than_lists_of_floats_take_the_checked_path(tmp_path: Path) -> None:

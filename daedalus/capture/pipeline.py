@@ -1,27 +1,25 @@
-"""``daedalus ingest``: recovery, segment writer, collectors, statistics, clean shutdown."""
+"""``daedalus ingest --source NAME``: recovery, raw writer, collectors, statistics, clean shutdown.
+
+The same for every source: the source's plug-in (:mod:`daedalus.sources`) builds a
+:class:`Capture` (its collectors over a :class:`RawWriter` of the configured raw format); this
+module takes the source's writer lock, recovers ``active/`` before anything is captured,
+runs the collectors, publishes the heartbeat and the statistics block, and shuts down within
+a bounded time, telling whether every accepted record reached the disk.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
-from typing import TextIO
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol, TextIO
 
-from daedalus.capture.auth import ws_jwt
-from daedalus.capture.coinbase import CoinbaseCollector
-from daedalus.capture.segments import (
-    DiskGaveUp,
-    RecoveryInterrupted,
-    RecoveryReport,
-    SegmentWriter,
-    recover_active,
-    retry_disk,
-)
-from daedalus.config import ConfigError, DaedalusConfig
+from daedalus import sources
+from daedalus.capture.segments import DiskGaveUp, RecoveryInterrupted, retry_disk
+from daedalus.config import DaedalusConfig
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
 from daedalus.ops.heartbeat import HeartbeatPublisher
@@ -29,53 +27,90 @@ from daedalus.signals import stop_on_signals
 
 log = get_logger(__name__)
 
-SOURCE = "coinbase"
 SHUTDOWN_TIMEOUT_S = 10.0
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f}MB"
+class RawWriter(Protocol):
+    """A raw writer as ``daedalus ingest`` drives it (adapters in :mod:`daedalus.capture.raw_writers`)."""
+
+    writer: Any  # the writer itself (SegmentWriter, RecordWriter): tests and benches read its stats
+    error: BaseException | None  # set when the writer gave up: ingest stops (and is restarted)
+
+    def recover(self, stopping: threading.Event) -> int:
+        """Recover what a killed run left in ``active/``; returns the disk errors met (counted)."""
+        ...
+
+    def add_write_errors(self, count: int) -> None: ...
+
+    def start(self) -> None: ...
+
+    def close(self, timeout: float) -> bool: ...
+
+    def heartbeat(self) -> tuple[dict[str, object], dict[str, object]]:
+        """(counters, gauges) for the heartbeat (see :mod:`daedalus.ops.records`)."""
+        ...
+
+    def status_line(self, span: float) -> str: ...
+
+    def stopped_fields(self, clean: bool) -> dict[str, object]: ...
+
+
+class Capture(Protocol):
+    """One source's collectors over its raw writer, built by the source's plug-in."""
+
+    source: str
+    raw: RawWriter
+    collectors: list[Any]
+
+    def check_settings(self) -> None:
+        """Fail fast with :class:`ConfigError` on settings this source cannot honour."""
+        ...
+
+    def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
+        """The collectors' coroutines by task name; ingest fails when all of them end."""
+        ...
+
+    async def stop(self) -> None:
+        """Close connections politely (bounded by the caller)."""
+        ...
+
+    def heartbeat(self) -> tuple[dict[str, object], dict[str, object], dict[str, dict[str, float | None]]]:
+        """(counters, gauges, products) of the collectors; products keyed as the source's
+        ``products(config)`` (:class:`daedalus.sources.Source`)."""
+        ...
+
+    def status_lines(self, span: float) -> list[str]:
+        """One line per connection or exchange; rates over ``span`` seconds since the last call."""
+        ...
+
+    def started_fields(self) -> dict[str, object]: ...
 
 
 class IngestPipeline:
-    """Collectors -> bounded queue -> segment writer, for the Coinbase source."""
+    """A source's collectors -> bounded queue -> raw writer, for any registered source."""
 
-    def __init__(self, config: DaedalusConfig, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, config: DaedalusConfig, clock: Callable[[], int] = time.time_ns, *,
+                 source: str = "coinbase") -> None:  # fmt: skip
         self.config = config
         self.layout = config.layout
         self.clock = clock
-        self.writer = SegmentWriter(self.layout, SOURCE, config.ingestion, clock)
-        products = config.coinbase.product_ids
-        per_conn = config.coinbase.max_products_per_connection
-        self.collectors = [
-            CoinbaseCollector(
-                i + 1, products[start : start + per_conn], config.coinbase, config.ingestion, self.writer, clock
-            )
-            for i, start in enumerate(range(0, len(products), per_conn))
-        ]
+        self.source = source
+        self.capture: Capture = sources.get(source).capture(config, clock)
+        self.raw = self.capture.raw
+        self.writer = self.raw.writer
+        self.collectors = self.capture.collectors
         self._started = time.monotonic()
         self.failed = False
         self._lock: TextIO | None = None
-        self._last_report: tuple[float, int, dict[int, int]] = (self._started, 0, {})
+        self._last_report = self._started
         self.heartbeat = HeartbeatPublisher(
-            self.layout, child=f"ingest-{SOURCE}", kind="ingest", source=SOURCE,
+            self.layout, child=f"ingest-{source}", kind="ingest", source=source,
             every_seconds=config.supervisor.heartbeat_seconds,
         )  # fmt: skip
 
     def check_settings(self) -> None:
         """Fail fast, with the reason, on settings this source cannot honour."""
-        if self.config.ingestion.raw_format != "ndjson":
-            raise ConfigError(
-                "ingestion",
-                ["ingestion.raw_format: the coinbase collector writes ndjson; parquet is for the ccxt path"],
-            )
-        self.check_credentials()
-
-    def check_credentials(self) -> None:
-        """Fail fast, with the reason, when API keys are set but cannot sign a token."""
-        key = self.config.coinbase.api_key.get_secret_value()
-        if key:
-            ws_jwt(key, self.config.coinbase.api_secret.get_secret_value())
+        self.capture.check_settings()
 
     async def run(self, stop: asyncio.Event, stats_interval: float | None = None, out: TextIO = sys.stdout) -> None:
         self.check_settings()
@@ -97,41 +132,9 @@ class IngestPipeline:
 
     def heartbeat_stats(self) -> dict[str, dict[str, object]]:
         """Counters, gauges and products for the heartbeat (see daedalus.ops.records)."""
-        w = self.writer.stats
-        conns = {str(c.conn_id): c.stats for c in self.collectors}
-        watchdog = self.config.ingestion.watchdog_timeout_seconds
-        ages = {k: s.last_message_age() for k, s in conns.items()}
-        connected = {k: int(s.state == "connected") for k, s in conns.items()}
-        stalled = any(connected[k] and (ages[k] if ages[k] is not None else s.uptime()) > watchdog
-                      for k, s in conns.items())  # fmt: skip
-        products: dict[str, dict[str, float | None]] = {}
-        for c in self.collectors:
-            for product, seen_ns in c.stats.product_seen.items():
-                products[product] = {"last_time": seen_ns / 1e9, "mid": c.stats.product_mid.get(product)}
-        counters = {
-            "frames_received": {k: s.messages for k, s in conns.items()},
-            "bytes_received": {k: s.bytes for k, s in conns.items()},
-            "reconnects": {k: s.reconnects for k, s in conns.items()},
-            "gaps": {k: s.gaps for k, s in conns.items()},
-            "frames_written": w.written,
-            "bytes_written": w.bytes,
-            "overflow_drops": self.writer.dropped,
-            "write_errors": w.write_errors,
-            "flushes": w.flushes,
-            "segment_rotations": w.rotations,
-            "durable_latency_seconds": w.latency.to_dict(),
-        }
-        gauges = {
-            "queue_depth": self.writer.queue_depth,
-            "queue_capacity": self.config.ingestion.queue_maxsize,
-            "connected": connected,
-            "last_frame_age_seconds": ages,
-            "watchdog_seconds": watchdog,
-            "stalled": int(stalled),
-            "segment": w.segment or None,
-            "segment_bytes": w.segment_bytes,
-        }
-        return {"counters": counters, "gauges": gauges, "products": products}
+        counters, gauges, products = self.capture.heartbeat()
+        written, writer_gauges = self.raw.heartbeat()
+        return {"counters": {**counters, **written}, "gauges": {**gauges, **writer_gauges}, "products": products}
 
     async def _run(self, stop: asyncio.Event, stats_interval: float | None, out: TextIO) -> None:
         if not await self._recover(stop):
@@ -140,25 +143,19 @@ class IngestPipeline:
                 self._lock = None
             self._log_stopped(False, time.monotonic() - self._started)
             return
-        self.writer.start()
-        log.info(
-            "ingest_started",
-            source=SOURCE,
-            connections=len(self.collectors),
-            products=len(self.config.coinbase.product_ids),
-            data_dir=str(self.layout.root),
-        )
-        tasks = [asyncio.create_task(c.run(), name=f"collector-{c.conn_id}") for c in self.collectors]
+        self.raw.start()
+        log.info("ingest_started", source=self.source, **self.capture.started_fields(), data_dir=str(self.layout.root))
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in self.capture.tasks().items()]
         reporter = asyncio.create_task(self._report(stats_interval, out)) if stats_interval else None
         stopper = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 await asyncio.wait([*tasks, stopper], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
                 if all(t.done() for t in tasks):
-                    log.error("ingest_all_collectors_stopped", source=SOURCE)
+                    log.error("ingest_all_collectors_stopped", source=self.source)
                     self.failed = True
                     break
-                if self.writer.error is not None:
+                if self.raw.error is not None:
                     self.failed = True
                     break
         finally:
@@ -177,12 +174,12 @@ class IngestPipeline:
         relay = asyncio.create_task(stop.wait())
         relay.add_done_callback(lambda _: stopping.set())
         try:
-            report = await asyncio.to_thread(self._prepare_and_recover, stopping)
+            write_errors = await asyncio.to_thread(self._prepare_and_recover, stopping)
         except RecoveryInterrupted as exc:
-            self.writer.stats.write_errors += exc.write_errors  # the writer has not started yet
+            self.raw.add_write_errors(exc.write_errors)  # the writer has not started yet
             log.error(
                 "recovery_interrupted",
-                source=SOURCE,
+                source=self.source,
                 segment=exc.segment,
                 error=exc.error,
                 failures=exc.failures,
@@ -192,24 +189,24 @@ class IngestPipeline:
         except OSError as exc:  # not a full disk (a permission, a read-only or failing disk): waiting cannot help
             log.error(
                 "recovery_failed",
-                source=SOURCE,
+                source=self.source,
                 error=f"{exc.strerror or exc!r}: {exc.filename}" if exc.filename else (exc.strerror or repr(exc)),
                 action="fix the data directory and start again; recovery resumes where it stopped",
             )
             return False
         finally:
             relay.cancel()
-        self.writer.stats.write_errors += report.write_errors  # shown in the statistics block
+        self.raw.add_write_errors(write_errors)  # shown in the statistics block
         return True
 
-    def _prepare_and_recover(self, stopping: threading.Event) -> RecoveryReport:
+    def _prepare_and_recover(self, stopping: threading.Event) -> int:
         """The raw folders and the writer lock, then recovery. On a fresh data directory on
         a full disk even creating those waits for space, like every other disk step."""
 
         def prepare() -> None:
-            self.layout.ensure(SOURCE)
+            self.layout.ensure(self.source)
             if self._lock is None:
-                self._lock = hold_lock(self.layout.active(SOURCE) / ".lock")
+                self._lock = hold_lock(self.layout.active(self.source) / ".lock")
 
         failures = 0
 
@@ -219,16 +216,14 @@ class IngestPipeline:
 
         try:
             retry_disk("prepare", prepare, stop=stopping, attempts_after_stop=0, event="recovery_write",
-                       fields=lambda: {"source": SOURCE, "segment": "-"}, on_failure=count)  # fmt: skip
+                       fields=lambda: {"source": self.source, "segment": "-"}, on_failure=count)  # fmt: skip
         except DiskGaveUp as exc:
             raise RecoveryInterrupted("-", exc.error, exc.failures, failures) from exc
         try:
-            report = recover_active(self.layout, SOURCE, stopping)
+            return self.raw.recover(stopping) + failures
         except RecoveryInterrupted as exc:
             exc.write_errors += failures
             raise
-        report.write_errors += failures
-        return report
 
     async def shutdown(
         self,
@@ -239,16 +234,15 @@ class IngestPipeline:
     ) -> None:
         """Stop collectors, then flush and close the writer, within a bounded time."""
         started = time.monotonic()
-        for collector in self.collectors:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(collector.stop(), 2.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.capture.stop(), 2.0)
         for task in [*tasks, stopper] + ([reporter] if reporter else []):
             task.cancel()
         results = await asyncio.gather(*tasks, stopper, *([reporter] if reporter else []), return_exceptions=True)
         for task, result in zip(tasks, results, strict=False):
             if isinstance(result, Exception):
                 log.error("collector_crashed", task=task.get_name(), error=repr(result))
-        clean = await asyncio.to_thread(self.writer.close, SHUTDOWN_TIMEOUT_S)
+        clean = await asyncio.to_thread(self.raw.close, SHUTDOWN_TIMEOUT_S)
         if self._lock is not None:
             self._lock.close()  # releases the writer lock
             self._lock = None
@@ -257,26 +251,14 @@ class IngestPipeline:
         self._log_stopped(clean, time.monotonic() - started)
 
     def _log_stopped(self, clean: bool, seconds: float) -> None:
-        """The last word on the run: clean only if every accepted frame is on disk."""
-        w = self.writer.stats
-        fields = {
-            "clean": clean,
-            "seconds": round(seconds, 2),
-            "written": w.written,
-            "overflow": self.writer.dropped,
-            "write_errors": w.write_errors,
-        }
+        """The last word on the run: clean only if every accepted record is on disk."""
+        fields = {"source": self.source, "clean": clean, "seconds": round(seconds, 2),
+                  **self.raw.stopped_fields(clean)}  # fmt: skip
         if clean:
             log.info("ingest_stopped", **fields)
             return
         self.failed = True  # the exit status says it too
-        log.error(
-            "ingest_stopped",
-            **fields,
-            unwritten=w.unwritten,
-            unwritten_events=w.unwritten_events,
-            still_queued=self.writer.queue_depth,  # non-zero only if the writer did not stop in time
-        )
+        log.error("ingest_stopped", **fields)
 
     async def _report(self, interval: float, out: TextIO) -> None:
         while True:
@@ -284,40 +266,17 @@ class IngestPipeline:
             print(self.status_text(), file=out, flush=True)
 
     def status_text(self) -> str:
-        """The statistics block: one line per connection, one for the writer."""
+        """The statistics block: one line per connection (or exchange), one for the writer."""
         now = time.monotonic()
-        last_at, last_written, last_msgs = self._last_report
-        span = max(now - last_at, 1e-9)
-        lines = []
-        for c in self.collectors:
-            s = c.stats
-            rate = (s.messages - last_msgs.get(c.conn_id, 0)) / span
-            age = s.last_message_age()
-            lines.append(
-                f"[coinbase#{c.conn_id}] {s.state} up={s.uptime():.0f}s msgs={s.messages:,} ({rate:,.0f}/s) "
-                f"bytes={_mb(s.bytes)} errors={s.errors} reconnects={s.reconnects} gaps={s.gaps} "
-                f"last={'-' if age is None else f'{age:.2f}s'} ago"
-            )
-        w = self.writer.stats
-        depth, cap = self.writer.queue_depth, self.config.ingestion.queue_maxsize
-        latency = sorted(w.latencies_ns)
-        p50 = statistics.median(latency) / 1e6 if latency else 0.0
-        p99 = latency[min(len(latency) - 1, int(len(latency) * 0.99))] / 1e6 if latency else 0.0
-        lines.append(
-            f"[writer] written={w.written:,} ({(w.written - last_written) / span:,.0f}/s) bytes={_mb(w.bytes)} "
-            f"queue={depth}/{cap} ({depth / cap:.1%}) overflow={self.writer.dropped:,} "
-            f"flushes={w.flushes:,} rotations={w.rotations} write_errors={w.write_errors:,} "
-            f"segment={w.segment or '-'} ({_mb(w.segment_bytes)}) latency p50={p50:.1f}ms p99={p99:.1f}ms"
-            + (f" unwritten={w.unwritten:,}" if w.unwritten else "")
-        )
-        self._last_report = (now, w.written, {c.conn_id: c.stats.messages for c in self.collectors})
-        return "\n".join(lines)
+        span = max(now - self._last_report, 1e-9)
+        self._last_report = now
+        return "\n".join([*self.capture.status_lines(span), self.raw.status_line(span)])
 
 
-async def ingest(config: DaedalusConfig, stats_interval: float | None) -> bool:
+async def ingest(config: DaedalusConfig, stats_interval: float | None, source: str = "coinbase") -> bool:
     """Run until SIGINT/SIGTERM; False when it had to stop on its own (writer or collectors
     failed) or could not write everything it had accepted before stopping."""
     stop = stop_on_signals()
-    pipeline = IngestPipeline(config)
+    pipeline = IngestPipeline(config, source=source)
     await pipeline.run(stop, stats_interval)
     return not pipeline.failed

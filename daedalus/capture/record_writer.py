@@ -58,6 +58,14 @@ MAX_BUFFERED_BYTES = 4 * 2**20  # default budget of rows buffered across all par
 COMPACT_MIN_BYTES = 16 * 1024  # Python rows of one partition worth turning into an Arrow batch
 BATCH_OVERHEAD = 1024  # charged per compacted batch on top of its buffers (objects, padding)
 MAX_DRAIN = 20_000  # records routed per round before flush deadlines are checked again
+MAX_QUEUED_BYTES = 4 * 2**20  # default budget of the input queue, by estimate (see queued_cost)
+# What a queued record is charged, estimated without walking the dict (put_record runs on the
+# event loop): ccxt's unified trades and tickers are dicts of ~15-25 keys with the exchange's raw
+# message under "info"; a book cut by the collector is a small dict plus one 2-float list per level.
+QUEUE_ENTRY_BYTES = 200  # the queue's tuple, seq and recv_ns ints, the deque slot
+RECORD_COST = {"trades": 1024, "ticker": 1536, "orderbook": 512}
+LEVEL_COST = 128  # [price, amount]: a list of two floats and its slot in bids/asks
+OTHER_COST = 1024  # unknown channels (quarantined on the writer thread, but queued first)
 CHANNELS = ("ticker", "trades", "orderbook")
 
 TS = pa.timestamp("ns", tz="UTC")
@@ -182,6 +190,19 @@ def record_row(channel: str, recv_ns: int, record: dict[str, Any]) -> tuple[Any,
     return (recv_ns, *[_convert(kind, get(key)) for _, key, kind in fields])
 
 
+def queued_cost(channel: str, record: Any) -> int:
+    """Estimated bytes a queued record holds, charged to the queue budget on put and released on
+    drain: a fixed cost per channel plus ``LEVEL_COST`` a book level (``len`` only: O(1)). Never
+    raises: a malformed record is quarantined on the writer thread, not refused here."""
+    cost = QUEUE_ENTRY_BYTES + RECORD_COST.get(channel, OTHER_COST)
+    if channel == "orderbook" and type(record) is dict:
+        for side in ("bids", "asks"):
+            levels = record.get(side)
+            if type(levels) is list:
+                cost += LEVEL_COST * len(levels)
+    return cost
+
+
 def row_bytes(row: tuple[Any, ...]) -> int:
     """What a buffered row costs, charged to the buffer budget: the tuple and every non-null
     value, shared objects and None included, so the estimate errs high (level arrays count their data)."""
@@ -214,13 +235,22 @@ def rows_to_batch(channel: str, rows: list[tuple[Any, ...]]) -> pa.RecordBatch:
 # --- stats ----------------------------------------------------------------------------
 
 
+def _mb(value: int) -> str:
+    return f"{value / 2**20:.1f}MB"
+
+
 @dataclass
 class RecordWriterStats:
-    """Counters read by the stats line and metrics (written by the writer thread only,
-    except ``accepted`` and ``overflow``, written by the event loop only)."""
+    """Counters read by the stats line and metrics. Each field has one writing thread, so no
+    lock is needed: the event loop writes ``accepted``, ``overflow*`` and ``peak_queue*``, the
+    writer thread everything else. Live gauges (queue depth, queued bytes) are properties of
+    :class:`RecordWriter`; :meth:`RecordWriter.snapshot` puts both in one dict."""
 
     accepted: int = 0
-    overflow: int = 0
+    overflow: int = 0  # records refused by put_record (queue full by count or by bytes), never queued
+    overflow_bytes: int = 0  # ... of which refused by the byte budget (the count had room)
+    peak_queue_depth: int = 0
+    peak_queued_bytes: int = 0  # highest estimated bytes queued (<= max_queued_bytes + one record)
     records_written: int = 0  # in an IPC segment, flushed (and fsynced when configured)
     flushes: int = 0
     rotations: int = 0  # size or hour
@@ -426,7 +456,7 @@ class Partition:
         return len(self.rows) + self.compacted_rows
 
 
-QueueItem = tuple[int, str, str, str, int, Any]
+QueueItem = tuple[int, str, str, str, int, Any, int]  # seq, channel, exchange, symbol, recv_ns, record, cost
 PartitionKey = tuple[str, str, str, int]  # channel, exchange, symbol, hour index
 
 
@@ -436,7 +466,8 @@ class RecordWriter:
     def __init__(self, layout: DataLayout, ingestion: IngestionConfig, *, source: str = "ccxt",
                  clock: Callable[[], int] = time.time_ns,
                  on_flush: Callable[[int], None] | None = None,
-                 max_buffered_bytes: int = MAX_BUFFERED_BYTES) -> None:  # fmt: skip
+                 max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+                 max_queued_bytes: int = MAX_QUEUED_BYTES) -> None:  # fmt: skip
         self.layout = layout
         self.source = source
         self.config = ingestion
@@ -445,6 +476,13 @@ class RecordWriter:
         self.stats = RecordWriterStats()
         self._queue: deque[QueueItem] = deque()
         self._maxsize = ingestion.parquet_queue_maxsize
+        # The queue's byte budget: the entry count alone bounds nothing (50,000 books of 20
+        # levels a side hold ~250 MB). Two counters, each written by one thread only (no lock):
+        # queued bytes = _enqueued_bytes - _dequeued_bytes.
+        self._max_queued_bytes = max_queued_bytes
+        self._enqueued_bytes = 0  # event loop
+        self._dequeued_bytes = 0  # writer thread
+        self._status_at = (time.monotonic(), 0)  # (when, records_written) of the last status_line
         self._seq = 0
         self._partitions: dict[PartitionKey, Partition] = {}
         self._open: OrderedDict[PartitionKey, Partition] = OrderedDict()  # least recently written first
@@ -460,15 +498,71 @@ class RecordWriter:
     # event-loop side -------------------------------------------------------------------
 
     def put_record(self, *, channel: str, exchange: str, symbol: str, recv_ns: int, record: dict[str, Any]) -> bool:
-        """Queue one unified record; False (dropped, counted) when the queue is full. Never
-        blocks, never does I/O: conversion and validation happen on the writer thread."""
-        if len(self._queue) >= self._maxsize:
-            self.stats.overflow += 1
+        """Queue one unified record; False (dropped, counted in ``overflow``) when the queue is
+        full by entries or by estimated bytes (:func:`queued_cost`). Never blocks, never does I/O:
+        conversion and validation happen on the writer thread. A record is always taken into an
+        empty queue, however big, so none is refused for ever."""
+        stats, queue = self.stats, self._queue
+        depth = len(queue)
+        cost = queued_cost(channel, record)
+        queued = self._enqueued_bytes - self._dequeued_bytes
+        if depth >= self._maxsize or (depth and queued + cost > self._max_queued_bytes):
+            stats.overflow += 1
+            if depth < self._maxsize:
+                stats.overflow_bytes += 1
             return False
         self._seq += 1
-        self._queue.append((self._seq, channel, exchange, symbol, recv_ns, record))
-        self.stats.accepted += 1
+        queue.append((self._seq, channel, exchange, symbol, recv_ns, record, cost))
+        self._enqueued_bytes += cost
+        stats.accepted += 1
+        if depth >= stats.peak_queue_depth:
+            stats.peak_queue_depth = depth + 1
+        if queued + cost > stats.peak_queued_bytes:
+            stats.peak_queued_bytes = queued + cost
         return True
+
+    @property
+    def queue_depth(self) -> int:
+        """Records accepted and not yet routed by the writer thread."""
+        return len(self._queue)
+
+    @property
+    def queue_capacity(self) -> int:
+        return self._maxsize
+
+    @property
+    def queued_bytes(self) -> int:
+        """Estimated bytes the queue holds now (:func:`queued_cost` of each queued record)."""
+        return max(0, self._enqueued_bytes - self._dequeued_bytes)
+
+    @property
+    def max_queued_bytes(self) -> int:
+        return self._max_queued_bytes
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters and live gauges in one dict, for heartbeats, metrics and tests."""
+        return self.stats.as_dict() | {
+            "queue_depth": self.queue_depth, "queue_capacity": self._maxsize, "queued_bytes": self.queued_bytes,
+            "max_queued_bytes": self._max_queued_bytes, "max_buffered_bytes": self._max_buffered,
+            "max_open_writers": self.config.max_open_writers,
+        }  # fmt: skip
+
+    def status_line(self) -> str:
+        """The writer's line of the periodic stats output; the rate is since the previous call."""
+        s, now = self.stats, time.monotonic()
+        then, written_then = self._status_at
+        self._status_at = (now, s.records_written)
+        rate = (s.records_written - written_then) / max(now - then, 1e-9)
+        depth, cap = self.queue_depth, self._maxsize
+        return (
+            f"[writer] written={s.records_written:,} ({rate:,.0f}/s) queue={depth:,}/{cap:,} "
+            f"({_mb(self.queued_bytes)}/{_mb(self._max_queued_bytes)}) overflow={s.overflow:,} "
+            f"open={s.open_writers}/{self.config.max_open_writers} evictions={s.evictions:,} "
+            f"rotations={s.rotations:,} finalised={s.segments_finalised:,} quarantined={s.quarantined:,} "
+            f"write_errors={s.write_errors:,} buffered={_mb(s.buffered_bytes)}/{_mb(self._max_buffered)}"
+            + (f" lost={s.records_lost:,}" if s.records_lost else "")
+            + (f" stale_cleanups={s.stale_cleanups:,}" if s.stale_cleanups else "")
+        )
 
     @property
     def last_seq(self) -> int:
@@ -524,8 +618,9 @@ class RecordWriter:
         queue, now = self._queue, time.monotonic()
         batch_size = self.config.batch_size
         for _ in range(min(len(queue), MAX_DRAIN)):
-            seq, channel, exchange, symbol, recv_ns, record = queue.popleft()
+            seq, channel, exchange, symbol, recv_ns, record, cost = queue.popleft()
             self._drained_seq = seq
+            self._dequeued_bytes += cost  # released at once: the record is no longer referenced here
             hour_index = recv_ns // HOUR_NS if isinstance(recv_ns, int) else -1
             try:
                 if hour_index < 0:

@@ -56,6 +56,7 @@ its sample already shows, which errs on the side of invalid.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -652,6 +653,15 @@ class BookSet:
             if slot >= self.last_seq.shape[0]:
                 self.last_seq = _grow(self.last_seq, (2 * self.last_seq.shape[0],), np.int64, -1)
         return slot
+
+    def bind(self, frames: FrameBatch, products: list[str]) -> FrameBatch:
+        """A parsed batch onto this set: its product indices (into ``products``) and connection
+        ids become slots, new ones allocated in order of first appearance. The parser never
+        sees the books; this is the one step that does."""
+        lookup = np.array([self.product_slot(p) for p in products] + [-1], np.int64)
+        distinct, inverse = np.unique(frames.f_conn, return_inverse=True)
+        conns = np.array([self.conn_slot(c) for c in distinct.tolist()], np.int64)[inverse.reshape(-1)]
+        return dataclasses.replace(frames, f_conn=conns, r_prod=lookup[frames.r_prod])
 
     # ---- the engine -----------------------------------------------------------------------
     def apply(self, batch: FrameBatch) -> tuple[BookResult, Samples]:

@@ -3,8 +3,11 @@
 Input: one Arrow batch of raw records (:data:`daedalus.etl.reader.RECORD_COLUMNS`).
 Output (:class:`ParsedBatch`): the frame list the book engine walks (every record, so
 sequence numbers and control lines are seen in order), the level2 rows grouped by frame,
-and tables for trades, tickers and candles. Numbers stay strings until they are cast as
-whole columns: prices and sizes become exact int64 units of 1e-8, times ns since the epoch.
+and tables for trades, tickers and candles. Parsing needs no book state (so it can run in a
+worker): level2 rows name their product by an index into ``ParsedBatch.products`` and frames
+carry their connection id; :meth:`daedalus.etl.book.BookSet.bind` maps both onto book slots.
+Numbers stay strings until they are cast as whole columns: prices and sizes become exact
+int64 units of 1e-8, times ns since the epoch.
 
 Bad values. The unit of quarantine is the line: a record holding a value the feed never
 sends (a product id that is not one, a price or size that is not a plain ASCII decimal of
@@ -34,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from daedalus.config import PRODUCT_ID_PATTERN  # the config's rule: '', '.', 'BTC/USD', NUL, 10,000 chars fail
-from daedalus.etl.book import CONNECT, DISCONNECT, FRAME, GAP, LOST, OTHER, BookSet, FrameBatch
+from daedalus.etl.book import CONNECT, DISCONNECT, FRAME, GAP, LOST, OTHER, FrameBatch
 from daedalus.etl.decode import parse_times, parse_units
 
 UNITS = 100_000_000  # 1e-8: prices and sizes are int64 counts of this
@@ -61,7 +64,8 @@ CANDLE_NUMBERS = ["open", "high", "low", "close", "volume"]
 
 @dataclass
 class ParsedBatch:
-    frames: FrameBatch
+    frames: FrameBatch  # r_prod: index into ``products``; f_conn: connection ids (not yet book slots)
+    products: list[str]
     l2: dict[str, pa.Array | np.ndarray]  # aligned with frames' rows
     trades: pa.Table
     tickers: pa.Table
@@ -153,7 +157,7 @@ class _Batch:
         return pa.array(self.frame_time[frame_of], pa.int64()).cast(_TS_TYPE)
 
 
-def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int, now_ns: int | None = None) -> ParsedBatch:
+def parse_batch(batch: pa.RecordBatch, first_line: int, now_ns: int | None = None) -> ParsedBatch:
     """Decode one batch of raw records (``first_line`` = segment line index of row 0;
     ``now_ns``: the wall clock receive times are checked against, default now)."""
     n = batch.num_rows
@@ -193,23 +197,21 @@ def parse_batch(batch: pa.RecordBatch, books: BookSet, first_line: int, now_ns: 
     frame_time = np.where(frame_time_ok, frame_time, recv)
     parts = _Batch(msg, _all_events(msg), channel_index, recv, seq, frame_time, frame_time_ok, counts, rejects)
 
-    l2_rows, frames_rs, frames_re, l2 = _level2(parts, books)
+    l2_rows, frames_rs, frames_re, l2, products = _level2(parts)
     trades, tickers, candles = _trades(parts), _tickers(parts), _candles(parts)
 
     kind[rejects.bad & ~unusable & (channel_index == L2)] = LOST  # its updates are missing from the books
     quarantine = sorted(quarantine + rejects.report(first_line, counts))
 
-    distinct, inverse = np.unique(conn_ids, return_inverse=True)
-    slots = np.array([books.conn_slot(c) for c in distinct.tolist()], np.int64)[inverse.reshape(-1)]
     # The books read the clock only on level2 frames with rows (never rejected), the bars only
     # its maximum: a bad receive time must not move either.
     clock = np.where(recv_ok, recv, 0)
-    frames = FrameBatch(slots, kind, seq, aux, clock, frames_rs, frames_re, *l2_rows)
-    return ParsedBatch(frames, l2, trades, tickers, candles, counts, quarantine)
+    frames = FrameBatch(conn_ids, kind, seq, aux, clock, frames_rs, frames_re, *l2_rows)
+    return ParsedBatch(frames, products, l2, trades, tickers, candles, counts, quarantine)
 
 
 # ---- level2 ---------------------------------------------------------------------------------
-def _level2(b: _Batch, books: BookSet):
+def _level2(b: _Batch):
     """Rows of every l2_data update of the lines kept, in frame order, plus each frame's row range."""
     n = b.recv.shape[0]
     l2_frames = b.channel_index == L2
@@ -228,7 +230,8 @@ def _level2(b: _Batch, books: BookSet):
 
     keep = ~b.rejects.bad[frame_of_row]
     kept_events = pa.array(l2_event & ~b.rejects.bad[b.flat.parent])  # only they get a book slot
-    product = _codes(pc.if_else(kept_events, ev_product, _NULL_STRING), books)[ev_of_row]
+    codes, products = _codes(pc.if_else(kept_events, ev_product, _NULL_STRING))
+    product = codes[ev_of_row]
     snap = pc.equal(pc.struct_field(events.values, "type"), "snapshot").fill_null(False)
     r_snap = snap.to_numpy(zero_copy_only=False)[ev_of_row]
     ts = b.event_times(pc.struct_field(updates, "event_time"), frame_of_row, keep)
@@ -242,7 +245,7 @@ def _level2(b: _Batch, books: BookSet):
     rs = np.searchsorted(frame_of_row, frames, "left")
     re_ = np.searchsorted(frame_of_row, frames, "right")
     l2 = {"ts_event": ts, "ts_recv": b.recv[frame_of_row], "seq": b.seq[frame_of_row]}
-    return rows, rs.astype(np.int64), re_.astype(np.int64), l2
+    return rows, rs.astype(np.int64), re_.astype(np.int64), l2, products
 
 
 @dataclass
@@ -273,12 +276,11 @@ def _flatten_events(flat: _Events, selected: np.ndarray, items: str) -> tuple[np
     return frame_of, _Events(flat.values, flat.parent, item_parent), values
 
 
-def _codes(product: pa.Array, books: BookSet) -> np.ndarray:
-    """Book slot of each product id (nulls map to -1 and are filtered by the caller)."""
+def _codes(product: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Index of each product id into the returned names, in order of first appearance
+    (nulls map to -1 and are filtered by the caller)."""
     encoded = pc.dictionary_encode(product)
-    lookup = np.array([books.product_slot(p) for p in encoded.dictionary.to_pylist()] + [-1], np.int64)
-    indices = encoded.indices.fill_null(len(lookup) - 1).to_numpy(zero_copy_only=False)
-    return lookup[indices]
+    return encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64), encoded.dictionary.to_pylist()
 
 
 # ---- trades, tickers, candles ------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """The ETL job: claim closed segments, turn each into Parquet, commit, clean up.
 
+The job is the same for every source; the source's plug-in (:mod:`daedalus.sources`) gives
+the parser of one segment. A segment is named by its path below ``raw/<state>/<source>``
+(its *key*: a bare file name for NDJSON segments, ``<channel>/exchange=/.../segment_...parquet``
+for the partitioned Parquet ones).
+
 Per segment, in name (= time) order, the unit of work and of failure:
 
 1. claim: atomic rename ``ready/`` -> ``processing/`` (a segment already in ``processing/``
@@ -41,19 +46,15 @@ from datetime import date
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
 
-from daedalus.capture.records import ZstdFrameDamaged, iter_lines
+from daedalus import sources
+from daedalus.capture.records import ZstdFrameDamaged
 from daedalus.capture.segments import fsync_path
 from daedalus.config import DaedalusConfig, interval_seconds
-from daedalus.etl import processors
-from daedalus.etl.coinbase import CANDLE_NUMBERS, TICKER_NUMBERS, ParsedBatch, parse_batch
+from daedalus.etl.errors import EtlIoError, SegmentDataError
 from daedalus.etl.output import (
     OutputConflict,
-    PartitionedWriter,
     check_conflicts,
     commit,
     discard,
@@ -64,8 +65,6 @@ from daedalus.etl.reader import (
     MAX_OBJECT_BYTES,
     SegmentDecodeError,
     clean_copy,
-    connect,
-    read_batches,
     zstd_is_complete,
 )
 from daedalus.etl.state import (
@@ -78,7 +77,7 @@ from daedalus.etl.state import (
     save_state,
     set_state_aside,
 )
-from daedalus.layout import parse_segment_name
+from daedalus.layout import parse_segment_name, segment_stem
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
 from daedalus.ops.heartbeat import HeartbeatPublisher
@@ -88,13 +87,11 @@ SOURCE = "coinbase"
 #: counters of lines rejected or repaired, printed when not zero (the reasons are in the rejects file)
 BAD_INPUT_COUNTERS = ("quarantined_bad_product", "quarantined_bad_number", "quarantined_bad_time",
                       "quarantined_bad_side", "undecodable_frames", "unknown_channels", "unrecognised_records",
-                      "exchange_errors", "ts_event_fallbacks")  # fmt: skip
+                      "exchange_errors", "ts_event_fallbacks",
+                      # ccxt (daedalus.sources.ccxt_etl)
+                      "quarantined_bad_json", "quarantined_bad_line", "quarantined_unknown_channel",
+                      "quarantined_bad_record", "numbers_out_of_range", "symbol_from_path")  # fmt: skip
 MAX_CONSECUTIVE_FAILURES = 3  # the watcher's retries of an unexpected error before it exits non-zero
-
-
-class EtlIoError(Exception):
-    """The machine, not the data, failed (disk full, permissions): the segment stays in
-    ``processing/`` and is retried by the next run."""
 
 
 class EtlStuck(Exception):
@@ -107,11 +104,6 @@ class EtlStuck(Exception):
             f"stays in raw/processing/ and nothing was quarantined; report it, the traceback is in the log)"
         )
         self.segment = segment
-
-
-class SegmentDataError(Exception):
-    """The segment cannot become data at all (not one line of it can be used as it is):
-    it goes to quarantine whole, with this reason."""
 
 
 @dataclass
@@ -173,12 +165,20 @@ class Summary:
         return "\n".join(lines)
 
 
+def etl_child(source: str) -> str:
+    """The name of a source's ETL watcher (its heartbeat ``run/<name>.json``, its log): ``etl``
+    for Coinbase, as before sources were plug-ins (dashboards and alerts keep matching), else
+    ``etl-<source>``."""
+    return "etl" if source == "coinbase" else f"etl-{source}"
+
+
 class EtlJob:
     """Processes one source's segments (see the module docstring)."""
 
     def __init__(self, config: DaedalusConfig, source: str = SOURCE) -> None:
         self.config = config
         self.source = source
+        self.plugin = sources.get(source)
         self.layout = config.layout
         etl = config.etl
         self.out_root = config.processed_dir / source
@@ -201,32 +201,49 @@ class EtlJob:
         found = []
         for state in ("processing", "ready"):
             folder = self.layout.raw_dir(state, self.source)
-            if folder.exists():
-                found += [p for p in folder.iterdir() if parse_segment_name(p.name) is not None]
+            if folder.exists():  # partitioned formats nest their segments in folders
+                found += [p for p in folder.rglob("segment_*") if parse_segment_name(p.name) is not None]
         if start or end:
             found = [p for p in found if _in_range(p.name, start, end)]
-        return sorted(found, key=lambda p: p.name)
+        return sorted(found, key=self._order)
+
+    def key(self, path: Path) -> str:
+        """A segment's name for the job: its path below ``raw/<state>/<source>``."""
+        for state in ("processing", "ready", "archive"):
+            folder = self.layout.raw_dir(state, self.source)
+            if path.is_relative_to(folder):
+                return path.relative_to(folder).as_posix()
+        return path.name
+
+    def _order(self, path: Path) -> tuple[str, int, str]:
+        """Time order (hour, counter), then the key: partitions of one hour side by side."""
+        parsed = parse_segment_name(path.name)
+        assert parsed is not None  # pending() lists only segment names
+        return parsed.hour, parsed.counter, self.key(path)
 
     def _claim(self, path: Path) -> Path:
-        target = self.layout.processing(self.source) / path.name
+        target = self.layout.processing(self.source) / self.key(path)
         if path != target:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(path, target)
+            _prune_empty_dirs(path.parent, self.layout.ready(self.source))
         return target
 
     def _finish(self, path: Path) -> None:
+        key = self.key(path)
         if self.config.etl.after_processing == "archive":
-            target = self.layout.archive(self.source) / path.name
+            target = self.layout.archive(self.source) / key
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(path, target)
             except FileNotFoundError:  # removed by hand meanwhile: its outputs are committed all the same
-                log.warning("etl_segment_vanished", segment=path.name, effect="committed; nothing to archive")
+                log.warning("etl_segment_vanished", segment=key, effect="committed; nothing to archive")
                 return
             fsync_path(target.parent)
         else:
             path.unlink(missing_ok=True)
         fsync_path(path.parent)
+        _prune_empty_dirs(path.parent, self.layout.processing(self.source))
 
     def _committed(self, name: str, state: EtlState) -> bool:
         return name in self.committed or name == state.last_segment
@@ -295,7 +312,7 @@ class EtlJob:
                     size = path.stat().st_size
                 except FileNotFoundError:  # taken away since the listing (by hand): nothing to do
                     continue
-                self.current_segment = path.name
+                self.current_segment = self.key(path)
                 self.beat()
                 try:
                     state = self._one(path, state, summary)
@@ -313,7 +330,7 @@ class EtlJob:
         """Process new segments as they become ready until ``should_stop()``, publishing a
         heartbeat (``<data_dir>/run/etl.json``) for the supervisor."""
         total = Summary()
-        heartbeat = HeartbeatPublisher(self.layout, child="etl", kind="etl", source=self.source,
+        heartbeat = HeartbeatPublisher(self.layout, child=etl_child(self.source), kind="etl", source=self.source,
                                        every_seconds=self.config.supervisor.heartbeat_seconds)  # fmt: skip
 
         def beat() -> None:
@@ -372,7 +389,7 @@ class EtlJob:
         return load_state(self.state_dir, self.source, self.sample_ns, self.depth, self.bar_ns)
 
     def _one(self, path: Path, state: EtlState, summary: Summary) -> EtlState:
-        name = path.name
+        name = self.key(path)
         if self._committed(name, state):
             if path.parent == self.layout.processing(self.source):
                 log.info("etl_finishing_committed_segment", segment=name)  # died between commit and cleanup
@@ -385,7 +402,7 @@ class EtlJob:
                                          "this different file under the same name was not processed")  # fmt: skip
             return state
         path = self._claim(path)
-        older = state.last_segment is not None and name < state.last_segment
+        older = self.plugin.ordered and state.last_segment is not None and name < state.last_segment
         if older:  # e.g. recovered late, or left behind by --mode date
             log.warning("etl_segment_older_than_checkpoint", segment=name, checkpoint=state.last_segment,
                         effect="processed with empty books; the checkpoint is left as it is")  # fmt: skip
@@ -418,6 +435,7 @@ class EtlJob:
     def _process(self, path: Path, state: EtlState, older: bool) -> tuple[SegmentResult, EtlState]:
         """Process one claimed segment, retrying around undecodable lines; commits outputs and state."""
         started = time.perf_counter()
+        name = self.key(path)
         size = path.stat().st_size
         rejected: list[tuple[str, bytes]] = []
         source, limit = path, MAX_OBJECT_BYTES
@@ -425,20 +443,20 @@ class EtlJob:
         with tempfile.TemporaryDirectory(prefix="segment-", dir=self.scratch) as tmp:
             if path.name.endswith(".zst") and not zstd_is_complete(path):
                 copy = clean_copy(path, Path(tmp) / "clean.ndjson", self.layout.quarantine(self.source))
-                log.warning("etl_segment_damaged_zstd", segment=path.name, damaged_frames=len(copy.damaged),
+                log.warning("etl_segment_damaged_zstd", segment=name, damaged_frames=len(copy.damaged),
                             damaged_bytes=sum(d.length for d in copy.damaged))  # fmt: skip
                 rejected, source = copy.rejected, copy.path
             while True:
                 try:
-                    outcome = SegmentRun(self, path.name, state).run(source, limit)
+                    outcome = self.plugin.segment_run(self, name, state).run(source, limit)
                     break
                 except SegmentDecodeError as exc:
                     state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
                     if "maximum_object_size" in str(exc) and limit < LARGEST_OBJECT_BYTES:
-                        log.warning("etl_segment_has_huge_lines", segment=path.name, retry_with_mb=512)
+                        log.warning("etl_segment_has_huge_lines", segment=name, retry_with_mb=512)
                         limit = LARGEST_OBJECT_BYTES
                     elif source == path:  # some line is bad: check each, retry with the good ones
-                        log.warning("etl_segment_has_bad_lines", segment=path.name, error=str(exc))
+                        log.warning("etl_segment_has_bad_lines", segment=name, error=str(exc))
                         copy = clean_copy(path, Path(tmp) / "clean.ndjson", self.layout.quarantine(self.source))
                         rejected, source = copy.rejected, copy.path
                     else:
@@ -453,21 +471,21 @@ class EtlJob:
                 raise
         new_state = outcome.state
         if not older:
-            new_state.last_segment = path.name
+            new_state.last_segment = name
             for key, value in outcome.counts.items():
                 new_state.totals[key] = new_state.totals.get(key, 0) + value
         try:
             check_conflicts(outcome.files)
             quarantined = [(reason, line) for reason, line in rejected] + lines
             if quarantined:
-                self._write_quarantine(path.name, quarantined)
-            self._commit(path.name, outcome.files, None if older else new_state)
+                self._write_quarantine(name, quarantined)
+            self._commit(name, outcome.files, None if older else new_state)
         except OutputConflict as exc:
             raise SegmentDataError(f"{exc}: a different segment under the same name was committed before") from exc
         finally:
             discard(outcome.files)  # nothing left once committed; everything on the way out
         seconds = time.perf_counter() - started
-        return SegmentResult(path.name, size, seconds, outcome.rows, outcome.counts, len(quarantined)), new_state
+        return SegmentResult(name, size, seconds, outcome.rows, outcome.counts, len(quarantined)), new_state
 
     def _commit(self, name: str, files: list[Path], state: EtlState | None) -> None:
         """Outputs into place, then the checkpoint (``state``; None: leave it), then the name
@@ -482,7 +500,8 @@ class EtlJob:
     def _write_quarantine(self, segment: str, entries: list[tuple[str, bytes]]) -> None:
         folder = self.layout.quarantine(self.source)
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{_stem(segment)}.etl-rejects.ndjson"
+        target = folder / Path(segment).parent / f"{segment_stem(segment)}.etl-rejects.ndjson"
+        target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("wb") as handle:
             for reason, line in entries:
                 handle.write(
@@ -491,149 +510,21 @@ class EtlJob:
                 handle.write(b"\n")
             handle.flush()
             os.fsync(handle.fileno())  # durable before the segment may be deleted
-        fsync_path(folder)
+        fsync_path(target.parent)
         log.warning("etl_quarantined_lines", segment=segment, count=len(entries), file=str(target))
 
     def _quarantine_segment(self, path: Path, reason: str) -> None:
         """Move a whole segment to quarantine (never over an earlier one), with its reason."""
-        log.error("etl_segment_quarantined", segment=path.name, reason=reason)
-        folder = self.layout.quarantine(self.source)
+        key = self.key(path)
+        log.error("etl_segment_quarantined", segment=key, reason=reason)
+        target = self.layout.quarantine(self.source) / key
+        folder = target.parent
         folder.mkdir(parents=True, exist_ok=True)
-        target = folder / path.name
         if target.exists():
             target = folder / f"{path.name}.{time.time_ns()}"
         shutil.move(str(path), target)
         (folder / f"{target.name}.reason.txt").write_text(reason + "\n")
         fsync_path(folder)
-
-
-class SegmentRun:
-    """One pass over one segment: batches -> parser -> books -> processors -> writers."""
-
-    def __init__(self, job: EtlJob, name: str, state: EtlState) -> None:
-        etl = job.config.etl
-        self.job, self.state, self.name = job, state, name
-        self.strategy = etl.decimal_strategy
-        self.channels = etl.channels
-        metadata = {
-            "daedalus.source": job.source,
-            "daedalus.segment": name,
-            "daedalus.decimal_strategy": self.strategy,
-            "daedalus.decimal_scale": "" if self.strategy == "float" else "100000000",
-        }
-        stem = _stem(name)
-        self.writers: dict[str, PartitionedWriter] = {}
-        for channel, cols in (
-            ("level2", self.channels.level2.partition_cols),
-            (f"book_snapshot_{job.depth}", self.channels.book_snapshot.partition_cols),
-            ("market_trades", self.channels.market_trades.partition_cols),
-            ("ticker", self.channels.ticker.partition_cols),
-            ("candles", self.channels.candles.partition_cols),
-            (f"bars_{self.channels.bars.interval}", self.channels.bars.partition_cols),
-        ):
-            self.writers[channel] = PartitionedWriter(job.out_root / channel, list(cols), stem, etl.compression,
-                                                      metadata)  # fmt: skip
-        self.rows: Counter[str] = Counter()
-        self.counts: Counter[str] = Counter()
-        self.quarantine: list[tuple[int, str]] = []
-        self.files: list[Path] = []
-
-    def run(self, source: Path, max_object: int) -> SegmentRun:
-        books = self.state.books
-        before = {p: books.counters(p) for p in books.products}
-        line = 0
-        con = connect()
-        try:
-            for batch in read_batches(con, source, max_object):
-                self._batch(parse_batch(batch, books, line))
-                line += batch.num_rows
-                self.job.beat()
-        except BaseException:
-            for writer in self.writers.values():
-                writer.close()
-                discard(writer.files)
-            raise
-        finally:
-            con.close()
-        for channel, writer in self.writers.items():
-            self.files += writer.close()
-            if writer.rows:
-                self.rows[channel] = writer.rows
-        self.counts["duplicate_trades"] = self.state.trades.duplicates
-        self.state.trades.duplicates = 0
-        for product in books.products:
-            now = books.counters(product)
-            old = before.get(product, dict.fromkeys(now, 0))
-            for key, value in now.items():
-                self.counts[key] += value - old[key]
-        return self
-
-    def _batch(self, parsed: ParsedBatch) -> None:
-        """One batch through the books and every processor, into the writers."""
-        books = self.state.books
-        self.counts.update(parsed.counts)
-        self.quarantine += parsed.quarantine
-        result, samples = books.apply(parsed.frames)
-        table, codes = processors.level2_table(parsed.l2, _rows(parsed), result, self.strategy,
-                                               self.channels.level2.processor_options)  # fmt: skip
-        ts_recv = parsed.l2["ts_recv"] if result.keep.all() else parsed.l2["ts_recv"][result.keep]
-        self._write("level2", table, codes, books.products, ts_recv)
-        if len(samples):
-            self._write(f"book_snapshot_{self.job.depth}", processors.samples_table(samples, self.job.depth,
-                        self.strategy), samples.product, books.products, samples.ts)  # fmt: skip
-        trades = self.state.trades.filter(parsed.trades)
-        if trades.num_rows:
-            self._write_items("market_trades", processors.units_columns(trades, ["price", "size"], self.strategy))
-        self._write_items("ticker", processors.units_columns(parsed.tickers, TICKER_NUMBERS, self.strategy,
-                                                             _TICKER_NAMES))  # fmt: skip
-        self._write_items("candles", processors.units_columns(parsed.candles, CANDLE_NUMBERS, self.strategy))
-        # bars: the receive clock of this batch closes the bars it has passed
-        clock = int(parsed.frames.f_ts.max()) if parsed.frames.f_ts.shape[0] else 0
-        late_before = self.state.bars.late
-        done = self.state.bars.add(trades, clock)
-        self.counts["late_trades"] += self.state.bars.late - late_before
-        if done:
-            bars, products = self.state.bars.table(done, self.strategy)
-            names = sorted(set(products))
-            codes = np.array([names.index(p) for p in products], np.int64)
-            ts = bars.column("start").combine_chunks().cast(pa.int64()).to_numpy()
-            self._write(f"bars_{self.channels.bars.interval}", bars, codes, names, ts)
-
-    def _write(self, channel: str, table: pa.Table, codes: np.ndarray, names: list[str], ts_ns: np.ndarray) -> None:
-        writer = self.writers[channel]
-        if "product_id" not in writer.partition_cols and table.num_rows:
-            table = table.add_column(0, "product_id", pc.take(pa.array(names, pa.string()), pa.array(codes)))
-        writer.write(table, (codes, names), ts_ns)
-
-    def _write_items(self, channel: str, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        encoded = pc.dictionary_encode(table.column("product_id").combine_chunks())
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        ts = table.column("ts_recv").combine_chunks().cast(pa.int64()).to_numpy()
-        if "product_id" in self.writers[channel].partition_cols:
-            table = table.drop_columns(["product_id"])
-        self.writers[channel].write(table, (codes, encoded.dictionary.to_pylist()), ts)
-
-    def quarantine_lines(self, source: Path) -> list[tuple[str, bytes]]:
-        """The quarantined records' original text (one pass over the file, only when needed)."""
-        if not self.quarantine:
-            return []
-        wanted = dict(self.quarantine)
-        found = []
-        for index, line in enumerate(iter_lines(source)):
-            if index in wanted:
-                found.append((wanted[index], line))
-        return found
-
-
-_TICKER_NAMES = {"best_bid_quantity": "best_bid_size", "best_ask_quantity": "best_ask_size",
-                 "volume_24_h": "volume_24h", "low_24_h": "low_24h", "high_24_h": "high_24h"}  # fmt: skip
-
-
-def _rows(parsed) -> tuple:
-    f = parsed.frames
-    return f.r_prod, f.r_side, f.r_px, f.r_sz, f.r_snap
 
 
 def _second_decode_failure(exc: SegmentDecodeError) -> Exception:
@@ -657,9 +548,14 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _stem(name: str) -> str:
-    parsed = parse_segment_name(name)
-    return parsed.stem if parsed else name.split(".")[0]
+def _prune_empty_dirs(folder: Path, root: Path) -> None:
+    """Remove the partition folders a claimed or finished segment left empty, up to ``root``."""
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): the folders above are not empty either
+            return
+        folder = folder.parent
 
 
 def _in_range(name: str, start: date | None, end: date | None) -> bool:

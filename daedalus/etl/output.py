@@ -54,9 +54,11 @@ class PartitionedWriter:
     """Streams one channel's rows of one segment into ``<root>/<col>=<v>/.../part-<stem>.parquet``."""
 
     def __init__(self, root: Path, partition_cols: list[str], stem: str, compression: str,
-                 metadata: dict[str, str]) -> None:  # fmt: skip
+                 metadata: dict[str, str], fixed: dict[str, str] | None = None) -> None:  # fmt: skip
         self.root = root
         self.partition_cols = partition_cols
+        # partition values that are the same for every row (``exchange`` of a ccxt segment)
+        self.fixed = {"exchange": "coinbase", **(fixed or {})}
         self.name = f"part-{sanitize_partition_value(stem)}.parquet"
         self.compression = None if compression == "none" else compression
         self.metadata = {k.encode(): v.encode() for k, v in metadata.items()}
@@ -91,9 +93,9 @@ class PartitionedWriter:
                 fmt = "%Y-%m-%d" if col == "date" else "%H"
                 parts.append(codes)
                 labels.append([datetime.fromtimestamp(int(v) * unit / 1e9, UTC).strftime(fmt) for v in values])
-            else:  # exchange: the Coinbase source has one
+            else:  # a value the whole segment shares (exchange: coinbase has one, a ccxt segment names it)
                 parts.append(np.zeros(n, np.int64))
-                labels.append(["coinbase"])
+                labels.append([self.fixed[col]])
         if not parts:
             return {(): np.arange(n)}
         combined = np.zeros(n, np.int64)

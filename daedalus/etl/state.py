@@ -16,6 +16,7 @@ did get recorded, finished) before anything else runs: see :func:`interrupted_co
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -28,6 +29,7 @@ import orjson
 from daedalus.capture.segments import fsync_path, write_atomically
 from daedalus.etl.book import BookSet
 from daedalus.etl.processors import BarBuilder, TradeDeduper
+from daedalus.layout import segment_stem
 
 STATE_VERSION = 1
 
@@ -149,10 +151,18 @@ def interrupted_commit(directory: Path, source: str) -> tuple[str, list[Path]] |
         ) from None
 
 
+def _file_part(segment: str | None) -> str:
+    """A segment key as part of a file name: a bare name as it is; a partitioned key
+    (``trades/exchange=.../segment_....parquet``) as its stem plus a hash of the whole key."""
+    if segment is None or "/" not in segment:
+        return str(segment)
+    return f"{segment_stem(segment)}-{hashlib.sha256(segment.encode()).hexdigest()[:12]}"
+
+
 def save_state(directory: Path, source: str, state: EtlState) -> None:
     """Commit ``state`` (after the segment's outputs are in place)."""
     directory.mkdir(parents=True, exist_ok=True)
-    books_file = f"{source}.books-{state.last_segment}.npz"
+    books_file = f"{source}.books-{_file_part(state.last_segment)}.npz"
     tmp = directory / (books_file + ".tmp")
     with tmp.open("wb") as handle:
         np.savez(handle, **state.books.to_arrays())

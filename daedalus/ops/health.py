@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from daedalus import sources
 from daedalus.config import DaedalusConfig
 from daedalus.layout import DataLayout, RawState, parse_segment_name, sanitize_partition_value, segment_identity
 from daedalus.logs import get_logger
@@ -152,7 +153,7 @@ def _list_state(layout: DataLayout, state: RawState, source: str) -> list[Segmen
 
 def _sources(config: DaedalusConfig) -> list[str]:
     """Sources with a raw folder in any state, plus the configured ones."""
-    found = {"coinbase"} if config.coinbase.enabled else set()
+    found = set(sources.enabled(config))
     for state in SCAN_STATES:
         with contextlib.suppress(OSError):
             for entry in os.scandir(config.layout.raw / state):
@@ -165,8 +166,8 @@ def _sources(config: DaedalusConfig) -> list[str]:
 
 
 def _products(config: DaedalusConfig) -> dict[str, list[str]]:
-    """Products whose freshness is judged, per source (the ccxt collector arrives later)."""
-    return {"coinbase": list(config.coinbase.product_ids)} if config.coinbase.enabled else {}
+    """Products whose freshness is judged, per enabled source (as its heartbeat names them)."""
+    return {name: sources.get(name).products(config) for name in sources.enabled(config)}
 
 
 # ---- heartbeats ------------------------------------------------------------------------------

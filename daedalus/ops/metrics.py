@@ -55,6 +55,7 @@ _CONNECTION_COUNTERS = (
     ("bytes_received", "daedalus_received_bytes", "WebSocket payload bytes received, per source and connection."),
     ("reconnects", "daedalus_reconnects", "Reconnections of a connection after a disconnect or watchdog."),
     ("gaps", "daedalus_gaps", "Sequence gaps detected (missed frames), per source and connection."),
+    ("errors", "daedalus_connection_errors", "Failed sessions of a connection (ccxt: per exchange)."),
 )
 _CONNECTION_GAUGES = (
     ("connected", "daedalus_connection_up", "1 while the connection is open and subscribed, else 0."),
@@ -67,12 +68,19 @@ _SOURCE_COUNTERS = (
     ("segment_rotations", "daedalus_segment_rotations", "Segments closed and moved to ready/."),
     ("frames_written", "daedalus_frames_written", "Frames written durably to segments."),
     ("bytes_written", "daedalus_written_bytes", "Bytes written to segments."),
+    ("segment_evictions", "daedalus_segment_evictions", "Open Parquet segments closed early (max_open_writers)."),
+    ("segments_finalised", "daedalus_segments_finalised", "Parquet segments converted and moved to ready/."),
+    ("quarantined_records", "daedalus_quarantined_records", "Records that did not fit their schema (quarantine/)."),
+    ("records_lost", "daedalus_records_lost", "Records of a batch whose write failed."),
 )
 _SOURCE_GAUGES = (
     ("queue_depth", "daedalus_queue_depth", "Frames waiting in the capture queue."),
     ("queue_capacity", "daedalus_queue_capacity", "Capacity of the capture queue (ingestion.queue_maxsize)."),
     ("stalled", "daedalus_ingest_stalled", "1 when a connected connection is silent longer than the watchdog."),
     ("segment_bytes", "daedalus_active_segment_bytes", "Size of the open (active) segment."),
+    ("open_writers", "daedalus_open_writers", "Open Parquet segments (raw_format: parquet)."),
+    ("buffered_bytes", "daedalus_buffered_bytes", "Rows buffered by the Parquet writer, in bytes."),
+    ("queued_bytes", "daedalus_queued_bytes", "Estimated bytes of records in the Parquet writer's queue."),
 )
 _ETL_COUNTERS = (
     ("segments_processed", "daedalus_etl_segments_processed", "Raw segments turned into Parquet."),

@@ -33,10 +33,6 @@ from daedalus.backoff import backoff_delay
 from daedalus.config import ChildKind, DaedalusConfig, SupervisorConfig
 from daedalus.exitcodes import NEEDS_OPERATOR
 
-#: sources a collector exists for; others are known but arrive later (ccxt: issue 11)
-AVAILABLE_SOURCES = ("coinbase",)
-KNOWN_SOURCES = ("coinbase", "ccxt")
-
 
 class SupervisorUsageError(Exception):
     """A flag the supervisor cannot act on (unknown source, nothing to run): exit 2."""
@@ -60,8 +56,12 @@ def plan_children(
     settings: DaedalusConfig, config_file: Path, sources: list[str] | None, *, sync: bool
 ) -> list[ChildSpec]:
     """The children to run, or :class:`SupervisorUsageError` naming what is wrong."""
+    from daedalus import sources as registry
+    from daedalus.etl.job import etl_child
+
     config = str(Path(config_file).resolve())
-    enabled = [s for s in AVAILABLE_SOURCES if getattr(settings, s).enabled]
+    enabled = registry.enabled(settings)
+    available = ", ".join(registry.names())
     if sources is None:
         chosen = enabled
         if not chosen:
@@ -70,22 +70,21 @@ def plan_children(
         if not sources:
             raise SupervisorUsageError("--sources: give at least one source (e.g. --sources coinbase)")
         for source in sources:
-            if source not in KNOWN_SOURCES:
-                raise SupervisorUsageError(
-                    f"--sources: unknown source {source!r} (available: {', '.join(AVAILABLE_SOURCES)})"
-                )
-            if source not in AVAILABLE_SOURCES:
-                raise SupervisorUsageError(
-                    f"--sources: {source} has no collector yet (available: {', '.join(AVAILABLE_SOURCES)})"
-                )
+            if source not in registry.names():
+                raise SupervisorUsageError(f"--sources: unknown source {source!r} (available: {available})")
             if source not in enabled:
                 raise SupervisorUsageError(f"--sources: {source} is disabled in the config ({source}.enabled: false)")
         chosen = list(dict.fromkeys(sources))
     specs = [
-        ChildSpec(f"ingest-{source}", "ingest", source, daedalus_argv("ingest", "--config", config))
+        ChildSpec(f"ingest-{source}", "ingest", source,
+                  daedalus_argv("ingest", "--config", config, "--source", source))
         for source in chosen
-    ]
-    specs.append(ChildSpec("etl", "etl", "coinbase", daedalus_argv("etl", "--config", config, "--watch")))
+    ]  # fmt: skip
+    specs += [
+        ChildSpec(etl_child(source), "etl", source,
+                  daedalus_argv("etl", "--config", config, "--watch", "--source", source))
+        for source in chosen
+    ]  # fmt: skip
     # sync: planned once a `daedalus sync` command exists and settings.sync.enabled (not yet)
     del sync
     return specs
