@@ -465,3 +465,23 @@ def test_parquet_symbol_column_and_numbers_beyond_int64_units(tmp_path: Path) ->
         else:
             assert rows[0]["quote_volume_24h"] is None and run.counts["numbers_out_of_range"] == 1
             assert rows[1]["quote_volume_24h"] == 12_345_675_000_000
+
+
+def test_a_parquet_segment_of_another_version_is_conformed_not_quarantined(tmp_path: Path) -> None:
+    """A column this version does not know is dropped, a missing one is null, a ``us``
+    timestamp is cast: a raw segment written before an upgrade stays data."""
+    segments = write_parquet(tmp_path, all_records(range(4)))
+    path, key = next((p, k) for p, k in segments if k.startswith("trades/"))
+    table = pq.read_table(path)
+    older = table.drop_columns(["taker_or_maker"]).append_column("venue_fee", pa.array([0.1] * table.num_rows))
+    older = older.set_column(0, "ts_recv", table.column("ts_recv").cast(pa.timestamp("us", tz="UTC")))
+    pq.write_table(older, path)
+    job = make_job(tmp_path)
+    run = CcxtSegmentRun(job, key, fresh_state()).run(path, 1 << 24)
+    commit(run.files)
+    assert run.counts["older_schema_segments"] == 1
+    rows = read_channel(job, "trades")
+    assert [r["trade_id"] for r in rows] == [str(1000 + i) for i in range(4)]
+    assert all(r["taker_or_maker"] is None for r in rows)
+    assert [r["ts_recv_ns"] for r in rows] == [v // 1000 * 1000 for v in table.column("ts_recv").cast(pa.int64())
+                                                .to_pylist()]  # fmt: skip

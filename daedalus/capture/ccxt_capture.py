@@ -92,6 +92,8 @@ class CcxtCapture:
         stats = {c.exchange_id: c.stats for c in self.collectors}
         ages = {e: (now - self.tap.exchange_seen[e]) / 1e9 if e in self.tap.exchange_seen else None for e in stats}
         running = {e: int(s.state == "running") for e, s in stats.items()}
+        # failed and not (yet) back: ``connected`` alone cannot tell it from starting up
+        failing = {e: int(s.state != "running" and s.last_error is not None) for e, s in stats.items()}
         watchdog = self.config.ingestion.watchdog_timeout_seconds
         silent = [e for e in stats if running[e] and (ages[e] is None or ages[e] > watchdog)]
         counters = {
@@ -101,6 +103,7 @@ class CcxtCapture:
         }
         gauges = {
             "connected": running,
+            "failing": failing,
             "last_frame_age_seconds": ages,
             "watchdog_seconds": watchdog,
             # every running exchange silent: the process (not one quiet market) is stuck

@@ -38,7 +38,14 @@ from daedalus.logs import get_logger
 from daedalus.ops.health_text import fmt_age, fmt_bytes, render
 from daedalus.ops.records import ChildStatus, Heartbeat, SupervisorStatus, read_heartbeat, read_supervisor_status
 from daedalus.ops.records import supervisor_running as probe_supervisor
-from daedalus.ops.tails import TAIL_BYTES, first_record_time, newest_in_tail, newest_per_product, tail_lines
+from daedalus.ops.tails import (
+    LINE_SUFFIXES,
+    TAIL_BYTES,
+    first_record_time,
+    newest_in_tail,
+    newest_per_product,
+    tail_lines,
+)
 
 __all__ = [  # tails and text live in their own modules; their names stay importable from here
     "EXIT_CODES", "LEVELS", "Finding", "HealthReport", "Level", "check_health", "child_summary", "first_record_time",
@@ -53,6 +60,7 @@ EXIT_CODES: dict[Level, int] = {"ok": 0, "warning": 1, "critical": 2}
 
 SCAN_STATES: tuple[RawState, ...] = ("active", "ready", "processing", "quarantine")
 TAIL_SEGMENTS = 3  # newest segments whose tails are read for freshness (TAIL_BYTES in all)
+PARQUET_PARTITIONS = 256  # partition folders whose newest Parquet footer is read for freshness (cached)
 RATE_WINDOW_SECONDS = 3600.0  # the write rate is that of segments written in the last hour
 MIN_RATE_SPAN_SECONDS = 60.0  # over less time than this the rate is "unknown"
 STATUS_STALE_SECONDS = 15.0  # the supervisor rewrites its status every second
@@ -130,23 +138,31 @@ class SegmentFile:
 
 
 def _list_state(layout: DataLayout, state: RawState, source: str) -> list[SegmentFile]:
-    """Files named after a segment in one state folder; dotfiles (``.lock``, ``.tmp``) and
-    other names are not ours. In quarantine, every file named after a segment counts (whole
+    """Files named after a segment in one state folder and the partition folders below it (the
+    ccxt Parquet layout nests its segments in ``<channel>/exchange=/symbol=/year=/.../hour=``;
+    a flat listing would hide its whole backlog); dotfiles and dot-folders (``.lock``, ``.tmp``)
+    and other names are not ours. In quarantine, every file named after a segment counts (whole
     segments, their ``.reason.txt``, ETL rejects); elsewhere only segment names."""
     named = segment_identity if state == "quarantine" else parse_segment_name
     out: list[SegmentFile] = []
-    try:
-        entries = list(os.scandir(layout.raw_dir(state, source)))
-    except OSError:  # missing (nothing yet), not a directory, unreadable
-        return out
-    for entry in entries:
-        if entry.name.startswith(".") or named(entry.name) is None:
-            continue
+    folders = [layout.raw_dir(state, source)]
+    while folders:
         try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:  # moved or deleted while listed (the ETL, rotation)
+            entries = list(os.scandir(folders.pop()))
+        except OSError:  # missing (nothing yet), not a directory, unreadable, removed while walked
             continue
-        if entry.is_file(follow_symlinks=False):
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(Path(entry.path))
+                    continue
+                if named(entry.name) is None or not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except OSError:  # moved or deleted while listed (the ETL, rotation)
+                continue
             out.append(SegmentFile(Path(entry.path), state, st.st_size, st.st_mtime))
     return out
 
@@ -350,7 +366,10 @@ class _Check:
             if gauges is None and self.status is not None:
                 child = next((c for c in self.status.children if c.name == name and c.state == "running"), None)
                 gauges = child.gauges if child is not None else None
-            if not isinstance(gauges, dict) or gauges.get("stalled") != 1:
+            if not isinstance(gauges, dict):
+                continue
+            self._failing(name, gauges)
+            if gauges.get("stalled") != 1:
                 continue
             ages = gauges.get("last_frame_age_seconds")
             silent = [a for a in ages.values() if isinstance(a, int | float)] if isinstance(ages, dict) else []
@@ -360,6 +379,17 @@ class _Check:
             self.add("warning", "ingest", name, f"ingest connected but silent{for_how_long}{limit}",
                      f"the exchange (or the network) stopped sending; ingest reconnects when its watchdog fires; "
                      f"see {self.config.log_dir / (name + '.log')} and the exchange's status page")  # fmt: skip
+
+    def _failing(self, name: str, gauges: dict[str, Any]) -> None:
+        """An ingest's ``failing`` gauge (``{label: 1}``, e.g. a ccxt exchange that cannot connect
+        while the others collect): the process is alive and its heartbeat fresh, so neither
+        ``stalled`` nor the child's state shows it; its markets only go stale."""
+        marks = gauges.get("failing")
+        failing = sorted(str(k) for k, v in marks.items() if v == 1) if isinstance(marks, dict) else []
+        if failing:
+            self.add("warning", "ingest", name, f"{_names(failing)} failing: not collecting, retried with backoff",
+                     f"the error is in {self.config.log_dir / (name + '.log')} (and `daedalus status`): "
+                     "a wrong id, symbol or url in the config, or the exchange is unreachable")  # fmt: skip
 
     # -- files per source: counts, backlog, quarantine --
     def sources(self) -> None:
@@ -398,20 +428,25 @@ class _Check:
         return {"segments": segments, "bytes": size, "oldest_age_seconds": oldest, "level": level}
 
     def _backlog_advice(self, source: str) -> str:
-        etl = None if self.status is None else next((c for c in self.status.children if c.kind == "etl"), None)
-        beat = self.heartbeat("etl")
+        """What to look at first: the ETL watcher of *this* source (``etl`` for Coinbase,
+        ``etl-<source>`` otherwise), as the supervisor or its own heartbeat tells."""
+        from daedalus.etl.job import etl_child  # only when behind: it imports DuckDB
+
+        etl = None if self.status is None else next(
+            (c for c in self.status.children if c.kind == "etl" and c.source == source), None)
+        beat = self.heartbeat(etl_child(source))
         poll = self.config.etl.poll_interval_seconds
         if etl is not None and etl.state != "running":
-            first = f"the etl child is {etl.state}: `daedalus status`, {etl.log_file or 'its log'}"
+            first = f"the {etl.name} child is {etl.state}: `daedalus status`, {etl.log_file or 'its log'}"
         elif beat is not None:
             busy = isinstance(beat.gauges, dict) and beat.gauges.get("busy") == 1
             first = (f"the ETL watcher runs (pid {beat.pid}, {'busy' if busy else 'idle'}) but does not keep up: "
                      "give it CPU (supervisor.process_nice.etl, supervisor.cpu_affinity)")  # fmt: skip
         elif self.running:
-            first = "the supervisor runs but no ETL heartbeat is fresh: `daedalus status`"
+            first = f"the supervisor runs but no heartbeat of {etl_child(source)} is fresh: `daedalus status`"
         else:
             first = ("is the ETL watcher running? `daedalus status`; start `daedalus run --config F` "
-                     "(or `daedalus etl --config F --watch`)")  # fmt: skip
+                     f"(or `daedalus etl --config F --watch --source {source}`)")  # fmt: skip
         return f"{first}; a shorter etl.poll_interval_seconds (now {poll:g} s) picks ready segments up sooner"
 
     def _quarantine(self, source: str, summary: dict[str, Any]) -> None:
@@ -531,11 +566,12 @@ class _Check:
         as long as a configured product stays silent."""
         states = self.files.get(source) or {s: _list_state(self.layout, s, source) for s in SCAN_STATES}
         candidates = [f for s in ("active", "ready", "processing") for f in states.get(s, [])
-                      if not _written_by(beat, f)]  # fmt: skip
+                      if f.path.name.endswith(LINE_SUFFIXES) and not _written_by(beat, f)]  # fmt: skip
         candidates.sort(key=lambda f: (f.state == "active", f.path.name), reverse=True)
+        candidates = candidates[:TAIL_SEGMENTS] + _newest_parquet_per_partition(states)
         found: dict[str, tuple[float, str]] = {}
         budget = TAIL_BYTES
-        for segment in candidates[:TAIL_SEGMENTS]:
+        for segment in candidates:
             wanted = [p for p in products if p not in found]
             if not wanted or budget <= 0:
                 break
@@ -559,6 +595,18 @@ def _times_in_heartbeat(beat: Heartbeat | None, products: list[str]) -> dict[str
         if isinstance(last, int | float) and not isinstance(last, bool) and math.isfinite(last):
             times[product] = (float(last), "heartbeat")
     return times
+
+
+def _newest_parquet_per_partition(states: dict[RawState, list[SegmentFile]]) -> list[SegmentFile]:
+    """The newest closed Parquet segment of each partition folder (one market and channel each),
+    at most :data:`PARQUET_PARTITIONS`: their footers tell the newest receive time per market
+    (the open segments in ``active/`` are Arrow IPC streams, never read here)."""
+    newest: dict[Path, SegmentFile] = {}
+    for f in (f for s in ("ready", "processing") for f in states.get(s, []) if f.path.name.endswith(".parquet")):
+        held = newest.get(f.path.parent)
+        if held is None or f.path.name > held.path.name:
+            newest[f.path.parent] = f
+    return sorted(newest.values(), key=lambda f: f.path.name, reverse=True)[:PARQUET_PARTITIONS]
 
 
 def _written_by(beat: Heartbeat | None, segment: SegmentFile) -> bool:

@@ -60,6 +60,7 @@ _CONNECTION_COUNTERS = (
 _CONNECTION_GAUGES = (
     ("connected", "daedalus_connection_up", "1 while the connection is open and subscribed, else 0."),
     ("last_frame_age_seconds", "daedalus_last_frame_age_seconds", "Seconds since the connection's last frame."),
+    ("failing", "daedalus_connection_failing", "1 while a connection (ccxt: exchange) failed and has not recovered."),
 )
 _SOURCE_COUNTERS = (
     ("overflow_drops", "daedalus_overflow_drops", "Frames dropped because the capture queue was full."),
@@ -76,7 +77,8 @@ _SOURCE_COUNTERS = (
 _SOURCE_GAUGES = (
     ("queue_depth", "daedalus_queue_depth", "Frames waiting in the capture queue."),
     ("queue_capacity", "daedalus_queue_capacity", "Capacity of the capture queue (ingestion.queue_maxsize)."),
-    ("stalled", "daedalus_ingest_stalled", "1 when a connected connection is silent longer than the watchdog."),
+    ("stalled", "daedalus_ingest_stalled",
+     "1 when a connected connection is silent longer than the watchdog (ccxt: every running exchange is)."),
     ("segment_bytes", "daedalus_active_segment_bytes", "Size of the open (active) segment."),
     ("open_writers", "daedalus_open_writers", "Open Parquet segments (raw_format: parquet)."),
     ("buffered_bytes", "daedalus_buffered_bytes", "Rows buffered by the Parquet writer, in bytes."),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -27,6 +28,10 @@ ZSTD_WINDOW_MAX = 4 << 20  # ... grown 4x while no whole frame was found, up to 
 CACHE_ENTRIES = 32  # answers remembered (a few segments per source)
 _PRODUCT_KEY = b'"product_id"'
 _PRODUCT_ID_MAX = 128  # bytes: a longer "product_id" value is not one
+# a ccxt NDJSON line's frame (daedalus.sources.ccxt_raw.NdjsonRecordSink) begins with these keys,
+# in this order: its product is named ``<exchange>:<symbol>`` as the ccxt heartbeat names it
+_CCXT_HEAD = re.compile(rb'^\{"channel":"[a-z]{1,32}","exchange":"([^"\\]{1,64})","symbol":"([^"\\]{1,128})"')
+LINE_SUFFIXES = (".ndjson", ".ndjson.zst")  # segments made of lines: the only ones with a readable tail
 
 
 def tail_lines(path: Path, budget: int = TAIL_BYTES) -> list[bytes]:
@@ -110,7 +115,14 @@ def newest_per_product(lines: list[bytes], wanted: set[str]) -> dict[str, float]
 
 
 def _product_ids(frame: bytes) -> Iterable[str]:
-    """Every ``"product_id": "<value>"`` value in a frame's JSON text, in order."""
+    """Every ``"product_id": "<value>"`` value in a frame's JSON text, in order; for a ccxt
+    unified record, its ``<exchange>:<symbol>`` (the ``product_id`` of a Coinbase ticker inside
+    ccxt's ``info`` is dropped by the sink, and would not be the ccxt market's name anyway)."""
+    head = _CCXT_HEAD.match(frame)
+    if head is not None:
+        with contextlib.suppress(UnicodeDecodeError):
+            yield f"{head.group(1).decode()}:{head.group(2).decode()}"
+        return
     pos = frame.find(_PRODUCT_KEY)
     while pos >= 0:
         cursor = pos + len(_PRODUCT_KEY)
@@ -162,10 +174,55 @@ def newest_in_tail(path: Path, wanted: Iterable[str], budget: int = TAIL_BYTES) 
         if (answer := _answers.get(key)) is not None:
             _answers.move_to_end(key)
             return dict(answer[0]), answer[1]
-    lines = tail_lines(path, budget)
-    answer = (newest_per_product(lines, set(wanted)), sum(len(line) + 1 for line in lines))
+    if path.name.endswith(".parquet"):
+        times = {p: t for p, t in newest_in_parquet(path).items() if p in wanted}
+        answer = (times, 0)  # a footer, not lines: the byte budget is for lines
+    elif not path.name.endswith(LINE_SUFFIXES):  # an open Arrow IPC stream: no tail to read cheaply
+        answer = ({}, 0)
+    else:
+        lines = tail_lines(path, budget)
+        answer = (newest_per_product(lines, set(wanted)), sum(len(line) + 1 for line in lines))
     with _answers_lock:
         _answers[key] = answer
         while len(_answers) > CACHE_ENTRIES:
             _answers.popitem(last=False)
     return dict(answer[0]), answer[1]
+
+
+def newest_in_parquet(path: Path) -> dict[str, float]:
+    """``{"<exchange>:<symbol>": newest receive time}`` of a partitioned Parquet raw segment (the
+    ccxt layout ``<channel>/exchange=<id>/symbol=.../segment_....parquet``) from its footer alone:
+    the largest ``ts_recv`` statistic of its row groups, the market from the ``exchange=`` folder
+    and the ``unified_symbol`` statistics (one symbol a file; the folder's name is sanitised).
+    Empty when the file says nothing usable; OSError when it cannot be read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    exchange = next((part[len("exchange="):] for part in path.parts if part.startswith("exchange=")), None)
+    if not exchange:
+        return {}
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except pa.ArrowInvalid:  # not (yet) Parquet: a torn file, someone else's
+        return {}
+    names = meta.schema.to_arrow_schema().names
+    if "ts_recv" not in names or "unified_symbol" not in names:
+        return {}
+    ts_col, symbol_col = names.index("ts_recv"), names.index("unified_symbol")
+    ts_type = meta.schema.to_arrow_schema().field("ts_recv").type
+    per_second = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}.get(getattr(ts_type, "unit", ""))
+    if per_second is None:
+        return {}
+    newest: int | None = None
+    symbols: set[str] = set()
+    for group in range(meta.num_row_groups):
+        row_group = meta.row_group(group)
+        ts, symbol = row_group.column(ts_col).statistics, row_group.column(symbol_col).statistics
+        if ts is None or not ts.has_min_max or symbol is None or not symbol.has_min_max:
+            continue
+        if isinstance(ts.max_raw, int):
+            newest = ts.max_raw if newest is None else max(newest, ts.max_raw)
+        symbols.update((symbol.min, symbol.max))
+    if newest is None or len(symbols) != 1:
+        return {}
+    return {f"{exchange}:{symbols.pop()}": newest / per_second}

@@ -216,7 +216,8 @@ def api_status(
 
 def capture_summary(children: list[ChildStatus]) -> dict[str, dict[str, Any]]:
     """Per source, over its ingest children: frames received, connections (open / all), queue
-    depth and capacity, overflow drops, stalled (the page's Capture table)."""
+    depth and capacity, overflow drops, stalled, and (ccxt) how many exchanges are failing (the
+    page's Capture table)."""
     sources: dict[str, dict[str, Any]] = {
         source: {"frames_received": frames, "connections": 0, "connected": 0}
         for source, frames in frames_by_source(children).items()
@@ -228,7 +229,8 @@ def capture_summary(children: list[ChildStatus]) -> dict[str, dict[str, Any]]:
         connected = per_label(child.gauges.get("connected"))
         entry["connections"] += len(connected or per_label(child.counters.get("frames_received")))
         entry["connected"] += int(sum(connected.values()))
-        figures = {key: child.gauges.get(key) for key in ("queue_depth", "queue_capacity", "stalled")}
+        figures: dict[str, Any] = {key: child.gauges.get(key) for key in ("queue_depth", "queue_capacity", "stalled")}
+        figures["failing"] = sum(per_label(child.gauges.get("failing")).values()) if "failing" in child.gauges else None
         figures["overflow_drops"] = child.counters.get("overflow_drops")
         for key, value in figures.items():
             if (n := number(value)) is not None:

@@ -206,8 +206,9 @@ class CcxtSegmentRun:
         columns["best_ask"] = convert_units(ba, has_ba, self.strategy)
         if self.strategy == "float":
             columns["mid_price"] = pa.array((bb + ba) / (2 * SCALE), pa.float64(), mask=~both)
-        else:  # exact units cannot hold the half pip: rounded down, as Coinbase's level2 does
-            columns["mid_price"] = convert_units((bb + ba) >> 1, both, self.strategy)
+        else:  # exact units cannot hold the half pip: rounded down, as Coinbase's level2 does (and
+            # written so that prices near the int64 limit of units cannot overflow)
+            columns["mid_price"] = convert_units(bb + ((ba - bb) >> 1), both, self.strategy)
         columns["spread"] = convert_units(ba - bb, both, self.strategy)
         columns["book_valid"] = pa.array(both & (bb < ba))
         return columns

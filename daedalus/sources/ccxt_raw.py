@@ -132,12 +132,14 @@ class RawSegmentReader:
         handle = _open_parquet(self.path)
         with handle:
             schema = handle.schema_arrow
-            if not _same_fields(schema, expected):
+            if _closest_channel(schema) != channel or "ts_recv" not in schema.names:
                 raise SegmentDataError(f"{self.key}: schema {schema.names} is not the {channel} raw schema "
                                        f"{expected.names}")  # fmt: skip
+            if not _same_fields(schema, expected):
+                self.counts["older_schema_segments"] += 1  # written by another version: conformed below
             for batch in _parquet_batches(handle, self.key):
                 if batch.schema != expected:
-                    batch = pa.RecordBatch.from_arrays(list(batch.columns), schema=expected)
+                    batch = _conform(batch, expected, self.key)
                 self.counts[f"records_{channel}"] += batch.num_rows
                 yield from _split_by_symbol(channel, exchange, path_symbol, batch, self.counts)
 
@@ -273,6 +275,32 @@ def _parquet_batches(handle: pq.ParquetFile, key: str) -> Iterator[pa.RecordBatc
         except (pa.ArrowException, ValueError) as exc:
             raise SegmentDataError(f"{key}: unreadable Parquet data ({exc})") from exc
         yield batch
+
+
+def _closest_channel(schema: pa.Schema) -> str:
+    """The channel whose raw schema shares the most column names with ``schema``: a file
+    written by another version still resembles its own channel most, a misplaced one does not."""
+    names = set(schema.names)
+    return max(SCHEMAS, key=lambda channel: len(names & set(SCHEMAS[channel].names)) - len(
+        set(SCHEMAS[channel].names) ^ names) / 1000)
+
+
+def _conform(batch: pa.RecordBatch, expected: pa.Schema, key: str) -> pa.RecordBatch:
+    """A batch written under another version's schema, as this one: columns it lacks are null,
+    columns this version does not know are dropped, other types (a ``us`` timestamp) are cast.
+    A column that cannot be cast safely makes the segment unusable as data."""
+    columns = []
+    for want in expected:
+        if want.name not in batch.schema.names:
+            columns.append(pa.nulls(batch.num_rows, want.type))
+            continue
+        column = batch.column(want.name)
+        try:
+            columns.append(column if column.type == want.type else column.cast(want.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise SegmentDataError(f"{key}: column {want.name} ({column.type}) cannot be read as {want.type}: "
+                                   f"{exc}") from exc  # fmt: skip
+    return pa.RecordBatch.from_arrays(columns, schema=expected)
 
 
 def _same_fields(schema: pa.Schema, expected: pa.Schema) -> bool:
