@@ -118,7 +118,11 @@ class ParquetRaw:
         self.writer.start()
 
     def close(self, timeout: float) -> bool:
-        return self.writer.close(timeout)
+        """True only when every accepted record reached a file: the writer thread finished in
+        time, nothing is left queued, and no batch was lost to a failed write during the run
+        (the record writer counts those and goes on, so its thread ending says nothing of them)."""
+        done = self.writer.close(timeout)
+        return done and self.writer.queue_depth == 0 and self.writer.stats.records_lost == 0
 
     def heartbeat(self) -> tuple[dict[str, object], dict[str, object]]:
         s = self.writer.snapshot()
@@ -150,6 +154,15 @@ class ParquetRaw:
         return fields
 
 
+WRITERS: dict[str, type[NdjsonRaw] | type[ParquetRaw]] = {"ndjson": NdjsonRaw, "parquet": ParquetRaw}
+
+
 def raw_writer(config: DaedalusConfig, source: str, raw_format: str, clock: Callable[[], int] = time.time_ns):
-    """The raw writer of ``raw_format`` for ``source``."""
-    return (ParquetRaw if raw_format == "parquet" else NdjsonRaw)(config, source, clock)
+    """The raw writer of ``raw_format`` for ``source``. A format without a writer here (a new
+    source's own, e.g. ``dbn``) is an error, not silently NDJSON: its bytes would be re-framed."""
+    try:
+        writer = WRITERS[raw_format]
+    except KeyError:
+        raise ValueError(f"no raw writer for raw format {raw_format!r} of source {source!r} "
+                         f"(known: {', '.join(WRITERS)})") from None  # fmt: skip
+    return writer(config, source, clock)

@@ -217,17 +217,31 @@ class EtlJob:
 
     def _order(self, path: Path) -> tuple[str, int, str]:
         """Time order (hour, counter), then the key: partitions of one hour side by side."""
-        parsed = parse_segment_name(path.name)
-        assert parsed is not None  # pending() lists only segment names
-        return parsed.hour, parsed.counter, self.key(path)
+        return segment_order(self.key(path))
 
     def _claim(self, path: Path) -> Path:
         target = self.layout.processing(self.source) / self.key(path)
         if path != target:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(path, target)
-            _prune_empty_dirs(path.parent, self.layout.ready(self.source))
+            self._prune_ready(path.parent)
         return target
+
+    def _prune_ready(self, folder: Path) -> None:
+        """Remove the ``ready/`` partition folders a claim left empty, but none whose mirror in
+        ``active/`` exists: the record writer makes ``ready/<partition>/`` and then creates its
+        Parquet file there while that partition's IPC segment is still in ``active/<partition>/``
+        (live, and in start-up recovery), and a folder removed between the two would fail its
+        finalisation (the segment would wait in ``active/`` for the next ingest start)."""
+        ready, active = self.layout.ready(self.source), self.layout.active(self.source)
+        while folder != ready and folder.is_relative_to(ready):
+            if (active / folder.relative_to(ready)).exists():
+                return
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or gone): the folders above are not empty either
+                return
+            folder = folder.parent
 
     def _finish(self, path: Path) -> None:
         key = self.key(path)
@@ -391,7 +405,7 @@ class EtlJob:
     def _one(self, path: Path, state: EtlState, summary: Summary) -> EtlState:
         name = self.key(path)
         if self._committed(name, state):
-            if path.parent == self.layout.processing(self.source):
+            if path.is_relative_to(self.layout.processing(self.source)):  # nested for partitioned keys
                 log.info("etl_finishing_committed_segment", segment=name)  # died between commit and cleanup
                 if name not in self.committed:  # recorded by the checkpoint only: record it for good
                     self.committed.add(name)
@@ -402,7 +416,8 @@ class EtlJob:
                                          "this different file under the same name was not processed")  # fmt: skip
             return state
         path = self._claim(path)
-        older = self.plugin.ordered and state.last_segment is not None and name < state.last_segment
+        older = (self.plugin.ordered and state.last_segment is not None
+                 and segment_order(name) < segment_order(state.last_segment))  # fmt: skip
         if older:  # e.g. recovered late, or left behind by --mode date
             log.warning("etl_segment_older_than_checkpoint", segment=name, checkpoint=state.last_segment,
                         effect="processed with empty books; the checkpoint is left as it is")  # fmt: skip
@@ -525,6 +540,10 @@ class EtlJob:
         shutil.move(str(path), target)
         (folder / f"{target.name}.reason.txt").write_text(reason + "\n")
         fsync_path(folder)
+        if path.is_relative_to(self.layout.processing(self.source)):
+            _prune_empty_dirs(path.parent, self.layout.processing(self.source))
+        else:
+            self._prune_ready(path.parent)
 
 
 def _second_decode_failure(exc: SegmentDecodeError) -> Exception:
@@ -548,8 +567,18 @@ def _size(path: Path) -> int:
         return 0
 
 
+def segment_order(key: str) -> tuple[str, int, str]:
+    """A segment key's place in time: (hour, counter) of its file name, then the key. Keys
+    compared as strings would put a partitioned key's channel before its time."""
+    parsed = parse_segment_name(key.rsplit("/", 1)[-1])
+    if parsed is None:  # not a segment name (a checkpoint written by hand): its string order
+        return "", 0, key
+    return parsed.hour, parsed.counter, key
+
+
 def _prune_empty_dirs(folder: Path, root: Path) -> None:
-    """Remove the partition folders a claimed or finished segment left empty, up to ``root``."""
+    """Remove the ``processing/`` partition folders a finished segment left empty, up to
+    ``root`` (only this job, under its lock, makes folders there)."""
     while folder != root and folder.is_relative_to(root):
         try:
             folder.rmdir()
