@@ -148,6 +148,8 @@ async def test_two_symbols_three_channels_through_ingest_and_etl_match_the_simul
     stats = pipeline.heartbeat_stats()
     assert stats["counters"]["frames_received"]["coinbase"] == stats["counters"]["frames_written"] > 0
     assert set(stats["products"]) == {f"coinbase:{s}" for s in SYMBOLS}
+    assert stats["gauges"]["uptime_seconds"]["coinbase"] > 0 and stats["counters"]["errors"] == {"coinbase": 0}
+    assert stats["counters"]["reconnects"] == {"coinbase": 0} and stats["gauges"]["failing"] == {"coinbase": 0}
 
     if raw_format == "parquet":  # every closed segment opens with pyarrow, DuckDB and Polars
         files = sorted((data / "raw" / "ready" / "ccxt").rglob("*.parquet"))

@@ -105,6 +105,7 @@ class CcxtCapture:
             "connected": running,
             "failing": failing,
             "last_frame_age_seconds": ages,
+            "uptime_seconds": {e: round(s.uptime(), 3) for e, s in stats.items()},
             "watchdog_seconds": watchdog,
             # every running exchange silent: the process (not one quiet market) is stuck
             "stalled": int(bool(silent) and len(silent) == sum(running.values())),

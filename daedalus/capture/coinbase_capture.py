@@ -68,6 +68,7 @@ class CoinbaseCapture:
         gauges = {
             "connected": connected,
             "last_frame_age_seconds": ages,
+            "uptime_seconds": {k: round(s.uptime(), 3) for k, s in conns.items()},
             "watchdog_seconds": watchdog,
             "stalled": int(stalled),
         }

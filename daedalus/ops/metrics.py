@@ -60,6 +60,8 @@ _CONNECTION_COUNTERS = (
 _CONNECTION_GAUGES = (
     ("connected", "daedalus_connection_up", "1 while the connection is open and subscribed, else 0."),
     ("last_frame_age_seconds", "daedalus_last_frame_age_seconds", "Seconds since the connection's last frame."),
+    ("uptime_seconds", "daedalus_connection_uptime_seconds",
+     "Seconds the connection has been up (ccxt: since the exchange's collector started)."),
     ("failing", "daedalus_connection_failing", "1 while a connection (ccxt: exchange) failed and has not recovered."),
 )
 _SOURCE_COUNTERS = (
