@@ -508,10 +508,6 @@ def test_levels_other_than_lists_of_floats_take_the_checked_path(tmp_path: Path)
     assert table[0]["asks"] == [] and table[1]["asks"] is None and len(table[1]["bids"]) == 5
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__])
-
-
 def test_memory_freed_by_conversions_is_given_back_after_finalising(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -563,3 +559,67 @@ def test_a_restart_in_the_same_hour_never_reuses_a_name_the_etl_deleted(tmp_path
             f.unlink()
     counters = sorted(parse_segment_name(Path(n).name).counter for n in used if n.startswith("trades/"))
     assert len(counters) == len(set(counters)) and counters[0] == 1  # the first run starts at 1
+
+
+def _etl_prunes_right_after_mkdir(monkeypatch: pytest.MonkeyPatch, layout: DataLayout, times: int = 1) -> list[Path]:
+    """Wrap the ready/ folder creation so that, the first ``times`` calls, the ETL's prune of empty
+    folders runs just after it: the leaf and its empty parents up to ready/<source> are removed
+    before the temporary Parquet file is opened in it."""
+    from daedalus.capture import record_writer
+
+    real = record_writer._make_partition_dir
+    pruned: list[Path] = []
+
+    def make_then_prune(path: Path) -> None:
+        real(path)
+        if len(pruned) < times:
+            pruned.append(path)
+            folder = path
+            while folder != layout.ready("ccxt") and not any(folder.iterdir()):
+                folder.rmdir()
+                folder = folder.parent
+
+    monkeypatch.setattr(record_writer, "_make_partition_dir", make_then_prune)
+    return pruned
+
+
+def test_finalise_survives_the_etl_pruning_the_ready_folder_before_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ETL rmdirs an empty ready/<partition>/ between the writer's mkdir and its open of the
+    temporary Parquet file: the writer creates the folder again once and the segment reaches ready/."""
+    layout = DataLayout(tmp_path)
+    pruned = _etl_prunes_right_after_mkdir(monkeypatch, layout)
+    writer = RecordWriter(layout, config(), clock=lambda: HOUR0)
+    for i in range(30):
+        assert writer.put_record(channel="trades", exchange="ex", symbol="BTC/USD", recv_ns=recv(i), record=trade(i))
+    assert writer.close(30)
+    assert len(pruned) == 1 and pruned[0].is_dir()  # removed by the "ETL", made again by the retry
+    assert writer.stats.write_errors == 0 and writer.stats.segments_finalised == 1
+    assert sorted(read_all(ready_files(layout), "trades", "trade_id"), key=int) == [str(i) for i in range(30)]
+    assert not list(layout.active("ccxt").rglob("*.arrow"))
+
+
+def test_recover_survives_the_etl_pruning_the_ready_folder_before_the_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race at start-up recovery; a folder that vanishes twice is an error, not a loop."""
+    layout = DataLayout(tmp_path)
+    writer = RecordWriter(layout, config(), clock=lambda: HOUR0)
+    for i in range(30):
+        assert writer.put_record(channel="trades", exchange="ex", symbol="BTC/USD", recv_ns=recv(i), record=trade(i))
+    writer._drain()  # flushed to its IPC segment, never finalised: what a crash leaves
+    writer._flush_due(float("inf"))
+    ipc = list(layout.active("ccxt").rglob("*.arrow"))
+    assert len(ipc) == 1
+    writer._close_segment(next(iter(writer._open.values())))
+    _etl_prunes_right_after_mkdir(monkeypatch, layout, times=2)
+    with pytest.raises(FileNotFoundError):  # pruned after the first mkdir and after the retry's
+        recover(layout, "ccxt", fsync=False)
+    assert ipc[0].exists() and not ready_files(layout)
+    monkeypatch.undo()
+    _etl_prunes_right_after_mkdir(monkeypatch, layout, times=1)
+    report = recover(layout, "ccxt", fsync=False)
+    assert report.converted == 1 and report.records == 30
+    assert sorted(read_all(ready_files(layout), "trades", "trade_id"), key=int) == [str(i) for i in range(30)]
+    assert not ipc[0].exists()

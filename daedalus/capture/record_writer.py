@@ -313,7 +313,7 @@ def ipc_to_parquet(ipc: Path, target: Path, *, compression: str, compression_lev
                    fsync: bool) -> IpcRead:  # fmt: skip
     """Write ``ipc``'s readable prefix as Parquet at ``target``, atomically (hidden temporary
     name, fsync, rename, folder fsync). Writes nothing when no batch is readable."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_partition_dir(target.parent)
     tmp = target.with_name(f".{target.name}.tmp")
     read = IpcRead(0, 0, 0)
     writer: pq.ParquetWriter | None = None
@@ -323,8 +323,7 @@ def ipc_to_parquet(ipc: Path, target: Path, *, compression: str, compression_lev
     try:
         for batch in _iter_ipc_batches(ipc, read):
             if writer is None:
-                writer = pq.ParquetWriter(str(tmp), batch.schema, compression=codec or "none",
-                                          compression_level=compression_level if codec else None)  # fmt: skip
+                writer = _open_parquet_writer(tmp, batch.schema, codec, compression_level)
             pending.append(batch)
             pending_rows += batch.num_rows
             pending_bytes += batch.nbytes
@@ -349,6 +348,31 @@ def ipc_to_parquet(ipc: Path, target: Path, *, compression: str, compression_lev
                 writer.close()
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _make_partition_dir(path: Path) -> None:
+    """Create a ``ready/`` partition folder (a seam of its own so a test can race the ETL here)."""
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _open_parquet_writer(tmp: Path, schema: pa.Schema, codec: str | None,
+                         compression_level: int | None) -> pq.ParquetWriter:  # fmt: skip
+    """Open the temporary Parquet file, creating its folder again once if it has gone: the ETL
+    prunes empty ``ready/<partition>/`` folders, and one may be removed between our ``mkdir`` and
+    this open. A second disappearance is not a race any more: the error propagates."""
+
+    def open_writer() -> pq.ParquetWriter:
+        return pq.ParquetWriter(str(tmp), schema, compression=codec or "none",
+                                compression_level=compression_level if codec else None)  # fmt: skip
+
+    try:
+        return open_writer()
+    except FileNotFoundError:
+        if tmp.parent.is_dir():
+            raise  # something else is missing: not the pruned folder
+        log.warning("record_writer_ready_dir_vanished", folder=str(tmp.parent))
+        _make_partition_dir(tmp.parent)
+        return open_writer()
 
 
 def _glibc_malloc_trim() -> Callable[[int], int] | None:
