@@ -168,6 +168,18 @@ def parse_segment_name(name: str) -> SegmentName | None:
     return SegmentName(match.group(1), int(match.group(2)), "." + match.group(3))
 
 
+def prune_empty_dirs(folder: Path, root: Path) -> None:
+    """Remove ``folder`` and its parents while they are empty, up to (not including) ``root``:
+    partition folders left empty by a segment that moved on (hours pass, and a tree of empty
+    folders would only slow every scan)."""
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): the folders above are not empty either
+            return
+        folder = folder.parent
+
+
 def segment_stem(name: str) -> str:
     """The name a segment's outputs are called after (``part-<stem>.parquet``): the segment
     name without its suffixes, from a bare name or a path below ``raw/<state>/<source>``."""

@@ -249,3 +249,23 @@ async def test_failing_exchanges_are_retried_while_another_keeps_collecting(make
     pattern = r"ccxt_(\w+): msgs=[\d,]+, errors=\d+, reconnects=\d+, uptime=\d+s, overflow=[\d,]+, state=\w+"
     assert [re.match(pattern, line).group(1) for line in lines] == ["kraken", "coinbse", "coinbase"]  # type: ignore[union-attr]
     assert "last_error=" in lines[0] and "last_error=" not in lines[2]
+
+
+async def test_a_dropped_connection_is_reported_with_its_cause_and_without_secrets(make_sim):
+    """A WebSocket that drops mid-session fails inside the session's task group: the error the
+    operator sees names the cause (not 'unhandled errors in a TaskGroup'), and an exchange's
+    credentials never appear in it, whatever ccxt quotes."""
+    sim = await make_sim(rate=200)
+    config = sim_config(sim, {"watchTrades": ["BTC/USD"]}, api_key="KEY-sekrit-123", api_secret="")
+    collector = CcxtCollector("coinbase", config, MemorySink(), backoff_initial=0.05, backoff_max=0.1)
+    async with running(collector):
+        await wait_for(lambda: collector.stats.state == "running", "running")
+        await sim.disconnect_all("simulated disconnect")
+        await wait_for(lambda: collector.stats.errors >= 1, "the drop is counted")
+        error = collector.stats.last_error or ""
+        await wait_for(lambda: collector.stats.state == "running", "back after the drop")
+    assert "TaskGroup" not in error and "ExceptionGroup" not in error, error
+    assert error.split(":")[0].endswith(("Error", "Exception", "Closed", "NetworkError")), error
+
+    collector._fail(RuntimeError("GET https://x/api?apiKey=KEY-sekrit-123 failed"), 0.1)
+    assert "KEY-sekrit-123" not in (collector.stats.last_error or "") and "***" in (collector.stats.last_error or "")

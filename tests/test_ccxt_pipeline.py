@@ -1,7 +1,7 @@
 """The ccxt source end to end: ``IngestPipeline(source="ccxt")`` against the simulator (ccxt.pro
 coinbase, urls pointed at 127.0.0.1), through both raw formats and the ETL, checked against the
-simulator's truth; an ingest writing Parquet SIGKILLed and restarted; one failing exchange
-beside a working one; the supervisor's plan for both sources."""
+simulator's truth; an ingest writing Parquet SIGKILLed and restarted; the supervisor's plan for
+both sources. (One failing exchange beside a working one: test_ccxt_collector.py, test_ccxt_ops.py.)"""
 
 from __future__ import annotations
 

@@ -623,3 +623,23 @@ def test_recover_survives_the_etl_pruning_the_ready_folder_before_the_open(
     assert report.converted == 1 and report.records == 30
     assert sorted(read_all(ready_files(layout), "trades", "trade_id"), key=int) == [str(i) for i in range(30)]
     assert not ipc[0].exists()
+
+
+def test_a_partition_forgotten_while_idle_never_reuses_a_name_the_etl_deleted(tmp_path: Path) -> None:
+    """Within one run: a quiet partition's segment is finalised (evicted), the ETL processes and
+    deletes it, the writer forgets the idle partition; when the market speaks again, its next
+    segment must not take the deleted one's name (the ETL would refuse it as already committed)."""
+    layout = DataLayout(tmp_path)
+    writer = RecordWriter(layout, config(batch_size=1, max_open_writers=1, flush_interval_seconds=0.02))
+    writer.start()
+    now = time.time_ns()
+    writer.put_record(channel="trades", exchange="coinbase", symbol="BTC/USD", recv_ns=now, record=trade(1))
+    writer.put_record(channel="trades", exchange="coinbase", symbol="ETH/USD", recv_ns=now, record=trade(2, "ETH/USD"))
+    wait_for(lambda: writer.stats.evictions >= 1 and len(ready_files(layout)) == 1)
+    first = ready_files(layout)[0]
+    first.unlink()  # processed and deleted by the ETL
+    wait_for(lambda: writer.stats.stale_cleanups >= 1)  # the idle BTC/USD partition is forgotten
+    writer.put_record(channel="trades", exchange="coinbase", symbol="BTC/USD", recv_ns=time.time_ns(), record=trade(3))
+    assert writer.close(30)
+    again = [f for f in ready_files(layout) if f.parent == first.parent]
+    assert len(again) == 1 and again[0].name != first.name, (first.name, [f.name for f in again])

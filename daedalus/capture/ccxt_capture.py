@@ -5,13 +5,15 @@ line per record (:class:`daedalus.sources.ccxt_raw.NdjsonRecordSink`)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from daedalus.capture.ccxt_collector import CcxtSource, RecordSink
 from daedalus.capture.raw_writers import raw_writer
 from daedalus.config import ConfigError, DaedalusConfig
+from daedalus.logs import get_logger
+
+log = get_logger(__name__)
 
 SOURCE = "ccxt"
 
@@ -39,7 +41,7 @@ class ProductTap:
     """Notes each market's last record time (and mid) on the way to the writer, for the
     heartbeat and health's freshness: a dict update per record, no parsing."""
 
-    def __init__(self, sink: RecordSink, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(self, sink: RecordSink) -> None:
         self.sink = sink
         self.seen: dict[str, int] = {}  # product key -> recv_ns of its last record
         self.mid: dict[str, float] = {}
@@ -61,12 +63,13 @@ class CcxtCapture:
         self.config = config
         self.clock = clock
         self.raw = raw_writer(config, SOURCE, raw_format, clock)
+        self.ndjson_sink = None
         if raw_format == "parquet":
             sink: RecordSink = self.raw.writer
         else:
             from daedalus.sources.ccxt_raw import NdjsonRecordSink
 
-            sink = NdjsonRecordSink(self.raw.writer)
+            sink = self.ndjson_sink = NdjsonRecordSink(self.raw.writer)
         self.tap = ProductTap(sink)
         self.exchanges = CcxtSource(config.ccxt, self.tap, clock)
         self.collectors = self.exchanges.collectors
@@ -75,6 +78,9 @@ class CcxtCapture:
     def check_settings(self) -> None:
         if not self.config.ccxt.exchanges:
             raise ConfigError("ccxt", ["ccxt.exchanges: no exchange configured (e.g. coinbase: {channels: ...})"])
+        if self.config.ingestion.on_queue_full == "block":
+            log.warning("ccxt_queue_never_blocks", setting="ingestion.on_queue_full: block",
+                        effect="ccxt records are never held back: a full queue drops them and counts them (overflow)")
 
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         return {"ccxt": self.exchanges.run()}
@@ -83,9 +89,9 @@ class CcxtCapture:
         """Nothing to say goodbye to: cancelling the task closes every exchange (``finally``)."""
 
     def started_fields(self) -> dict[str, object]:
-        symbols = {product_key(e, s) for e, c in self.config.ccxt.exchanges.items() for ss in c.channels.values()
-                   for s in ss}  # fmt: skip
-        return {"exchanges": len(self.collectors), "products": len(symbols)}
+        from daedalus.sources.ccxt import products
+
+        return {"exchanges": len(self.collectors), "products": len(products(self.config))}
 
     def heartbeat(self) -> tuple[dict[str, object], dict[str, object], dict[str, dict[str, float | None]]]:
         now = self.clock()
@@ -101,6 +107,8 @@ class CcxtCapture:
             "reconnects": {e: s.reconnects for e, s in stats.items()},
             "errors": {e: s.errors for e, s in stats.items()},
         }
+        if self.ndjson_sink is not None:  # records that could not become a JSON line (counted, dropped)
+            counters["unserialisable_records"] = self.ndjson_sink.unserialisable
         gauges = {
             "connected": running,
             "failing": failing,

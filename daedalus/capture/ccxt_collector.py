@@ -242,11 +242,21 @@ class CcxtCollector:
         return backoff_delay(attempt + 1, self.backoff_initial, self.backoff_max, self._rng)
 
     def _fail(self, exc: BaseException, delay: float) -> None:
+        while isinstance(exc, BaseExceptionGroup):  # a subscription's failure, from the session's task group
+            exc = exc.exceptions[0]
         text = exc.args[0] if isinstance(exc, CcxtConfigError) else f"{type(exc).__name__}: {exc}"
         self.stats.errors += 1
         self.stats.state = "unhealthy"
-        self.stats.last_error = str(text)[:500]
+        self.stats.last_error = self._scrub(str(text))[:500]
         log.error("ccxt_exchange_unhealthy", exchange=self.exchange_id, error=self.stats.last_error, retry_in=delay)
+
+    def _scrub(self, text: str) -> str:
+        """The error text without the exchange's credentials: ccxt's errors quote URLs and
+        response bodies, and some exchanges put the key in a query string."""
+        for secret in (self.config.api_key.get_secret_value(), self.config.api_secret.get_secret_value()):
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     async def _close(self) -> None:
         exchange, self.exchange = self.exchange, None

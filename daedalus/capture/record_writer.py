@@ -45,7 +45,14 @@ import pyarrow.parquet as pq
 
 from daedalus.capture.segments import fsync_path, write_atomically
 from daedalus.config import IngestionConfig
-from daedalus.layout import RAW_STATES, DataLayout, segment_hour_of_ns, segment_identity, segment_name_for_hour
+from daedalus.layout import (
+    RAW_STATES,
+    DataLayout,
+    prune_empty_dirs,
+    segment_hour_of_ns,
+    segment_identity,
+    segment_name_for_hour,
+)
 from daedalus.logs import get_logger
 
 log = get_logger(__name__)
@@ -68,7 +75,6 @@ QUEUE_ENTRY_BYTES = 200  # the queue's tuple, seq and recv_ns ints, the deque sl
 RECORD_COST = {"trades": 1024, "ticker": 1536, "orderbook": 512}
 LEVEL_COST = 128  # [price, amount]: a list of two floats and its slot in bids/asks
 OTHER_COST = 1024  # unknown channels (quarantined on the writer thread, but queued first)
-CHANNELS = ("ticker", "trades", "orderbook")
 COUNTER_FLOOR_FILE = ".counter_floor"  # "<hour> <counter>": no partition of that hour has used it yet
 COUNTER_BLOCK = 50
 RELEASE_INTERVAL_S = 0.0  # at most this often, return the memory a Parquet conversion freed (see release_memory)
@@ -402,17 +408,6 @@ def release_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _prune_empty_dirs(path: Path, stop: Path) -> None:
-    """Remove empty partition folders up to (not including) ``stop``: hours pass, and an
-    active tree of empty folders would only slow every scan."""
-    while path != stop and stop in path.parents:
-        try:
-            path.rmdir()
-        except OSError:
-            return
-        path = path.parent
-
-
 @dataclass
 class RecoveryReport:
     converted: int = 0
@@ -454,7 +449,7 @@ def recover(layout: DataLayout, source: str, *, compression: str = "zstd", compr
         ipc.unlink()
         if fsync:
             fsync_path(ipc.parent)
-        _prune_empty_dirs(ipc.parent, active)
+        prune_empty_dirs(ipc.parent, active)
     log.info("record_writer_recovered", source=source, converted=report.converted, records=report.records,
              already_done=report.already_done, torn_tails=report.torn_tails, empty=report.empty)  # fmt: skip
     return report
@@ -541,6 +536,7 @@ class RecordWriter:
         self._status_at = (time.monotonic(), 0)  # (when, records_written) of the last status_line
         self._seq = 0
         self._partitions: dict[PartitionKey, Partition] = {}
+        self._next_counters: dict[PartitionKey, int] = {}  # outlives a partition forgotten while idle
         self._open: OrderedDict[PartitionKey, Partition] = OrderedDict()  # least recently written first
         self._drained_seq = 0
         self._max_hour = 0
@@ -714,6 +710,7 @@ class RecordWriter:
         path = self.layout.raw_partition_dir("active", self.source, channel, exchange=exchange, symbol=symbol,
                                              hour=hour)  # fmt: skip
         partition = Partition(channel, exchange, symbol, hour, hour_index, path.relative_to(self._active_root))
+        partition.next_counter = self._next_counters.get(key)  # a partition forgotten while idle comes back
         self._partitions[key] = partition
         return partition
 
@@ -781,10 +778,11 @@ class RecordWriter:
             segment.writer.write_batch(batch)
             if self.config.fsync:
                 os.fsync(segment.handle.fileno())
-        except OSError as exc:
+        except Exception as exc:  # the rows left the buffer: whatever failed, they are counted as lost
             self.stats.write_errors += 1
             self.stats.records_lost += count
-            log.error("record_writer_flush_failed", partition=str(partition.relative), rows=count, error=str(exc))
+            log.error("record_writer_flush_failed", partition=str(partition.relative), rows=count,
+                      error=f"{type(exc).__name__}: {exc}", exc_info=not isinstance(exc, OSError))  # fmt: skip
             self._abandon(partition)
             return
         segment.rows += count
@@ -805,6 +803,7 @@ class RecordWriter:
         self._reserve_counter(partition.hour, partition.next_counter)
         name = segment_name_for_hour(partition.hour, partition.next_counter, IPC_SUFFIX)
         partition.next_counter += 1
+        self._next_counters[self._key(partition)] = partition.next_counter
         directory = self._active_root / partition.relative
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / name
@@ -896,7 +895,7 @@ class RecordWriter:
             self.stats.write_errors += 1
             log.error("record_writer_finalise_failed", file=str(segment.path), error=str(exc))
             return
-        _prune_empty_dirs(segment.path.parent, self._active_root)
+        prune_empty_dirs(segment.path.parent, self._active_root)
         self.stats.segments_finalised += 1
         self._release_memory()
 
@@ -923,7 +922,8 @@ class RecordWriter:
     def _maintenance(self) -> None:
         """Hour rotation by the clock (an idle symbol's last segment must not stay open for
         ever) and forgetting idle partitions: empty buffer, no open file, older than the
-        current hour or idle for a few flush intervals. Their counters are rescanned on reuse."""
+        current hour or idle for a few flush intervals. Their next counters are kept (until their hour
+        is long over): the ETL may have deleted every segment a folder scan would find."""
         clock_hour = self.clock() // HOUR_NS
         if clock_hour > self._max_hour:
             self._hour_changed(clock_hour)
@@ -934,6 +934,8 @@ class RecordWriter:
             if key[3] < self._max_hour or partition.last_used < idle_before:
                 del self._partitions[key]
                 self.stats.stale_cleanups += 1
+        for key in [k for k in self._next_counters if k[3] < self._max_hour - 1]:  # hours long over
+            del self._next_counters[key]
 
     def _publish_durable(self) -> None:
         pending = [p.seqs_from for p in self._partitions.values() if p.pending]

@@ -77,7 +77,7 @@ from daedalus.etl.state import (
     save_state,
     set_state_aside,
 )
-from daedalus.layout import parse_segment_name, segment_stem
+from daedalus.layout import parse_segment_name, prune_empty_dirs, segment_stem
 from daedalus.locks import hold_lock
 from daedalus.logs import get_logger
 from daedalus.ops.heartbeat import HeartbeatPublisher
@@ -260,7 +260,7 @@ class EtlJob:
         else:
             path.unlink(missing_ok=True)
         fsync_path(path.parent)
-        _prune_empty_dirs(path.parent, self.layout.processing(self.source))
+        prune_empty_dirs(path.parent, self.layout.processing(self.source))
 
     def _committed(self, name: str, state: EtlState) -> bool:
         return name in self.committed or name == state.last_segment
@@ -545,7 +545,7 @@ class EtlJob:
         (folder / f"{target.name}.reason.txt").write_text(reason + "\n")
         fsync_path(folder)
         if path.is_relative_to(self.layout.processing(self.source)):
-            _prune_empty_dirs(path.parent, self.layout.processing(self.source))
+            prune_empty_dirs(path.parent, self.layout.processing(self.source))
         else:
             self._prune_ready(path.parent)
 
@@ -578,17 +578,6 @@ def segment_order(key: str) -> tuple[str, int, str]:
     if parsed is None:  # not a segment name (a checkpoint written by hand): its string order
         return "", 0, key
     return parsed.hour, parsed.counter, key
-
-
-def _prune_empty_dirs(folder: Path, root: Path) -> None:
-    """Remove the ``processing/`` partition folders a finished segment left empty, up to
-    ``root`` (only this job, under its lock, makes folders there)."""
-    while folder != root and folder.is_relative_to(root):
-        try:
-            folder.rmdir()
-        except OSError:  # not empty (or gone): the folders above are not empty either
-            return
-        folder = folder.parent
 
 
 def _in_range(name: str, start: date | None, end: date | None) -> bool:

@@ -75,6 +75,7 @@ _SOURCE_COUNTERS = (
     ("segments_finalised", "daedalus_segments_finalised", "Parquet segments converted and moved to ready/."),
     ("quarantined_records", "daedalus_quarantined_records", "Records that did not fit their schema (quarantine/)."),
     ("records_lost", "daedalus_records_lost", "Records of a batch whose write failed."),
+    ("unserialisable_records", "daedalus_unserialisable_records", "ccxt records that could not become a JSON line."),
 )
 _SOURCE_GAUGES = (
     ("queue_depth", "daedalus_queue_depth", "Frames waiting in the capture queue."),

@@ -25,7 +25,9 @@ TAIL_BYTES = 8 << 20
 level2 snapshot line is ~5 MB, so a tail ending in one still holds the lines before it."""
 ZSTD_WINDOW_FIRST = 256 << 10  # compressed bytes looked at first at the end of a .zst segment
 ZSTD_WINDOW_MAX = 4 << 20  # ... grown 4x while no whole frame was found, up to this
-CACHE_ENTRIES = 32  # answers remembered (a few segments per source)
+# answers remembered: a few NDJSON tails per source, and the newest Parquet footer of each of
+# up to health.PARQUET_PARTITIONS (256) partitions, so a status poll re-reads none of them
+CACHE_ENTRIES = 512
 _PRODUCT_KEY = b'"product_id"'
 _PRODUCT_ID_MAX = 128  # bytes: a longer "product_id" value is not one
 # a ccxt NDJSON line's frame (daedalus.sources.ccxt_raw.NdjsonRecordSink) begins with these keys,

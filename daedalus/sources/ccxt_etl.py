@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from daedalus.capture.record_writer import TS
 from daedalus.capture.records import iter_lines
 from daedalus.etl.output import SCALE, PartitionedWriter, convert_units, discard
 from daedalus.etl.state import EtlState
@@ -46,8 +47,6 @@ from daedalus.sources.ccxt_raw import RawSegmentReader, RecordGroup
 
 log = get_logger(__name__)
 
-TS = pa.timestamp("ns", tz="UTC")
-CHANNELS = ("ticker", "trades", "orderbook")
 PARTITION_COLS = ["exchange", "symbol", "date"]
 #: |value| from which value * 1e8 no longer fits int64: such a number (a 24 h quote volume in
 #: a small currency) stays exact in ``float`` and becomes null in ``pips``/``decimal`` (counted)
