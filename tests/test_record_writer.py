@@ -643,3 +643,25 @@ def test_a_partition_forgotten_while_idle_never_reuses_a_name_the_etl_deleted(tm
     assert writer.close(30)
     again = [f for f in ready_files(layout) if f.parent == first.parent]
     assert len(again) == 1 and again[0].name != first.name, (first.name, [f.name for f in again])
+
+
+def test_the_clock_closes_a_quiet_partition_at_the_hour_and_compression_follows_the_config(tmp_path: Path) -> None:
+    """No record comes after 21:59 for this symbol: the clock passing 22:00 alone must close its
+    segment (an idle market's data would otherwise wait in active/ for ever). The Parquet files
+    carry ``parquet_compression`` and its level."""
+    layout = DataLayout(tmp_path)
+    now = [HOUR0 + HOUR_NS - 1_000_000_000]
+    writer = RecordWriter(layout, config(parquet_compression="gzip", parquet_compression_level=9),
+                          clock=lambda: now[0])  # fmt: skip
+    writer.start()
+    for i in range(5):
+        writer.put_record(channel="trades", exchange="coinbase", symbol="BTC/USD", recv_ns=now[0] + i, record=trade(i))
+    wait_for(lambda: writer.stats.records_written == 5)
+    assert not ready_files(layout) and writer.stats.open_writers == 1  # still the hour: the segment stays open
+    now[0] = HOUR0 + HOUR_NS + 1  # 22:00:00, and still no record
+    wait_for(lambda: len(ready_files(layout)) == 1)
+    assert writer.stats.open_writers == 0 and writer.stats.rotations == 1
+    assert writer.close(30)
+    (file,) = ready_files(layout)
+    column = pq.ParquetFile(file).metadata.row_group(0).column(0)
+    assert column.compression == "GZIP" and pq.read_table(file).num_rows == 5
