@@ -246,17 +246,20 @@ def parquet_key_parts(key: str) -> tuple[str, str, str]:
     return parts[0], exchange, symbol
 
 
+def _read_error(exc: Exception, what: str) -> Exception:
+    """A Parquet read failure as the job sorts it: an errno is the machine (:class:`EtlIoError`,
+    retried), anything else is the file (:class:`SegmentDataError`, quarantined)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return EtlIoError(f"{what}: {exc}")
+    return SegmentDataError(f"{what} ({exc})")
+
+
 def _open_parquet(path: Path) -> pq.ParquetFile:
-    """The file opened, or :class:`SegmentDataError` (no footer, not Parquet) / :class:`EtlIoError`
-    (the operating system failed: errno set)."""
+    """The file opened, or :class:`SegmentDataError` (no footer, not Parquet) / :class:`EtlIoError`."""
     try:
         return pq.ParquetFile(path)
-    except OSError as exc:
-        if exc.errno is not None:
-            raise EtlIoError(f"{path.name}: {exc}") from exc
-        raise SegmentDataError(f"{path.name}: cannot be opened as Parquet ({exc})") from exc
-    except (pa.ArrowException, ValueError) as exc:
-        raise SegmentDataError(f"{path.name}: cannot be opened as Parquet ({exc})") from exc
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise _read_error(exc, f"{path.name}: cannot be opened as Parquet") from exc
 
 
 def _parquet_batches(handle: pq.ParquetFile, key: str) -> Iterator[pa.RecordBatch]:
@@ -268,12 +271,8 @@ def _parquet_batches(handle: pq.ParquetFile, key: str) -> Iterator[pa.RecordBatc
             batch = next(batches)
         except StopIteration:
             return
-        except OSError as exc:
-            if exc.errno is not None:
-                raise EtlIoError(f"{key}: {exc}") from exc
-            raise SegmentDataError(f"{key}: unreadable Parquet data ({exc})") from exc
-        except (pa.ArrowException, ValueError) as exc:
-            raise SegmentDataError(f"{key}: unreadable Parquet data ({exc})") from exc
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise _read_error(exc, f"{key}: unreadable Parquet data") from exc
         yield batch
 
 
