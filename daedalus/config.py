@@ -251,16 +251,37 @@ class EtlConfig(Section):
     channels: EtlChannels = EtlChannels()
 
 
+_S3_URL = re.compile(r"s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/[^\x00-\x1f]*)?")
+
+
+def _s3_destination(value: str | None) -> str | None:
+    if value is not None and not _S3_URL.fullmatch(value):
+        raise ValueError(f"{value!r} is not an s3://bucket[/prefix] URL "
+                         "(bucket: 3-63 lower-case letters, digits, '.', '-')")
+    return value
+
+
 class SyncConfig(Section):
+    """``daedalus sync``: closed raw segments and processed files to any S3-compatible store."""
+
     enabled: bool = False
-    endpoint_url: str | None = None
-    bucket: str = ""
-    prefix: str = ""
-    region: str = "us-east-1"
-    access_key_id: SecretStr = SecretStr("")
+    destination: Annotated[str | None, AfterValidator(_s3_destination)] = None  # s3://bucket/prefix
+    endpoint_url: str | None = None  # any S3-compatible server (MinIO, Ceph, Garage, moto, ...)
+    region: str | None = None
+    access_key_id: SecretStr = SecretStr("")  # empty: the standard AWS credential chain
     secret_access_key: SecretStr = SecretStr("")
-    interval_seconds: Seconds = 60.0
-    delete_after_upload: bool = False
+    include_raw: bool = True  # raw/archive (and raw/ready when the ETL does not run here)
+    include_processed: bool = True
+    interval: Seconds = 300.0  # between passes in continuous mode
+    delete_after_upload: bool = False  # raw archive only, and only after verification
+    max_concurrency: Annotated[int, Field(gt=0, le=64)] = 4
+    bandwidth_limit_mbps: Annotated[float, Field(gt=0, le=100_000)] | None = None
+
+    @model_validator(mode="after")
+    def _needs_destination(self) -> SyncConfig:
+        if self.enabled and self.destination is None:
+            raise ValueError("sync.enabled: true needs sync.destination (s3://bucket/prefix)")
+        return self
 
 
 ChildKind = Literal["ingest", "etl", "sync"]

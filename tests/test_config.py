@@ -31,13 +31,13 @@ def test_env_substitution_and_masked_secrets(tmp_path):
     path = write(
         tmp_path,
         "data_dir: ${DATA:-/tmp/d}\ncoinbase:\n  api_key: ${KEY}\n  api_secret: s3cr3t\n  ws_url: ws://h:${PORT}/ws\n"
-        "sync:\n  prefix: literal-$${NOT_A_VAR}\n",
+        "sync:\n  destination: s3://bucket/literal-$${NOT_A_VAR}\n",
     )
     config = load_config(path, env={"KEY": "k-123", "PORT": "9000"})
     assert str(config.data_dir) == "/tmp/d"
     assert config.coinbase.api_key.get_secret_value() == "k-123"
     assert config.coinbase.ws_url == "ws://h:9000/ws"
-    assert config.sync.prefix == "literal-${NOT_A_VAR}"
+    assert config.sync.destination == "s3://bucket/literal-${NOT_A_VAR}"
     shown = str(effective_config(config)) + repr(config)
     assert "k-123" not in shown and "s3cr3t" not in shown
 

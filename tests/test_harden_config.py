@@ -168,7 +168,7 @@ def test_non_finite_floats_are_refused(tmp_path, key, value):
         ("ingestion", "max_reconnect_attempts", -2, "greater than or equal to -1"),
         ("coinbase", "max_products_per_connection", 0, "greater than 0"),
         ("etl", "poll_interval_seconds", 0, "greater than 0"),
-        ("sync", "interval_seconds", -5, "greater than 0"),
+        ("sync", "interval", -5, "greater than 0"),
         ("supervisor", "status_port", 70_000, "less than or equal to 65535"),
         ("supervisor", "memory_critical_mb", -1, "greater than 0"),
     ],
