@@ -437,8 +437,9 @@ def _register_commands() -> None:
     from daedalus.demo import register as register_demo
     from daedalus.plot.command import register as register_plot
     from daedalus.query.command import register as register_query
+    from daedalus.sync.command import register as register_sync
 
-    for register in (register_query, register_plot, register_demo):
+    for register in (register_query, register_plot, register_demo, register_sync):
         register(app)
 
 

@@ -230,3 +230,42 @@ def test_server_errors_and_slow_answers_are_retried_until_the_pass_completes(tmp
         data = (root / rel).read_bytes()
         assert head["ContentLength"] == len(data)
         assert head["Metadata"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_the_command_dry_run_once_and_a_missing_bucket(tmp_path: Path, s3_server: S3Server) -> None:
+    """``daedalus sync`` as an operator runs it: a dry run says how much would move and moves
+    nothing, ``--once`` moves it and says so, a second ``--once`` moves nothing, and a bucket
+    that does not exist is one line and exit 2 (the supervisor will not retry that)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = tmp_path / "data"
+    moved, _ = make_tree(root)
+    settings = config_for(root, s3_server)
+    sync = {"destination": settings.sync.destination, "endpoint_url": s3_server.endpoint, "region": REGION,
+            "access_key_id": KEY_ID, "secret_access_key": SECRET}  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(root), "sync": sync}))
+
+    def sync_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "daedalus", "sync", "--config", str(path), *args],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    dry = sync_cli("--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    total = sum((root / rel).stat().st_size for rel in moved)
+    assert f"dry run: {len(moved)} files, {total / 1e6:,.1f} MB would be uploaded" in dry.stdout
+    assert remote(s3_server) == {}
+    once = sync_cli("--once")
+    assert once.returncode == 0, once.stderr
+    assert f"uploaded {len(moved)} files" in once.stdout and f"verified {len(moved)}" in once.stdout
+    assert len(remote(s3_server)) == len(moved)
+    again = sync_cli("--once")
+    assert again.returncode == 0 and "uploaded 0 files" in again.stdout
+    assert f"already synced {len(moved)}" in again.stdout
+    path.write_text(yaml.safe_dump({"data_dir": str(root), "sync": {**sync, "destination": "s3://no-such-bucket"}}))
+    missing = sync_cli("--once")
+    assert missing.returncode == 2 and "no such bucket" in missing.stderr and "Traceback" not in missing.stderr
+    assert SECRET not in missing.stderr + missing.stdout

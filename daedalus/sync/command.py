@@ -1,0 +1,75 @@
+"""``daedalus sync``: one pass (``--once``) or one every ``interval`` seconds until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from daedalus.exitcodes import FAILED, NEEDS_OPERATOR
+from daedalus.logs import get_logger
+
+if TYPE_CHECKING:
+    from daedalus.sync.engine import SyncSummary
+
+log = get_logger("daedalus.sync")
+
+
+def summary_text(summary: SyncSummary, *, dry_run: bool) -> str:
+    """The end-of-pass line an operator reads (numbers, not guesses)."""
+    if dry_run:
+        return (f"dry run: {summary.pending_files:,} files, {summary.pending_bytes / 1e6:,.1f} MB would be uploaded "
+                f"({summary.skipped:,} already synced)")  # fmt: skip
+    return (f"uploaded {summary.files_uploaded:,} files ({summary.bytes_uploaded / 1e6:,.1f} MB), "
+            f"verified {summary.verified:,}, already synced {summary.skipped:,}, failed {summary.failed:,}, "
+            f"deleted {summary.deleted:,}")  # fmt: skip
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def sync(
+        config: Annotated[Path, typer.Option("--config", "-c", help="YAML configuration file.")],
+        once: Annotated[bool, typer.Option("--once", help="One pass, then exit (default: every sync.interval).")] = (
+            False
+        ),
+        interval: Annotated[float | None, typer.Option(help="Seconds between passes (default: sync.interval).")] = None,
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="List what would move, and how many bytes.")] = False,
+        include_ready: Annotated[
+            bool, typer.Option(help="Also raw/ready/ (when no ETL runs on this machine to archive segments).")
+        ] = False,
+    ) -> None:
+        """Upload closed raw segments and processed files to S3, verified (size and SHA-256)."""
+        from daedalus.cli import _configured, _fail
+        from daedalus.ops.child import follow_supervisor
+        from daedalus.sync.engine import SyncPass
+        from daedalus.sync.s3 import SyncError, make_client
+
+        follow_supervisor()
+        settings = _configured(config)
+        if settings.sync.destination is None:
+            raise _fail("sync.destination is not set (s3://bucket/prefix)")
+        if interval is not None and not 0 < interval <= 86_400:
+            raise _fail(f"--interval: must be more than 0 and at most 86400 seconds (got {interval})")
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        wait = settings.sync.interval if interval is None else interval
+        client = make_client(settings.sync)
+        failed = False
+        while True:
+            try:
+                summary = SyncPass(settings, client, include_ready=include_ready, dry_run=dry_run).run()
+            except SyncError as exc:  # bad credentials, no such bucket: waiting cannot cure it
+                raise _fail(str(exc), NEEDS_OPERATOR) from None
+            typer.echo(summary_text(summary, dry_run=dry_run))
+            log.info("sync_pass_done", uploaded=summary.files_uploaded, bytes=summary.bytes_uploaded,
+                     verified=summary.verified, skipped=summary.skipped, failed=summary.failed,
+                     deleted=summary.deleted)  # fmt: skip
+            failed = summary.failed > 0
+            if once or dry_run or stop.wait(wait):
+                break
+        if failed:
+            raise typer.Exit(FAILED)
