@@ -269,3 +269,55 @@ def test_the_command_dry_run_once_and_a_missing_bucket(tmp_path: Path, s3_server
     missing = sync_cli("--once")
     assert missing.returncode == 2 and "no such bucket" in missing.stderr and "Traceback" not in missing.stderr
     assert SECRET not in missing.stderr + missing.stdout
+
+
+def test_continuous_sync_publishes_its_heartbeat_and_the_supervisor_plans_it(tmp_path: Path,
+                                                                             s3_server: S3Server) -> None:
+    """Continuous mode: a pass every ``--interval``, a heartbeat (``run/sync.json``) with counters
+    that add up across passes, a clean stop on SIGTERM; ``daedalus run`` starts it as ``sync``
+    when ``sync.enabled`` (and not with ``--no-sync``)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from daedalus.ops.records import read_record
+
+    root = tmp_path / "data"
+    moved, _ = make_tree(root)
+    sync = {"enabled": True, "destination": f"s3://{BUCKET}/{PREFIX}", "endpoint_url": s3_server.endpoint,
+            "region": REGION, "access_key_id": KEY_ID, "secret_access_key": SECRET}  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(root), "sync": sync, "supervisor": {"heartbeat_seconds": 0.2}}))
+    beat = DataLayout(root).heartbeat_file("sync")
+    proc = subprocess.Popen([sys.executable, "-m", "daedalus", "sync", "--config", str(path), "--interval", "0.3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+
+        def counters() -> dict:
+            record = read_record(beat) if beat.exists() else None
+            return record.get("counters", {}) if isinstance(record, dict) else {}
+
+        while counters().get("files_verified", 0) < len(moved):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        extra = write(DataLayout(root).archive("coinbase") / "segment_20260809T23_00001.ndjson", b"{}\n")
+        while counters().get("files_verified", 0) < len(moved) + 1:  # the next pass takes the new file
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert counters()["files_uploaded"] == len(moved) + 1 and extra.exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert not beat.exists()  # removed at a clean stop
+    planned = subprocess.run([sys.executable, "-m", "daedalus", "run", "--config", str(path), "--dry-run"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert planned.returncode == 0 and any(line.startswith("sync: ") and line.endswith(f"sync --config {path}")
+                                           for line in planned.stdout.splitlines()), planned.stdout  # fmt: skip
+    without = subprocess.run([sys.executable, "-m", "daedalus", "run", "--config", str(path), "--dry-run", "--no-sync"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "sync: " not in without.stdout

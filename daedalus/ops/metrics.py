@@ -93,6 +93,13 @@ _ETL_COUNTERS = (
     ("quarantined_lines", "daedalus_etl_quarantined_lines", "Raw lines the ETL could not decode (set aside)."),
     ("quarantined_segments", "daedalus_etl_quarantined_segments", "Raw segments moved to quarantine/."),
 )
+_SYNC_COUNTERS = (
+    ("files_uploaded", "daedalus_sync_files_uploaded", "Files uploaded to S3 by daedalus sync."),
+    ("bytes_uploaded", "daedalus_sync_uploaded_bytes", "Bytes uploaded to S3 by daedalus sync."),
+    ("files_verified", "daedalus_sync_files_verified", "Uploads verified by a HEAD (size and SHA-256)."),
+    ("files_failed", "daedalus_sync_files_failed", "Files whose upload or verification failed (retried next pass)."),
+    ("files_deleted", "daedalus_sync_files_deleted", "Local raw archive files deleted after a verified upload."),
+)
 LATENCY = "daedalus_receive_to_durable_seconds"
 
 
@@ -113,6 +120,7 @@ class DaedalusCollector(Collector):
         ingest = [c for c in children if c.kind == "ingest"]
         yield from self._ingest(ingest)
         yield from self._etl([c for c in children if c.kind == "etl"], health)
+        yield from self._sync([c for c in children if c.kind == "sync"])
         yield from self._health(health)
 
     # ---- per child ----------------------------------------------------------------------------
@@ -179,6 +187,19 @@ class DaedalusCollector(Collector):
         yield latency
 
     # ---- ETL ----------------------------------------------------------------------------------
+    def _sync(self, children: list[ChildStatus]) -> Iterator[Metric]:
+        for key, name, doc in _SYNC_COUNTERS:
+            family = CounterMetricFamily(name, doc)
+            for child in children:
+                if (value := number(child.counters.get(key))) is not None:
+                    family.add_metric([], value)
+            yield family
+        last = GaugeMetricFamily("daedalus_sync_last_success_time", "Unix time of the last pass without a failure.")
+        for child in children:
+            if (value := number(child.gauges.get("last_success_time"))) is not None:
+                last.add_metric([], value)
+        yield last
+
     def _etl(self, children: list[ChildStatus], health: HealthReport | None) -> Iterator[Metric]:
         yield from _per_source(children, "counters", _ETL_COUNTERS, CounterMetricFamily)
         rows = CounterMetricFamily(

@@ -85,8 +85,8 @@ def plan_children(
                   daedalus_argv("etl", "--config", config, "--watch", "--source", source))
         for source in chosen
     ]  # fmt: skip
-    # sync: planned once a `daedalus sync` command exists and settings.sync.enabled (not yet)
-    del sync
+    if sync and settings.sync.enabled:  # --no-sync leaves it out
+        specs.append(ChildSpec("sync", "sync", None, daedalus_argv("sync", "--config", config)))
     return specs
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -13,6 +14,7 @@ from daedalus.exitcodes import FAILED, NEEDS_OPERATOR
 from daedalus.logs import get_logger
 
 if TYPE_CHECKING:
+    from daedalus.config import DaedalusConfig
     from daedalus.sync.engine import SyncSummary
 
 log = get_logger("daedalus.sync")
@@ -26,6 +28,58 @@ def summary_text(summary: SyncSummary, *, dry_run: bool) -> str:
     return (f"uploaded {summary.files_uploaded:,} files ({summary.bytes_uploaded / 1e6:,.1f} MB), "
             f"verified {summary.verified:,}, already synced {summary.skipped:,}, failed {summary.failed:,}, "
             f"deleted {summary.deleted:,}")  # fmt: skip
+
+
+#: cumulative counters of the sync heartbeat (``SyncSummary`` field -> heartbeat key)
+COUNTERS = {"files_uploaded": "files_uploaded", "bytes_uploaded": "bytes_uploaded", "verified": "files_verified",
+            "failed": "files_failed", "deleted": "files_deleted"}  # fmt: skip
+
+
+class SyncHeartbeat:
+    """``run/sync.json`` for the supervisor, from a thread: a pass uploading one big file for
+    minutes is busy, not hung (botocore's connect/read timeouts bound every request). Counters
+    add up every pass of this process, so the ``_total`` metrics never go back."""
+
+    def __init__(self, settings: DaedalusConfig) -> None:
+        from daedalus.ops.heartbeat import HeartbeatPublisher
+
+        self.publisher = HeartbeatPublisher(settings.layout, child="sync", kind="sync", source=None,
+                                            every_seconds=settings.supervisor.heartbeat_seconds)  # fmt: skip
+        self.done = dict.fromkeys(COUNTERS.values(), 0)
+        self.current: SyncSummary | None = None
+        self.last_success: float | None = None
+        self.pending_files = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sync-heartbeat", daemon=True)
+
+    def __enter__(self) -> SyncHeartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.publisher.remove()
+
+    def finished(self, summary: SyncSummary) -> None:
+        for field, key in COUNTERS.items():
+            self.done[key] += getattr(summary, field)
+        self.current = None
+        if summary.failed == 0:
+            self.last_success = time.time()
+
+    def stats(self) -> dict[str, dict[str, object]]:
+        counters = dict(self.done)
+        if (live := self.current) is not None:
+            for field, key in COUNTERS.items():
+                counters[key] += getattr(live, field)
+        gauges = {"busy": int(self.current is not None), "last_success_time": self.last_success}
+        return {"counters": counters, "gauges": gauges}
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.publisher.publish(**self.stats())
+            self._stop.wait(self.publisher.every)
 
 
 def register(app: typer.Typer) -> None:
@@ -59,17 +113,21 @@ def register(app: typer.Typer) -> None:
         wait = settings.sync.interval if interval is None else interval
         client = make_client(settings.sync)
         failed = False
-        while True:
-            try:
-                summary = SyncPass(settings, client, include_ready=include_ready, dry_run=dry_run).run()
-            except SyncError as exc:  # bad credentials, no such bucket: waiting cannot cure it
-                raise _fail(str(exc), NEEDS_OPERATOR) from None
-            typer.echo(summary_text(summary, dry_run=dry_run))
-            log.info("sync_pass_done", uploaded=summary.files_uploaded, bytes=summary.bytes_uploaded,
-                     verified=summary.verified, skipped=summary.skipped, failed=summary.failed,
-                     deleted=summary.deleted)  # fmt: skip
-            failed = summary.failed > 0
-            if once or dry_run or stop.wait(wait):
-                break
+        with SyncHeartbeat(settings) as heartbeat:
+            while True:
+                sync_pass = SyncPass(settings, client, include_ready=include_ready, dry_run=dry_run)
+                heartbeat.current = sync_pass.summary
+                try:
+                    summary = sync_pass.run()
+                except SyncError as exc:  # bad credentials, no such bucket: waiting cannot cure it
+                    raise _fail(str(exc), NEEDS_OPERATOR) from None
+                heartbeat.finished(summary)
+                typer.echo(summary_text(summary, dry_run=dry_run))
+                log.info("sync_pass_done", uploaded=summary.files_uploaded, bytes=summary.bytes_uploaded,
+                         verified=summary.verified, skipped=summary.skipped, failed=summary.failed,
+                         deleted=summary.deleted)  # fmt: skip
+                failed = summary.failed > 0
+                if once or dry_run or stop.wait(wait):
+                    break
         if failed:
             raise typer.Exit(FAILED)
