@@ -25,9 +25,11 @@ def summary_text(summary: SyncSummary, *, dry_run: bool) -> str:
     if dry_run:
         return (f"dry run: {summary.pending_files:,} files, {summary.pending_bytes / 1e6:,.1f} MB would be uploaded "
                 f"({summary.skipped:,} already synced)")  # fmt: skip
-    return (f"uploaded {summary.files_uploaded:,} files ({summary.bytes_uploaded / 1e6:,.1f} MB), "
+    resumed = f", {summary.parts_resumed:,} parts resumed" if summary.parts_resumed else ""
+    stale = f", {summary.stale_aborted:,} stale uploads aborted" if summary.stale_aborted else ""
+    return (f"uploaded {summary.files_uploaded:,} files ({summary.bytes_uploaded / 1e6:,.1f} MB sent{resumed}), "
             f"verified {summary.verified:,}, already synced {summary.skipped:,}, failed {summary.failed:,}, "
-            f"deleted {summary.deleted:,}")  # fmt: skip
+            f"deleted {summary.deleted:,}{stale}")  # fmt: skip
 
 
 #: cumulative counters of the sync heartbeat (``SyncSummary`` field -> heartbeat key)

@@ -9,6 +9,13 @@ What moves (architecture 3.1), keys as ``<prefix>/<path below data_dir>``:
 - ``processed/**`` when ``sync.include_processed``, except ``processed/_state`` (ETL
   checkpoints and this ledger: live internals, not data);
 - never a ``*.tmp``, a dot-file or dot-folder, or a symlink.
+
+Files at or above the multipart threshold go up through the low-level multipart calls, so
+that a run killed mid-upload resumes: the ledger records the upload (id, key, the file's size,
+mtime and SHA-256, the part size) and each part the server acknowledged; the next run lists the
+upload's parts on the server and sends only the missing ones, if the file is unchanged, else
+aborts that upload and starts over. At the start of a pass, incomplete uploads under the
+prefix that no ledger record refers to (stale: another crash, an older version) are aborted.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +37,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from daedalus.config import DaedalusConfig, SyncConfig
 from daedalus.layout import prune_empty_dirs
-from daedalus.sync.ledger import Ledger, LedgerEntry
+from daedalus.sync.ledger import Ledger, LedgerEntry, UploadRecord
 from daedalus.sync.s3 import SyncError, parse_destination, scrub
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 SHA256_META = "sha256"  # x-amz-meta-sha256
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
+MAX_PARTS = 10_000
 HASH_CHUNK = 1024 * 1024
 LEDGER_NAME = "sync.ledger.jsonl"
 
@@ -71,6 +80,9 @@ class SyncSummary:
     verified: int = 0
     failed: int = 0
     deleted: int = 0
+    parts_uploaded: int = 0  # multipart parts sent in this pass
+    parts_resumed: int = 0  # multipart parts already on the server from an interrupted run
+    stale_aborted: int = 0  # incomplete uploads aborted that no ledger record refers to
     pending_files: int = 0  # dry run: what would move
     pending_bytes: int = 0
     errors: list[str] = field(default_factory=list)
@@ -118,6 +130,28 @@ def discover(config: DaedalusConfig, *, include_ready: bool = False) -> list[Syn
     return found
 
 
+class _RateLimit:
+    """A pass-wide byte rate for the multipart path: each part reserves its airtime before it
+    is sent (part-granular, so the average holds, not every instant)."""
+
+    def __init__(self, bytes_per_second: float) -> None:
+        self.rate = bytes_per_second
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self, nbytes: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + nbytes / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+def _error_code(exc: BaseException) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -158,6 +192,10 @@ class SyncPass:
         self.include_ready = include_ready
         self.dry_run = dry_run
         bandwidth = self.sync.bandwidth_limit_mbps
+        self.multipart_threshold = multipart_threshold
+        self.part_size = multipart_chunksize
+        self.rate = _RateLimit(bandwidth * 1_000_000 / 8) if bandwidth else None
+        self._parts_in_flight = threading.BoundedSemaphore(max(1, self.sync.max_concurrency))
         self.transfer = TransferConfig(
             multipart_threshold=multipart_threshold,
             multipart_chunksize=multipart_chunksize,
@@ -196,9 +234,10 @@ class SyncPass:
             self.summary.pending_files = len(pending)
             self.summary.pending_bytes = sum(item.size for item in pending)
             return self.summary
-        if not todo:
+        if not todo and not self.ledger.uploads():
             return self.summary
         self.preflight()
+        self._abort_stale({item.rel for item in todo})
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sync") as pool:
             for _ in pool.map(self._one, todo):
                 pass
@@ -227,13 +266,54 @@ class SyncPass:
                 self.summary.errors.append(scrub(f"{item.rel}: {exc}", self.sync))
             log.warning("sync of %s failed: %s", item.rel, scrub(str(exc), self.sync))
 
+    def _abort_stale(self, todo: set[str]) -> None:
+        """Abort uploads in progress for files this pass will not upload (gone, or synced since),
+        and incomplete uploads under the prefix that no ledger record refers to."""
+        for upload in self.ledger.uploads():
+            if upload.path not in todo:
+                self._abort(upload.key, upload.upload_id)
+                self.ledger.end_upload(upload.upload_id)
+        known = {upload.upload_id for upload in self.ledger.uploads()}
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=prefix)
+            stale = [(u["Key"], u["UploadId"]) for page in pages for u in page.get("Uploads", [])
+                     if u["UploadId"] not in known]  # fmt: skip
+        except (ClientError, BotoCoreError) as exc:
+            error = permanent_error(exc, self.sync, self.bucket)
+            if error is not None:
+                raise error from None
+            log.warning("could not list incomplete uploads: %s", scrub(str(exc), self.sync))
+            return
+        for key, upload_id in stale:
+            if self._abort(key, upload_id):
+                log.info("aborted a stale incomplete upload of %s", key)
+                self.summary.stale_aborted += 1
+
+    def _abort(self, key: str, upload_id: str) -> bool:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except ClientError as exc:
+            if _error_code(exc) in ("NoSuchUpload", "404"):
+                return False  # completed, aborted or expired already
+            log.warning("could not abort the incomplete upload of %s: %s", key, scrub(str(exc), self.sync))
+            return False
+        except BotoCoreError as exc:
+            log.warning("could not abort the incomplete upload of %s: %s", key, scrub(str(exc), self.sync))
+            return False
+        return True
+
     def _upload(self, item: SyncFile) -> None:
-        digest = sha256_file(item.path)
-        self.client.upload_file(str(item.path), self.bucket, item.key, Config=self.transfer,
-                                ExtraArgs={"Metadata": {SHA256_META: digest}})  # fmt: skip
+        if item.size >= self.multipart_threshold and item.size > 0:
+            digest = self._upload_multipart(item)
+        else:
+            digest = sha256_file(item.path)
+            self.client.upload_file(str(item.path), self.bucket, item.key, Config=self.transfer,
+                                    ExtraArgs={"Metadata": {SHA256_META: digest}})  # fmt: skip
+            with self._lock:
+                self.summary.bytes_uploaded += item.size
         with self._lock:
             self.summary.files_uploaded += 1
-            self.summary.bytes_uploaded += item.size
         stat = item.path.stat()
         if stat.st_size != item.size or stat.st_mtime_ns != item.mtime_ns:
             raise RuntimeError("changed while it was uploaded; next pass uploads it again")
@@ -242,7 +322,94 @@ class SyncPass:
         with self._lock:
             self.summary.verified += 1
             self.ledger.record(LedgerEntry(item.rel, item.size, item.mtime_ns, digest, item.key))
+        for upload in [u for u in self.ledger.uploads() if u.path == item.rel]:
+            self.ledger.end_upload(upload.upload_id)  # completed: nothing left to resume
         self._delete(item)
+
+    def _resumable(self, item: SyncFile) -> tuple[UploadRecord | None, dict[int, str] | None]:
+        """The ledger's upload in progress for ``item`` and the parts the server holds, when the
+        file is the one it was created for; otherwise that upload is aborted: ``(None, {})``.
+        ``(upload, None)``: that upload was completed already (the object is there, intact)."""
+        upload = self.ledger.upload_for(item.rel)
+        if upload is None:
+            return None, {}
+        same = (upload.key, upload.size, upload.mtime_ns) == (item.key, item.size, item.mtime_ns)
+        if same and upload.part_size > 0 and sha256_file(item.path) == upload.sha256:
+            try:
+                parts: dict[int, str] = {}
+                pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=upload.key,
+                                                                        UploadId=upload.upload_id)  # fmt: skip
+                for page in pages:
+                    for part in page.get("Parts", []):
+                        number, etag = int(part["PartNumber"]), str(part["ETag"])
+                        expected = min(upload.part_size, item.size - (number - 1) * upload.part_size)
+                        recorded = upload.parts.get(number)
+                        if int(part["Size"]) == expected and (recorded is None or recorded == etag):
+                            parts[number] = etag
+                return upload, parts
+            except ClientError as exc:
+                if _error_code(exc) not in ("NoSuchUpload", "404"):
+                    raise
+                if self._verify(item.key, item.size, upload.sha256):
+                    return upload, None
+                log.info("the upload of %s in the ledger is gone from the server: starting over", item.rel)
+        else:
+            log.info("%s changed since its upload began: starting over", item.rel)
+            self._abort(upload.key, upload.upload_id)
+        self.ledger.end_upload(upload.upload_id)
+        return None, {}
+
+    def _upload_multipart(self, item: SyncFile) -> str:
+        """Create (or resume) the multipart upload of ``item``, send its missing parts in
+        parallel, complete it; the SHA-256 of the file."""
+        upload, done = self._resumable(item)
+        if done is None:  # completed by the interrupted run, which died before its verified line
+            assert upload is not None
+            return upload.sha256
+        if upload is None:
+            digest = sha256_file(item.path)
+            created = self.client.create_multipart_upload(Bucket=self.bucket, Key=item.key,
+                                                          Metadata={SHA256_META: digest})  # fmt: skip
+            part_size = max(self.part_size, -(-item.size // MAX_PARTS))  # S3 takes at most 10,000 parts
+            upload = UploadRecord(item.rel, item.key, str(created["UploadId"]), item.size, item.mtime_ns, digest,
+                                  part_size)  # fmt: skip
+            self.ledger.begin_upload(upload)
+        else:
+            with self._lock:
+                self.summary.parts_resumed += len(done)
+        count = -(-item.size // upload.part_size)
+        missing = [number for number in range(1, count + 1) if number not in done]
+        record = upload
+
+        def send(number: int) -> tuple[int, str]:
+            offset = (number - 1) * record.part_size
+            length = min(record.part_size, item.size - offset)
+            with self._parts_in_flight:  # pass-wide: bounds the parts held in memory and on the wire
+                with item.path.open("rb") as handle:
+                    handle.seek(offset)
+                    body = handle.read(length)
+                if len(body) != length:
+                    raise RuntimeError("shrank while it was uploaded; next pass uploads it again")
+                if self.rate is not None:
+                    self.rate.wait(length)
+                answer = self.client.upload_part(Bucket=self.bucket, Key=record.key, UploadId=record.upload_id,
+                                                 PartNumber=number, Body=body)  # fmt: skip
+            etag = str(answer["ETag"])
+            self.ledger.record_part(record.upload_id, number, etag)
+            with self._lock:
+                self.summary.parts_uploaded += 1
+                self.summary.bytes_uploaded += length
+            return number, etag
+
+        if missing:
+            with ThreadPoolExecutor(max_workers=max(1, self.sync.max_concurrency),
+                                    thread_name_prefix="sync-part") as pool:  # fmt: skip
+                for number, etag in pool.map(send, missing):
+                    done[number] = etag
+        parts = [{"PartNumber": number, "ETag": done[number]} for number in range(1, count + 1)]
+        self.client.complete_multipart_upload(Bucket=self.bucket, Key=record.key, UploadId=record.upload_id,
+                                              MultipartUpload={"Parts": parts})  # fmt: skip
+        return record.sha256
 
     def _verify(self, key: str, size: int, digest: str) -> bool:
         try:
