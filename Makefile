@@ -39,6 +39,9 @@ bench: venv
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/capture.py
 	$(BIN)/python bench/etl.py
+	$(BIN)/python bench/record_writer.py
+	$(BIN)/python bench/ccxt_etl.py
+	$(BIN)/python bench/sync.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
