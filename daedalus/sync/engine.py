@@ -21,7 +21,6 @@ prefix that no ledger record refers to (stale: another crash, an older version) 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import threading
 import time
@@ -37,10 +36,11 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from daedalus.config import DaedalusConfig, SyncConfig
 from daedalus.layout import prune_empty_dirs
+from daedalus.logs import get_logger
 from daedalus.sync.ledger import Ledger, LedgerEntry, UploadRecord
 from daedalus.sync.s3 import SyncError, parse_destination, scrub
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SHA256_META = "sha256"  # x-amz-meta-sha256
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
@@ -165,10 +165,8 @@ def permanent_error(exc: BaseException, sync: SyncConfig, bucket: str) -> SyncEr
     if isinstance(exc, NoCredentialsError):
         return SyncError("S3 sync failed: no credentials (set sync.access_key_id/secret_access_key "
                          "or the standard AWS credential chain)")  # fmt: skip
-    code = ""
-    if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-    elif isinstance(exc, S3UploadFailedError):
+    code = _error_code(exc)
+    if isinstance(exc, S3UploadFailedError):
         code = next((c for c in _PERMANENT if not c.isdigit() and c in str(exc)), "")
     if code not in _PERMANENT:
         return None
@@ -254,7 +252,8 @@ class SyncPass:
                 if self._verify(item.key, item.size, entry.sha256):
                     self._delete(item)
                     return
-                log.warning("%s is in the ledger but not (or not intact) in the bucket: uploading it again", item.rel)
+                log.warning("sync_object_missing", file=item.rel, effect="not (or not intact) in the bucket: "
+                            "uploaded again")  # fmt: skip
             self._upload(item)
         except Exception as exc:  # one file's failure must not stop the pass
             error = permanent_error(exc, self.sync, self.bucket)
@@ -264,7 +263,7 @@ class SyncPass:
                     return
                 self.summary.failed += 1
                 self.summary.errors.append(scrub(f"{item.rel}: {exc}", self.sync))
-            log.warning("sync of %s failed: %s", item.rel, scrub(str(exc), self.sync))
+            log.warning("sync_file_failed", file=item.rel, error=scrub(str(exc), self.sync))
 
     def _abort_stale(self, todo: set[str]) -> None:
         """Abort uploads in progress for files this pass will not upload (gone, or synced since),
@@ -283,11 +282,11 @@ class SyncPass:
             error = permanent_error(exc, self.sync, self.bucket)
             if error is not None:
                 raise error from None
-            log.warning("could not list incomplete uploads: %s", scrub(str(exc), self.sync))
+            log.warning("sync_list_uploads_failed", error=scrub(str(exc), self.sync))
             return
         for key, upload_id in stale:
             if self._abort(key, upload_id):
-                log.info("aborted a stale incomplete upload of %s", key)
+                log.info("sync_stale_upload_aborted", key=key)
                 self.summary.stale_aborted += 1
 
     def _abort(self, key: str, upload_id: str) -> bool:
@@ -296,10 +295,10 @@ class SyncPass:
         except ClientError as exc:
             if _error_code(exc) in ("NoSuchUpload", "404"):
                 return False  # completed, aborted or expired already
-            log.warning("could not abort the incomplete upload of %s: %s", key, scrub(str(exc), self.sync))
+            log.warning("sync_abort_failed", key=key, error=scrub(str(exc), self.sync))
             return False
         except BotoCoreError as exc:
-            log.warning("could not abort the incomplete upload of %s: %s", key, scrub(str(exc), self.sync))
+            log.warning("sync_abort_failed", key=key, error=scrub(str(exc), self.sync))
             return False
         return True
 
@@ -352,9 +351,9 @@ class SyncPass:
                     raise
                 if self._verify(item.key, item.size, upload.sha256):
                     return upload, None
-                log.info("the upload of %s in the ledger is gone from the server: starting over", item.rel)
+                log.info("sync_upload_restarted", file=item.rel, reason="the upload is gone from the server")
         else:
-            log.info("%s changed since its upload began: starting over", item.rel)
+            log.info("sync_upload_restarted", file=item.rel, reason="the file changed since the upload began")
             self._abort(upload.key, upload.upload_id)
         self.ledger.end_upload(upload.upload_id)
         return None, {}
@@ -415,7 +414,7 @@ class SyncPass:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if str(exc.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise
         return int(head.get("ContentLength", -1)) == size and head.get("Metadata", {}).get(SHA256_META) == digest

@@ -20,6 +20,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from daedalus.capture.segments import write_all
+
 
 @dataclass(frozen=True)
 class LedgerEntry:
@@ -158,7 +160,7 @@ class Ledger:
                     existing.seek(size - 1)
                     if existing.read(1) != b"\n":
                         line = b"\n" + line
-            os.write(fd, line)
+            write_all(fd, line)  # os.write may write less than asked
             os.fsync(fd)
         finally:
             os.close(fd)
