@@ -193,18 +193,32 @@ def etl(
     source: Annotated[
         str | None, typer.Option(help="Only this source's segments (default: every enabled source).")
     ] = None,
+    raw_input: Annotated[
+        str | None, typer.Option("--input", help="Read raw segments from this raw root (s3://bucket/prefix/raw or "
+                                 "a directory; its ready/ and archive/ are read, never changed).")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="Write the processed dataset and its checkpoint here "
+                                 "(s3://bucket/prefix/processed or a directory).")
+    ] = None,
 ) -> None:
     """Turn closed raw segments into Hive-partitioned Parquet (books, trades, tickers, bars)."""
     from daedalus.etl.job import EtlIoError, EtlJob, EtlStuck
+    from daedalus.etl.remote import StoreEtl
     from daedalus.etl.state import EtlStateError
     from daedalus.locks import AlreadyRunning
+    from daedalus.storage import StorageError
 
     _check_seconds(poll_interval, "--poll-interval")
     follow_supervisor()
     settings = _configured(config)
     start, end = _etl_dates(mode, day, start_date, end_date)
-    _require_writable(settings.layout.raw, "data_dir")
-    _require_writable(settings.processed_dir, "etl.output_dir" if settings.etl.output_dir else "data_dir")
+    stores = raw_input is not None or output is not None  # the ETL between stores (daedalus.etl.remote)
+    _require_writable(settings.layout.raw if not stores else settings.layout.root, "data_dir")
+    if not stores:
+        _require_writable(settings.processed_dir, "etl.output_dir" if settings.etl.output_dir else "data_dir")
+    for location, flag in ((raw_input, "--input"), (output, "--output")):
+        _check_location(location, flag)
     chosen = _etl_sources(settings, source)
     if watch and len(chosen) > 1:
         raise _fail(f"--watch: one watcher per source (`daedalus run` starts them): add --source "
@@ -220,13 +234,21 @@ def etl(
     summaries = []
     try:
         for name in chosen:
-            job = EtlJob(settings, name)
-            if rebuild_state:
-                moved = job.rebuild_state()
-                typer.echo(f"{name}: checkpoint moved to {moved}" if moved else f"{name}: no checkpoint to move aside",
-                           err=True)  # fmt: skip
-            summary = job.watch(poll, stop.is_set, show) if watch else job.run(start, end, show)
+            job = (StoreEtl(settings, name, raw=raw_input or str(settings.layout.raw),
+                            processed=output or str(settings.processed_dir))
+                   if stores else EtlJob(settings, name))  # fmt: skip
+            try:
+                if rebuild_state:
+                    moved = job.rebuild_state()
+                    typer.echo(f"{name}: checkpoint moved to {moved}" if moved
+                               else f"{name}: no checkpoint to move aside", err=True)  # fmt: skip
+                summary = job.watch(poll, stop.is_set, show) if watch else job.run(start, end, show)
+            finally:
+                if isinstance(job, StoreEtl):
+                    job.close()
             summaries.append((name, summary))
+    except StorageError as exc:
+        raise _fail(f"etl stopped: {exc} (nothing unpublished counts as done: rerun to continue)", 1) from None
     except AlreadyRunning as exc:  # transient: the supervisor retries with backoff
         raise _fail(f"cannot start: {exc}", FAILED) from None
     except EtlIoError as exc:
@@ -237,6 +259,22 @@ def etl(
         raise _fail(f"cannot start: {exc}") from None
     for name, summary in summaries:
         typer.echo(summary.text() if len(summaries) == 1 else f"[{name}]\n{summary.text()}")
+
+
+def _check_location(location: str | None, flag: str) -> None:
+    """An ``s3://bucket/prefix`` URL or a directory path; anything else (``http://``, a bare
+    bucket name) is a clear error, not a directory named after it."""
+    if location is None:
+        return
+    if "://" in location and not location.startswith("s3://"):
+        raise _fail(f"{flag} {location!r}: expected s3://bucket/prefix or a directory")
+    if location.startswith("s3://"):
+        from daedalus.sync.s3 import parse_destination
+
+        try:
+            parse_destination(location)
+        except ValueError as exc:
+            raise _fail(f"{flag}: {exc}") from None
 
 
 def _etl_dates(mode: EtlMode, day: str | None, start: str | None, end: str | None) -> tuple[date | None, date | None]:

@@ -1,0 +1,251 @@
+"""The ETL between stores: raw segments read from a directory or an ``s3://`` prefix, the
+processed dataset and its checkpoint written to a directory or an ``s3://`` prefix.
+
+S3 has no rename and no append, so the local job's commit protocol (``.tmp`` + rename, an
+appended committed list, ``ready/`` -> ``processing/`` claims) cannot run on it. Instead the
+unchanged local job (:class:`daedalus.etl.job.EtlJob`) runs on a *staging* data directory
+(``<data_dir>/tmp/etl-store-<source>/``, wiped at start), one segment at a time, and each
+finished segment is *published* to the output store in an order that makes every crash
+harmless:
+
+1. the segment's Parquet files, under the same Hive keys a local run writes (a PUT is
+   all-or-nothing; a name already holding other bytes, by SHA-256, is refused);
+2. its quarantined lines or the quarantined segment, under ``_quarantine/<source>/``;
+3. the checkpoint: the books ``.npz`` it names, then ``_state/<source>.json`` (the npz of the
+   previous checkpoint is deleted after);
+4. the marker ``_state/<source>.committed.d/<segment key>``: the segment is done.
+
+A crash before 3 leaves the old checkpoint: the rerun processes the segment again from the
+same state and writes the same bytes under the same names. A crash between 3 and 4: the
+checkpoint's ``last_segment`` names the segment, and the rerun only writes its marker.
+
+The input is read-only: segments are listed under ``ready/<source>/`` and ``archive/<source>/``
+of the raw root (the layout ``daedalus sync`` uploads), de-duplicated by key, and never moved
+or deleted; what is done is what has a marker beside the output.
+
+Two ETLs on one output would interleave checkpoints, so the output holds a lease
+(``_state/<source>.lease``, see :mod:`daedalus.storage`); it is renewed while the job works
+and before each publish, and a job whose lease was taken over stops before publishing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import orjson
+
+from daedalus.config import DaedalusConfig
+from daedalus.etl.job import EtlJob, Summary, _in_range, _progress, etl_child, segment_order
+from daedalus.layout import parse_segment_name
+from daedalus.logs import get_logger
+from daedalus.ops.heartbeat import HeartbeatPublisher
+from daedalus.storage import Lease, StorageError, Store, open_store, sha256_file
+
+log = get_logger("daedalus.etl.remote")
+INPUT_STATES = ("ready", "archive")  # closed segments; active/ and processing/ are someone's work in progress
+LEASE_TTL_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class PendingSegment:
+    key: str  # below <state>/<source>/, as the local job names it
+    location: str  # its key in the input store
+    size: int
+
+
+class StoreEtl:
+    """One source's ETL from an input store to an output store (see the module docstring)."""
+
+    def __init__(self, config: DaedalusConfig, source: str, *, raw: str, processed: str) -> None:
+        self.config = config
+        self.source = source
+        self.input: Store = open_store(raw, config.sync)
+        self.output: Store = open_store(processed, config.sync)
+        self.staging = config.layout.scratch(f"etl-store-{source}")
+        etl = config.etl.model_copy(update={"output_dir": None, "after_processing": "delete"})
+        self.job = EtlJob(config.model_copy(update={"data_dir": self.staging / "data", "etl": etl}), source)
+        self.markers = f"_state/{source}.committed.d/"
+        self.lease: Lease | None = None
+        self._renewed = 0.0
+        self._published_state: bytes | None = None
+        self.last_segment: str | None = None
+        self.on_beat: Callable[[], None] = lambda: None
+
+    # ---- start: lease, staging, checkpoint ------------------------------------------------
+    def prepare(self) -> None:
+        """Take the output's lease, wipe the staging directory, fetch the checkpoint."""
+        if self.lease is not None:
+            return
+        self.lease = self.output.lease(f"_state/{self.source}.lease", LEASE_TTL_SECONDS,
+                                       "daedalus etl is already writing to")  # fmt: skip
+        self._renewed = time.monotonic()
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.job.state_dir.mkdir(parents=True, exist_ok=True)
+        self._pull_state()
+        self.job.prepare()
+        self.job.beat = self._beat
+
+    def close(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _pull_state(self) -> None:
+        data = self.output.read(f"_state/{self.source}.json")
+        if data is None:
+            return
+        (self.job.state_dir / f"{self.source}.json").write_bytes(data)
+        self._published_state = data
+        try:
+            record = orjson.loads(data)
+            books, self.last_segment = record["books_file"], record["last_segment"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):  # load_state says what to do about it
+            return
+        if self.output.sha256(f"_state/{books}") is not None:
+            self.output.download(f"_state/{books}", self.job.state_dir / books)
+        if self.last_segment:  # published, then a crash before its marker: the marker completes it
+            self.output.write(self.markers + self.last_segment, b"")
+
+    def rebuild_state(self) -> str | None:
+        """Move a damaged checkpoint aside, into ``_state/broken-<source>-<time>/`` of the output."""
+        self.prepare()
+        aside = f"_state/broken-{self.source}-{time.strftime('%Y%m%dT%H%M%S')}/"
+        moved = 0
+        for entry in list(self.output.list(f"_state/{self.source}.")):
+            name = entry.key.rsplit("/", 1)[-1]
+            if name == f"{self.source}.json" or name.startswith(f"{self.source}.books-"):
+                data = self.output.read(entry.key)
+                if data is not None:
+                    self.output.write(aside + name, data)
+                    self.output.delete(entry.key)
+                    moved += 1
+        for path in self.job.state_dir.glob(f"{self.source}.*"):
+            if path.name != f"{self.source}.lock":
+                path.unlink()
+        self._published_state, self.last_segment = None, None
+        log.warning("etl_state_rebuilt", moved_to=f"{self.output.url}/{aside}" if moved else None,
+                    effect="books are empty until each product's next snapshot; open bars are lost")  # fmt: skip
+        return f"{self.output.url}/{aside}" if moved else None
+
+    # ---- work -------------------------------------------------------------------------------
+    def pending(self, start: date | None = None, end: date | None = None) -> list[PendingSegment]:
+        """Input segments without a marker, in time order (one per key, ``ready/`` first)."""
+        done = {entry.key[len(self.markers):] for entry in self.output.list(self.markers)}
+        found: dict[str, PendingSegment] = {}
+        for state in INPUT_STATES:
+            base = f"{state}/{self.source}/"
+            for entry in self.input.list(base):
+                key = entry.key[len(base):]
+                name = key.rsplit("/", 1)[-1]
+                if parse_segment_name(name) is None or key in done or key == self.last_segment:
+                    continue
+                if (start or end) and not _in_range(name, start, end):
+                    continue
+                found.setdefault(key, PendingSegment(key, entry.key, entry.size))
+        return sorted(found.values(), key=lambda item: segment_order(item.key))
+
+    def run(self, start: date | None = None, end: date | None = None, progress: bool = False,
+            should_stop: Callable[[], bool] = lambda: False) -> Summary:  # fmt: skip
+        """Process and publish every pending segment once."""
+        self.prepare()
+        todo = self.pending(start, end)
+        summary = Summary()
+        bar = _progress(len(todo), sum(item.size for item in todo)) if progress and todo else None
+        try:
+            for index, item in enumerate(todo):
+                if should_stop():
+                    log.info("etl_stopping", segments_left=len(todo) - index)
+                    break
+                summary.merge(self._one(item))
+                if bar is not None:
+                    bar.advance(item.size, summary)
+        finally:
+            if bar is not None:
+                bar.close()
+        return summary
+
+    def watch(self, poll_seconds: float, should_stop: Callable[[], bool], progress: bool = False) -> Summary:
+        """Process new input segments as they appear until ``should_stop()``, with a heartbeat."""
+        total = Summary()
+        heartbeat = HeartbeatPublisher(self.config.layout, child=etl_child(self.source), kind="etl",
+                                       source=self.source,
+                                       every_seconds=self.config.supervisor.heartbeat_seconds)  # fmt: skip
+
+        def publish() -> None:
+            if heartbeat.due():
+                heartbeat.publish(**self.job.heartbeat_stats(total))
+
+        self.on_beat = publish
+        try:
+            while not should_stop():
+                total.merge(self.run(progress=progress, should_stop=should_stop))
+                deadline = time.monotonic() + poll_seconds
+                while not should_stop() and time.monotonic() < deadline:
+                    self._beat()
+                    time.sleep(min(0.2, poll_seconds))
+            return total
+        finally:
+            self.on_beat = lambda: None
+            heartbeat.remove()
+
+    def _beat(self) -> None:
+        """Between batches and while idle: keep the lease (renewed at a third of its life)."""
+        if self.lease is not None and time.monotonic() - self._renewed > LEASE_TTL_SECONDS / 3:
+            self.lease.renew()
+            self._renewed = time.monotonic()
+        self.on_beat()
+
+    def _one(self, item: PendingSegment) -> Summary:
+        local = self.job.layout.ready(self.source) / item.key
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self.input.download(item.location, local)
+        done = self.job.run()  # this one segment, with the local job's every rule
+        assert self.lease is not None
+        self.lease.renew()  # lost: stop before publishing anything
+        self._renewed = time.monotonic()
+        files = self._publish_tree(self.job.config.processed_dir / self.source, f"{self.source}/")
+        files += self._publish_tree(self.job.layout.quarantine(self.source), f"_quarantine/{self.source}/")
+        self._publish_state()
+        self.output.write(self.markers + item.key, b"")
+        log.info("etl_segment_published", segment=item.key, files=files, output=self.output.url)
+        return done
+
+    def _publish_tree(self, folder: Path, prefix: str) -> int:
+        """Upload every finished file under ``folder`` (then delete it locally)."""
+        count = 0
+        if not folder.is_dir():
+            return 0
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
+            key = prefix + path.relative_to(folder).as_posix()
+            digest = sha256_file(path)
+            remote = self.output.sha256(key)
+            if remote is None:
+                self.output.upload(path, key, digest)
+            elif remote != digest:
+                raise StorageError(f"{self.output.url}/{key} is already committed with other content (a "
+                                   "different segment under the same name?): not overwritten; the run stops")
+            path.unlink()
+            count += 1
+        return count
+
+    def _publish_state(self) -> None:
+        """The checkpoint, if this segment changed it: its npz, then the JSON naming it."""
+        state = self.job.state_dir / f"{self.source}.json"
+        if not state.exists():
+            return
+        data = state.read_bytes()
+        if data == self._published_state:
+            return
+        books = orjson.loads(data)["books_file"]
+        self.output.upload(self.job.state_dir / books, f"_state/{books}", sha256_file(self.job.state_dir / books))
+        self.output.write(f"_state/{self.source}.json", data)
+        self._published_state = data
+        for entry in list(self.output.list(f"_state/{self.source}.books-")):
+            if entry.key != f"_state/{books}":
+                self.output.delete(entry.key)
