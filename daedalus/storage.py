@@ -69,7 +69,9 @@ class Store(Protocol):
     def read(self, key: str) -> bytes | None: ...
     def write(self, key: str, data: bytes) -> None: ...
     def delete(self, key: str) -> None: ...
-    def lease(self, key: str, ttl_seconds: float, holder: str) -> Lease: ...
+    def lease(self, key: str, ttl_seconds: float, holder: str) -> Lease:
+        """Exclusive use of what ``key`` names, for ``ttl_seconds`` past each renewal."""
+        ...
 
 
 def sha256_file(path: Path) -> str:
@@ -146,7 +148,8 @@ class LocalStore:
         self._path(key).unlink(missing_ok=True)
 
     def lease(self, key: str, ttl_seconds: float, holder: str) -> Lease:
-        path = self._path(key)
+        """A ``flock`` on ``<key>.lock``: the same lock file the local ETL job takes."""
+        path = self._path(key + ".lock")
         path.parent.mkdir(parents=True, exist_ok=True)
         return _FileLease(hold_lock(path, holder))
 
@@ -243,7 +246,8 @@ class S3Store:
         self._call(f"deleting {key}", "delete_object", Key=self._key(key))
 
     def lease(self, key: str, ttl_seconds: float, holder: str) -> Lease:
-        return S3Lease.acquire(self, key, ttl_seconds, holder)
+        """The lease object ``<key>.lease`` (see :class:`S3Lease`)."""
+        return S3Lease.acquire(self, key + ".lease", ttl_seconds, holder)
 
     def _put_if(self, key: str, body: bytes, **condition: str) -> str | None:
         """PUT ``body`` only if the condition holds (``IfNoneMatch='*'`` or ``IfMatch=etag``);

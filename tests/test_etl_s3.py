@@ -3,6 +3,7 @@ against moto's standalone S3 server: S3 raw in, S3 processed out, equal to a loc
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -237,6 +238,12 @@ def test_s3_raw_to_a_local_directory_and_bad_locations(tmp_path: Path, s3_server
     etl(settings(reference, s3_server), "--source", "coinbase")
     assert datasets(local_files(out)) == datasets(local_files(reference / "processed"))
     assert rows(out, "level2") == rows(reference / "processed", "level2")
+
+    (out / "_state").mkdir(parents=True, exist_ok=True)
+    with (out / "_state" / "coinbase.lock").open("a+") as lock:  # a local `daedalus etl` on that directory
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = etl(config, "--source", "coinbase", "--input", RAW, "--output", str(out), check=False)
+    assert busy.returncode != 0 and "already writing to" in busy.stderr
 
     missing = etl(config, "--input", f"s3://no-such-bucket-{os.getpid()}/raw", "--output", PROCESSED, check=False)
     assert missing.returncode != 0 and "NoSuchBucket" in missing.stderr and SECRET not in missing.stderr

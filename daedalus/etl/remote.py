@@ -81,7 +81,7 @@ class StoreEtl:
         """Take the output's lease, wipe the staging directory, fetch the checkpoint."""
         if self.lease is not None:
             return
-        self.lease = self.output.lease(f"_state/{self.source}.lease", LEASE_TTL_SECONDS,
+        self.lease = self.output.lease(f"_state/{self.source}", LEASE_TTL_SECONDS,
                                        "daedalus etl is already writing to")  # fmt: skip
         self._renewed = time.monotonic()
         shutil.rmtree(self.staging, ignore_errors=True)
