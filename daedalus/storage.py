@@ -119,7 +119,11 @@ class LocalStore:
 
     def download(self, key: str, target: Path) -> None:
         tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(self._path(key), tmp)
+        try:
+            shutil.copyfile(self._path(key), tmp)
+        except OSError as exc:  # e.g. claimed (moved) by a local ETL since the listing
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"{self.url}: reading {key}: {exc.strerror or exc}") from None
         os.replace(tmp, target)
 
     def upload(self, source: Path, key: str, sha256: str) -> None:
