@@ -33,6 +33,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -217,22 +218,24 @@ class StoreEtl:
         return done
 
     def _publish_tree(self, folder: Path, prefix: str) -> int:
-        """Upload every finished file under ``folder`` (then delete it locally)."""
-        count = 0
+        """Upload every finished file under ``folder`` (``sync.max_concurrency`` at a time),
+        then delete it locally; returns only once every one is in place."""
         if not folder.is_dir():
             return 0
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
-            key = prefix + path.relative_to(folder).as_posix()
-            digest = sha256_file(path)
-            remote = self.output.sha256(key)
-            if remote is None:
-                self.output.upload(path, key, digest)
-            elif remote != digest:
-                raise StorageError(f"{self.output.url}/{key} is already committed with other content (a "
-                                   "different segment under the same name?): not overwritten; the run stops")
-            path.unlink()
-            count += 1
-        return count
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+        with ThreadPoolExecutor(max_workers=self.config.sync.max_concurrency) as pool:
+            list(pool.map(lambda path: self._publish_file(path, prefix + path.relative_to(folder).as_posix()), files))
+        return len(files)
+
+    def _publish_file(self, path: Path, key: str) -> None:
+        digest = sha256_file(path)
+        remote = self.output.sha256(key)
+        if remote is None:
+            self.output.upload(path, key, digest)
+        elif remote != digest:
+            raise StorageError(f"{self.output.url}/{key} is already committed with other content (a "
+                               "different segment under the same name?): not overwritten; the run stops")
+        path.unlink()
 
     def _publish_state(self) -> None:
         """The checkpoint, if this segment changed it: its npz, then the JSON naming it."""
