@@ -42,6 +42,7 @@ bench: venv
 	$(BIN)/python bench/record_writer.py
 	$(BIN)/python bench/ccxt_etl.py
 	$(BIN)/python bench/sync.py
+	$(BIN)/python bench/etl_s3.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
