@@ -21,6 +21,7 @@ import numpy as np
 
 from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.logs import get_logger
+from daedalus.query.remote import ProcessedRoot
 from daedalus.query.times import TimeError, as_utc, is_bare_date, parse_utc, utc_text
 from daedalus.query.views import dataset_views, open_dataset
 
@@ -339,11 +340,17 @@ def load(
 
 
 def load_for(
-    config: DaedalusConfig, product: str, start: str | datetime | None = None, end: str | datetime | None = None
+    config: DaedalusConfig,
+    product: str,
+    start: str | datetime | None = None,
+    end: str | datetime | None = None,
+    *,
+    processed: ProcessedRoot | None = None,
 ) -> PlotData:
-    """Open the dataset of ``config`` and load the plot's data (:class:`PlotError` on bad input)."""
+    """Open the dataset of ``config`` (or ``processed``: a directory or an ``S3Location``) and load
+    the plot's data (:class:`PlotError` on bad input, ``RemoteError`` when S3 cannot be read)."""
     first, last = parse_time(start, "--start"), parse_time(end, "--end", end=True)
-    con = open_dataset(config)
+    con = open_dataset(config, processed)
     try:
         return load(con, Datasets.of(config), product, first, last)
     finally:

@@ -8,7 +8,6 @@ with one line of text.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from daedalus.query.presets import PRESETS, PresetError, preset_sql
@@ -18,6 +17,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from daedalus.config import DaedalusConfig
+    from daedalus.query.remote import ProcessedRoot
 
 BATCH_ROWS = 65_536
 
@@ -32,7 +32,7 @@ def one_line(message: str) -> str:
     return " ".join(line for line in lines if line and set(line) != {"^"})
 
 
-def no_data_hint(processed_dir: Path) -> str:
+def no_data_hint(processed_dir: ProcessedRoot) -> str:
     return f"no processed data under {processed_dir}: run `daedalus etl` (or `daedalus demo --keep DIR`) first"
 
 
@@ -57,7 +57,7 @@ def preset_for(config: DaedalusConfig, name: str, **params: object) -> str:
         raise QueryError(str(exc)) from None
 
 
-def missing_view(con: duckdb.DuckDBPyConnection, name: str, processed_dir: Path) -> str | None:
+def missing_view(con: duckdb.DuckDBPyConnection, name: str, processed_dir: ProcessedRoot) -> str | None:
     """Why preset ``name`` cannot run on this connection, or None when its view is there."""
     from daedalus.query.views import dataset_views
 
@@ -83,25 +83,29 @@ def read_sql(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
         raise QueryError(one_line(str(exc))) from None
 
 
-def run_sql(config: DaedalusConfig, sql: str) -> pa.Table:
-    """Run ``sql`` over the views of :func:`views.open_dataset`; the whole result in memory."""
+def run_sql(config: DaedalusConfig, sql: str, processed: ProcessedRoot | None = None) -> pa.Table:
+    """Run ``sql`` over the views of :func:`views.open_dataset` (of ``processed``: a directory or an
+    :class:`~daedalus.query.remote.S3Location`, default the config's); the whole result in memory."""
     from daedalus.query.views import open_dataset
 
-    con = open_dataset(config)
+    con = open_dataset(config, processed)
     try:
         return read_sql(con, sql)
     finally:
         con.close()
 
 
-def run_preset(config: DaedalusConfig, name: str, **params: object) -> pa.Table:
-    """Run preset ``name`` (``product``, ``start``, ``end``, ``interval``) over the dataset."""
+def run_preset(
+    config: DaedalusConfig, name: str, *, processed: ProcessedRoot | None = None, **params: object
+) -> pa.Table:
+    """Run preset ``name`` (``product``, ``start``, ``end``, ``interval``) over the dataset
+    (``processed``, default the config's, as for :func:`run_sql`)."""
     from daedalus.query.views import open_dataset
 
     sql = preset_for(config, name, **params)
-    con = open_dataset(config)
+    con = open_dataset(config, processed)
     try:
-        problem = missing_view(con, name, config.processed_dir)
+        problem = missing_view(con, name, processed or config.processed_dir)
         if problem:
             raise QueryError(problem)
         return read_sql(con, sql)

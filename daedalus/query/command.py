@@ -17,11 +17,29 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from daedalus.config import DaedalusConfig
+    from daedalus.query.remote import ProcessedRoot
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML configuration file (default: built-in defaults, ./data).")
 ]
-DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help="Read <DIR>/processed instead of the config's.")]
+DataDirOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data-dir",
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="Read <DIR>/processed instead of the config's; an s3:// prefix is a data directory as `daedalus sync` "
+        "uploads it (<PREFIX>/processed/...), read with the endpoint and keys of the config's sync: section.",
+    ),
+]
+ProcessedOption = Annotated[
+    str | None,
+    typer.Option(
+        "--processed",
+        metavar="DIR|s3://BUCKET/PREFIX",
+        help="Read this processed dataset (<source>/<channel>/... right below it, like etl.output_dir); "
+        "s3:// uses the config's sync: endpoint and keys.",
+    ),
+]
 
 
 FORMAT_HELP = "table (aligned text, first --max-rows rows), csv, json (array of records) or parquet (needs --out)."
@@ -37,6 +55,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         config: ConfigOption = None,
         data_dir: DataDirOption = None,
+        processed: ProcessedOption = None,
         fmt: Annotated[str, typer.Option("--format", "-f", help=FORMAT_HELP)] = "table",
         out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the result to FILE, not stdout.")] = None,
         schema: Annotated[bool, typer.Option("--schema", help="List the views and their columns.")] = False,
@@ -56,7 +75,7 @@ def register(app: typer.Typer) -> None:
         from daedalus.cli import _fail
         from daedalus.query.output import FORMATS
 
-        settings = settings_for(config, data_dir)
+        settings, root = dataset_for(config, data_dir, processed)
         if fmt not in FORMATS:
             raise _fail(f"--format: {fmt!r} must be table, csv, json or parquet")
         if fmt == "parquet" and out is None:
@@ -64,13 +83,31 @@ def register(app: typer.Typer) -> None:
         chosen = sum(x for x in (sql is not None, preset is not None, schema))
         if chosen != 1:
             raise _fail("give exactly one of: SQL, --preset NAME, --schema (see daedalus query --help)")
-        _run(settings, sql, preset, schema, fmt, out, max_rows, show_sql,
+        _run(settings, root, sql, preset, schema, fmt, out, max_rows, show_sql,
              {"product": product, "start": start, "end": end, "interval": interval})  # fmt: skip
 
 
-def settings_for(config: Path | None, data_dir: Path | None) -> DaedalusConfig:
+def dataset_for(
+    config: Path | None, data_dir: str | None, processed: str | None
+) -> tuple[DaedalusConfig, ProcessedRoot]:
+    """The settings (:func:`settings_for`) and where the processed dataset is: ``--processed``,
+    else ``--data-dir`` (local or ``s3://``), else the config's. Exit 2 on a bad combination or URL.
+    Shared by ``query`` and ``plot``."""
+    from daedalus.cli import _fail
+    from daedalus.query.remote import RemoteError, is_s3_url, processed_root
+
+    if data_dir is not None and processed is not None:
+        raise _fail("give --data-dir or --processed, not both")
+    settings = settings_for(config, None if is_s3_url(data_dir) else data_dir)
+    try:
+        return settings, processed_root(settings, data_dir, processed)
+    except RemoteError as exc:
+        raise _fail(str(exc)) from None
+
+
+def settings_for(config: Path | None, data_dir: Path | str | None) -> DaedalusConfig:
     """The config of ``--config`` (exit 2 when invalid; built-in defaults without one), with
-    ``--data-dir`` replacing its data directory. Shared by ``query`` and ``plot``."""
+    ``--data-dir`` (a local directory) replacing its data directory."""
     from daedalus.cli import _configured
     from daedalus.config import parse_config
     from daedalus.logs import setup_logging
@@ -81,13 +118,14 @@ def settings_for(config: Path | None, data_dir: Path | None) -> DaedalusConfig:
         settings = parse_config({})
         setup_logging("WARNING")
     if data_dir is not None:
-        settings = settings.model_copy(update={"data_dir": data_dir, "etl": settings.etl.model_copy(
+        settings = settings.model_copy(update={"data_dir": Path(data_dir), "etl": settings.etl.model_copy(
             update={"output_dir": None})})  # fmt: skip
     return settings
 
 
 def _run(
     settings: DaedalusConfig,
+    processed: ProcessedRoot,
     sql: str | None,
     preset: str | None,
     schema: bool,
@@ -102,14 +140,13 @@ def _run(
     from daedalus.query.api import QueryError, missing_view, no_data_hint, preset_for, stream_sql
     from daedalus.query.views import dataset_views, open_dataset
 
-    processed = settings.processed_dir
     try:
         if preset is not None:
             sql = preset_for(settings, preset, **params)
             if show_sql:
                 typer.echo(sql)
                 return
-        con = open_dataset(settings)
+        con = open_dataset(settings, processed)
         views = dataset_views(con)
         if schema:
             _print_schema(views, processed)
@@ -150,7 +187,7 @@ def _write(reader: pa.RecordBatchReader, fmt: str, out: Path | None, max_rows: i
         raise
 
 
-def _print_schema(views: dict[str, list[tuple[str, str]]], processed: Path) -> None:
+def _print_schema(views: dict[str, list[tuple[str, str]]], processed: ProcessedRoot) -> None:
     from daedalus.query.api import no_data_hint
 
     if not views:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     import duckdb
 
     from daedalus.config import DaedalusConfig
+    from daedalus.query.remote import ProcessedRoot
 
 log = get_logger(__name__)
 
@@ -72,7 +73,7 @@ class Dataset:
 
     source: str
     channel: str
-    root: Path
+    root: Path | str  # a local directory, or an ``s3://`` URL (see :mod:`daedalus.query.remote`)
     partition_keys: tuple[str, ...]
 
 
@@ -130,7 +131,7 @@ def view_names(datasets: list[Dataset]) -> dict[str, Dataset]:
 _GLOB_SPECIAL = frozenset("*?[]{}")
 
 
-def glob_literal(path: Path) -> str:
+def glob_literal(path: Path | str) -> str:
     """``path`` as a DuckDB glob pattern matching only itself: each of ``* ? [ ] { }`` in a
     bracket class (``data[1]`` would otherwise also match ``data1``). DuckDB's globs cannot
     match a backslash at all, so a path with one is refused (:class:`ValueError`)."""
@@ -160,9 +161,11 @@ def _view_sql(con: duckdb.DuckDBPyConnection, name: str, ds: Dataset) -> str:
     return f"CREATE VIEW {sql_identifier(name)} AS SELECT * REPLACE ({replace}), {exact} FROM {scan}"
 
 
-def open_dataset(config: DaedalusConfig, processed_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+def open_dataset(config: DaedalusConfig, processed_dir: ProcessedRoot | None = None) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with one view per dataset under the processed directory
-    (``config.processed_dir`` unless ``processed_dir`` is given). Time zone UTC, no progress bar."""
+    (``config.processed_dir`` unless ``processed_dir`` is given: a directory or an
+    :class:`~daedalus.query.remote.S3Location`). Time zone UTC, no progress bar. An S3 dataset
+    that cannot be listed raises :class:`~daedalus.query.remote.RemoteError`."""
     import duckdb
 
     root = processed_dir or config.processed_dir
@@ -170,8 +173,13 @@ def open_dataset(config: DaedalusConfig, processed_dir: Path | None = None) -> d
     with contextlib.suppress(duckdb.Error):  # no ICU extension: TIMESTAMPTZ is UTC anyway
         con.execute("SET TimeZone = 'UTC'")
     con.execute("SET enable_progress_bar = false")  # it writes to stdout, into CSV/JSON output
+    try:
+        datasets = _datasets_of(con, config, root)
+    except BaseException:
+        con.close()
+        raise
     made = []
-    for name, ds in view_names(find_datasets(root)).items():
+    for name, ds in view_names(datasets).items():
         try:
             con.execute(_view_sql(con, name, ds))
         except (duckdb.Error, ValueError) as exc:  # e.g. a damaged footer: the other views stay usable
@@ -180,6 +188,17 @@ def open_dataset(config: DaedalusConfig, processed_dir: Path | None = None) -> d
         made.append(name)
     log.debug("query_views", processed_dir=str(root), views=",".join(made) or "-")
     return con
+
+
+def _datasets_of(con: duckdb.DuckDBPyConnection, config: DaedalusConfig, root: ProcessedRoot) -> list[Dataset]:
+    """The datasets under ``root``; for S3, the connection reads ``s3://`` through pyarrow first."""
+    if isinstance(root, Path):
+        return find_datasets(root)
+    from daedalus.query import remote
+
+    fs = remote.arrow_filesystem(config.sync)
+    remote.register(con, fs)
+    return remote.find_datasets(fs, root, config.sync)
 
 
 def dataset_views(con: duckdb.DuckDBPyConnection) -> dict[str, list[tuple[str, str]]]:
