@@ -144,6 +144,12 @@ FAMILIES = {
     "daedalus_child_uptime_seconds": "gauge", "daedalus_child_heartbeat_age_seconds": "gauge",
     "daedalus_disk_free_bytes": "gauge", "daedalus_disk_total_bytes": "gauge", "daedalus_data_age_seconds": "gauge",
     "daedalus_health_level": "gauge",
+    "daedalus_sync_files_uploaded": "counter", "daedalus_sync_uploaded_bytes": "counter",
+    "daedalus_sync_files_verified": "counter", "daedalus_sync_files_failed": "counter",
+    "daedalus_sync_files_deleted": "counter", "daedalus_sync_files_retried": "counter",
+    "daedalus_sync_retried_bytes": "counter", "daedalus_sync_requests_retried": "counter",
+    "daedalus_sync_backlog_files": "gauge", "daedalus_sync_backlog_bytes": "gauge",
+    "daedalus_sync_last_success_time": "gauge",
 }  # fmt: skip
 
 

@@ -207,8 +207,9 @@ def test_no_such_bucket_is_one_clear_error(tmp_path: Path, s3_server: S3Server) 
         sync_once(config, make_client(config.sync))
 
 
-def test_server_errors_and_slow_answers_are_retried_until_the_pass_completes(tmp_path: Path,
-                                                                             s3_server: S3Server) -> None:
+def test_server_errors_and_slow_answers_are_retried_until_the_pass_completes(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
     """A fault-injecting proxy in front of the real server answers 500s for a while, then slowly:
     the pass retries (botocore's standard mode, capped backoff with jitter) and every object
     ends up complete and verified."""
@@ -271,8 +272,9 @@ def test_the_command_dry_run_once_and_a_missing_bucket(tmp_path: Path, s3_server
     assert SECRET not in missing.stderr + missing.stdout
 
 
-def test_continuous_sync_publishes_its_heartbeat_and_the_supervisor_plans_it(tmp_path: Path,
-                                                                             s3_server: S3Server) -> None:
+def test_continuous_sync_publishes_its_heartbeat_and_the_supervisor_plans_it(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
     """Continuous mode: a pass every ``--interval``, a heartbeat (``run/sync.json``) with counters
     that add up across passes, a clean stop on SIGTERM; ``daedalus run`` starts it as ``sync``
     when ``sync.enabled`` (and not with ``--no-sync``)."""
@@ -321,3 +323,57 @@ def test_continuous_sync_publishes_its_heartbeat_and_the_supervisor_plans_it(tmp
     without = subprocess.run([sys.executable, "-m", "daedalus", "run", "--config", str(path), "--dry-run", "--no-sync"],
                              capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "sync: " not in without.stdout
+
+
+def test_a_terminal_gets_a_progress_bar_and_a_second_sync_is_refused(tmp_path: Path, s3_server: S3Server) -> None:
+    """On a terminal (a pty here) ``daedalus sync --once`` draws a rich progress bar over the
+    bytes it sends, with the rate, then the summary; piped (the supervisor's log) it prints only
+    the summary. A second sync on the same data dir is refused (exit 1: the supervisor retries),
+    since two would rewrite the ledger under each other."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    import yaml
+
+    from daedalus.locks import hold_lock
+
+    root = tmp_path / "data"
+    moved, _ = make_tree(root)
+    sync = {"destination": f"s3://{BUCKET}/{PREFIX}", "endpoint_url": s3_server.endpoint, "region": REGION,
+            "access_key_id": KEY_ID, "secret_access_key": SECRET}  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data_dir": str(root), "sync": sync}))
+    command = [sys.executable, "-m", "daedalus", "sync", "--config", str(path), "--once"]
+
+    state = DataLayout(root).state_dir
+    state.mkdir(parents=True, exist_ok=True)
+    held = hold_lock(state / "sync.lock", "test")
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    held.close()
+    assert refused.returncode == 1 and "daedalus sync is already running" in refused.stderr, refused.stderr
+    assert remote(s3_server) == {}
+
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "TERM": "xterm", "COLUMNS": "160"}
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=secondary, stderr=subprocess.PIPE, env=env)
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(primary)
+    assert child.wait(timeout=120) == 0, child.stderr.read() if child.stderr else ""
+    text = out.decode(errors="replace")
+    total = sum((root / rel).stat().st_size for rel in moved)
+    assert "━" in text and f"{len(moved)} files" in text  # the bar, over this pass's backlog
+    assert f"{total / 1e6:.1f}/{total / 1e6:.1f} MB" in text and "/s" in text  # bytes sent of all, and the rate
+    assert f"uploaded {len(moved)} files" in text
+    piped = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "━" not in piped.stdout and "\x1b[" not in piped.stdout

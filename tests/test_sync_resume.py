@@ -215,3 +215,113 @@ def test_an_upload_completed_before_the_kill_is_verified_not_sent_again(tmp_path
     assert summary.parts_uploaded == 0 and summary.bytes_uploaded == 0
     after = Ledger(layout.state_dir / LEDGER_NAME)
     assert after.is_synced(rel, len(data), path.stat().st_mtime_ns) and after.uploads() == []
+
+
+def stale_ledger(path: Path, files: int = 300, rewrites: int = 3, done_parts: int = 2000) -> Ledger:
+    """A ledger grown the way months of appends grow it: every file verified ``rewrites`` times
+    (it changed and went up again), a finished multipart upload of ``done_parts`` parts, and
+    uploads that were aborted; plus a torn last line."""
+    ledger = Ledger(path)
+    for round_ in range(rewrites):
+        for n in range(files):
+            rel = f"processed/coinbase/ticker/part-{n:05d}.parquet"
+            ledger.record(LedgerEntry(rel, 100 + round_, 7 + round_, f"{round_:02d}" * 32, f"{PREFIX}/{rel}"))
+    ledger.begin_upload(UploadRecord("raw/archive/a/done", "k/done", "up-done", done_parts * 10, 1, "ab" * 32, 10))
+    for number in range(1, done_parts + 1):
+        ledger.record_part("up-done", number, f'"etag-{number}"')
+    ledger.record(LedgerEntry("raw/archive/a/done", done_parts * 10, 1, "ab" * 32, "k/done"))
+    ledger.end_upload("up-done")
+    for n in range(50):
+        gone = UploadRecord(f"raw/archive/a/gone-{n}", f"k/gone-{n}", f"up-gone-{n}", 30, 1, "cd" * 32, 10)
+        ledger.begin_upload(gone)
+        ledger.end_upload(f"up-gone-{n}")
+    with path.open("ab") as handle:
+        handle.write(b'{"part": {"upload_id": "up-done", "num')  # torn by a crash
+    return ledger
+
+
+def snapshot(ledger: Ledger) -> tuple[list[LedgerEntry], list[tuple[str, dict[int, str]]]]:
+    return ledger.entries(), [(u.upload_id, dict(u.parts)) for u in ledger.uploads()]
+
+
+def test_opening_a_ledger_with_thousands_of_stale_lines_compacts_it(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_NAME
+    stale_ledger(path)
+    # an upload still in progress: its record and parts are live and must survive
+    live = Ledger(path, compact=False)
+    live.begin_upload(UploadRecord("raw/archive/a/big", "k/big", "up-live", 30, 1, "ef" * 32, 10))
+    live.record_part("up-live", 2, '"e2"')
+    live.record_part("up-live", 1, '"e1"')
+    lines_before, size_before = len(path.read_bytes().splitlines()), path.stat().st_size
+    assert lines_before > 3000
+    expected = snapshot(Ledger(path, compact=False))
+
+    compacted = Ledger(path)  # opening compacts: most lines are stale
+    assert snapshot(compacted) == expected
+    assert snapshot(Ledger(path, compact=False)) == expected  # and so does the rewritten file
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == compacted.lines == 301 + 3 and path.stat().st_size < size_before / 5
+    assert all(json.loads(line) for line in lines)  # no torn line left
+    assert not compacted.tmp_path.exists()
+    (upload,) = compacted.uploads()
+    assert upload.upload_id == "up-live" and upload.parts == {1: '"e1"', 2: '"e2"'}
+    assert compacted.is_synced("processed/coinbase/ticker/part-00007.parquet", 102, 9)  # the last verified line
+    assert not compacted.is_synced("processed/coinbase/ticker/part-00007.parquet", 100, 7)
+
+    # appends go on in the new file; a small ledger is not rewritten at every open
+    compacted.record(LedgerEntry("raw/archive/a/new", 1, 1, "00" * 32, "k/new"))
+    inode = path.stat().st_ino
+    again = Ledger(path)
+    assert path.stat().st_ino == inode and again.lines == 305 and again.get("raw/archive/a/new") is not None
+
+
+def test_a_crash_mid_compaction_is_harmless(tmp_path: Path, monkeypatch) -> None:
+    """Killed before the rename: the old ledger is whole, the half-written ``.compact.tmp`` is
+    never read, and the next compaction replaces it. A failing rename (a full disk, say) only
+    leaves the ledger as it was."""
+    path = tmp_path / LEDGER_NAME
+    stale_ledger(path)
+    expected = snapshot(Ledger(path, compact=False))
+    original = path.read_bytes()
+    tmp = Ledger(path, compact=False).tmp_path
+    tmp.write_bytes(b'{"path":"raw/archive/a/phantom","size":1,"mtime_ns":1,"sha256":"00","key":"x"}\n{"pa')
+
+    def crash(*_args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    failed = Ledger(path)  # tries to compact, cannot
+    assert snapshot(failed) == expected and path.read_bytes() == original and not tmp.exists()
+    monkeypatch.undo()
+
+    tmp.write_bytes(b'{"path":"raw/archive/a/phantom","size":1,"mtime_ns":1,"sha256":"00","key":"x"}\n{"pa')
+    done = Ledger(path)
+    assert snapshot(done) == expected and done.get("raw/archive/a/phantom") is None and not tmp.exists()
+    assert len(path.read_bytes().splitlines()) == 301
+
+
+def test_resume_works_after_the_ledger_was_compacted(tmp_path: Path, s3_server: S3Server) -> None:
+    """An upload interrupted with one part on the server, in a ledger that compaction rewrites
+    on open: the pass resumes it from that part (the upload id and part survived)."""
+    root = tmp_path / "data"
+    layout = DataLayout(root)
+    data = os.urandom(2 * PART + 99)
+    path = write(layout.archive("coinbase") / "segment_20260809T21_00001.ndjson", data)
+    rel, key = path.relative_to(root).as_posix(), f"{PREFIX}/raw/archive/coinbase/{path.name}"
+    digest = hashlib.sha256(data).hexdigest()
+    ledger_path = layout.state_dir / LEDGER_NAME
+    stale_ledger(ledger_path)
+    client = s3_server.client()
+    upload_id = client.create_multipart_upload(Bucket=BUCKET, Key=key, Metadata={"sha256": digest})["UploadId"]
+    ledger = Ledger(ledger_path, compact=False)
+    ledger.begin_upload(UploadRecord(rel, key, upload_id, len(data), path.stat().st_mtime_ns, digest, PART))
+    etag = client.upload_part(Bucket=BUCKET, Key=key, UploadId=upload_id, PartNumber=1, Body=data[:PART])["ETag"]
+    ledger.record_part(upload_id, 1, etag)
+    assert len(ledger_path.read_bytes().splitlines()) > 3000
+
+    config = config_for(root, s3_server)
+    summary = sync_once(config, make_client(config.sync), multipart_threshold=PART, multipart_chunksize=PART)
+    assert summary.failed == 0 and summary.verified == 1, summary.errors
+    assert summary.parts_resumed == 1 and summary.parts_uploaded == 2 and summary.bytes_uploaded == len(data) - PART
+    assert remote_sha256(s3_server, key) == digest and uploads(s3_server) == []
+    assert len(ledger_path.read_bytes().splitlines()) < 320  # compacted, then a few lines of this pass

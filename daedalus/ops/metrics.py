@@ -99,6 +99,14 @@ _SYNC_COUNTERS = (
     ("files_verified", "daedalus_sync_files_verified", "Uploads verified by a HEAD (size and SHA-256)."),
     ("files_failed", "daedalus_sync_files_failed", "Files whose upload or verification failed (retried next pass)."),
     ("files_deleted", "daedalus_sync_files_deleted", "Local raw archive files deleted after a verified upload."),
+    ("files_retried", "daedalus_sync_files_retried", "Files with at least one S3 request retried, per pass."),
+    ("bytes_retried", "daedalus_sync_retried_bytes", "Request body bytes sent again by retried S3 requests."),
+    ("requests_retried", "daedalus_sync_requests_retried", "S3 requests retried (5xx, throttling, lost connection)."),
+)
+_SYNC_GAUGES = (
+    ("backlog_files", "daedalus_sync_backlog_files", "Files the last discovery found to upload and not yet verified."),
+    ("backlog_bytes", "daedalus_sync_backlog_bytes", "Bytes of those files."),
+    ("last_success_time", "daedalus_sync_last_success_time", "Unix time of the last pass without a failure."),
 )
 LATENCY = "daedalus_receive_to_durable_seconds"
 
@@ -194,11 +202,12 @@ class DaedalusCollector(Collector):
                 if (value := number(child.counters.get(key))) is not None:
                     family.add_metric([], value)
             yield family
-        last = GaugeMetricFamily("daedalus_sync_last_success_time", "Unix time of the last pass without a failure.")
-        for child in children:
-            if (value := number(child.gauges.get("last_success_time"))) is not None:
-                last.add_metric([], value)
-        yield last
+        for key, name, doc in _SYNC_GAUGES:
+            gauge = GaugeMetricFamily(name, doc)
+            for child in children:
+                if (value := number(child.gauges.get(key))) is not None:
+                    gauge.add_metric([], value)
+            yield gauge
 
     def _etl(self, children: list[ChildStatus], health: HealthReport | None) -> Iterator[Metric]:
         yield from _per_source(children, "counters", _ETL_COUNTERS, CounterMetricFamily)

@@ -33,12 +33,13 @@ from typing import Any
 from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import ConnectionError as S3ConnectionError
 
 from daedalus.config import DaedalusConfig, SyncConfig
 from daedalus.layout import prune_empty_dirs
 from daedalus.logs import get_logger
 from daedalus.sync.ledger import Ledger, LedgerEntry, UploadRecord
-from daedalus.sync.s3 import SyncError, parse_destination, scrub
+from daedalus.sync.s3 import SyncError, observe_retries, parse_destination, scrub
 
 log = get_logger(__name__)
 
@@ -85,6 +86,13 @@ class SyncSummary:
     stale_aborted: int = 0  # incomplete uploads aborted that no ledger record refers to
     pending_files: int = 0  # dry run: what would move
     pending_bytes: int = 0
+    requests_retried: int = 0  # retries botocore made (any call: a 5xx, throttling, a refused connection)
+    files_retried: int = 0  # files with at least one retried call in this pass
+    bytes_retried: int = 0  # request bodies sent again by those retries
+    backlog_files: int = 0  # found by discovery and not (yet) verified in the bucket
+    backlog_bytes: int = 0
+    unavailable: bool = False  # the pass stopped early: the server did not answer, even after retries
+    discovered: bool = False  # discovery is done: the backlog figures are this pass's
     errors: list[str] = field(default_factory=list)
 
 
@@ -173,20 +181,36 @@ def permanent_error(exc: BaseException, sync: SyncConfig, bucket: str) -> SyncEr
     return SyncError(scrub(f"S3 sync to bucket {bucket!r} failed: {_PERMANENT[code]} ({code})", sync))
 
 
+class Progress:
+    """What a pass reports as it goes (a terminal's progress bar); every method may be called
+    from upload threads. The default reports nothing."""
+
+    def start(self, files: int, total_bytes: int) -> None:
+        """Discovery found ``files`` to upload, ``total_bytes`` in all."""
+
+    def sent(self, nbytes: int) -> None:
+        """``nbytes`` more of the backlog reached the server (negative: s3transfer rewound a retry)."""
+
+    def close(self) -> None:
+        """The pass is over."""
+
+
 class SyncPass:
     """One pass over a data dir; ``run()`` returns its :class:`SyncSummary`."""
 
     def __init__(self, config: DaedalusConfig, client: Any, *, ledger: Ledger | None = None,
                  include_ready: bool = False, dry_run: bool = False,
                  multipart_threshold: int = MULTIPART_THRESHOLD,
-                 multipart_chunksize: int = MULTIPART_CHUNKSIZE) -> None:  # fmt: skip
+                 multipart_chunksize: int = MULTIPART_CHUNKSIZE, progress: Progress | None = None) -> None:  # fmt: skip
         if config.sync.destination is None:
             raise SyncError("sync.destination is not set (s3://bucket/prefix)")
         self.config = config
         self.sync = config.sync
         self.client = client
         self.bucket, self.prefix = parse_destination(config.sync.destination)
-        self.ledger = ledger if ledger is not None else Ledger(config.layout.state_dir / LEDGER_NAME)
+        # a dry run may run beside a real sync: it reads the ledger but never rewrites it
+        self.ledger = ledger if ledger is not None else Ledger(config.layout.state_dir / LEDGER_NAME,
+                                                               compact=not dry_run)  # fmt: skip
         self.include_ready = include_ready
         self.dry_run = dry_run
         bandwidth = self.sync.bandwidth_limit_mbps
@@ -204,8 +228,12 @@ class SyncPass:
         # A bandwidth limit holds per transfer: with one file at a time it holds for the pass.
         self.workers = 1 if bandwidth else self.sync.max_concurrency
         self.summary = SyncSummary()
+        self.progress = progress or Progress()
         self._lock = threading.Lock()
         self._fatal: SyncError | None = None
+        self._by_key: dict[str, SyncFile] = {}
+        self._backlog: set[str] = set()  # rel of the files counted in the backlog
+        self._retried_keys: set[str] = set()
 
     def preflight(self) -> None:
         """One cheap request that turns a wrong bucket or key into one clear error up front."""
@@ -215,7 +243,7 @@ class SyncPass:
             error = permanent_error(exc, self.sync, self.bucket)
             if error is not None:
                 raise error from None
-            raise SyncError(scrub(f"S3 sync to bucket {self.bucket!r} failed: {exc}", self.sync)) from None
+            raise
 
     def run(self) -> SyncSummary:
         files = discover(self.config, include_ready=self.include_ready)
@@ -227,24 +255,75 @@ class SyncPass:
                     todo.append(item)  # verified on a HEAD again before it goes
             else:
                 todo.append(item)
+                self._backlog.add(item.rel)
+        self.summary.backlog_files = len(self._backlog)
+        self.summary.backlog_bytes = sum(item.size for item in todo if item.rel in self._backlog)
+        self.summary.discovered = True
         if self.dry_run:
-            pending = [item for item in todo if not self.ledger.is_synced(item.rel, item.size, item.mtime_ns)]
-            self.summary.pending_files = len(pending)
-            self.summary.pending_bytes = sum(item.size for item in pending)
+            self.summary.pending_files = self.summary.backlog_files
+            self.summary.pending_bytes = self.summary.backlog_bytes
             return self.summary
         if not todo and not self.ledger.uploads():
             return self.summary
-        self.preflight()
-        self._abort_stale({item.rel for item in todo})
-        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sync") as pool:
-            for _ in pool.map(self._one, todo):
-                pass
+        self._by_key = {item.key: item for item in todo}
+        observer = observe_retries(self.client)
+        observer.attach(self._retried)
+        self.progress.start(self.summary.backlog_files, self.summary.backlog_bytes)
+        try:
+            self._run(todo)
+        finally:
+            observer.detach(self._retried)
+            self.progress.close()
         if self._fatal is not None:
             raise self._fatal
         return self.summary
 
+    def _run(self, todo: list[SyncFile]) -> None:
+        try:
+            self.preflight()
+        except (ClientError, BotoCoreError) as exc:  # transient, and botocore's retries ran out
+            self._unavailable(exc)
+            self._fail_rest(todo)
+            return
+        self._abort_stale({item.rel for item in todo})
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sync") as pool:
+            for _ in pool.map(self._one, todo):
+                pass
+
+    def _retried(self, operation: str, key: str | None, retries: int, body_bytes: int | None) -> None:
+        """A :class:`RetryObserver` sink: one call of this pass needed ``retries`` retries."""
+        item = self._by_key.get(key) if key is not None else None
+        if body_bytes is None:  # s3transfer's file chunk: a PutObject carries the whole file
+            body_bytes = item.size if item is not None and operation == "PutObject" else 0
+        with self._lock:
+            self.summary.requests_retried += retries
+            self.summary.bytes_retried += retries * body_bytes
+            if item is not None and key not in self._retried_keys:
+                self._retried_keys.add(key)
+                self.summary.files_retried += 1
+        log.info("sync_request_retried", operation=operation, key=key, retries=retries)
+
+    def _unavailable(self, exc: BaseException) -> None:
+        """The server did not answer (connection refused or dropped, or 5xx on the preflight)
+        even after botocore's retries: stop the pass, whose files go up next pass, rather than
+        spend the whole retry budget again on every file of a backlog."""
+        with self._lock:
+            first = not self.summary.unavailable
+            self.summary.unavailable = True
+        if first:
+            log.error("sync_server_unavailable", endpoint=scrub(self.sync.endpoint_url or "aws", self.sync),
+                      error=scrub(str(exc), self.sync), effect="pass stopped; the next pass tries again")  # fmt: skip
+
+    def _fail_rest(self, todo: list[SyncFile]) -> None:
+        with self._lock:
+            self.summary.failed += len(todo)
+            self.summary.errors.append(f"{len(todo)} files not tried: the server did not answer")
+
     def _one(self, item: SyncFile) -> None:
         if self._fatal is not None:
+            return
+        if self.summary.unavailable:
+            self._fail_rest([item])
             return
         try:
             entry = self.ledger.get(item.rel)
@@ -264,6 +343,8 @@ class SyncPass:
                 self.summary.failed += 1
                 self.summary.errors.append(scrub(f"{item.rel}: {exc}", self.sync))
             log.warning("sync_file_failed", file=item.rel, error=scrub(str(exc), self.sync))
+            if isinstance(exc, S3ConnectionError):
+                self._unavailable(exc)
 
     def _abort_stale(self, todo: set[str]) -> None:
         """Abort uploads in progress for files this pass will not upload (gone, or synced since),
@@ -308,7 +389,8 @@ class SyncPass:
         else:
             digest = sha256_file(item.path)
             self.client.upload_file(str(item.path), self.bucket, item.key, Config=self.transfer,
-                                    ExtraArgs={"Metadata": {SHA256_META: digest}})  # fmt: skip
+                                    ExtraArgs={"Metadata": {SHA256_META: digest}},
+                                    Callback=self.progress.sent)  # fmt: skip
             with self._lock:
                 self.summary.bytes_uploaded += item.size
         with self._lock:
@@ -321,6 +403,10 @@ class SyncPass:
         with self._lock:
             self.summary.verified += 1
             self.ledger.record(LedgerEntry(item.rel, item.size, item.mtime_ns, digest, item.key))
+            if item.rel in self._backlog:
+                self._backlog.discard(item.rel)
+                self.summary.backlog_files -= 1
+                self.summary.backlog_bytes -= item.size
         for upload in [u for u in self.ledger.uploads() if u.path == item.rel]:
             self.ledger.end_upload(upload.upload_id)  # completed: nothing left to resume
         self._delete(item)
@@ -364,6 +450,7 @@ class SyncPass:
         upload, done = self._resumable(item)
         if done is None:  # completed by the interrupted run, which died before its verified line
             assert upload is not None
+            self.progress.sent(item.size)
             return upload.sha256
         if upload is None:
             digest = sha256_file(item.path)
@@ -376,6 +463,7 @@ class SyncPass:
         else:
             with self._lock:
                 self.summary.parts_resumed += len(done)
+            self.progress.sent(sum(min(upload.part_size, item.size - (n - 1) * upload.part_size) for n in done))
         count = -(-item.size // upload.part_size)
         missing = [number for number in range(1, count + 1) if number not in done]
         record = upload
@@ -398,6 +486,7 @@ class SyncPass:
             with self._lock:
                 self.summary.parts_uploaded += 1
                 self.summary.bytes_uploaded += length
+            self.progress.sent(length)
             return number, etag
 
         if missing:

@@ -10,6 +10,14 @@ created (its id, key, and the file's size, mtime and SHA-256 it was created for,
 size), ``{"part": {...}}`` for each part the server acknowledged (number and ETag), and
 ``{"upload_end": id}`` once the upload completed (after its verified line) or was aborted.
 None of these has the keys of a verified line, so older readers skip them.
+
+Appending alone would grow the file forever (a line per part of every multipart upload, a
+line per re-upload of a changed file), so opening a ledger compacts it when most of its lines
+are stale: the live records (the last verified line per file, and each upload in progress with
+its parts) are written to ``<name>.compact.tmp`` in the same folder, fsynced, renamed over the
+ledger, and the folder fsynced. A crash before the rename leaves the old ledger whole and a
+``.compact.tmp`` that nothing reads (the next compaction replaces it); after the rename the new
+one is complete.
 """
 
 from __future__ import annotations
@@ -21,6 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from daedalus.capture.segments import write_all
+from daedalus.logs import get_logger
+
+log = get_logger(__name__)
+
+#: compact on open when at least this many lines are stale, and at least as many as are live
+COMPACT_MIN_STALE = 1000
 
 
 @dataclass(frozen=True)
@@ -53,12 +67,64 @@ class UploadRecord:
 class Ledger:
     """``<data_dir>/processed/_state/sync.ledger.jsonl`` (or any path given)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, compact: bool = True) -> None:
         self.path = path
         self._entries: dict[str, LedgerEntry] = {}
         self._uploads: dict[str, UploadRecord] = {}  # upload id -> record, in progress only
         self._lock = threading.Lock()
+        self.lines = 0  # lines in the file, live or stale
         self._load()
+        if compact and self.stale_lines() >= max(COMPACT_MIN_STALE, self.live_lines()):
+            self.compact()
+
+    @property
+    def tmp_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".compact.tmp")
+
+    def live_lines(self) -> int:
+        """Lines a compacted ledger holds: a verified line per file, each upload in progress and its parts."""
+        return len(self._entries) + sum(1 + len(upload.parts) for upload in self._uploads.values())
+
+    def stale_lines(self) -> int:
+        return max(0, self.lines - self.live_lines())
+
+    def compact(self) -> bool:
+        """Rewrite the ledger with its live records only, atomically (see the module's doc).
+        False when it could not (a full disk, say): the ledger stays as it was, still valid."""
+        with self._lock:
+            records: list[dict[str, object]] = [asdict(entry) for entry in self._entries.values()]
+            for upload in self._uploads.values():
+                records.append({"upload": upload.fields()})
+                records.extend({"part": {"upload_id": upload.upload_id, "number": number, "etag": etag}}
+                               for number, etag in sorted(upload.parts.items()))  # fmt: skip
+            data = b"".join(json.dumps(record, separators=(",", ":")).encode() + b"\n" for record in records)
+            before = self.lines
+            try:
+                self._replace(data)
+            except OSError as exc:
+                log.warning("sync_ledger_compact_failed", path=str(self.path), error=str(exc),
+                            effect="the ledger stays as it was")  # fmt: skip
+                self.tmp_path.unlink(missing_ok=True)
+                return False
+            self.lines = len(records)
+        log.info("sync_ledger_compacted", path=str(self.path), lines_before=before, lines_after=len(records))
+        return True
+
+    def _replace(self, data: bytes) -> None:
+        """``data`` becomes the ledger: tmp file, fsync, rename, fsync of the folder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.tmp_path, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
     def _load(self) -> None:
         try:
@@ -68,6 +134,7 @@ class Ledger:
         for line in data.split(b"\n"):
             if not line.strip():
                 continue
+            self.lines += 1
             try:
                 record = json.loads(line)
                 if isinstance(record, dict) and ({"upload", "part", "upload_end"} & record.keys()):
@@ -99,6 +166,11 @@ class Ledger:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def entries(self) -> list[LedgerEntry]:
+        """Every verified file, oldest first."""
+        with self._lock:
+            return list(self._entries.values())
 
     def get(self, path: str) -> LedgerEntry | None:
         return self._entries.get(path)
@@ -162,5 +234,6 @@ class Ledger:
                         line = b"\n" + line
             write_all(fd, line)  # os.write may write less than asked
             os.fsync(fd)
+            self.lines += 1
         finally:
             os.close(fd)
