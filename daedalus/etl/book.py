@@ -72,6 +72,11 @@ CONNECT = 2
 DISCONNECT = 3
 OTHER = 4  # counted elsewhere, no effect on books
 LOST = 5  # a level2 frame rejected by the parser: its updates are missing (f_seq: its sequence, or -1)
+# frames of one connection with consecutive sequence numbers f_aux..f_seq and no level2 row for
+# these books, as one: exactly what those frames do (a continuity check of the first, then the
+# position). The backfill (daedalus.backfill) gives each product's chain its own frames plus
+# these runs, instead of every frame of every product.
+SEQ_RUN = 6
 
 # engine status (meta[M_STATUS])
 DONE = 0
@@ -341,6 +346,11 @@ def run_frames(
             _gap(conn, book_conn, valid, has_book, pcount)
             if f_seq[f] > last_seq[conn]:
                 last_seq[conn] = f_seq[f]
+            continue
+        if kind == SEQ_RUN:
+            if last_seq[conn] >= 0 and f_aux[f] != last_seq[conn] + 1:
+                _gap(conn, book_conn, valid, has_book, pcount)
+            last_seq[conn] = f_seq[f]
             continue
         if kind != FRAME:
             continue

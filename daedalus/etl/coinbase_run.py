@@ -61,8 +61,7 @@ class SegmentRun:
         self.files: list[Path] = []
 
     def run(self, source: Path, max_object: int) -> SegmentRun:
-        books = self.state.books
-        before = {p: books.counters(p) for p in books.products}
+        before = self.book_counters()
         line = 0
         con = connect()
         try:
@@ -71,12 +70,25 @@ class SegmentRun:
                 line += batch.num_rows
                 self.job.beat()
         except BaseException:
-            for writer in self.writers.values():
-                writer.close()
-                discard(writer.files)
+            self.abandon()
             raise
         finally:
             con.close()
+        return self.finish(before)
+
+    def book_counters(self) -> dict[str, dict[str, int]]:
+        """Each book's counters now (:meth:`finish` reports what the segment added)."""
+        return {p: self.state.books.counters(p) for p in self.state.books.products}
+
+    def abandon(self) -> None:
+        """Close and delete every temporary file written so far (the segment failed)."""
+        for writer in self.writers.values():
+            writer.close()
+            discard(writer.files)
+
+    def finish(self, before: dict[str, dict[str, int]]) -> SegmentRun:
+        """Close the writers; rows per channel and the counts the segment added."""
+        books = self.state.books
         for channel, writer in self.writers.items():
             self.files += writer.close()
             if writer.rows:
@@ -107,9 +119,7 @@ class SegmentRun:
         trades = self.state.trades.filter(parsed.trades)
         if trades.num_rows:
             self._write_items("market_trades", processors.units_columns(trades, ["price", "size"], self.strategy))
-        self._write_items("ticker", processors.units_columns(parsed.tickers, TICKER_NUMBERS, self.strategy,
-                                                             _TICKER_NAMES))  # fmt: skip
-        self._write_items("candles", processors.units_columns(parsed.candles, CANDLE_NUMBERS, self.strategy))
+        self.write_tickers_and_candles(parsed)
         # bars: the receive clock of this batch closes the bars it has passed
         clock = int(frames.f_ts.max()) if frames.f_ts.shape[0] else 0
         late_before = self.state.bars.late
@@ -121,6 +131,14 @@ class SegmentRun:
             codes = np.array([names.index(p) for p in products], np.int64)
             ts = bars.column("start").combine_chunks().cast(pa.int64()).to_numpy()
             self._write(f"bars_{self.channels.bars.interval}", bars, codes, names, ts)
+
+    def write_tickers_and_candles(self, parsed: ParsedBatch) -> None:
+        """The two channels that need no state from other batches or segments."""
+        if parsed.tickers.num_rows:
+            self._write_items("ticker", processors.units_columns(parsed.tickers, TICKER_NUMBERS, self.strategy,
+                                                                 _TICKER_NAMES))  # fmt: skip
+        if parsed.candles.num_rows:
+            self._write_items("candles", processors.units_columns(parsed.candles, CANDLE_NUMBERS, self.strategy))
 
     def _write(self, channel: str, table: pa.Table, codes: np.ndarray, names: list[str], ts_ns: np.ndarray) -> None:
         writer = self.writers[channel]

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import orjson
@@ -456,6 +457,39 @@ class EtlJob:
         started = time.perf_counter()
         name = self.key(path)
         size = path.stat().st_size
+        attempts = 0
+
+        def parser() -> Any:
+            nonlocal state, attempts
+            if attempts:  # a retry starts again from the state before the segment
+                state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
+            attempts += 1
+            return self.plugin.segment_run(self, name, state)
+
+        outcome, quarantined = self.read_segment(path, name, parser)
+        new_state = outcome.state
+        if not older:
+            new_state.last_segment = name
+            for key, value in outcome.counts.items():
+                new_state.totals[key] = new_state.totals.get(key, 0) + value
+        try:
+            check_conflicts(outcome.files)
+            if quarantined:
+                self._write_quarantine(name, quarantined)
+            self._commit(name, outcome.files, None if older else new_state)
+        except OutputConflict as exc:
+            raise SegmentDataError(f"{exc}: a different segment under the same name was committed before") from exc
+        finally:
+            discard(outcome.files)  # nothing left once committed; everything on the way out
+        seconds = time.perf_counter() - started
+        return SegmentResult(name, size, seconds, outcome.rows, outcome.counts, len(quarantined)), new_state
+
+    def read_segment(self, path: Path, name: str, parser: Callable[[], Any]) -> tuple[Any, list[tuple[str, bytes]]]:
+        """``parser().run(source, limit)`` over one segment, retrying around undecodable lines
+        (a larger line limit, or a clean copy without the bad lines: ``parser()`` is called
+        again for each attempt). Returns the run and every quarantined line with its reason
+        (those the line check rejected, then those the parser rejected). On an error the
+        run's temporary files are discarded."""
         rejected: list[tuple[str, bytes]] = []
         source, limit = path, MAX_OBJECT_BYTES
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -467,10 +501,9 @@ class EtlJob:
                 rejected, source = copy.rejected, copy.path
             while True:
                 try:
-                    outcome = self.plugin.segment_run(self, name, state).run(source, limit)
+                    outcome = parser().run(source, limit)
                     break
                 except SegmentDecodeError as exc:
-                    state = EtlState.fresh(self.sample_ns, self.depth, self.bar_ns) if older else self._load()
                     if "maximum_object_size" in str(exc) and limit < LARGEST_OBJECT_BYTES:
                         log.warning("etl_segment_has_huge_lines", segment=name, retry_with_mb=512)
                         limit = LARGEST_OBJECT_BYTES
@@ -488,23 +521,7 @@ class EtlJob:
             except BaseException:
                 discard(outcome.files)
                 raise
-        new_state = outcome.state
-        if not older:
-            new_state.last_segment = name
-            for key, value in outcome.counts.items():
-                new_state.totals[key] = new_state.totals.get(key, 0) + value
-        try:
-            check_conflicts(outcome.files)
-            quarantined = [(reason, line) for reason, line in rejected] + lines
-            if quarantined:
-                self._write_quarantine(name, quarantined)
-            self._commit(name, outcome.files, None if older else new_state)
-        except OutputConflict as exc:
-            raise SegmentDataError(f"{exc}: a different segment under the same name was committed before") from exc
-        finally:
-            discard(outcome.files)  # nothing left once committed; everything on the way out
-        seconds = time.perf_counter() - started
-        return SegmentResult(name, size, seconds, outcome.rows, outcome.counts, len(quarantined)), new_state
+        return outcome, [(reason, line) for reason, line in rejected] + lines
 
     def _commit(self, name: str, files: list[Path], state: EtlState | None) -> None:
         """Outputs into place, then the checkpoint (``state``; None: leave it), then the name

@@ -1,0 +1,304 @@
+"""``daedalus etl --dask local:N|tcp://HOST:8786``: plan, fan out, commit (see :mod:`daedalus.backfill`)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from daedalus.backfill import tasks
+from daedalus.backfill.state import merge_states, product_state
+from daedalus.capture.segments import fsync_path, write_atomically
+from daedalus.config import DaedalusConfig
+from daedalus.etl.job import EtlJob, Summary, segment_order
+from daedalus.etl.output import OutputConflict
+from daedalus.etl.state import load_state, save_state
+from daedalus.layout import segment_stem
+from daedalus.logs import get_logger
+
+log = get_logger("daedalus.backfill")
+GROUP_BYTES = 64 << 20  # raw bytes per task: tasks of seconds, not milliseconds
+NOTE = "commit.json"
+PER_PRODUCT_CHANNELS = ("level2", "book_snapshot", "market_trades", "bars")
+
+
+class BackfillError(RuntimeError):
+    """The backfill cannot run as configured, or a task failed for good."""
+
+
+def segment_id(key: str) -> str:
+    """A segment's folder name in the scratch area: its stem and a hash of the whole key."""
+    return f"{segment_stem(key)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def groups(items: list[dict[str, Any]], target_bytes: int) -> list[list[dict[str, Any]]]:
+    """Consecutive items in runs of about ``target_bytes`` raw bytes (at least one each)."""
+    out: list[list[dict[str, Any]]] = []
+    size = target_bytes
+    for item in items:
+        if size >= target_bytes:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += int(item["bytes"])
+    return out
+
+
+@contextlib.contextmanager
+def dask_client(address: str, scratch: Path) -> Iterator[Any]:
+    """``local:N``: a LocalCluster of N worker processes (one thread each, their spill space
+    under the scratch folder); anything else: the address of a running scheduler."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise BackfillError("--dask needs Dask: pip install 'daedalus[dask]' (dask[distributed])") from None
+    if address.startswith("local:"):
+        try:
+            workers = int(address.removeprefix("local:"))
+        except ValueError:
+            raise BackfillError(f"--dask {address!r}: expected local:N (N workers) or tcp://HOST:PORT") from None
+        if not 1 <= workers <= 256:
+            raise BackfillError(f"--dask {address!r}: N must be 1..256")
+        space = scratch / "dask-worker-space"
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               local_directory=str(space), silence_logs=40)  # fmt: skip
+        with cluster, Client(cluster) as client:
+            yield client
+    else:
+        with Client(address, timeout=30) as client:
+            yield client
+
+
+class Backfill:
+    """One source's pending segments through the two phases, then one commit."""
+
+    def __init__(self, config: DaedalusConfig, source: str) -> None:
+        if source != "coinbase":
+            raise BackfillError(f"--dask: the backfill runs Coinbase segments (books per product); {source}'s "
+                                "segments have no cross-segment books: run `daedalus etl` without --dask")  # fmt: skip
+        for channel in PER_PRODUCT_CHANNELS:
+            cols = _channel(config, channel).partition_cols
+            if "product_id" not in cols:
+                raise BackfillError(f"--dask: etl.channels.{channel}.partition_cols must include product_id "
+                                    f"(one file per product and segment; it is {list(cols)})")  # fmt: skip
+        self.config = config
+        self.source = source
+        self.job = EtlJob(config, source)
+        self.scratch = config.layout.scratch(f"backfill-{source}")
+
+    # ---- planning -------------------------------------------------------------------------
+    def plan(self, start: date | None, end: date | None) -> list[dict[str, Any]]:
+        """The pending segments, in order, that the backfill takes."""
+        self.job.prepare()  # the source's lock: no other ETL while this runs
+        state = self.job._load()
+        items = []
+        for path in self.job.pending(start, end):
+            key = self.job.key(path)
+            if key in self.job.committed or key == state.last_segment:
+                self.job._finish(path)  # committed before a crash: only cleanup was left
+                continue
+            if state.last_segment is not None and segment_order(key) < segment_order(state.last_segment):
+                log.warning("backfill_segment_older_than_checkpoint", segment=key, checkpoint=state.last_segment,
+                            effect="left for the sequential ETL")  # fmt: skip
+                continue
+            items.append({"key": key, "path": str(path), "id": segment_id(key), "bytes": path.stat().st_size})
+        return items
+
+    # ---- running --------------------------------------------------------------------------
+    def run(self, address: str, start: date | None = None, end: date | None = None, progress: bool = False) -> Summary:
+        started = time.perf_counter()
+        self.job.prepare()
+        note = self.scratch / NOTE
+        if not note.exists():  # else: a commit was cut short; finish it first
+            items = self.plan(start, end)
+            if not items:
+                return Summary()
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            with dask_client(address, self.scratch) as client:
+                workers = len(client.scheduler_info().get("workers", {}))
+                log.info("backfill_started", segments=len(items), mb=round(sum(i["bytes"] for i in items) / 1e6, 1),
+                         workers=workers, scheduler=client.scheduler.address)  # fmt: skip
+                parsed = self._parse(client, items, progress)
+                log.info("backfill_parsed", segments=len(parsed), reused=sum(bool(r.get("reused")) for r in parsed),
+                         quarantined_segments=sum("quarantined_segment" in r for r in parsed))  # fmt: skip
+                chains = self._chains(client, parsed, progress)
+                log.info("backfill_books_done", chains=len(chains),
+                         reused=sum(bool(r.get("reused")) for r in chains))  # fmt: skip
+            write_atomically(note, json.dumps({"parsed": parsed, "chains": chains}).encode())
+        record = json.loads(note.read_bytes())
+        summary = self._commit(record["parsed"], record["chains"])
+        summary.seconds = time.perf_counter() - started
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return summary
+
+    def _parse(self, client: Any, items: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
+        batches = groups(items, GROUP_BYTES)
+        token = uuid.uuid4().hex[:8]  # task keys unique to this run (a long-lived scheduler remembers old ones)
+        futures = [client.submit(tasks.parse_segments, self.config, self.source, str(self.scratch),
+                                 [{k: item[k] for k in ("key", "path", "id")} for item in batch],
+                                 key=f"parse-{token}-{batch[0]['id']}", pure=False) for batch in batches]  # fmt: skip
+        results = _gather(client, futures, "parse", sum(len(b) for b in batches), progress, lambda r: len(r))
+        return [result for group in results for result in group]
+
+    def _chains(self, client: Any, parsed: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
+        start = self.job._load()
+        products = _products(start, parsed)
+        live = [p for p in parsed if "quarantined_segment" not in p]
+        runs = groups(live, GROUP_BYTES)
+        futures = []
+        token = uuid.uuid4().hex[:8]
+        for index, product in enumerate(products):
+            previous = self._initial(index, product, start)
+            for number, run in enumerate(runs):
+                previous = client.submit(tasks.run_chain, self.config, self.source, str(self.scratch), product, index,
+                                         number, run, previous,
+                                         key=f"chain-{token}-{index}-{number}", pure=False)  # fmt: skip
+            futures.append(previous)
+        return _gather(client, futures, "books", len(futures), progress, lambda r: 1) if runs else []
+
+    def _initial(self, index: int, product: str, start) -> str | None:  # type: ignore[no-untyped-def]
+        """The checkpoint's part for this product's chain, in a folder (None: nothing to carry)."""
+        if start.last_segment is None and not start.books.products:
+            return None
+        folder = self.scratch / "chain" / f"p{index:05d}" / "start"
+        if not (folder / f"{tasks.CHAIN_STATE}.json").exists():
+            state = product_state(start, product, self.job.sample_ns, self.job.depth, self.job.bar_ns)
+            state.last_segment = start.last_segment
+            save_state(folder, tasks.CHAIN_STATE, state)
+        return str(folder)
+
+    # ---- commit ---------------------------------------------------------------------------
+    def _commit(self, parsed: list[dict[str, Any]], chains: list[dict[str, Any]]) -> Summary:
+        """Outputs into place, the merged checkpoint, the committed list, then the input
+        segments deleted or archived. Every step can be repeated (the note stays until the end)."""
+        groups_done = [json.loads((group / tasks.RESULT).read_bytes()) | {"folder": str(group)}
+                       for chain in chains for group in _chain_groups(Path(chain["state"]).parent)]  # fmt: skip
+        summary, totals = Summary(), Counter()
+        for result in parsed:
+            self._place(self.scratch / "parse" / result["id"], result["files"])
+            summary.segments += 1
+            summary.bytes += int(result["bytes"])
+            summary.quarantined_lines += int(result.get("quarantined", 0))
+            summary.quarantined_segments += "quarantined_segment" in result
+        for result in [*parsed, *groups_done]:
+            summary.rows.update(result["rows"])
+            totals.update(result["counts"])
+        for group in groups_done:
+            self._place(Path(group["folder"]), group["files"])
+        summary.counts.update(totals)
+        live = [r for r in parsed if "quarantined_segment" not in r]
+        if live:
+            start = self.job._load()
+            states = {c["product"]: load_state(Path(c["state"]), tasks.CHAIN_STATE, self.job.sample_ns,
+                                               self.job.depth, self.job.bar_ns) for c in chains}  # fmt: skip
+            merged = merge_states(start, states, _book_products(start, parsed), _conns(start, parsed), dict(totals),
+                                  live[-1]["key"])  # fmt: skip
+            save_state(self.job.state_dir, self.source, merged)
+        for result in parsed:
+            path = self._input(result["key"])
+            if "quarantined_segment" in result:
+                if path.exists():
+                    self.job._quarantine_segment(path, result["quarantined_segment"])
+                continue
+            if result["key"] not in self.job.committed:
+                self.job.committed.add(result["key"])
+            if path.exists():
+                self.job._finish(path)
+        return summary
+
+    def _input(self, key: str) -> Path:
+        for state in ("processing", "ready"):
+            path = self.job.layout.raw_dir(state, self.source) / key
+            if path.exists():
+                return path
+        return self.job.layout.ready(self.source) / key
+
+    def _place(self, folder: Path, files: list[str]) -> None:
+        """Move a task's files (``processed/...``, ``raw/quarantine/...``) into the data directory."""
+        moved = set()
+        for rel in files:
+            source = folder / "data" / rel
+            if rel.startswith("processed/"):
+                target = self.config.processed_dir / rel.removeprefix("processed/")
+            else:
+                target = self.config.layout.root / rel
+            if not source.exists():  # moved by an earlier, interrupted commit
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                if target.read_bytes() != source.read_bytes():
+                    raise OutputConflict(f"{target} is already committed with other content")
+                source.unlink()
+                continue
+            os.replace(source, target)
+            moved.add(target.parent)
+        for directory in moved:
+            fsync_path(directory)
+
+
+def _channel(config: DaedalusConfig, channel: str) -> Any:
+    return getattr(config.etl.channels, channel)
+
+
+def _chain_groups(folder: Path) -> list[Path]:
+    """A product chain's finished group folders, in order (not the temporary ones)."""
+    return sorted(p for p in folder.glob("g*") if p.name[1:].isdigit() and (p / tasks.RESULT).exists())
+
+
+def _products(start, parsed: list[dict[str, Any]]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Every product a chain is needed for: the checkpoint's and every new one, in order."""
+    out = list(start.books.products)
+    for name in [*start.trades.seen, *(p for p, _ in start.bars.open_bars), *start.bars.written_until]:
+        if name not in out:
+            out.append(name)
+    for result in parsed:
+        for name in [*result["products"], *result["trade_products"]]:
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def _book_products(start, parsed: list[dict[str, Any]]) -> list[str]:  # type: ignore[no-untyped-def]
+    out = list(start.books.products)
+    for result in parsed:
+        out += [p for p in result["book_products"] if p not in out]
+    return out
+
+
+def _conns(start, parsed: list[dict[str, Any]]) -> list[int]:  # type: ignore[no-untyped-def]
+    out = list(start.books.conns)
+    for result in parsed:
+        out += [c for c in result["conns"] if c not in out]
+    return out
+
+
+def _gather(client: Any, futures: list[Any], phase: str, total: int, progress: bool, units) -> list[Any]:  # type: ignore[no-untyped-def]
+    """Results in submission order, with a progress bar over finished work on a terminal."""
+    from distributed import as_completed
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn(phase), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        task = bar.add_task(phase, total=total)
+        bar.start()
+    try:
+        for future in as_completed(futures):
+            if future.status == "error":
+                raise BackfillError(f"a {phase} task failed: {future.exception()!r}")
+            if bar is not None:
+                bar.update(task, advance=units(future.result()))
+        return client.gather(futures)
+    finally:
+        if bar is not None:
+            bar.stop()

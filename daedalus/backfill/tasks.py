@@ -1,0 +1,164 @@
+"""The backfill's two kinds of task, as plain functions a Dask worker runs (see
+:mod:`daedalus.backfill`). Each writes into a fresh temporary folder under the scratch root
+and renames it into place when complete, so a task killed anywhere leaves nothing a rerun
+would take for finished, and a task that finds its folder in place returns what it says
+(finished work is reused). Results are small dicts: the scheduler never receives data.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from daedalus.backfill.intermediate import IntermediateWriter, read_product
+from daedalus.config import DaedalusConfig
+from daedalus.etl.coinbase_run import SegmentRun
+from daedalus.etl.errors import SegmentDataError
+from daedalus.etl.job import EtlJob
+from daedalus.etl.output import commit
+from daedalus.etl.state import EtlState, load_state, save_state
+
+RESULT = "result.json"
+CHAIN_STATE = "chain"  # the name a chain's checkpoint files go by in its folder
+
+
+def staged_job(config: DaedalusConfig, source: str, folder: Path) -> EtlJob:
+    """The ETL job, writing its outputs (and quarantine) below ``folder``."""
+    etl = config.etl.model_copy(update={"output_dir": None})
+    return EtlJob(config.model_copy(update={"data_dir": folder / "data", "etl": etl}), source)
+
+
+def fresh_state(job: EtlJob) -> EtlState:
+    return EtlState.fresh(job.sample_ns, job.depth, job.bar_ns)
+
+
+def _finished(folder: Path) -> dict[str, Any] | None:
+    """The result of work finished earlier (a rerun reuses it), marked ``reused``."""
+    result = folder / RESULT
+    return json.loads(result.read_bytes()) | {"reused": True} if result.exists() else None
+
+
+def _publish(tmp: Path, folder: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write the result last, then rename the folder into place (a twin that finished first,
+    e.g. a task Dask ran again after losing its worker, wins: this one is dropped)."""
+    (tmp / RESULT).write_text(json.dumps(result))
+    try:
+        tmp.rename(folder)
+    except OSError:  # already in place
+        shutil.rmtree(tmp, ignore_errors=True)
+        return _finished(folder) or result
+    return result
+
+
+def _files(root: Path) -> list[str]:
+    out = root / "data"
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if out.exists() else []
+
+
+# ---- phase 1: one segment, no state ---------------------------------------------------------
+class ParseRun(SegmentRun):
+    """The stateless part of a Coinbase segment: tickers and candles written, every batch's
+    book input split per product into the intermediate files; no books, no trades filter."""
+
+    def __init__(self, job: EtlJob, name: str, sink: IntermediateWriter) -> None:
+        super().__init__(job, name, fresh_state(job))
+        self.sink = sink
+
+    def _batch(self, parsed) -> None:  # type: ignore[no-untyped-def]
+        self.counts.update(parsed.counts)
+        self.quarantine += parsed.quarantine
+        self.write_tickers_and_candles(parsed)
+        self.sink.add(parsed)
+
+    def finish(self, before: dict[str, dict[str, int]]) -> SegmentRun:
+        self.sink.close()
+        super().finish(before)
+        del self.counts["duplicate_trades"]  # counted by the product chains
+        return self
+
+    def abandon(self) -> None:
+        super().abandon()
+        self.sink.close()
+
+
+def parse_segments(config: DaedalusConfig, source: str, scratch: str, segments: list[dict[str, Any]]) -> list[dict]:
+    """Phase 1 for a group of segments (``{"key", "path", "id"}`` each), one after the other."""
+    return [parse_segment(config, source, Path(scratch), **segment) for segment in segments]
+
+
+def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, path: str, id: str) -> dict:
+    folder = scratch / "parse" / id
+    done = _finished(folder)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    tmp = scratch / "parse" / f"{id}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    job = staged_job(config, source, tmp)
+    sink: list[IntermediateWriter] = []
+
+    def parser() -> ParseRun:
+        shutil.rmtree(tmp / "books", ignore_errors=True)
+        sink[:] = [IntermediateWriter(tmp / "books")]
+        return ParseRun(job, key, sink[0])
+
+    result: dict[str, Any] = {"key": key, "id": id, "bytes": Path(path).stat().st_size}
+    try:
+        outcome, quarantined = job.read_segment(Path(path), key, parser)
+    except SegmentDataError as exc:  # the sequential job quarantines it whole: it takes no part in the books
+        shutil.rmtree(tmp / "books", ignore_errors=True)
+        result.update(quarantined_segment=str(exc), batches=0, products=[], book_products=[], trade_products=[],
+                      conns=[], rows={}, counts={}, quarantined=0, files=[])  # fmt: skip
+        return _publish(tmp, folder, result)
+    commit(outcome.files)
+    if quarantined:
+        job._write_quarantine(key, quarantined)
+    writer = sink[0]
+    result.update(batches=len(writer.clocks), products=writer.products, book_products=writer.book_products,
+                  trade_products=writer.trade_products, conns=writer.conns, rows=dict(outcome.rows),
+                  counts=dict(outcome.counts), quarantined=len(quarantined), files=_files(tmp),
+                  seconds=time.perf_counter() - started)  # fmt: skip
+    shutil.rmtree(job.scratch, ignore_errors=True)
+    return _publish(tmp, folder, result)
+
+
+# ---- phase 2: one product, a group of segments in order ------------------------------------
+def run_chain(config: DaedalusConfig, source: str, scratch: str, product: str, index: int, group: int,
+              segments: list[dict[str, Any]], previous: dict[str, Any] | str | None) -> dict:  # fmt: skip
+    """Product ``product``'s books, trades and bars over ``segments`` (parse results, in
+    order), starting from the chain state of ``previous``: the result of the chain's previous
+    group (Dask hands the finished task's dict over), a folder (the checkpoint's part), or None."""
+    if isinstance(previous, dict):
+        previous = previous["state"]
+    folder = Path(scratch) / "chain" / f"p{index:05d}" / f"g{group:06d}"
+    done = _finished(folder)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    job = staged_job(config, source, tmp)
+    state = fresh_state(job) if previous is None else load_state(Path(previous), CHAIN_STATE, job.sample_ns,
+                                                                 job.depth, job.bar_ns)  # fmt: skip
+    rows: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    for segment in segments:
+        run = SegmentRun(job, segment["key"], state)
+        before = run.book_counters()
+        for parsed in read_product(Path(scratch) / "parse" / segment["id"] / "books", segment["batches"], product,
+                                   segment["products"], segment["trade_products"]):  # fmt: skip
+            run._batch(parsed)
+        run.finish(before)
+        counts.update(run.counts)
+        rows.update(run.rows)
+        commit(run.files)
+    state.last_segment = segments[-1]["key"] if segments else None
+    save_state(tmp, CHAIN_STATE, state)
+    result = {"product": product, "index": index, "group": group, "rows": dict(rows), "counts": dict(counts),
+              "files": _files(tmp), "state": str(folder), "seconds": time.perf_counter() - started}  # fmt: skip
+    return _publish(tmp, folder, result)

@@ -1,0 +1,155 @@
+"""``daedalus etl --dask``: the backfill on a LocalCluster of 2 worker processes equals the
+sequential ETL on the same segments, file for file and byte for byte, also when a worker or
+the whole client is SIGKILLed mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import psutil
+import pytest
+import yaml
+
+from daedalus.sim import SimConfig, SimServer
+from daedalus.sim.faults import FaultConfig
+from tests.capture_helpers import ingest_config, segment_files
+from tests.conftest import REPO
+
+DEADLINE = 180.0
+SEGMENTS = 14
+
+
+async def _capture(data: Path) -> None:
+    """A real capture from the simulator with faults: dropped frames (gaps), disconnects every
+    1.5 s (reconnects, fresh snapshots, replayed trades), malformed lines (quarantine)."""
+    faults = FaultConfig(drop_rate=0.01, disconnect_every=1.5, malformed_rate=0.003)
+    async with SimServer(SimConfig(rate=400, seed=7, levels=150, heartbeat_interval=0.2, faults=faults)) as sim:
+        config = data.parent / "ingest.yaml"
+        config.write_text(yaml.safe_dump(ingest_config(data, sim.ws_url, segment_max_mb=0.06)))
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "daedalus", "ingest", "--config",
+                                                    str(config), stdout=asyncio.subprocess.DEVNULL,
+                                                    stderr=asyncio.subprocess.DEVNULL, cwd=REPO)  # fmt: skip
+        deadline = time.monotonic() + DEADLINE
+        while len(segment_files(data)) < SEGMENTS or len(sim.closed_connections) < 3:
+            assert time.monotonic() < deadline, "the capture made too few segments"
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+@pytest.fixture(scope="module")
+def raw_ready(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = tmp_path_factory.mktemp("capture") / "data"
+    asyncio.run(_capture(data))
+    return data / "raw" / "ready" / "coinbase"
+
+
+def data_dir(tmp_path: Path, name: str, raw_ready: Path) -> Path:
+    """A data directory holding a copy of the captured segments, and its config file."""
+    data = tmp_path / name
+    shutil.copytree(raw_ready, data / "raw" / "ready" / "coinbase")
+    config = {"data_dir": str(data), "etl": {"channels": {"bars": {"interval": "1s"}}},
+              "logging": {"format": "json"}}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return data
+
+
+def etl(tmp_path: Path, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "daedalus", "etl", "--config", str(tmp_path / f"{name}.yaml"), "--no-progress"]
+    done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=DEADLINE, cwd=REPO)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def tree(data: Path) -> dict[str, bytes]:
+    """Everything the ETL leaves: the processed dataset with its checkpoint, the quarantine,
+    and what is left of the raw segments."""
+    out = {}
+    for root in ("processed", "raw"):
+        for path in sorted((data / root).rglob("*")):
+            if path.is_file() and path.name != "coinbase.lock":
+                out[path.relative_to(data).as_posix()] = path.read_bytes()
+    return out
+
+
+def assert_same(expected: Path, got: Path) -> None:
+    want, have = tree(expected), tree(got)
+    assert sorted(have) == sorted(want)
+    different = [key for key in want if want[key] != have[key]]
+    assert not different, different[:10]
+    assert not (got / "tmp" / "backfill-coinbase").exists()  # the scratch area is removed after the commit
+
+
+@pytest.fixture
+def sequential(tmp_path: Path, raw_ready: Path) -> Path:
+    data = data_dir(tmp_path, "sequential", raw_ready)
+    done = etl(tmp_path, "sequential")
+    assert "gaps=0 " not in done.stdout and "duplicates_dropped=0" not in done.stdout  # the faults show
+    assert "quarantined: lines=0" not in done.stdout
+    (tmp_path / "sequential.txt").write_text(done.stdout)
+    return data
+
+
+def test_the_dask_backfill_equals_the_sequential_etl(tmp_path: Path, raw_ready: Path, sequential: Path) -> None:
+    assert len(list(raw_ready.iterdir())) >= SEGMENTS
+    data = data_dir(tmp_path, "dask", raw_ready)
+    done = etl(tmp_path, "dask", "--dask", "local:2")
+    assert_same(sequential, data)
+    # the same summary as the sequential run, but for the first line (times and rates)
+    assert done.stdout.splitlines()[1:] == (tmp_path / "sequential.txt").read_text().splitlines()[1:]
+    level2 = str(data / "processed" / "coinbase" / "level2" / "**" / "*.parquet")
+    count, invalid = duckdb.sql(f"SELECT count(*), count(*) FILTER (WHERE NOT book_valid) "
+                                f"FROM read_parquet('{level2}', hive_partitioning=true)").fetchall()[0]  # fmt: skip
+    assert count > 5_000 and invalid > 0  # books rebuilt, and invalid after gaps
+
+
+def test_a_worker_killed_mid_run_changes_nothing(tmp_path: Path, raw_ready: Path, sequential: Path) -> None:
+    data = data_dir(tmp_path, "dask", raw_ready)
+    child = subprocess.Popen([sys.executable, "-m", "daedalus", "etl", "--config", str(tmp_path / "dask.yaml"),
+                              "--no-progress", "--dask", "local:2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO)  # fmt: skip
+    parse = data / "tmp" / "backfill-coinbase" / "parse"
+    deadline = time.monotonic() + DEADLINE
+    while not list(parse.glob("*/result.json")) if parse.exists() else True:
+        assert child.poll() is None, child.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = [p for p in psutil.Process(child.pid).children(recursive=True) if "spawn" in " ".join(p.cmdline())
+               and p.children() == []]  # fmt: skip
+    assert workers and child.poll() is None, "the backfill ended before a worker could be killed"
+    workers[0].send_signal(signal.SIGKILL)
+    _, err = child.communicate(timeout=DEADLINE)
+    assert child.returncode == 0, err[-3000:]
+    assert_same(sequential, data)
+
+
+def test_a_killed_client_is_finished_by_a_rerun(tmp_path: Path, raw_ready: Path, sequential: Path) -> None:
+    data = data_dir(tmp_path, "dask", raw_ready)
+    child = subprocess.Popen([sys.executable, "-m", "daedalus", "etl", "--config", str(tmp_path / "dask.yaml"),
+                              "--no-progress", "--dask", "local:2"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)  # fmt: skip
+    parse = data / "tmp" / "backfill-coinbase" / "parse"
+    deadline = time.monotonic() + DEADLINE
+    while len(list(parse.glob("*/result.json")) if parse.exists() else []) < 3:
+        assert child.poll() is None, "the backfill ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(child.pid, signal.SIGKILL)  # the client, its scheduler and its workers: the machine went away
+    child.wait()
+    assert (data / "raw" / "ready" / "coinbase").exists() and not (data / "processed" / "_state" /
+                                                                   "coinbase.json").exists()  # fmt: skip
+    rerun = etl(tmp_path, "dask", "--dask", "local:2")
+    events = [json.loads(line) for line in rerun.stderr.splitlines() if line.startswith("{")]
+    parsed = [e for e in events if e.get("event") == "backfill_parsed"]
+    assert parsed and parsed[0]["reused"] >= 3  # finished work is not done again
+    assert_same(sequential, data)
