@@ -153,3 +153,26 @@ def test_a_killed_client_is_finished_by_a_rerun(tmp_path: Path, raw_ready: Path,
     parsed = [e for e in events if e.get("event") == "backfill_parsed"]
     assert parsed and parsed[0]["reused"] >= 3  # finished work is not done again
     assert_same(sequential, data)
+
+
+def test_a_commit_repeated_after_a_crash_does_not_count_twice(tmp_path: Path, raw_ready: Path,
+                                                               sequential: Path) -> None:  # fmt: skip
+    """A crash after the checkpoint was saved but before the scratch folder went: the rerun
+    finishes the commit from its note and must leave the same checkpoint, not add the chains'
+    trades, bars and totals to it once more."""
+    from daedalus.backfill.run import NOTE, Backfill, dask_client
+    from daedalus.config import load_config
+
+    data = data_dir(tmp_path, "dask", raw_ready)
+    backfill = Backfill(load_config(tmp_path / "dask.yaml"), "coinbase")
+    items = backfill.plan(None, None)
+    backfill.scratch.mkdir(parents=True, exist_ok=True)
+    with dask_client("local:1", backfill.scratch) as client:
+        parsed = backfill._parse(client, items, False)
+        chains = backfill._chains(client, parsed, False)
+    (backfill.scratch / NOTE).write_text(json.dumps({"parsed": parsed, "chains": chains}))
+    backfill._commit(parsed, chains)  # ... and the process dies here, before the scratch folder is removed
+    backfill.job._lock.close()  # type: ignore[union-attr]
+    rerun = etl(tmp_path, "dask", "--dask", "local:1")
+    assert f"segments: {len(parsed)} " in rerun.stdout  # the commit of the note, finished
+    assert_same(sequential, data)

@@ -21,13 +21,16 @@ from daedalus.capture.segments import fsync_path, write_atomically
 from daedalus.config import DaedalusConfig
 from daedalus.etl.job import EtlJob, Summary, segment_order
 from daedalus.etl.output import OutputConflict
-from daedalus.etl.state import load_state, save_state
+from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.layout import segment_stem
 from daedalus.logs import get_logger
 
 log = get_logger("daedalus.backfill")
 GROUP_BYTES = 64 << 20  # raw bytes per task: tasks of seconds, not milliseconds
 NOTE = "commit.json"
+# Dask's statistical profiler samples every worker's stacks every 10 ms: measurable CPU on
+# tasks that run for seconds, and nobody reads its profiles here.
+QUIET_WORKERS = {"distributed.worker.profile.enabled": False}
 PER_PRODUCT_CHANNELS = ("level2", "book_snapshot", "market_trades", "bars")
 
 
@@ -58,6 +61,7 @@ def dask_client(address: str, scratch: Path) -> Iterator[Any]:
     """``local:N``: a LocalCluster of N worker processes (one thread each, their spill space
     under the scratch folder); anything else: the address of a running scheduler."""
     try:
+        import dask
         from distributed import Client, LocalCluster
     except ImportError:
         raise BackfillError("--dask needs Dask: pip install 'daedalus[dask]' (dask[distributed])") from None
@@ -69,10 +73,11 @@ def dask_client(address: str, scratch: Path) -> Iterator[Any]:
         if not 1 <= workers <= 256:
             raise BackfillError(f"--dask {address!r}: N must be 1..256")
         space = scratch / "dask-worker-space"
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               local_directory=str(space), silence_logs=40)  # fmt: skip
-        with cluster, Client(cluster) as client:
-            yield client
+        with dask.config.set(QUIET_WORKERS):  # the nannies hand this configuration to their workers
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   local_directory=str(space), silence_logs=40)  # fmt: skip
+            with cluster, Client(cluster) as client:
+                yield client
     else:
         with Client(address, timeout=30) as client:
             yield client
@@ -121,18 +126,27 @@ class Backfill:
         if not note.exists():  # else: a commit was cut short; finish it first
             items = self.plan(start, end)
             if not items:
+                shutil.rmtree(self.scratch, ignore_errors=True)  # what a killed run left, if the segments went since
                 return Summary()
             self.scratch.mkdir(parents=True, exist_ok=True)
             with dask_client(address, self.scratch) as client:
-                workers = len(client.scheduler_info().get("workers", {}))
+                warm = client.run(tasks.warm_up, self.config, self.source, str(self.scratch))
                 log.info("backfill_started", segments=len(items), mb=round(sum(i["bytes"] for i in items) / 1e6, 1),
-                         workers=workers, scheduler=client.scheduler.address)  # fmt: skip
+                         workers=len(warm), scheduler=client.scheduler.address,
+                         cluster_seconds=round(time.perf_counter() - started, 3),
+                         warm_up_seconds=round(max(warm.values(), default=0.0), 3))  # fmt: skip
                 parsed = self._parse(client, items, progress)
                 log.info("backfill_parsed", segments=len(parsed), reused=sum(bool(r.get("reused")) for r in parsed),
-                         quarantined_segments=sum("quarantined_segment" in r for r in parsed))  # fmt: skip
+                         quarantined_segments=sum("quarantined_segment" in r for r in parsed),
+                         task_seconds=round(sum(r.get("seconds", 0.0) for r in parsed), 3),
+                         task_cpu_seconds=round(sum(r.get("cpu_seconds", 0.0) for r in parsed), 3))  # fmt: skip
                 chains = self._chains(client, parsed, progress)
+                spent = {c["product"]: _chain_seconds(c["groups"]) for c in chains}
+                cpu = {c["product"]: _chain_seconds(c["groups"], "cpu_seconds") for c in chains}
                 log.info("backfill_books_done", chains=len(chains),
-                         reused=sum(bool(r.get("reused")) for r in chains))  # fmt: skip
+                         task_seconds=round(sum(spent.values()), 3),
+                         critical_path_seconds=round(max(spent.values(), default=0.0), 3),
+                         chain_cpu_seconds={p: round(v, 3) for p, v in cpu.items()})  # fmt: skip
             write_atomically(note, json.dumps({"parsed": parsed, "chains": chains}).encode())
         record = json.loads(note.read_bytes())
         summary = self._commit(record["parsed"], record["chains"])
@@ -150,29 +164,41 @@ class Backfill:
         return [result for group in results for result in group]
 
     def _chains(self, client: Any, parsed: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
+        """One chain of tasks per product; returns ``{"product", "groups": [folder, ...]}`` each.
+
+        A group's folder is named after everything its result depends on (the previous
+        folder's name and its segments' keys), so a rerun reuses exactly the finished work of
+        the same plan, and never a group of an older plan that covered other segments."""
         start = self.job._load()
-        products = _products(start, parsed)
         live = [p for p in parsed if "quarantined_segment" not in p]
         runs = groups(live, GROUP_BYTES)
-        futures = []
+        if not runs:
+            return []
+        futures, chains = [], []
         token = uuid.uuid4().hex[:8]
-        for index, product in enumerate(products):
-            previous = self._initial(index, product, start)
+        for index, product in enumerate(_products(start, parsed)):
+            home = self.scratch / "chain" / f"p-{_digest(product)}"
+            previous: Any = self._initial(home, product, start)
+            name = "fresh" if previous is None else Path(previous).name
+            folders = []
             for number, run in enumerate(runs):
-                previous = client.submit(tasks.run_chain, self.config, self.source, str(self.scratch), product, index,
-                                         number, run, previous,
-                                         key=f"chain-{token}-{index}-{number}", pure=False)  # fmt: skip
+                name = f"g{number:06d}-{_digest(name, *(item['key'] for item in run))}"
+                folders.append(str(home / name))
+                previous = client.submit(tasks.run_chain, self.config, self.source, product, folders[-1], run,
+                                         previous, key=f"chain-{token}-{index}-{number}", pure=False)  # fmt: skip
             futures.append(previous)
-        return _gather(client, futures, "books", len(futures), progress, lambda r: 1) if runs else []
+            chains.append({"product": product, "groups": folders})
+        _gather(client, futures, "books", len(futures), progress, lambda r: 1)
+        return chains
 
-    def _initial(self, index: int, product: str, start) -> str | None:  # type: ignore[no-untyped-def]
+    def _initial(self, home: Path, product: str, start) -> str | None:  # type: ignore[no-untyped-def]
         """The checkpoint's part for this product's chain, in a folder (None: nothing to carry)."""
         if start.last_segment is None and not start.books.products:
             return None
-        folder = self.scratch / "chain" / f"p{index:05d}" / "start"
+        state = product_state(start, product, self.job.sample_ns, self.job.depth, self.job.bar_ns)
+        state.last_segment = start.last_segment
+        folder = home / f"start-{_digest(str(start.last_segment), json.dumps(start.totals, sort_keys=True))}"
         if not (folder / f"{tasks.CHAIN_STATE}.json").exists():
-            state = product_state(start, product, self.job.sample_ns, self.job.depth, self.job.bar_ns)
-            state.last_segment = start.last_segment
             save_state(folder, tasks.CHAIN_STATE, state)
         return str(folder)
 
@@ -180,8 +206,8 @@ class Backfill:
     def _commit(self, parsed: list[dict[str, Any]], chains: list[dict[str, Any]]) -> Summary:
         """Outputs into place, the merged checkpoint, the committed list, then the input
         segments deleted or archived. Every step can be repeated (the note stays until the end)."""
-        groups_done = [json.loads((group / tasks.RESULT).read_bytes()) | {"folder": str(group)}
-                       for chain in chains for group in _chain_groups(Path(chain["state"]).parent)]  # fmt: skip
+        groups_done = [json.loads((Path(group) / tasks.RESULT).read_bytes()) | {"folder": group}
+                       for chain in chains for group in chain["groups"]]  # fmt: skip
         summary, totals = Summary(), Counter()
         for result in parsed:
             self._place(self.scratch / "parse" / result["id"], result["files"])
@@ -197,12 +223,7 @@ class Backfill:
         summary.counts.update(totals)
         live = [r for r in parsed if "quarantined_segment" not in r]
         if live:
-            start = self.job._load()
-            states = {c["product"]: load_state(Path(c["state"]), tasks.CHAIN_STATE, self.job.sample_ns,
-                                               self.job.depth, self.job.bar_ns) for c in chains}  # fmt: skip
-            merged = merge_states(start, states, _book_products(start, parsed), _conns(start, parsed), dict(totals),
-                                  live[-1]["key"])  # fmt: skip
-            save_state(self.job.state_dir, self.source, merged)
+            save_state(self.job.state_dir, self.source, self._merged(parsed, chains, dict(totals), live[-1]["key"]))
         for result in parsed:
             path = self._input(result["key"])
             if "quarantined_segment" in result:
@@ -214,6 +235,23 @@ class Backfill:
             if path.exists():
                 self.job._finish(path)
         return summary
+
+    def _merged(self, parsed: list[dict[str, Any]], chains: list[dict[str, Any]], totals: dict[str, int],
+                last: str) -> EtlState:  # fmt: skip
+        """The checkpoint after the backfill, computed once from the checkpoint before it and
+        kept in the scratch folder: a repeated commit (the first was cut short after saving
+        it) must not add the chains to it a second time."""
+        folder = self.scratch / "merged"
+        if (folder / f"{self.source}.json").exists():
+            return self._load_from(folder, self.source)
+        start = self.job._load()
+        states = {c["product"]: self._load_from(Path(c["groups"][-1]), tasks.CHAIN_STATE) for c in chains}
+        merged = merge_states(start, states, _book_products(start, parsed), _conns(start, parsed), totals, last)
+        save_state(folder, self.source, merged)
+        return merged
+
+    def _load_from(self, folder: Path, name: str) -> EtlState:
+        return load_state(folder, name, self.job.sample_ns, self.job.depth, self.job.bar_ns)
 
     def _input(self, key: str) -> Path:
         for state in ("processing", "ready"):
@@ -249,9 +287,14 @@ def _channel(config: DaedalusConfig, channel: str) -> Any:
     return getattr(config.etl.channels, channel)
 
 
-def _chain_groups(folder: Path) -> list[Path]:
-    """A product chain's finished group folders, in order (not the temporary ones)."""
-    return sorted(p for p in folder.glob("g*") if p.name[1:].isdigit() and (p / tasks.RESULT).exists())
+def _chain_seconds(folders: list[str], measure: str = "seconds") -> float:
+    """The task seconds (or ``cpu_seconds``) of one product's chain, all its groups: the
+    longest chain bounds the backfill."""
+    return sum(json.loads((Path(g) / tasks.RESULT).read_bytes()).get(measure, 0.0) for g in folders)
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _products(start, parsed: list[dict[str, Any]]) -> list[str]:  # type: ignore[no-untyped-def]
