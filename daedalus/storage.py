@@ -346,3 +346,15 @@ def _lease_is_dead(held: dict[str, Any]) -> bool:
         except PermissionError:
             return False
     return False
+
+
+def publish(store: Store, path: Path, key: str) -> None:
+    """Upload ``path`` under ``key`` unless the same bytes (by SHA-256) are there already;
+    refuse to replace other bytes: a committed name is never overwritten."""
+    digest = sha256_file(path)
+    remote = store.sha256(key)
+    if remote is None:
+        store.upload(path, key, digest)
+    elif remote != digest:
+        raise StorageError(f"{store.url}/{key} is already committed with other content (a different segment "
+                           "under the same name?): not overwritten; the run stops")  # fmt: skip

@@ -23,6 +23,9 @@ from daedalus.sim import SimConfig, SimServer
 from daedalus.sim.faults import FaultConfig
 from tests.capture_helpers import ingest_config, segment_files
 from tests.conftest import REPO
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, s3_server
+
+__all__ = ["s3_server"]  # fixture
 
 DEADLINE = 180.0
 SEGMENTS = 14
@@ -176,3 +179,39 @@ def test_a_commit_repeated_after_a_crash_does_not_count_twice(tmp_path: Path, ra
     rerun = etl(tmp_path, "dask", "--dask", "local:1")
     assert f"segments: {len(parsed)} " in rerun.stdout  # the commit of the note, finished
     assert_same(sequential, data)
+
+
+def test_the_backfill_from_s3_to_s3_equals_the_sequential_etl(tmp_path: Path, raw_ready: Path, sequential: Path,
+                                                               s3_server: S3Server) -> None:  # fmt: skip
+    client = s3_server.client()
+    for path in sorted(raw_ready.iterdir()):
+        client.upload_file(str(path), BUCKET, f"pi-1/raw/archive/coinbase/{path.name}")
+    config = {"data_dir": str(tmp_path / "worker"), "logging": {"format": "json"},
+              "etl": {"channels": {"bars": {"interval": "1s"}}},
+              "sync": {"endpoint_url": s3_server.endpoint, "region": REGION, "access_key_id": KEY_ID,
+                       "secret_access_key": SECRET}}  # fmt: skip
+    (tmp_path / "worker.yaml").write_text(yaml.safe_dump(config))
+    stores = ("--input", f"s3://{BUCKET}/pi-1/raw", "--output", f"s3://{BUCKET}/lake/processed")
+    done = etl(tmp_path, "worker", "--dask", "local:2", *stores)
+    assert done.stdout.splitlines()[1:] == (tmp_path / "sequential.txt").read_text().splitlines()[1:]
+
+    got = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="lake/processed/"):
+        for item in page.get("Contents", []):
+            body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+            got[item["Key"].removeprefix("lake/processed/")] = body
+    want = tree(sequential)
+    datasets = {k.removeprefix("processed/"): v for k, v in want.items() if k.startswith("processed/coinbase/")}
+    assert datasets and {k: v for k, v in got.items() if k.startswith("coinbase/")} == datasets
+    quarantine = {k.replace("raw/quarantine/", "_quarantine/"): v for k, v in want.items() if "quarantine" in k}
+    assert quarantine and {k: v for k, v in got.items() if k.startswith("_quarantine/")} == quarantine
+    state = json.loads(got["_state/coinbase.json"])
+    keys = state.pop("committed_segments")
+    assert state == json.loads(want["processed/_state/coinbase.json"])
+    assert got[f"_state/{state['books_file']}"] == want[f"processed/_state/{state['books_file']}"]
+    markers = sorted(k.removeprefix("_state/coinbase.committed.d/") for k in got if ".committed.d/" in k)
+    assert markers == sorted(keys) == sorted(p.name for p in raw_ready.iterdir())
+    # nothing left for a second backfill, nor for the sequential ETL between the same stores
+    assert "segments: 0" in etl(tmp_path, "worker", "--dask", "local:1", *stores).stdout
+    assert "segments: 0" in etl(tmp_path, "worker", *stores).stdout
+    assert len(list(client.list_objects_v2(Bucket=BUCKET, Prefix="pi-1/raw/")["Contents"])) == len(markers)

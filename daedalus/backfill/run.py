@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import time
 import uuid
@@ -17,12 +16,11 @@ from typing import Any
 
 from daedalus.backfill import tasks
 from daedalus.backfill.state import merge_states, product_state
-from daedalus.capture.segments import fsync_path, write_atomically
+from daedalus.backfill.targets import LocalTarget, StoreTarget, Target
+from daedalus.capture.segments import write_atomically
 from daedalus.config import DaedalusConfig
-from daedalus.etl.job import EtlJob, Summary, segment_order
-from daedalus.etl.output import OutputConflict
+from daedalus.etl.job import EtlJob, Summary
 from daedalus.etl.state import EtlState, load_state, save_state
-from daedalus.layout import segment_stem
 from daedalus.logs import get_logger
 
 log = get_logger("daedalus.backfill")
@@ -36,11 +34,6 @@ PER_PRODUCT_CHANNELS = ("level2", "book_snapshot", "market_trades", "bars")
 
 class BackfillError(RuntimeError):
     """The backfill cannot run as configured, or a task failed for good."""
-
-
-def segment_id(key: str) -> str:
-    """A segment's folder name in the scratch area: its stem and a hash of the whole key."""
-    return f"{segment_stem(key)}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def groups(items: list[dict[str, Any]], target_bytes: int) -> list[list[dict[str, Any]]]:
@@ -86,7 +79,8 @@ def dask_client(address: str, scratch: Path) -> Iterator[Any]:
 class Backfill:
     """One source's pending segments through the two phases, then one commit."""
 
-    def __init__(self, config: DaedalusConfig, source: str) -> None:
+    def __init__(self, config: DaedalusConfig, source: str, *, raw: str | None = None,
+                 processed: str | None = None) -> None:  # fmt: skip
         if source != "coinbase":
             raise BackfillError(f"--dask: the backfill runs Coinbase segments (books per product); {source}'s "
                                 "segments have no cross-segment books: run `daedalus etl` without --dask")  # fmt: skip
@@ -99,29 +93,26 @@ class Backfill:
         self.source = source
         self.job = EtlJob(config, source)
         self.scratch = config.layout.scratch(f"backfill-{source}")
+        self.target: Target = (LocalTarget(config, self.job) if raw is None and processed is None else
+                               StoreTarget(config, self.job, self.scratch, raw=raw or str(config.layout.raw),
+                                           processed=processed or str(config.processed_dir)))  # fmt: skip
 
     # ---- planning -------------------------------------------------------------------------
     def plan(self, start: date | None, end: date | None) -> list[dict[str, Any]]:
         """The pending segments, in order, that the backfill takes."""
-        self.job.prepare()  # the source's lock: no other ETL while this runs
-        state = self.job._load()
-        items = []
-        for path in self.job.pending(start, end):
-            key = self.job.key(path)
-            if key in self.job.committed or key == state.last_segment:
-                self.job._finish(path)  # committed before a crash: only cleanup was left
-                continue
-            if state.last_segment is not None and segment_order(key) < segment_order(state.last_segment):
-                log.warning("backfill_segment_older_than_checkpoint", segment=key, checkpoint=state.last_segment,
-                            effect="left for the sequential ETL")  # fmt: skip
-                continue
-            items.append({"key": key, "path": str(path), "id": segment_id(key), "bytes": path.stat().st_size})
-        return items
+        self.target.prepare()
+        return self.target.pending(start, end)
 
     # ---- running --------------------------------------------------------------------------
     def run(self, address: str, start: date | None = None, end: date | None = None, progress: bool = False) -> Summary:
         started = time.perf_counter()
-        self.job.prepare()
+        self.target.prepare()
+        try:
+            return self._run(address, start, end, progress, started)
+        finally:
+            self.target.close()
+
+    def _run(self, address: str, start: date | None, end: date | None, progress: bool, started: float) -> Summary:
         note = self.scratch / NOTE
         if not note.exists():  # else: a commit was cut short; finish it first
             items = self.plan(start, end)
@@ -158,7 +149,7 @@ class Backfill:
         batches = groups(items, GROUP_BYTES)
         token = uuid.uuid4().hex[:8]  # task keys unique to this run (a long-lived scheduler remembers old ones)
         futures = [client.submit(tasks.parse_segments, self.config, self.source, str(self.scratch),
-                                 [{k: item[k] for k in ("key", "path", "id")} for item in batch],
+                                 [{k: v for k, v in item.items() if k != "bytes"} for item in batch],
                                  key=f"parse-{token}-{batch[0]['id']}", pure=False) for batch in batches]  # fmt: skip
         results = _gather(client, futures, "parse", sum(len(b) for b in batches), progress, lambda r: len(r))
         return [result for group in results for result in group]
@@ -169,7 +160,7 @@ class Backfill:
         A group's folder is named after everything its result depends on (the previous
         folder's name and its segments' keys), so a rerun reuses exactly the finished work of
         the same plan, and never a group of an older plan that covered other segments."""
-        start = self.job._load()
+        start = self.target.start_state()
         live = [p for p in parsed if "quarantined_segment" not in p]
         runs = groups(live, GROUP_BYTES)
         if not runs:
@@ -204,13 +195,14 @@ class Backfill:
 
     # ---- commit ---------------------------------------------------------------------------
     def _commit(self, parsed: list[dict[str, Any]], chains: list[dict[str, Any]]) -> Summary:
-        """Outputs into place, the merged checkpoint, the committed list, then the input
-        segments deleted or archived. Every step can be repeated (the note stays until the end)."""
+        """Outputs into place, the merged checkpoint, then the segments recorded as committed
+        (and, in the data directory, deleted or archived). Every step can be repeated: the
+        note stays until the end."""
         groups_done = [json.loads((Path(group) / tasks.RESULT).read_bytes()) | {"folder": group}
                        for chain in chains for group in chain["groups"]]  # fmt: skip
         summary, totals = Summary(), Counter()
         for result in parsed:
-            self._place(self.scratch / "parse" / result["id"], result["files"])
+            self.target.place(self.scratch / "parse" / result["id"], result["files"])
             summary.segments += 1
             summary.bytes += int(result["bytes"])
             summary.quarantined_lines += int(result.get("quarantined", 0))
@@ -219,21 +211,12 @@ class Backfill:
             summary.rows.update(result["rows"])
             totals.update(result["counts"])
         for group in groups_done:
-            self._place(Path(group["folder"]), group["files"])
+            self.target.place(Path(group["folder"]), group["files"])
         summary.counts.update(totals)
-        live = [r for r in parsed if "quarantined_segment" not in r]
+        live = [r["key"] for r in parsed if "quarantined_segment" not in r]
         if live:
-            save_state(self.job.state_dir, self.source, self._merged(parsed, chains, dict(totals), live[-1]["key"]))
-        for result in parsed:
-            path = self._input(result["key"])
-            if "quarantined_segment" in result:
-                if path.exists():
-                    self.job._quarantine_segment(path, result["quarantined_segment"])
-                continue
-            if result["key"] not in self.job.committed:
-                self.job.committed.add(result["key"])
-            if path.exists():
-                self.job._finish(path)
+            self.target.save_checkpoint(self._merged(parsed, chains, dict(totals), live[-1]), live)
+        self.target.finish(parsed)
         return summary
 
     def _merged(self, parsed: list[dict[str, Any]], chains: list[dict[str, Any]], totals: dict[str, int],
@@ -244,7 +227,7 @@ class Backfill:
         folder = self.scratch / "merged"
         if (folder / f"{self.source}.json").exists():
             return self._load_from(folder, self.source)
-        start = self.job._load()
+        start = self.target.start_state()
         states = {c["product"]: self._load_from(Path(c["groups"][-1]), tasks.CHAIN_STATE) for c in chains}
         merged = merge_states(start, states, _book_products(start, parsed), _conns(start, parsed), totals, last)
         save_state(folder, self.source, merged)
@@ -252,35 +235,6 @@ class Backfill:
 
     def _load_from(self, folder: Path, name: str) -> EtlState:
         return load_state(folder, name, self.job.sample_ns, self.job.depth, self.job.bar_ns)
-
-    def _input(self, key: str) -> Path:
-        for state in ("processing", "ready"):
-            path = self.job.layout.raw_dir(state, self.source) / key
-            if path.exists():
-                return path
-        return self.job.layout.ready(self.source) / key
-
-    def _place(self, folder: Path, files: list[str]) -> None:
-        """Move a task's files (``processed/...``, ``raw/quarantine/...``) into the data directory."""
-        moved = set()
-        for rel in files:
-            source = folder / "data" / rel
-            if rel.startswith("processed/"):
-                target = self.config.processed_dir / rel.removeprefix("processed/")
-            else:
-                target = self.config.layout.root / rel
-            if not source.exists():  # moved by an earlier, interrupted commit
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                if target.read_bytes() != source.read_bytes():
-                    raise OutputConflict(f"{target} is already committed with other content")
-                source.unlink()
-                continue
-            os.replace(source, target)
-            moved.add(target.parent)
-        for directory in moved:
-            fsync_path(directory)
 
 
 def _channel(config: DaedalusConfig, channel: str) -> Any:

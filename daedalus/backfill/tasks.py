@@ -22,6 +22,7 @@ from daedalus.etl.errors import SegmentDataError
 from daedalus.etl.job import EtlJob
 from daedalus.etl.output import commit
 from daedalus.etl.state import EtlState, load_state, save_state
+from daedalus.storage import open_store
 
 RESULT = "result.json"
 CHAIN_STATE = "chain"  # the name a chain's checkpoint files go by in its folder
@@ -91,7 +92,9 @@ def parse_segments(config: DaedalusConfig, source: str, scratch: str, segments: 
     return [parse_segment(config, source, Path(scratch), **segment) for segment in segments]
 
 
-def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, path: str, id: str) -> dict:
+def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, id: str, path: str | None = None,
+                  raw: str | None = None, location: str | None = None) -> dict:  # fmt: skip
+    """Phase 1 for one segment, read from ``path``, or from ``location`` in the store ``raw``."""
     folder = scratch / "parse" / id
     done = _finished(folder)
     if done is not None:
@@ -101,6 +104,11 @@ def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, 
     tmp.mkdir(parents=True)
     job = staged_job(config, source, tmp)
     sink: list[IntermediateWriter] = []
+    if path is None:  # a copy from the store, named as the segment (its suffix says how to read it)
+        assert raw is not None and location is not None
+        (tmp / "input").mkdir()
+        path = str(tmp / "input" / key.rsplit("/", 1)[-1])
+        open_store(raw, config.sync).download(location, Path(path))
 
     def parser() -> ParseRun:
         shutil.rmtree(tmp / "books", ignore_errors=True)
@@ -112,12 +120,14 @@ def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, 
         outcome, quarantined = job.read_segment(Path(path), key, parser)
     except SegmentDataError as exc:  # the sequential job quarantines it whole: it takes no part in the books
         shutil.rmtree(tmp / "books", ignore_errors=True)
+        shutil.rmtree(tmp / "input", ignore_errors=True)
         result.update(quarantined_segment=str(exc), batches=0, products=[], book_products=[], trade_products=[],
                       conns=[], rows={}, counts={}, quarantined=0, files=[])  # fmt: skip
         return _publish(tmp, folder, result)
     commit(outcome.files)
     if quarantined:
         job._write_quarantine(key, quarantined)
+    shutil.rmtree(tmp / "input", ignore_errors=True)
     writer = sink[0]
     result.update(batches=len(writer.clocks), products=writer.products, book_products=writer.book_products,
                   trade_products=writer.trade_products, conns=writer.conns, rows=dict(outcome.rows),
@@ -194,7 +204,7 @@ def warm_up(config: DaedalusConfig, source: str, scratch: str) -> float:
     lines += [frame_line(t + i + 1, 1, text) for i, text in enumerate(_WARM_FRAMES)]
     segment.write_bytes(b"".join(lines))
     try:
-        parsed = parse_segment(config, source, folder, segment.name, str(segment), "warm")
+        parsed = parse_segment(config, source, folder, segment.name, "warm", path=str(segment))
         run_chain(config, source, "WARM-USD", str(folder / "chain" / "p-warm" / "g000000"), [parsed], None)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -45,7 +45,7 @@ from daedalus.etl.job import EtlJob, Summary, _in_range, _progress, etl_child, s
 from daedalus.layout import parse_segment_name
 from daedalus.logs import get_logger
 from daedalus.ops.heartbeat import HeartbeatPublisher
-from daedalus.storage import Lease, StorageError, Store, open_store, sha256_file
+from daedalus.storage import Lease, Store, open_store, publish, sha256_file
 
 log = get_logger("daedalus.etl.remote")
 INPUT_STATES = ("ready", "archive")  # closed segments; active/ and processing/ are someone's work in progress
@@ -75,6 +75,7 @@ class StoreEtl:
         self._renewed = 0.0
         self._published_state: bytes | None = None
         self.last_segment: str | None = None
+        self.in_checkpoint: set[str] = set()
         self.on_beat: Callable[[], None] = lambda: None
 
     # ---- start: lease, staging, checkpoint ------------------------------------------------
@@ -110,8 +111,11 @@ class StoreEtl:
             return
         if self.output.sha256(f"_state/{books}") is not None:
             self.output.download(f"_state/{books}", self.job.state_dir / books)
-        if self.last_segment:  # published, then a crash before its marker: the marker completes it
-            self.output.write(self.markers + self.last_segment, b"")
+        # the checkpoint names the segments it holds (a backfill commits many at once): a crash
+        # between it and their markers is completed by writing the markers (see pending())
+        self.in_checkpoint = set(record.get("committed_segments", []))
+        if self.last_segment:
+            self.in_checkpoint.add(self.last_segment)
 
     def rebuild_state(self) -> str | None:
         """Move a damaged checkpoint aside, into ``_state/broken-<source>-<time>/`` of the output."""
@@ -129,7 +133,7 @@ class StoreEtl:
         for path in self.job.state_dir.glob(f"{self.source}.*"):
             if path.name != f"{self.source}.lock":
                 path.unlink()
-        self._published_state, self.last_segment = None, None
+        self._published_state, self.last_segment, self.in_checkpoint = None, None, set()
         log.warning("etl_state_rebuilt", moved_to=f"{self.output.url}/{aside}" if moved else None,
                     effect="books are empty until each product's next snapshot; open bars are lost")  # fmt: skip
         return f"{self.output.url}/{aside}" if moved else None
@@ -138,13 +142,16 @@ class StoreEtl:
     def pending(self, start: date | None = None, end: date | None = None) -> list[PendingSegment]:
         """Input segments without a marker, in time order (one per key, ``ready/`` first)."""
         done = {entry.key[len(self.markers):] for entry in self.output.list(self.markers)}
+        for key in sorted(self.in_checkpoint - done):  # published, then a crash before the marker
+            self.output.write(self.markers + key, b"")
+        done |= self.in_checkpoint
         found: dict[str, PendingSegment] = {}
         for state in INPUT_STATES:
             base = f"{state}/{self.source}/"
             for entry in self.input.list(base):
                 key = entry.key[len(base):]
                 name = key.rsplit("/", 1)[-1]
-                if parse_segment_name(name) is None or key in done or key == self.last_segment:
+                if parse_segment_name(name) is None or key in done:
                     continue
                 if (start or end) and not _in_range(name, start, end):
                     continue
@@ -228,13 +235,7 @@ class StoreEtl:
         return len(files)
 
     def _publish_file(self, path: Path, key: str) -> None:
-        digest = sha256_file(path)
-        remote = self.output.sha256(key)
-        if remote is None:
-            self.output.upload(path, key, digest)
-        elif remote != digest:
-            raise StorageError(f"{self.output.url}/{key} is already committed with other content (a "
-                               "different segment under the same name?): not overwritten; the run stops")
+        publish(self.output, path, key)
         path.unlink()
 
     def _publish_state(self) -> None:
