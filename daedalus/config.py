@@ -139,6 +139,9 @@ class IngestionConfig(Section):
     reconnect_delay: Seconds = 5.0
     max_reconnect_delay: Seconds = 120.0
     watchdog_timeout_seconds: Seconds = 30.0
+    # Coinbase: ask for fresh level2 snapshots at every UTC hour, so each hour's segments start
+    # from whole books (costs one snapshot per product per hour; see the README)
+    snapshot_every_hour: bool = False
     # raw_format: parquet (the ccxt path's record writer)
     parquet_queue_maxsize: Annotated[int, Field(gt=0, le=10_000_000)] = 50_000
     # ... and the bytes those queued records may hold (estimated per record, without parsing it)

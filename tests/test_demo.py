@@ -55,8 +55,11 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
         try:
             for child in parent.children(recursive=True):
                 # looked at again each round: a child seen between its fork and its exec still
-                # shows its parent's command line
-                seen[child.pid] = (seen.get(child.pid, (child,))[0], " ".join(child.cmdline()[2:5]))
+                # shows its parent's command line; one that has just exited (a zombie) shows
+                # none, which must not replace what it ran
+                command = " ".join(child.cmdline()[2:5])
+                if command or child.pid not in seen:
+                    seen[child.pid] = (seen.get(child.pid, (child,))[0], command)
         except psutil.Error:  # a process gone between the listing and the look
             pass
         time.sleep(0.2)

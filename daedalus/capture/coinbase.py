@@ -35,6 +35,7 @@ TICKER_PREFIX = '{"channel":"ticker'  # ticker and ticker_batch
 MAX_TICKER_BYTES = 16 * 1024
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # level2 snapshots of busy books exceed 5 MB
 RESUBSCRIBE_GRACE_S = 5.0
+HOUR_NS = 3_600_000_000_000
 
 
 def sequence_of(frame: str) -> int | None:
@@ -96,6 +97,7 @@ class CollectorStats:
     errors: int = 0
     reconnects: int = 0
     gaps: int = 0
+    hourly_snapshots: int = 0  # level2 re-subscriptions at the hour (ingestion.snapshot_every_hour)
     connected_since: float | None = None
     last_message_at: float | None = None
     state: str = "starting"
@@ -228,6 +230,10 @@ class CoinbaseCollector:
         block = self.ingestion.on_queue_full == "block"
         wanted = frozenset(self.product_ids)  # only these are tracked: the wire cannot grow the map
         product_seen = stats.product_seen
+        # ingestion.snapshot_every_hour: the first frame of each UTC hour asks for fresh level2
+        # snapshots, so every hour's segments start from a whole book (None: off)
+        hourly = self.ingestion.snapshot_every_hour and "level2" in self.channels
+        next_hour = (clock() // HOUR_NS + 1) * HOUR_NS if hourly else None
         try:
             while True:  # the hot path: keep it to a stamp, a queue append and a bounded scan
                 msg = await receive()
@@ -251,6 +257,9 @@ class CoinbaseCollector:
                     while not writer.has_room():
                         await asyncio.sleep(0.001)
                 put_frame(recv_ns, conn, data)
+                if next_hour is not None and recv_ns >= next_hour:
+                    next_hour = (recv_ns // HOUR_NS + 1) * HOUR_NS
+                    await self._resnapshot(ws, recv_ns)
                 product = product_of(data)
                 if product in wanted:
                     product_seen[product] = recv_ns
@@ -283,6 +292,14 @@ class CoinbaseCollector:
         if self._resubscribed_at is not None and now - self._resubscribed_at < RESUBSCRIBE_GRACE_S:
             return  # a fresh snapshot is already on its way
         self._resubscribed_at = now
+        await self._send_subscribe(ws, self._subscribe_message("level2"))
+
+    async def _resnapshot(self, ws: aiohttp.ClientWebSocketResponse, recv_ns: int) -> None:
+        """A new UTC hour: subscribe to level2 again, which makes the exchange send a fresh
+        snapshot of every product (the subscribe line in the segment says when it was asked)."""
+        self.stats.hourly_snapshots += 1
+        log.info("collector_hourly_snapshot", conn=self.conn_id, hour_ns=recv_ns - recv_ns % HOUR_NS)
+        self._resubscribed_at = time.monotonic()
         await self._send_subscribe(ws, self._subscribe_message("level2"))
 
     async def _watchdog(self, ws: aiohttp.ClientWebSocketResponse) -> None:
