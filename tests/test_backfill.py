@@ -23,7 +23,7 @@ from daedalus.sim import SimConfig, SimServer
 from daedalus.sim.faults import FaultConfig
 from tests.capture_helpers import ingest_config, segment_files
 from tests.conftest import REPO
-from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, s3_server
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, free_port, s3_server
 
 __all__ = ["s3_server"]  # fixture
 
@@ -171,8 +171,7 @@ def test_a_commit_repeated_after_a_crash_does_not_count_twice(tmp_path: Path, ra
     items = backfill.plan(None, None)
     backfill.scratch.mkdir(parents=True, exist_ok=True)
     with dask_client("local:1", backfill.scratch) as client:
-        parsed = backfill._parse(client, items, False)
-        chains = backfill._chains(client, parsed, False)
+        parsed, chains = backfill._fan_out(client, items, False)
     (backfill.scratch / NOTE).write_text(json.dumps({"parsed": parsed, "chains": chains}))
     backfill._commit(parsed, chains)  # ... and the process dies here, before the scratch folder is removed
     backfill.job._lock.close()  # type: ignore[union-attr]
@@ -215,3 +214,30 @@ def test_the_backfill_from_s3_to_s3_equals_the_sequential_etl(tmp_path: Path, ra
     assert "segments: 0" in etl(tmp_path, "worker", "--dask", "local:1", *stores).stdout
     assert "segments: 0" in etl(tmp_path, "worker", *stores).stdout
     assert len(list(client.list_objects_v2(Bucket=BUCKET, Prefix="pi-1/raw/")["Contents"])) == len(markers)
+
+
+def test_a_running_scheduler_by_address(tmp_path: Path, raw_ready: Path, sequential: Path) -> None:
+    """``--dask tcp://HOST:PORT``: a scheduler and a worker started as a cluster operator would
+    (``dask scheduler``, ``dask worker``), on loopback."""
+    port = free_port()
+    space = tmp_path / "dask-space"
+    cluster = [
+        subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                          str(port), "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}",
+                          "--nworkers", "2", "--nthreads", "1", "--no-dashboard", "--local-directory", str(space)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    try:
+        data = data_dir(tmp_path, "dask", raw_ready)
+        etl(tmp_path, "dask", "--dask", f"tcp://127.0.0.1:{port}")
+        assert_same(sequential, data)
+    finally:
+        for process in reversed(cluster):
+            process.terminate()
+        for process in reversed(cluster):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

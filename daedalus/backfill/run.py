@@ -126,12 +126,11 @@ class Backfill:
                          workers=len(warm), scheduler=client.scheduler.address,
                          cluster_seconds=round(time.perf_counter() - started, 3),
                          warm_up_seconds=round(max(warm.values(), default=0.0), 3))  # fmt: skip
-                parsed = self._parse(client, items, progress)
+                parsed, chains = self._fan_out(client, items, progress)
                 log.info("backfill_parsed", segments=len(parsed), reused=sum(bool(r.get("reused")) for r in parsed),
                          quarantined_segments=sum("quarantined_segment" in r for r in parsed),
                          task_seconds=round(sum(r.get("seconds", 0.0) for r in parsed), 3),
                          task_cpu_seconds=round(sum(r.get("cpu_seconds", 0.0) for r in parsed), 3))  # fmt: skip
-                chains = self._chains(client, parsed, progress)
                 spent = {c["product"]: _chain_seconds(c["groups"]) for c in chains}
                 cpu = {c["product"]: _chain_seconds(c["groups"], "cpu_seconds") for c in chains}
                 log.info("backfill_books_done", chains=len(chains),
@@ -145,42 +144,64 @@ class Backfill:
         shutil.rmtree(self.scratch, ignore_errors=True)
         return summary
 
-    def _parse(self, client: Any, items: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
-        batches = groups(items, GROUP_BYTES)
+    def _fan_out(self, client: Any, items: list[dict[str, Any]],
+                 progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+        """Both phases, overlapped: every segment group's parse task is submitted at once; as
+        their results arrive, in order, each product's chain is extended by that group (a
+        product first met in group g gets a chain from group 0: the connections' sequence
+        positions come from every segment). Chain tasks have the higher priority, so books
+        start while later segments are still being parsed, and the workers stay busy.
+
+        Returns the parse results, in order, and per product ``{"product", "groups": [folder,
+        ...]}``. A group's folder is named after everything its result depends on (the
+        previous folder's name and its segments' keys), so a rerun reuses exactly the finished
+        work of the same plan, never a group of an older plan that covered other segments."""
+        start = self.target.start_state()
         token = uuid.uuid4().hex[:8]  # task keys unique to this run (a long-lived scheduler remembers old ones)
-        futures = [client.submit(tasks.parse_segments, self.config, self.source, str(self.scratch),
+        batches = groups(items, GROUP_BYTES)
+        pending = [client.submit(tasks.parse_segments, self.config, self.source, str(self.scratch),
                                  [{k: v for k, v in item.items() if k != "bytes"} for item in batch],
                                  key=f"parse-{token}-{batch[0]['id']}", pure=False) for batch in batches]  # fmt: skip
-        results = _gather(client, futures, "parse", sum(len(b) for b in batches), progress, lambda r: len(r))
-        return [result for group in results for result in group]
+        parsed: list[dict[str, Any]] = []
+        runs: list[list[dict[str, Any]]] = []  # the chains' groups: each parse group's live segments
+        chains: dict[str, dict[str, Any]] = {}
+        bar = _Bar("parse", len(items)) if progress else None
+        try:
+            for future in pending:
+                results = _result(future, "parse")
+                parsed += results
+                if bar is not None:
+                    bar.advance(len(results))
+                live = [r for r in results if "quarantined_segment" not in r]
+                if not live:
+                    continue
+                runs.append(live)
+                for product in _products(start, parsed):
+                    if product not in chains:
+                        chains[product] = self._new_chain(product, start)
+                        for number in range(len(runs) - 1):  # catching up with the groups before
+                            self._extend(client, chains[product], number, runs[number], token)
+                    self._extend(client, chains[product], len(runs) - 1, live, token)
+        finally:
+            if bar is not None:
+                bar.close()
+        for chain in chains.values():
+            _result(chain["tail"], "books")
+        return parsed, [{"product": p, "groups": c["groups"]} for p, c in chains.items()]
 
-    def _chains(self, client: Any, parsed: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
-        """One chain of tasks per product; returns ``{"product", "groups": [folder, ...]}`` each.
+    def _new_chain(self, product: str, start: EtlState) -> dict[str, Any]:
+        home = self.scratch / "chain" / f"p-{_digest(product)}"
+        tail = self._initial(home, product, start)
+        return {"product": product, "home": home, "tail": tail, "groups": [],
+                "name": "fresh" if tail is None else Path(tail).name}  # fmt: skip
 
-        A group's folder is named after everything its result depends on (the previous
-        folder's name and its segments' keys), so a rerun reuses exactly the finished work of
-        the same plan, and never a group of an older plan that covered other segments."""
-        start = self.target.start_state()
-        live = [p for p in parsed if "quarantined_segment" not in p]
-        runs = groups(live, GROUP_BYTES)
-        if not runs:
-            return []
-        futures, chains = [], []
-        token = uuid.uuid4().hex[:8]
-        for index, product in enumerate(_products(start, parsed)):
-            home = self.scratch / "chain" / f"p-{_digest(product)}"
-            previous: Any = self._initial(home, product, start)
-            name = "fresh" if previous is None else Path(previous).name
-            folders = []
-            for number, run in enumerate(runs):
-                name = f"g{number:06d}-{_digest(name, *(item['key'] for item in run))}"
-                folders.append(str(home / name))
-                previous = client.submit(tasks.run_chain, self.config, self.source, product, folders[-1], run,
-                                         previous, key=f"chain-{token}-{index}-{number}", pure=False)  # fmt: skip
-            futures.append(previous)
-            chains.append({"product": product, "groups": folders})
-        _gather(client, futures, "books", len(futures), progress, lambda r: 1)
-        return chains
+    def _extend(self, client: Any, chain: dict[str, Any], number: int, run: list[dict[str, Any]], token: str) -> None:
+        chain["name"] = f"g{number:06d}-{_digest(chain['name'], *(item['key'] for item in run))}"
+        chain["groups"].append(str(chain["home"] / chain["name"]))
+        chain["tail"] = client.submit(tasks.run_chain, self.config, self.source, chain["product"],
+                                      chain["groups"][-1], run, chain["tail"],
+                                      key=f"chain-{token}-{chain['home'].name}-{number}", pure=False,
+                                      priority=1)  # fmt: skip
 
     def _initial(self, home: Path, product: str, start) -> str | None:  # type: ignore[no-untyped-def]
         """The checkpoint's part for this product's chain, in a folder (None: nothing to carry)."""
@@ -278,24 +299,26 @@ def _conns(start, parsed: list[dict[str, Any]]) -> list[int]:  # type: ignore[no
     return out
 
 
-def _gather(client: Any, futures: list[Any], phase: str, total: int, progress: bool, units) -> list[Any]:  # type: ignore[no-untyped-def]
-    """Results in submission order, with a progress bar over finished work on a terminal."""
-    from distributed import as_completed
+def _result(future: Any, phase: str) -> Any:
+    """A task's result; its failure (after Dask's retries of a lost worker) as a BackfillError."""
+    try:
+        return future.result()
+    except Exception as exc:  # the task's own exception, or KilledWorker
+        raise BackfillError(f"a {phase} task failed: {exc!r}") from exc
 
-    bar = None
-    if progress:
+
+class _Bar:
+    """A rich progress bar over segments parsed (only when asked for: on a terminal)."""
+
+    def __init__(self, phase: str, total: int) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        bar = Progress(TextColumn(phase), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        task = bar.add_task(phase, total=total)
-        bar.start()
-    try:
-        for future in as_completed(futures):
-            if future.status == "error":
-                raise BackfillError(f"a {phase} task failed: {future.exception()!r}")
-            if bar is not None:
-                bar.update(task, advance=units(future.result()))
-        return client.gather(futures)
-    finally:
-        if bar is not None:
-            bar.stop()
+        self.bar = Progress(TextColumn(phase), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.task = self.bar.add_task(phase, total=total)
+        self.bar.start()
+
+    def advance(self, done: int) -> None:
+        self.bar.update(self.task, advance=done)
+
+    def close(self) -> None:
+        self.bar.stop()
