@@ -231,8 +231,9 @@ def etl(
         raise _fail("--watch processes every segment as it arrives: use it without --mode date/range")
     show = sys.stderr.isatty() if progress is None else progress
     if dask is not None:
-        if watch:
-            raise _fail("--dask is a backfill of what is there now: not with --watch")
+        if watch or rebuild_state:
+            raise _fail("--dask is a backfill of what is there now: not with --watch or --rebuild-state "
+                        "(run `daedalus etl --rebuild-state` first)")  # fmt: skip
         return _backfill(settings, chosen, dask, start, end, show, raw=raw_input, processed=output)
     stop = threading.Event()
     if watch:
@@ -273,15 +274,20 @@ def _backfill(settings: DaedalusConfig, chosen: list[str], address: str, start: 
               show: bool, *, raw: str | None, processed: str | None) -> None:  # fmt: skip
     """``daedalus etl --dask``: each source's pending segments on Dask (daedalus.backfill)."""
     from daedalus.backfill.run import Backfill, BackfillError
+    from daedalus.etl.output import OutputConflict
     from daedalus.etl.state import EtlStateError
     from daedalus.locks import AlreadyRunning
     from daedalus.storage import StorageError
 
     try:
-        for name in chosen:
-            summary = Backfill(settings, name, raw=raw, processed=processed).run(address, start, end, show)
+        backfills = [Backfill(settings, name, raw=raw, processed=processed) for name in chosen]  # all checked first
+    except BackfillError as exc:
+        raise _fail(str(exc)) from None
+    try:
+        for name, backfill in zip(chosen, backfills, strict=True):
+            summary = backfill.run(address, start, end, show)
             typer.echo(summary.text() if len(chosen) == 1 else f"[{name}]\n{summary.text()}")
-    except (BackfillError, EtlStateError, StorageError) as exc:
+    except (BackfillError, EtlStateError, StorageError, OutputConflict, OSError) as exc:
         raise _fail(f"backfill stopped: {exc} (finished work is kept: rerun to continue)", 1) from None
     except AlreadyRunning as exc:
         raise _fail(f"cannot start: {exc}", FAILED) from None

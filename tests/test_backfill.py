@@ -85,12 +85,17 @@ def tree(data: Path) -> dict[str, bytes]:
     return out
 
 
+def parse_results(data: Path) -> list[Path]:
+    """The finished parse tasks in a backfill's scratch folder."""
+    return list((data / "tmp").glob("backfill-coinbase-*/parse/*/result.json"))
+
+
 def assert_same(expected: Path, got: Path) -> None:
     want, have = tree(expected), tree(got)
     assert sorted(have) == sorted(want)
     different = [key for key in want if want[key] != have[key]]
     assert not different, different[:10]
-    assert not (got / "tmp" / "backfill-coinbase").exists()  # the scratch area is removed after the commit
+    assert not list((got / "tmp").glob("backfill-coinbase-*"))  # the scratch area is removed after the commit
 
 
 @pytest.fixture
@@ -121,9 +126,8 @@ def test_a_worker_killed_mid_run_changes_nothing(tmp_path: Path, raw_ready: Path
     child = subprocess.Popen([sys.executable, "-m", "daedalus", "etl", "--config", str(tmp_path / "dask.yaml"),
                               "--no-progress", "--dask", "local:2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, cwd=REPO)  # fmt: skip
-    parse = data / "tmp" / "backfill-coinbase" / "parse"
     deadline = time.monotonic() + DEADLINE
-    while not list(parse.glob("*/result.json")) if parse.exists() else True:
+    while not parse_results(data):
         assert child.poll() is None, child.communicate()[1][-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -141,9 +145,8 @@ def test_a_killed_client_is_finished_by_a_rerun(tmp_path: Path, raw_ready: Path,
     child = subprocess.Popen([sys.executable, "-m", "daedalus", "etl", "--config", str(tmp_path / "dask.yaml"),
                               "--no-progress", "--dask", "local:2"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)  # fmt: skip
-    parse = data / "tmp" / "backfill-coinbase" / "parse"
     deadline = time.monotonic() + DEADLINE
-    while len(list(parse.glob("*/result.json")) if parse.exists() else []) < 3:
+    while len(parse_results(data)) < 3:
         assert child.poll() is None, "the backfill ended before it could be killed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -163,7 +166,7 @@ def test_a_commit_repeated_after_a_crash_does_not_count_twice(tmp_path: Path, ra
     """A crash after the checkpoint was saved but before the scratch folder went: the rerun
     finishes the commit from its note and must leave the same checkpoint, not add the chains'
     trades, bars and totals to it once more."""
-    from daedalus.backfill.run import NOTE, Backfill, dask_client
+    from daedalus.backfill.run import Backfill, dask_client
     from daedalus.config import load_config
 
     data = data_dir(tmp_path, "dask", raw_ready)
@@ -172,7 +175,7 @@ def test_a_commit_repeated_after_a_crash_does_not_count_twice(tmp_path: Path, ra
     backfill.scratch.mkdir(parents=True, exist_ok=True)
     with dask_client("local:1", backfill.scratch) as client:
         parsed, chains = backfill._fan_out(client, items, False)
-    (backfill.scratch / NOTE).write_text(json.dumps({"parsed": parsed, "chains": chains}))
+    backfill.write_note(parsed, chains)
     backfill._commit(parsed, chains)  # ... and the process dies here, before the scratch folder is removed
     backfill.job._lock.close()  # type: ignore[union-attr]
     rerun = etl(tmp_path, "dask", "--dask", "local:1")
@@ -241,3 +244,28 @@ def test_a_running_scheduler_by_address(tmp_path: Path, raw_ready: Path, sequent
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def test_a_note_older_than_the_checkpoint_is_not_finished(tmp_path: Path, raw_ready: Path,
+                                                          sequential: Path) -> None:  # fmt: skip
+    """The client died after planning its commit; then the sequential ETL processed those
+    segments. Finishing the old commit would put an older checkpoint back: it is dropped."""
+    from daedalus.backfill.run import Backfill, dask_client
+    from daedalus.config import load_config
+
+    data = data_dir(tmp_path, "dask", raw_ready)
+    ready = data / "raw" / "ready" / "coinbase"
+    last = sorted(ready.iterdir())[-1]
+    held_back = last.rename(tmp_path / last.name)  # arrives after the backfill planned
+    backfill = Backfill(load_config(tmp_path / "dask.yaml"), "coinbase")
+    items = backfill.plan(None, None)
+    backfill.scratch.mkdir(parents=True, exist_ok=True)
+    with dask_client("local:1", backfill.scratch) as client:
+        parsed, chains = backfill._fan_out(client, items, False)
+    backfill.write_note(parsed, chains)  # ... and the process dies here
+    backfill.job._lock.close()  # type: ignore[union-attr]
+    held_back.rename(last)
+    etl(tmp_path, "dask")  # the sequential ETL meanwhile: every segment, the late one included
+    rerun = etl(tmp_path, "dask", "--dask", "local:1")
+    assert "backfill_note_discarded" in rerun.stderr and "segments: 0 " in rerun.stdout
+    assert_same(sequential, data)

@@ -103,3 +103,41 @@ def test_one_products_compact_stream_replays_exactly_like_the_full_stream(tmp_pa
             if conn in alone.conns:
                 assert alone.last_seq[alone.conns[conn]] == full.last_seq[slot]
     assert compacted > 0  # the streams were shorter than the whole
+
+
+def test_a_frame_interleaving_one_products_snapshots_is_refused(tmp_path: Path) -> None:
+    """P snapshot, Q snapshot, P snapshot in one frame: folded into P's stream the two would
+    be one book; the backfill stops on it rather than rebuild a different book."""
+    from daedalus.backfill.intermediate import NotSplittable
+
+    i64 = lambda values: np.array(values, np.int64)  # noqa: E731
+    rows = [(0, 0, 100), (1, 0, 200), (0, 0, 101)]  # (product, side, price), all snapshot rows of frame 0
+    frames = FrameBatch(i64([101]), np.array([FRAME], np.int8), i64([0]), i64([0]), i64([1000]), i64([0]), i64([3]),
+                        i64([r[0] for r in rows]), np.array([r[1] for r in rows], np.int8), i64([r[2] for r in rows]),
+                        i64([1, 1, 1]), np.ones(3, np.bool_))  # fmt: skip
+    l2 = {"ts_event": pa.array([1000] * 3, pa.int64()).cast(TS), "ts_recv": i64([1000] * 3), "seq": i64([0] * 3)}
+    parsed = ParsedBatch(frames, ["AAA-USD", "BBB-USD"], l2, pa.table({}), pa.table({}), pa.table({}))
+    with pytest.raises(NotSplittable, match="AAA-USD"):
+        IntermediateWriter(tmp_path).add(parsed)
+
+
+def test_a_products_bars_do_not_depend_on_another_products_trade_ids() -> None:
+    """Trades at the same time are ordered by their numeric trade ids, per product: another
+    product's id that is not a number must not switch this one to arrival order (the backfill
+    builds each product's bars alone)."""
+    from daedalus.etl.processors import BarBuilder
+
+    def trades(rows: list[tuple[str, str, int]]) -> pa.Table:
+        return pa.table({"product_id": [r[0] for r in rows], "trade_id": [r[1] for r in rows],
+                         "ts_event": pa.array([5_000_000_000] * len(rows), pa.int64()).cast(TS),
+                         "ts_recv": pa.array([5_000_000_001] * len(rows), pa.int64()).cast(TS),
+                         "price": [r[2] for r in rows], "size": [1] * len(rows)})  # fmt: skip
+
+    def bar(table: pa.Table) -> tuple[int, int]:
+        builder = BarBuilder(1_000_000_000)
+        done = dict(builder.add(table, 10**12))
+        return done["AAA-USD"].open, done["AAA-USD"].close
+
+    alone = bar(trades([("AAA-USD", "2", 200), ("AAA-USD", "1", 100)]))
+    assert alone == (100, 200)  # by trade id, not arrival
+    assert bar(trades([("AAA-USD", "2", 200), ("AAA-USD", "1", 100), ("BBB-USD", "x", 7)])) == alone

@@ -108,6 +108,7 @@ class IntermediateWriter:
             if product not in self.products:
                 self.products.append(product)
             k = self.products.index(product)
+            _check_contiguous(product, rows, frame_of_row, f.r_snap)
             has = np.zeros(f.f_conn.shape[0], np.bool_)
             has[frame_of_row[rows]] = True
             position = np.full(f.f_conn.shape[0], -1, np.int64)
@@ -157,26 +158,50 @@ class IntermediateWriter:
         self._writers.clear()
 
 
+class NotSplittable(ValueError):
+    """A frame the per-product input cannot represent exactly."""
+
+
+def _check_contiguous(product: str, rows: np.ndarray, frame_of_row: np.ndarray, snap: np.ndarray) -> None:
+    """A product's rows in one frame come as one run, unless the frame interleaves its events
+    with another product's (P, Q, P). For updates that is the same once folded together; for
+    snapshots it is not (the second snapshot replaces the first; together they would be one
+    book), so such a frame stops the backfill rather than change a book. Coinbase sends one
+    event per product and frame."""
+    split = np.flatnonzero((np.diff(rows) != 1) & (np.diff(frame_of_row[rows]) == 0))
+    if split.shape[0] and snap[rows].any():
+        frames = np.unique(frame_of_row[rows[split]])
+        if snap[rows][np.isin(frame_of_row[rows], frames)].any():
+            raise NotSplittable(f"a frame interleaves snapshot events of {product} with another product's: "
+                                "run the sequential ETL (daedalus etl without --dask) over this segment")  # fmt: skip
+
+
 def read_product(folder: Path, batches: int, product: str, products: list[str],
                  trade_products: list[str]) -> Iterator[ParsedBatch]:  # fmt: skip
     """Product ``product``'s batches of one segment, as parsed batches of that product alone
     (the clock frame included), for :class:`~daedalus.etl.coinbase_run.SegmentRun`."""
-    none = _by_batch(pa.ipc.open_file(folder / "none-frames.arrow").read_all(), batches)
+    none = _by_batch(_read(folder / "none-frames.arrow"), batches)
     mine: list[pa.Table | None] = [None] * batches
     rows: list[pa.Table | None] = [None] * batches
     trades: list[pa.Table | None] = [None] * batches
     if product in products:
         k = products.index(product)
-        mine = _by_batch(pa.ipc.open_file(folder / f"p{k}-frames.arrow").read_all(), batches)
-        rows = _by_batch(pa.ipc.open_file(folder / f"p{k}-rows.arrow").read_all(), batches)
+        mine = _by_batch(_read(folder / f"p{k}-frames.arrow"), batches)
+        rows = _by_batch(_read(folder / f"p{k}-rows.arrow"), batches)
     if product in trade_products:
         k = trade_products.index(product)
-        trades = _by_batch(pa.ipc.open_file(folder / f"t{k}-trades.arrow").read_all(), batches)
+        trades = _by_batch(_read(folder / f"t{k}-trades.arrow"), batches)
     for b in range(batches):
         has_rows = rows[b] is not None
         frames_table = mine[b] if has_rows else none[b]
         assert frames_table is not None
         yield _parsed(frames_table, rows[b], trades[b], [product] if has_rows else [])
+
+
+def _read(path: Path) -> pa.Table:
+    """A whole stream file, memory-mapped: its batches are slices of the page cache, not
+    copies, so a chain's memory does not grow with the segment's size."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def _by_batch(table: pa.Table, batches: int) -> list[pa.Table | None]:

@@ -72,7 +72,11 @@ def dask_client(address: str, scratch: Path) -> Iterator[Any]:
             with cluster, Client(cluster) as client:
                 yield client
     else:
-        with Client(address, timeout=30) as client:
+        try:
+            client = Client(address, timeout=30)
+        except (OSError, ValueError) as exc:
+            raise BackfillError(f"--dask {address}: cannot reach the scheduler ({exc})") from None
+        with client:
             yield client
 
 
@@ -92,7 +96,10 @@ class Backfill:
         self.config = config
         self.source = source
         self.job = EtlJob(config, source)
-        self.scratch = config.layout.scratch(f"backfill-{source}")
+        # one scratch folder per (input, output, ETL settings): a rerun reuses only work done for
+        # the same ones, and two backfills with different outputs never share one
+        where = json.dumps([raw, processed, config.etl.model_dump(mode="json")], sort_keys=True)
+        self.scratch = config.layout.scratch(f"backfill-{source}-{_digest(where)[:12]}")
         self.target: Target = (LocalTarget(config, self.job) if raw is None and processed is None else
                                StoreTarget(config, self.job, self.scratch, raw=raw or str(config.layout.raw),
                                            processed=processed or str(config.processed_dir)))  # fmt: skip
@@ -114,6 +121,10 @@ class Backfill:
 
     def _run(self, address: str, start: date | None, end: date | None, progress: bool, started: float) -> Summary:
         note = self.scratch / NOTE
+        if note.exists() and not self._note_applies(json.loads(note.read_bytes())):
+            log.warning("backfill_note_discarded", note=str(note), effect="the checkpoint moved on since (another "
+                        "ETL ran): planned again from it")  # fmt: skip
+            shutil.rmtree(self.scratch, ignore_errors=True)
         if not note.exists():  # else: a commit was cut short; finish it first
             items = self.plan(start, end)
             if not items:
@@ -137,12 +148,26 @@ class Backfill:
                          task_seconds=round(sum(spent.values()), 3),
                          critical_path_seconds=round(max(spent.values(), default=0.0), 3),
                          chain_cpu_seconds={p: round(v, 3) for p, v in cpu.items()})  # fmt: skip
-            write_atomically(note, json.dumps({"parsed": parsed, "chains": chains}).encode())
+            self.write_note(parsed, chains)
         record = json.loads(note.read_bytes())
         summary = self._commit(record["parsed"], record["chains"])
         summary.seconds = time.perf_counter() - started
         shutil.rmtree(self.scratch, ignore_errors=True)
         return summary
+
+    def write_note(self, parsed: list[dict[str, Any]], chains: list[dict[str, Any]]) -> None:
+        """What the commit does, before it starts: the parse results, the chains, and the
+        checkpoint's last segment before and after it."""
+        live = [r["key"] for r in parsed if "quarantined_segment" not in r]
+        before = self.target.start_state().last_segment
+        record = {"parsed": parsed, "chains": chains, "before": before, "after": live[-1] if live else before}
+        write_atomically(self.scratch / NOTE, json.dumps(record).encode())
+
+    def _note_applies(self, record: dict[str, Any]) -> bool:
+        """A commit note is finished only if the checkpoint is still the one it started from,
+        or already the one it saves: if another ETL committed in between, finishing it would
+        put an older checkpoint back."""
+        return self.target.start_state().last_segment in (record.get("before"), record.get("after"))
 
     def _fan_out(self, client: Any, items: list[dict[str, Any]],
                  progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
@@ -176,12 +201,17 @@ class Backfill:
                 if not live:
                     continue
                 runs.append(live)
-                for product in _products(start, parsed):
+                for product in _products(start if len(runs) == 1 else None, live):
                     if product not in chains:
                         chains[product] = self._new_chain(product, start)
                         for number in range(len(runs) - 1):  # catching up with the groups before
                             self._extend(client, chains[product], number, runs[number], token)
-                    self._extend(client, chains[product], len(runs) - 1, live, token)
+                for chain in chains.values():
+                    self._extend(client, chain, len(runs) - 1, live, token)
+            if runs and not chains:  # no product at all: one chain keeps the connections' sequence positions
+                chains[""] = self._new_chain("", start)
+                for number, run in enumerate(runs):
+                    self._extend(client, chains[""], number, run, token)
         finally:
             if bar is not None:
                 bar.close()
@@ -224,10 +254,11 @@ class Backfill:
         summary, totals = Summary(), Counter()
         for result in parsed:
             self.target.place(self.scratch / "parse" / result["id"], result["files"])
-            summary.segments += 1
-            summary.bytes += int(result["bytes"])
+            whole = "quarantined_segment" in result  # as the sequential run counts it: not a segment processed
+            summary.segments += not whole
+            summary.bytes += 0 if whole else int(result["bytes"])
             summary.quarantined_lines += int(result.get("quarantined", 0))
-            summary.quarantined_segments += "quarantined_segment" in result
+            summary.quarantined_segments += whole
         for result in [*parsed, *groups_done]:
             summary.rows.update(result["rows"])
             totals.update(result["counts"])
@@ -273,11 +304,14 @@ def _digest(*parts: str) -> str:
 
 
 def _products(start, parsed: list[dict[str, Any]]) -> list[str]:  # type: ignore[no-untyped-def]
-    """Every product a chain is needed for: the checkpoint's and every new one, in order."""
-    out = list(start.books.products)
-    for name in [*start.trades.seen, *(p for p, _ in start.bars.open_bars), *start.bars.written_until]:
-        if name not in out:
-            out.append(name)
+    """The products a chain is needed for, in order: the checkpoint's (``start``; None: skip)
+    and those of the ``parsed`` segments."""
+    out: list[str] = []
+    if start is not None:
+        out = list(start.books.products)
+        for name in [*start.trades.seen, *(p for p, _ in start.bars.open_bars), *start.bars.written_until]:
+            if name not in out:
+                out.append(name)
     for result in parsed:
         for name in [*result["products"], *result["trade_products"]]:
             if name not in out:

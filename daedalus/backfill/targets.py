@@ -65,6 +65,7 @@ class LocalTarget:
     def __init__(self, config: DaedalusConfig, job: EtlJob) -> None:
         self.config = config
         self.job = job
+        self.saved: EtlState | None = None
 
     def prepare(self) -> None:
         self.job.prepare()  # the source's lock: no other ETL while this runs
@@ -93,8 +94,11 @@ class LocalTarget:
                 target = self.config.processed_dir / rel.removeprefix("processed/")
             else:
                 target = self.config.layout.root / rel
-            if not source.exists():  # moved by an earlier, interrupted commit
-                continue
+            if not source.exists():
+                if target.exists():  # moved by an earlier, interrupted commit
+                    continue
+                raise FileNotFoundError(f"{source}: a finished task's file is missing (the scratch folder was changed "
+                                        "by hand?); nothing of this backfill is recorded as committed")
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
                 if target.read_bytes() != source.read_bytes():
@@ -107,9 +111,15 @@ class LocalTarget:
             fsync_path(directory)
 
     def save_checkpoint(self, state: EtlState, keys: list[str]) -> None:
+        """The checkpoint names every segment it commits: from this write on they are
+        committed for the sequential job too, before the committed list has them."""
+        state.committed_segments = keys
         save_state(self.job.state_dir, self.job.source, state)
+        self.saved = state
 
     def finish(self, parsed: list[dict[str, Any]]) -> None:
+        """The committed list, the segments deleted or archived, then the checkpoint again
+        without its list of segments (as the sequential run leaves it)."""
         for result in parsed:
             path = self._input(result["key"])
             if "quarantined_segment" in result:
@@ -120,6 +130,9 @@ class LocalTarget:
                 self.job.committed.add(result["key"])
             if path.exists():
                 self.job._finish(path)
+        if self.saved is not None:
+            self.saved.committed_segments = []
+            save_state(self.job.state_dir, self.job.source, self.saved)
 
     def _input(self, key: str) -> Path:
         for state in ("processing", "ready"):
@@ -244,12 +257,11 @@ class StoreTarget:
         """The npz, then the JSON naming it and every segment this commit holds, then the old npz go."""
         self._check_lease()
         folder = self.state_dir.parent / "out-state"
+        state.committed_segments = keys
         save_state(folder, self.source, state)
-        record = json.loads((folder / f"{self.source}.json").read_bytes())
-        books = record["books_file"]
+        books = json.loads((folder / f"{self.source}.json").read_bytes())["books_file"]
         self.output.upload(folder / books, f"_state/{books}", sha256_file(folder / books))
-        record["committed_segments"] = keys
-        self.output.write(f"_state/{self.source}.json", json.dumps(record, indent=2).encode())
+        self.output.write(f"_state/{self.source}.json", (folder / f"{self.source}.json").read_bytes())
         for entry in list(self.output.list(f"_state/{self.source}.books-")):
             if entry.key != f"_state/{books}":
                 self.output.delete(entry.key)
@@ -257,9 +269,13 @@ class StoreTarget:
     def finish(self, parsed: list[dict[str, Any]]) -> None:
         """A marker per segment (a segment quarantined whole gets its reason beside the quarantine)."""
         for result in parsed:
-            if "quarantined_segment" in result:
-                reason = f"_quarantine/{self.source}/{result['key']}.reason.txt"
-                self.output.write(reason, (result["quarantined_segment"] + "\n").encode())
+            if "quarantined_segment" in result:  # the segment itself beside its reason, as StoreEtl leaves it
+                quarantined = f"_quarantine/{self.source}/{result['key']}"
+                copy = self.state_dir.parent / "quarantined-copy"
+                self.input.download(result["location"], copy)
+                publish(self.output, copy, quarantined)
+                copy.unlink()
+                self.output.write(quarantined + ".reason.txt", (result["quarantined_segment"] + "\n").encode())
             self.output.write(self.markers + result["key"], b"")
 
 

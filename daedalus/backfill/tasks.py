@@ -50,9 +50,12 @@ def _publish(tmp: Path, folder: Path, result: dict[str, Any]) -> dict[str, Any]:
     (tmp / RESULT).write_text(json.dumps(result))
     try:
         tmp.rename(folder)
-    except OSError:  # already in place
+    except OSError:
+        done = _finished(folder)
+        if done is None:  # not a finished twin in the way: a real failure, the work is not there
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
-        return _finished(folder) or result
+        return done
     return result
 
 
@@ -115,7 +118,8 @@ def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, 
         sink[:] = [IntermediateWriter(tmp / "books")]
         return ParseRun(job, key, sink[0])
 
-    result: dict[str, Any] = {"key": key, "id": id, "bytes": Path(path).stat().st_size}
+    result: dict[str, Any] = {"key": key, "id": id, "bytes": Path(path).stat().st_size,
+                              **({"location": location} if location else {})}  # fmt: skip
     try:
         outcome, quarantined = job.read_segment(Path(path), key, parser)
     except SegmentDataError as exc:  # the sequential job quarantines it whole: it takes no part in the books

@@ -264,7 +264,7 @@ class EtlJob:
         prune_empty_dirs(path.parent, self.layout.processing(self.source))
 
     def _committed(self, name: str, state: EtlState) -> bool:
-        return name in self.committed or name == state.last_segment
+        return name in self.committed or name == state.last_segment or name in state.committed_segments
 
     def _settle_interrupted_commit(self) -> None:
         """Finish or roll back a commit that a crash cut short (see the module docstring)."""
@@ -469,6 +469,10 @@ class EtlJob:
         outcome, quarantined = self.read_segment(path, name, parser)
         new_state = outcome.state
         if not older:
+            for key in new_state.committed_segments:  # a backfill's, cut short before its committed list
+                if key not in self.committed:
+                    self.committed.add(key)
+            new_state.committed_segments = []
             new_state.last_segment = name
             for key, value in outcome.counts.items():
                 new_state.totals[key] = new_state.totals.get(key, 0) + value

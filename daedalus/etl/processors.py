@@ -182,10 +182,13 @@ class BarBuilder:
                 return values.cast(pa.int64()).fill_null(0).to_numpy(zero_copy_only=False)
 
             ts, recv, px, sz = column("ts_event"), column("ts_recv"), column("price"), column("size")
-            order = _trade_order(table.column("trade_id"))
+            trade_ids = table.column("trade_id").combine_chunks()
             for code, product in enumerate(encoded.dictionary.to_pylist()):
                 rows = np.flatnonzero(codes == code)
-                rows = rows[np.lexsort((order[rows], ts[rows]))]  # by time, then by trade id
+                # by time, then by trade id: each product's own ids decide (another product's
+                # ids, numeric or not, must not change this product's bars)
+                order = _trade_order(trade_ids.take(pa.array(rows)))
+                rows = rows[np.lexsort((order, ts[rows]))]
                 self._add_product(product, ts[rows], recv[rows], px[rows], sz[rows])
         done = []
         for key in sorted(self.open_bars):

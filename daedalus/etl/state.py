@@ -45,6 +45,9 @@ class EtlState:
     bars: BarBuilder
     last_segment: str | None = None
     totals: dict[str, int] = field(default_factory=dict)
+    # segments a backfill committed together with this checkpoint (one atomic write names
+    # them all; the committed list and markers follow): committed as much as last_segment
+    committed_segments: list[str] = field(default_factory=list)
 
     @classmethod
     def fresh(cls, sample_interval_ns: int, depth: int, bar_interval_ns: int) -> EtlState:
@@ -71,6 +74,7 @@ def load_state(directory: Path, source: str, sample_interval_ns: int, depth: int
             BarBuilder.from_json(bar_interval_ns, data["bars"]),
             data["last_segment"],
             data.get("totals", {}),
+            list(data.get("committed_segments", [])),
         )
     except Exception as exc:  # any damage (truncated JSON, missing npz, wrong shapes) means the same thing
         raise EtlStateError(
@@ -178,8 +182,11 @@ def save_state(directory: Path, source: str, state: EtlState) -> None:
         "trades": state.trades.to_json(),
         "bars": state.bars.to_json(),
         "totals": state.totals,
+        **({"committed_segments": state.committed_segments} if state.committed_segments else {}),
     }
-    write_atomically(directory / f"{source}.json", orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    # keys sorted: the same checkpoint is the same bytes, whatever order its maps were filled in
+    text = orjson.dumps(data, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    write_atomically(directory / f"{source}.json", text)
     for old in directory.glob(f"{source}.books-*.npz"):
         if old.name != books_file:
             old.unlink(missing_ok=True)
