@@ -205,6 +205,10 @@ def etl(
         str | None, typer.Option("--dask", help="Backfill on Dask: local:N (N worker processes here) or "
                                  "tcp://HOST:8786 (a running scheduler); the result equals the sequential run.")
     ] = None,
+    scratch: Annotated[
+        str | None, typer.Option("--scratch", help="With --dask: the tasks' shared work area, s3://bucket/prefix "
+                                 "for workers on other machines (default: the data directory's tmp/).")
+    ] = None,
 ) -> None:
     """Turn closed raw segments into Hive-partitioned Parquet (books, trades, tickers, bars)."""
     from daedalus.etl.job import EtlIoError, EtlJob, EtlStuck
@@ -221,7 +225,7 @@ def etl(
     _require_writable(settings.layout.raw if not stores else settings.layout.root, "data_dir")
     if not stores:
         _require_writable(settings.processed_dir, "etl.output_dir" if settings.etl.output_dir else "data_dir")
-    for location, flag in ((raw_input, "--input"), (output, "--output")):
+    for location, flag in ((raw_input, "--input"), (output, "--output"), (scratch, "--scratch")):
         _check_location(location, flag)
     chosen = _etl_sources(settings, source)
     if watch and len(chosen) > 1:
@@ -234,7 +238,9 @@ def etl(
         if watch or rebuild_state:
             raise _fail("--dask is a backfill of what is there now: not with --watch or --rebuild-state "
                         "(run `daedalus etl --rebuild-state` first)")  # fmt: skip
-        return _backfill(settings, chosen, dask, start, end, show, raw=raw_input, processed=output)
+        return _backfill(settings, chosen, dask, start, end, show, raw=raw_input, processed=output, scratch=scratch)
+    if scratch is not None:
+        raise _fail("--scratch is the work area of a --dask backfill")
     stop = threading.Event()
     if watch:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -271,7 +277,7 @@ def etl(
 
 
 def _backfill(settings: DaedalusConfig, chosen: list[str], address: str, start: date | None, end: date | None,
-              show: bool, *, raw: str | None, processed: str | None) -> None:  # fmt: skip
+              show: bool, *, raw: str | None, processed: str | None, scratch: str | None) -> None:  # fmt: skip
     """``daedalus etl --dask``: each source's pending segments on Dask (daedalus.backfill)."""
     from daedalus.backfill.run import Backfill, BackfillError
     from daedalus.etl.output import OutputConflict
@@ -280,7 +286,8 @@ def _backfill(settings: DaedalusConfig, chosen: list[str], address: str, start: 
     from daedalus.storage import StorageError
 
     try:
-        backfills = [Backfill(settings, name, raw=raw, processed=processed) for name in chosen]  # all checked first
+        backfills = [Backfill(settings, name, raw=raw, processed=processed, scratch=scratch)
+                     for name in chosen]  # all checked before any runs  # fmt: skip
     except BackfillError as exc:
         raise _fail(str(exc)) from None
     try:

@@ -194,7 +194,8 @@ def test_the_backfill_from_s3_to_s3_equals_the_sequential_etl(tmp_path: Path, ra
                        "secret_access_key": SECRET}}  # fmt: skip
     (tmp_path / "worker.yaml").write_text(yaml.safe_dump(config))
     stores = ("--input", f"s3://{BUCKET}/pi-1/raw", "--output", f"s3://{BUCKET}/lake/processed")
-    done = etl(tmp_path, "worker", "--dask", "local:2", *stores)
+    # the work area on S3 too, as for workers on separate machines
+    done = etl(tmp_path, "worker", "--dask", "local:2", "--scratch", f"s3://{BUCKET}/scratch", *stores)
     assert done.stdout.splitlines()[1:] == (tmp_path / "sequential.txt").read_text().splitlines()[1:]
 
     got = {}
@@ -217,6 +218,8 @@ def test_the_backfill_from_s3_to_s3_equals_the_sequential_etl(tmp_path: Path, ra
     assert "segments: 0" in etl(tmp_path, "worker", "--dask", "local:1", *stores).stdout
     assert "segments: 0" in etl(tmp_path, "worker", *stores).stdout
     assert len(list(client.list_objects_v2(Bucket=BUCKET, Prefix="pi-1/raw/")["Contents"])) == len(markers)
+    assert not client.list_objects_v2(Bucket=BUCKET, Prefix="scratch/").get("Contents")  # removed after the commit
+    assert not list((tmp_path / "worker" / "tmp").glob("backfill-*"))
 
 
 def test_a_running_scheduler_by_address(tmp_path: Path, raw_ready: Path, sequential: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daedalus.backfill import tasks
+from daedalus.backfill.scratch import Scratch, forget
 from daedalus.backfill.state import merge_states, product_state
 from daedalus.backfill.targets import LocalTarget, StoreTarget, Target
 from daedalus.capture.segments import write_atomically
@@ -83,8 +84,8 @@ def dask_client(address: str, scratch: Path) -> Iterator[Any]:
 class Backfill:
     """One source's pending segments through the two phases, then one commit."""
 
-    def __init__(self, config: DaedalusConfig, source: str, *, raw: str | None = None,
-                 processed: str | None = None) -> None:  # fmt: skip
+    def __init__(self, config: DaedalusConfig, source: str, *, raw: str | None = None, processed: str | None = None,
+                 scratch: str | None = None) -> None:  # fmt: skip
         if source != "coinbase":
             raise BackfillError(f"--dask: the backfill runs Coinbase segments (books per product); {source}'s "
                                 "segments have no cross-segment books: run `daedalus etl` without --dask")  # fmt: skip
@@ -100,6 +101,9 @@ class Backfill:
         # the same ones, and two backfills with different outputs never share one
         where = json.dumps([raw, processed, config.etl.model_dump(mode="json")], sort_keys=True)
         self.scratch = config.layout.scratch(f"backfill-{source}-{_digest(where)[:12]}")
+        # the tasks' shared work area: this folder, or an s3:// prefix for workers on other machines
+        location = str(self.scratch) if scratch is None else f"{scratch.rstrip('/')}/{self.scratch.name}"
+        self.area = Scratch(location, config)
         self.target: Target = (LocalTarget(config, self.job) if raw is None and processed is None else
                                StoreTarget(config, self.job, self.scratch, raw=raw or str(config.layout.raw),
                                            processed=processed or str(config.processed_dir)))  # fmt: skip
@@ -138,12 +142,14 @@ class Backfill:
                          cluster_seconds=round(time.perf_counter() - started, 3),
                          warm_up_seconds=round(max(warm.values(), default=0.0), 3))  # fmt: skip
                 parsed, chains = self._fan_out(client, items, progress)
+                if self.area.remote:  # the workers' downloads of the S3 work area
+                    client.run(forget, self.area.location)
                 log.info("backfill_parsed", segments=len(parsed), reused=sum(bool(r.get("reused")) for r in parsed),
                          quarantined_segments=sum("quarantined_segment" in r for r in parsed),
                          task_seconds=round(sum(r.get("seconds", 0.0) for r in parsed), 3),
                          task_cpu_seconds=round(sum(r.get("cpu_seconds", 0.0) for r in parsed), 3))  # fmt: skip
-                spent = {c["product"]: _chain_seconds(c["groups"]) for c in chains}
-                cpu = {c["product"]: _chain_seconds(c["groups"], "cpu_seconds") for c in chains}
+                spent = {c["product"]: self._chain_seconds(c["groups"]) for c in chains}
+                cpu = {c["product"]: self._chain_seconds(c["groups"], "cpu_seconds") for c in chains}
                 log.info("backfill_books_done", chains=len(chains),
                          task_seconds=round(sum(spent.values()), 3),
                          critical_path_seconds=round(max(spent.values(), default=0.0), 3),
@@ -152,6 +158,7 @@ class Backfill:
         record = json.loads(note.read_bytes())
         summary = self._commit(record["parsed"], record["chains"])
         summary.seconds = time.perf_counter() - started
+        self.area.remove()
         shutil.rmtree(self.scratch, ignore_errors=True)
         return summary
 
@@ -184,7 +191,7 @@ class Backfill:
         start = self.target.start_state()
         token = uuid.uuid4().hex[:8]  # task keys unique to this run (a long-lived scheduler remembers old ones)
         batches = groups(items, GROUP_BYTES)
-        pending = [client.submit(tasks.parse_segments, self.config, self.source, str(self.scratch),
+        pending = [client.submit(tasks.parse_segments, self.config, self.source, self.area.location,
                                  [{k: v for k, v in item.items() if k != "bytes"} for item in batch],
                                  key=f"parse-{token}-{batch[0]['id']}", pure=False) for batch in batches]  # fmt: skip
         parsed: list[dict[str, Any]] = []
@@ -220,40 +227,42 @@ class Backfill:
         return parsed, [{"product": p, "groups": c["groups"]} for p, c in chains.items()]
 
     def _new_chain(self, product: str, start: EtlState) -> dict[str, Any]:
-        home = self.scratch / "chain" / f"p-{_digest(product)}"
+        home = f"chain/p-{_digest(product)}"
         tail = self._initial(home, product, start)
         return {"product": product, "home": home, "tail": tail, "groups": [],
-                "name": "fresh" if tail is None else Path(tail).name}  # fmt: skip
+                "name": "fresh" if tail is None else tail.rsplit("/", 1)[-1]}  # fmt: skip
 
     def _extend(self, client: Any, chain: dict[str, Any], number: int, run: list[dict[str, Any]], token: str) -> None:
         chain["name"] = f"g{number:06d}-{_digest(chain['name'], *(item['key'] for item in run))}"
-        chain["groups"].append(str(chain["home"] / chain["name"]))
-        chain["tail"] = client.submit(tasks.run_chain, self.config, self.source, chain["product"],
+        chain["groups"].append(f"{chain['home']}/{chain['name']}")
+        chain["tail"] = client.submit(tasks.run_chain, self.config, self.source, self.area.location, chain["product"],
                                       chain["groups"][-1], run, chain["tail"],
-                                      key=f"chain-{token}-{chain['home'].name}-{number}", pure=False,
+                                      key=f"chain-{token}-{chain['home'].rsplit('/', 1)[-1]}-{number}", pure=False,
                                       priority=1)  # fmt: skip
 
-    def _initial(self, home: Path, product: str, start) -> str | None:  # type: ignore[no-untyped-def]
-        """The checkpoint's part for this product's chain, in a folder (None: nothing to carry)."""
+    def _initial(self, home: str, product: str, start: EtlState) -> str | None:
+        """The checkpoint's part for this product's chain, as a folder of the work area (None:
+        nothing to carry)."""
         if start.last_segment is None and not start.books.products:
             return None
         state = product_state(start, product, self.job.sample_ns, self.job.depth, self.job.bar_ns)
         state.last_segment = start.last_segment
-        folder = home / f"start-{_digest(str(start.last_segment), json.dumps(start.totals, sort_keys=True))}"
-        if not (folder / f"{tasks.CHAIN_STATE}.json").exists():
-            save_state(folder, tasks.CHAIN_STATE, state)
-        return str(folder)
+        key = f"{home}/start-{_digest(str(start.last_segment), json.dumps(start.totals, sort_keys=True))}"
+        local = self.scratch / key
+        if not (local / f"{tasks.CHAIN_STATE}.json").exists():
+            save_state(local, tasks.CHAIN_STATE, state)
+            self.area.save_state_folder(local, key)
+        return key
 
     # ---- commit ---------------------------------------------------------------------------
     def _commit(self, parsed: list[dict[str, Any]], chains: list[dict[str, Any]]) -> Summary:
         """Outputs into place, the merged checkpoint, then the segments recorded as committed
         (and, in the data directory, deleted or archived). Every step can be repeated: the
         note stays until the end."""
-        groups_done = [json.loads((Path(group) / tasks.RESULT).read_bytes()) | {"folder": group}
-                       for chain in chains for group in chain["groups"]]  # fmt: skip
+        groups_done = [self._finished(group) | {"folder": group} for chain in chains for group in chain["groups"]]
         summary, totals = Summary(), Counter()
         for result in parsed:
-            self.target.place(self.scratch / "parse" / result["id"], result["files"])
+            self._place(f"parse/{result['id']}", result["files"])
             whole = "quarantined_segment" in result  # as the sequential run counts it: not a segment processed
             summary.segments += not whole
             summary.bytes += 0 if whole else int(result["bytes"])
@@ -263,7 +272,7 @@ class Backfill:
             summary.rows.update(result["rows"])
             totals.update(result["counts"])
         for group in groups_done:
-            self.target.place(Path(group["folder"]), group["files"])
+            self._place(group["folder"], group["files"])
         summary.counts.update(totals)
         live = [r["key"] for r in parsed if "quarantined_segment" not in r]
         if live:
@@ -280,10 +289,26 @@ class Backfill:
         if (folder / f"{self.source}.json").exists():
             return self._load_from(folder, self.source)
         start = self.target.start_state()
-        states = {c["product"]: self._load_from(Path(c["groups"][-1]), tasks.CHAIN_STATE) for c in chains}
+        states = {c["product"]: self._load_from(self.area.state_folder(c["groups"][-1], tasks.CHAIN_STATE),
+                                                tasks.CHAIN_STATE) for c in chains}  # fmt: skip
         merged = merge_states(start, states, _book_products(start, parsed), _conns(start, parsed), totals, last)
         save_state(folder, self.source, merged)
         return merged
+
+    def _chain_seconds(self, folders: list[str], measure: str = "seconds") -> float:
+        """The task seconds (or ``cpu_seconds``) of one product's chain, all its groups: the
+        longest chain bounds the backfill."""
+        return sum(self._finished(g).get(measure, 0.0) for g in folders)
+
+    def _finished(self, key: str) -> dict[str, Any]:
+        done = self.area.finished(key)
+        if done is None:
+            raise BackfillError(f"{self.area.location}/{key}: a finished task's result is missing")
+        return done
+
+    def _place(self, key: str, files: list[str]) -> None:
+        """A task folder's files into the target (fetched first from an S3 work area)."""
+        self.target.place(self.area.folder(key, [f"data/{rel}" for rel in files]), files)
 
     def _load_from(self, folder: Path, name: str) -> EtlState:
         return load_state(folder, name, self.job.sample_ns, self.job.depth, self.job.bar_ns)
@@ -291,12 +316,6 @@ class Backfill:
 
 def _channel(config: DaedalusConfig, channel: str) -> Any:
     return getattr(config.etl.channels, channel)
-
-
-def _chain_seconds(folders: list[str], measure: str = "seconds") -> float:
-    """The task seconds (or ``cpu_seconds``) of one product's chain, all its groups: the
-    longest chain bounds the backfill."""
-    return sum(json.loads((Path(g) / tasks.RESULT).read_bytes()).get(measure, 0.0) for g in folders)
 
 
 def _digest(*parts: str) -> str:

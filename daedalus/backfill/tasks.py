@@ -7,7 +7,6 @@ would take for finished, and a task that finds its folder in place returns what 
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daedalus.backfill.intermediate import IntermediateWriter, read_product
+from daedalus.backfill.scratch import Scratch, scratch_for
 from daedalus.config import DaedalusConfig
 from daedalus.etl.coinbase_run import SegmentRun
 from daedalus.etl.errors import SegmentDataError
@@ -24,7 +24,6 @@ from daedalus.etl.output import commit
 from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.storage import open_store
 
-RESULT = "result.json"
 CHAIN_STATE = "chain"  # the name a chain's checkpoint files go by in its folder
 
 
@@ -36,27 +35,6 @@ def staged_job(config: DaedalusConfig, source: str, folder: Path) -> EtlJob:
 
 def fresh_state(job: EtlJob) -> EtlState:
     return EtlState.fresh(job.sample_ns, job.depth, job.bar_ns)
-
-
-def _finished(folder: Path) -> dict[str, Any] | None:
-    """The result of work finished earlier (a rerun reuses it), marked ``reused``."""
-    result = folder / RESULT
-    return json.loads(result.read_bytes()) | {"reused": True} if result.exists() else None
-
-
-def _publish(tmp: Path, folder: Path, result: dict[str, Any]) -> dict[str, Any]:
-    """Write the result last, then rename the folder into place (a twin that finished first,
-    e.g. a task Dask ran again after losing its worker, wins: this one is dropped)."""
-    (tmp / RESULT).write_text(json.dumps(result))
-    try:
-        tmp.rename(folder)
-    except OSError:
-        done = _finished(folder)
-        if done is None:  # not a finished twin in the way: a real failure, the work is not there
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        return done
-    return result
 
 
 def _files(root: Path) -> list[str]:
@@ -91,20 +69,21 @@ class ParseRun(SegmentRun):
 
 
 def parse_segments(config: DaedalusConfig, source: str, scratch: str, segments: list[dict[str, Any]]) -> list[dict]:
-    """Phase 1 for a group of segments (``{"key", "path", "id"}`` each), one after the other."""
-    return [parse_segment(config, source, Path(scratch), **segment) for segment in segments]
+    """Phase 1 for a group of segments (``{"key", "id", "path" or "raw" + "location"}`` each),
+    one after the other; ``scratch`` is the work area's location (:mod:`daedalus.backfill.scratch`)."""
+    area = scratch_for(scratch, config)
+    return [parse_segment(config, source, area, **segment) for segment in segments]
 
 
-def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, id: str, path: str | None = None,
+def parse_segment(config: DaedalusConfig, source: str, area: Scratch, key: str, id: str, path: str | None = None,
                   raw: str | None = None, location: str | None = None) -> dict:  # fmt: skip
     """Phase 1 for one segment, read from ``path``, or from ``location`` in the store ``raw``."""
-    folder = scratch / "parse" / id
-    done = _finished(folder)
+    folder = f"parse/{id}"
+    done = area.finished(folder)
     if done is not None:
         return done
     started, cpu = time.perf_counter(), time.process_time()
-    tmp = scratch / "parse" / f"{id}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    tmp = area.new_folder(folder)
     job = staged_job(config, source, tmp)
     sink: list[IntermediateWriter] = []
     if path is None:  # a copy from the store, named as the segment (its suffix says how to read it)
@@ -127,7 +106,7 @@ def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, 
         shutil.rmtree(tmp / "input", ignore_errors=True)
         result.update(quarantined_segment=str(exc), batches=0, products=[], book_products=[], trade_products=[],
                       conns=[], rows={}, counts={}, quarantined=0, files=[])  # fmt: skip
-        return _publish(tmp, folder, result)
+        return area.publish(tmp, folder, result)
     commit(outcome.files)
     if quarantined:
         job._write_quarantine(key, quarantined)
@@ -138,46 +117,59 @@ def parse_segment(config: DaedalusConfig, source: str, scratch: Path, key: str, 
                   counts=dict(outcome.counts), quarantined=len(quarantined), files=_files(tmp),
                   seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu)  # fmt: skip
     shutil.rmtree(job.scratch, ignore_errors=True)
-    return _publish(tmp, folder, result)
+    return area.publish(tmp, folder, result)
 
 
 # ---- phase 2: one product, a group of segments in order ------------------------------------
-def run_chain(config: DaedalusConfig, source: str, product: str, folder_name: str, segments: list[dict[str, Any]],
-              previous: dict[str, Any] | str | None) -> dict:  # fmt: skip
+def run_chain(config: DaedalusConfig, source: str, scratch: str, product: str, folder: str,
+              segments: list[dict[str, Any]], previous: dict[str, Any] | str | None) -> dict:  # fmt: skip
     """Product ``product``'s books, trades and bars over ``segments`` (parse results, in
-    order), starting from the chain state of ``previous``: the result of the chain's previous
-    group (Dask hands the finished task's dict over), a folder (the checkpoint's part), or None."""
+    order), into the folder ``folder`` of the work area, starting from the chain state of
+    ``previous``: the result of the chain's previous group (Dask hands the finished task's
+    dict over), a folder key (the checkpoint's part), or None."""
+    area = scratch_for(scratch, config)
     if isinstance(previous, dict):
         previous = previous["state"]
-    folder = Path(folder_name)  # <scratch>/chain/<product>/<group>
-    scratch = folder.parent.parent.parent
-    done = _finished(folder)
+    done = area.finished(folder)
     if done is not None:
         return done
     started, cpu = time.perf_counter(), time.process_time()
-    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    tmp = area.new_folder(folder)
     job = staged_job(config, source, tmp)
-    state = fresh_state(job) if previous is None else load_state(Path(previous), CHAIN_STATE, job.sample_ns,
-                                                                 job.depth, job.bar_ns)  # fmt: skip
+    state = fresh_state(job)
+    if previous is not None:
+        state = load_state(area.state_folder(previous, CHAIN_STATE), CHAIN_STATE, job.sample_ns, job.depth, job.bar_ns)
     rows: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     for segment in segments:
         run = SegmentRun(job, segment["key"], state)
         before = run.book_counters()
-        for parsed in read_product(scratch / "parse" / segment["id"] / "books", segment["batches"], product,
-                                   segment["products"], segment["trade_products"]):  # fmt: skip
+        books = area.folder(f"parse/{segment['id']}", input_files(segment, product))
+        for parsed in read_product(books / "books", segment["batches"], product, segment["products"],
+                                   segment["trade_products"]):  # fmt: skip
             run._batch(parsed)
         run.finish(before)
         counts.update(run.counts)
         rows.update(run.rows)
         commit(run.files)
+        if area.remote:  # a download: this worker may never need it again
+            shutil.rmtree(books, ignore_errors=True)
     state.last_segment = segments[-1]["key"] if segments else None
     save_state(tmp, CHAIN_STATE, state)
-    result = {"product": product, "rows": dict(rows), "counts": dict(counts),
-              "files": _files(tmp), "state": str(folder), "seconds": time.perf_counter() - started,
-              "cpu_seconds": time.process_time() - cpu}  # fmt: skip
-    return _publish(tmp, folder, result)
+    result = {"product": product, "rows": dict(rows), "counts": dict(counts), "files": _files(tmp), "state": folder,
+              "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}  # fmt: skip
+    return area.publish(tmp, folder, result)
+
+
+def input_files(segment: dict[str, Any], product: str) -> list[str]:
+    """The files of a segment's parse folder that a chain of ``product`` reads."""
+    files = ["books/none-frames.arrow"]
+    if product in segment["products"]:
+        k = segment["products"].index(product)
+        files += [f"books/p{k}-frames.arrow", f"books/p{k}-rows.arrow"]
+    if product in segment["trade_products"]:
+        files.append(f"books/t{segment['trade_products'].index(product)}-trades.arrow")
+    return files
 
 
 # ---- worker warm-up -------------------------------------------------------------------------
@@ -208,8 +200,8 @@ def warm_up(config: DaedalusConfig, source: str, scratch: str) -> float:
     lines += [frame_line(t + i + 1, 1, text) for i, text in enumerate(_WARM_FRAMES)]
     segment.write_bytes(b"".join(lines))
     try:
-        parsed = parse_segment(config, source, folder, segment.name, "warm", path=str(segment))
-        run_chain(config, source, "WARM-USD", str(folder / "chain" / "p-warm" / "g000000"), [parsed], None)
+        parsed = parse_segment(config, source, Scratch(str(folder), config), segment.name, "warm", path=str(segment))
+        run_chain(config, source, str(folder), "WARM-USD", "chain/p-warm/g000000", [parsed], None)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return time.perf_counter() - started
