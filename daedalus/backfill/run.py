@@ -68,8 +68,11 @@ def dask_client(address: str, scratch: Path) -> Iterator[Any]:
             raise BackfillError(f"--dask {address!r}: N must be 1..256")
         space = scratch / "dask-worker-space"
         with dask.config.set(QUIET_WORKERS):  # the nannies hand this configuration to their workers
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   local_directory=str(space), silence_logs=40)  # fmt: skip
+            # loopback only; the scheduler's HTTP server (health, metrics) on a free port, never on
+            # 8787, where `daedalus run` serves its status page
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address="127.0.0.1:0", local_directory=str(space),
+                                   silence_logs=40)  # fmt: skip
             with cluster, Client(cluster) as client:
                 yield client
     else:

@@ -11,6 +11,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,25 @@ def fresh_state(job: EtlJob) -> EtlState:
 def _files(root: Path) -> list[str]:
     out = root / "data"
     return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) if out.exists() else []
+
+
+@dataclass
+class _Work:
+    """A task's local folder, the staged job writing into it, and its clocks."""
+
+    tmp: Path
+    job: EtlJob
+    started: float
+    cpu: float
+
+    @classmethod
+    def begin(cls, area: Scratch, folder: str, config: DaedalusConfig, source: str) -> _Work:
+        tmp = area.new_folder(folder)
+        return cls(tmp, staged_job(config, source, tmp), time.perf_counter(), time.process_time())
+
+    def timing(self) -> dict[str, float]:
+        """Wall and CPU seconds so far (CPU: what the projection of bench/backfill.py uses)."""
+        return {"seconds": time.perf_counter() - self.started, "cpu_seconds": time.process_time() - self.cpu}
 
 
 # ---- phase 1: one segment, no state ---------------------------------------------------------
@@ -82,9 +102,8 @@ def parse_segment(config: DaedalusConfig, source: str, area: Scratch, key: str, 
     done = area.finished(folder)
     if done is not None:
         return done
-    started, cpu = time.perf_counter(), time.process_time()
-    tmp = area.new_folder(folder)
-    job = staged_job(config, source, tmp)
+    work = _Work.begin(area, folder, config, source)
+    tmp, job = work.tmp, work.job
     sink: list[IntermediateWriter] = []
     if path is None:  # a copy from the store, named as the segment (its suffix says how to read it)
         assert raw is not None and location is not None
@@ -115,7 +134,7 @@ def parse_segment(config: DaedalusConfig, source: str, area: Scratch, key: str, 
     result.update(batches=len(writer.clocks), products=writer.products, book_products=writer.book_products,
                   trade_products=writer.trade_products, conns=writer.conns, rows=dict(outcome.rows),
                   counts=dict(outcome.counts), quarantined=len(quarantined), files=_files(tmp),
-                  seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu)  # fmt: skip
+                  **work.timing())  # fmt: skip
     shutil.rmtree(job.scratch, ignore_errors=True)
     return area.publish(tmp, folder, result)
 
@@ -133,9 +152,8 @@ def run_chain(config: DaedalusConfig, source: str, scratch: str, product: str, f
     done = area.finished(folder)
     if done is not None:
         return done
-    started, cpu = time.perf_counter(), time.process_time()
-    tmp = area.new_folder(folder)
-    job = staged_job(config, source, tmp)
+    work = _Work.begin(area, folder, config, source)
+    tmp, job = work.tmp, work.job
     state = fresh_state(job)
     if previous is not None:
         state = load_state(area.state_folder(previous, CHAIN_STATE), CHAIN_STATE, job.sample_ns, job.depth, job.bar_ns)
@@ -157,7 +175,7 @@ def run_chain(config: DaedalusConfig, source: str, scratch: str, product: str, f
     state.last_segment = segments[-1]["key"] if segments else None
     save_state(tmp, CHAIN_STATE, state)
     result = {"product": product, "rows": dict(rows), "counts": dict(counts), "files": _files(tmp), "state": folder,
-              "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu}  # fmt: skip
+              **work.timing()}  # fmt: skip
     return area.publish(tmp, folder, result)
 
 
