@@ -43,6 +43,7 @@ bench: venv
 	$(BIN)/python bench/ccxt_etl.py
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/etl_s3.py
+	$(BIN)/python bench/backfill.py --gb 4 --segment-mb 64
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
