@@ -272,3 +272,22 @@ def test_a_note_older_than_the_checkpoint_is_not_finished(tmp_path: Path, raw_re
     rerun = etl(tmp_path, "dask", "--dask", "local:1")
     assert "backfill_note_discarded" in rerun.stderr and "segments: 0 " in rerun.stdout
     assert_same(sequential, data)
+
+
+def test_a_backfill_continues_from_the_sequential_etls_checkpoint(tmp_path: Path, raw_ready: Path,
+                                                                  sequential: Path) -> None:  # fmt: skip
+    """The sequential ETL committed the first half; the backfill takes the rest from that
+    checkpoint (each product's chain starts from its part of it) and the result is the one
+    run over everything."""
+    data = data_dir(tmp_path, "dask", raw_ready)
+    ready = data / "raw" / "ready" / "coinbase"
+    later = sorted(ready.iterdir())[len(list(ready.iterdir())) // 2 :]
+    aside = tmp_path / "later"
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    etl(tmp_path, "dask")
+    for path in later:
+        (aside / path.name).rename(path)
+    etl(tmp_path, "dask", "--dask", "local:2")
+    assert_same(sequential, data)

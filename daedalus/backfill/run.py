@@ -107,6 +107,7 @@ class Backfill:
         # the tasks' shared work area: this folder, or an s3:// prefix for workers on other machines
         location = str(self.scratch) if scratch is None else f"{scratch.rstrip('/')}/{self.scratch.name}"
         self.area = Scratch(location, config)
+        self._start_arrays: dict[str, Any] | None = None
         self.target: Target = (LocalTarget(config, self.job) if raw is None and processed is None else
                                StoreTarget(config, self.job, self.scratch, raw=raw or str(config.layout.raw),
                                            processed=processed or str(config.processed_dir)))  # fmt: skip
@@ -248,7 +249,10 @@ class Backfill:
         nothing to carry)."""
         if start.last_segment is None and not start.books.products:
             return None
-        state = product_state(start, product, self.job.sample_ns, self.job.depth, self.job.bar_ns)
+        if self._start_arrays is None:  # cut once, not once per product
+            self._start_arrays = start.books.to_arrays()
+        state = product_state(start, product, self.job.sample_ns, self.job.depth, self.job.bar_ns,
+                              self._start_arrays)  # fmt: skip
         state.last_segment = start.last_segment
         key = f"{home}/start-{_digest(str(start.last_segment), json.dumps(start.totals, sort_keys=True))}"
         local = self.scratch / key
@@ -292,9 +296,13 @@ class Backfill:
         if (folder / f"{self.source}.json").exists():
             return self._load_from(folder, self.source)
         start = self.target.start_state()
-        states = {c["product"]: self._load_from(self.area.state_folder(c["groups"][-1], tasks.CHAIN_STATE),
-                                                tasks.CHAIN_STATE) for c in chains}  # fmt: skip
-        merged = merge_states(start, states, _book_products(start, parsed), _conns(start, parsed), totals, last)
+        last_group = {c["product"]: c["groups"][-1] for c in chains}
+
+        def load(product: str) -> EtlState:
+            return self._load_from(self.area.state_folder(last_group[product], tasks.CHAIN_STATE), tasks.CHAIN_STATE)
+
+        merged = merge_states(start, list(last_group), load, _book_products(start, parsed), _conns(start, parsed),
+                              totals, last)  # fmt: skip
         save_state(folder, self.source, merged)
         return merged
 
