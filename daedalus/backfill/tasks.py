@@ -203,14 +203,16 @@ _WARM_FRAMES = (
 )
 
 
-def warm_up(config: DaedalusConfig, source: str, scratch: str) -> float:
+def warm_up(config: DaedalusConfig, source: str, scratch: str, dask_worker: Any = None) -> float:
     """Both phases on a tiny built-in segment, so the first real task of a worker does not pay
     for imports and loading the compiled code (numba's cache): the measured task costs are the
-    work's. Returns the seconds it took."""
+    work's. It works in the worker's own local directory (``client.run`` hands the worker
+    over; a worker on another machine may not have ``scratch``). Returns the seconds it took."""
     from daedalus.capture.records import control_line, frame_line
 
     started = time.perf_counter()
-    folder = Path(scratch) / f"warm-{uuid.uuid4().hex[:8]}"
+    base = Path(dask_worker.local_directory) if dask_worker is not None else Path(scratch)
+    folder = base / f"warm-{uuid.uuid4().hex[:8]}"
     segment = folder / "segment_20260101T00_00001.ndjson"
     folder.mkdir(parents=True)
     t = 1_767_225_600_000_000_000
