@@ -8,7 +8,6 @@ a directory or ``s3://``, never changed; the result published to an output store
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import threading
@@ -19,13 +18,13 @@ from typing import Any, Protocol
 
 from daedalus.capture.segments import fsync_path
 from daedalus.config import DaedalusConfig
-from daedalus.etl.job import EtlJob, _in_range, segment_order
+from daedalus.etl.job import EtlJob, segment_order
 from daedalus.etl.output import OutputConflict
-from daedalus.etl.remote import INPUT_STATES, LEASE_TTL_SECONDS
+from daedalus.etl.remote import LEASE_TTL_SECONDS, marker_prefix, pending_segments, pull_checkpoint, push_checkpoint
 from daedalus.etl.state import EtlState, load_state, save_state
-from daedalus.layout import parse_segment_name, segment_stem
+from daedalus.layout import segment_stem
 from daedalus.logs import get_logger
-from daedalus.storage import Lease, LeaseLost, open_store, publish, sha256_file
+from daedalus.storage import Lease, LeaseLost, open_store, publish
 
 log = get_logger("daedalus.backfill")
 
@@ -158,7 +157,7 @@ class StoreTarget:
         self.raw = raw
         self.input = open_store(raw, config.sync)
         self.output = open_store(processed, config.sync)
-        self.markers = f"_state/{self.source}.committed.d/"
+        self.markers = marker_prefix(self.source)
         self.state_dir = scratch / "start-state"
         self.lease: Lease | None = None
         self._lost: BaseException | None = None
@@ -198,43 +197,16 @@ class StoreTarget:
     def _pull_state(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.state_dir.mkdir(parents=True)
-        data = self.output.read(f"_state/{self.source}.json")
-        if data is None:
-            return
-        (self.state_dir / f"{self.source}.json").write_bytes(data)
-        try:
-            record = json.loads(data)
-            books = record["books_file"]
-        except (ValueError, KeyError, TypeError):  # load_state says what to do about it
-            return
-        if self.output.sha256(f"_state/{books}") is not None:
-            self.output.download(f"_state/{books}", self.state_dir / books)
-        self.in_checkpoint = set(record.get("committed_segments", []))
-        if record.get("last_segment"):
-            self.in_checkpoint.add(record["last_segment"])
+        _, self.in_checkpoint = pull_checkpoint(self.output, self.source, self.state_dir)
 
     def start_state(self) -> EtlState:
         return load_state(self.state_dir, self.source, self.job.sample_ns, self.job.depth, self.job.bar_ns)
 
     def pending(self, start: date | None, end: date | None) -> list[dict[str, Any]]:
-        done = {entry.key[len(self.markers) :] for entry in self.output.list(self.markers)}
-        for key in sorted(self.in_checkpoint - done):  # published, then a crash before the marker
-            self.output.write(self.markers + key, b"")
-        done |= self.in_checkpoint
         last = self.start_state().last_segment
-        found: dict[str, dict[str, Any]] = {}
-        for state in INPUT_STATES:
-            base = f"{state}/{self.source}/"
-            for entry in self.input.list(base):
-                key = entry.key[len(base) :]
-                name = key.rsplit("/", 1)[-1]
-                if parse_segment_name(name) is None or key in done or key in found:
-                    continue
-                if (start or end) and not _in_range(name, start, end):
-                    continue
-                if not older_than(key, last):
-                    found[key] = segment_item(key, entry.size, raw=self.raw, location=entry.key)
-        return sorted(found.values(), key=lambda item: segment_order(item["key"]))
+        return [segment_item(item.key, item.size, raw=self.raw, location=item.location)
+                for item in pending_segments(self.input, self.output, self.source, self.in_checkpoint, start, end)
+                if not older_than(item.key, last)]  # fmt: skip
 
     # ---- the commit -----------------------------------------------------------------------
     def place(self, folder: Path, files: list[str]) -> None:
@@ -259,12 +231,7 @@ class StoreTarget:
         folder = self.state_dir.parent / "out-state"
         state.committed_segments = keys
         save_state(folder, self.source, state)
-        books = json.loads((folder / f"{self.source}.json").read_bytes())["books_file"]
-        self.output.upload(folder / books, f"_state/{books}", sha256_file(folder / books))
-        self.output.write(f"_state/{self.source}.json", (folder / f"{self.source}.json").read_bytes())
-        for entry in list(self.output.list(f"_state/{self.source}.books-")):
-            if entry.key != f"_state/{books}":
-                self.output.delete(entry.key)
+        push_checkpoint(self.output, self.source, folder)
 
     def finish(self, parsed: list[dict[str, Any]]) -> None:
         """A marker per segment (a segment quarantined whole gets its reason beside the quarantine)."""

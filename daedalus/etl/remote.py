@@ -59,6 +59,69 @@ class PendingSegment:
     size: int
 
 
+def marker_prefix(source: str) -> str:
+    """Where an output store records each committed segment: ``<prefix><segment key>``."""
+    return f"_state/{source}.committed.d/"
+
+
+def pull_checkpoint(output: Store, source: str, folder: Path) -> tuple[bytes | None, set[str]]:
+    """The output's checkpoint into ``folder`` (``<source>.json`` and the npz it names).
+    Returns the JSON (None: there is none) and the segments it holds as committed: its
+    ``last_segment`` and, after a backfill, its ``committed_segments``."""
+    data = output.read(f"_state/{source}.json")
+    if data is None:
+        return None, set()
+    (folder / f"{source}.json").write_bytes(data)
+    try:
+        record = orjson.loads(data)
+        books = record["books_file"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):  # load_state says what to do about it
+        return data, set()
+    if output.sha256(f"_state/{books}") is not None:
+        output.download(f"_state/{books}", folder / books)
+    held = set(record.get("committed_segments", []))
+    if record.get("last_segment"):
+        held.add(record["last_segment"])
+    return data, held
+
+
+def push_checkpoint(output: Store, source: str, folder: Path) -> bytes:
+    """The checkpoint saved in ``folder`` to the output: its npz, then the JSON naming it,
+    then the npz of the previous checkpoint goes. Returns the JSON."""
+    data = (folder / f"{source}.json").read_bytes()
+    books = orjson.loads(data)["books_file"]
+    output.upload(folder / books, f"_state/{books}", sha256_file(folder / books))
+    output.write(f"_state/{source}.json", data)
+    for entry in list(output.list(f"_state/{source}.books-")):
+        if entry.key != f"_state/{books}":
+            output.delete(entry.key)
+    return data
+
+
+def pending_segments(raw: Store, output: Store, source: str, held: set[str], start: date | None = None,
+                     end: date | None = None) -> list[PendingSegment]:  # fmt: skip
+    """The raw root's segments without a marker in the output, in time order (one per key,
+    ``ready/`` first). Segments the checkpoint holds (``held``) are done: their markers, if a
+    crash came between the checkpoint and them, are written now."""
+    markers = marker_prefix(source)
+    done = {entry.key[len(markers) :] for entry in output.list(markers)}
+    for key in sorted(held - done):
+        output.write(markers + key, b"")
+    done |= held
+    found: dict[str, PendingSegment] = {}
+    for state in INPUT_STATES:
+        base = f"{state}/{source}/"
+        for entry in raw.list(base):
+            key = entry.key[len(base) :]
+            name = key.rsplit("/", 1)[-1]
+            if parse_segment_name(name) is None or key in done:
+                continue
+            if (start or end) and not _in_range(name, start, end):
+                continue
+            found.setdefault(key, PendingSegment(key, entry.key, entry.size))
+    return sorted(found.values(), key=lambda item: segment_order(item.key))
+
+
 class StoreEtl:
     """One source's ETL from an input store to an output store (see the module docstring)."""
 
@@ -70,12 +133,11 @@ class StoreEtl:
         self.staging = config.layout.scratch(f"etl-store-{source}")
         etl = config.etl.model_copy(update={"output_dir": None, "after_processing": "delete"})
         self.job = EtlJob(config.model_copy(update={"data_dir": self.staging / "data", "etl": etl}), source)
-        self.markers = f"_state/{source}.committed.d/"
+        self.markers = marker_prefix(source)
         self.lease: Lease | None = None
         self._renewed = 0.0
         self._published_state: bytes | None = None
-        self.last_segment: str | None = None
-        self.in_checkpoint: set[str] = set()
+        self.in_checkpoint: set[str] = set()  # segments the output's checkpoint holds
         self.on_beat: Callable[[], None] = lambda: None
 
     # ---- start: lease, staging, checkpoint ------------------------------------------------
@@ -99,23 +161,7 @@ class StoreEtl:
         shutil.rmtree(self.staging, ignore_errors=True)
 
     def _pull_state(self) -> None:
-        data = self.output.read(f"_state/{self.source}.json")
-        if data is None:
-            return
-        (self.job.state_dir / f"{self.source}.json").write_bytes(data)
-        self._published_state = data
-        try:
-            record = orjson.loads(data)
-            books, self.last_segment = record["books_file"], record["last_segment"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):  # load_state says what to do about it
-            return
-        if self.output.sha256(f"_state/{books}") is not None:
-            self.output.download(f"_state/{books}", self.job.state_dir / books)
-        # the checkpoint names the segments it holds (a backfill commits many at once): a crash
-        # between it and their markers is completed by writing the markers (see pending())
-        self.in_checkpoint = set(record.get("committed_segments", []))
-        if self.last_segment:
-            self.in_checkpoint.add(self.last_segment)
+        self._published_state, self.in_checkpoint = pull_checkpoint(self.output, self.source, self.job.state_dir)
 
     def rebuild_state(self) -> str | None:
         """Move a damaged checkpoint aside, into ``_state/broken-<source>-<time>/`` of the output."""
@@ -133,7 +179,7 @@ class StoreEtl:
         for path in self.job.state_dir.glob(f"{self.source}.*"):
             if path.name != f"{self.source}.lock":
                 path.unlink()
-        self._published_state, self.last_segment, self.in_checkpoint = None, None, set()
+        self._published_state, self.in_checkpoint = None, set()
         log.warning("etl_state_rebuilt", moved_to=f"{self.output.url}/{aside}" if moved else None,
                     effect="books are empty until each product's next snapshot; open bars are lost")  # fmt: skip
         return f"{self.output.url}/{aside}" if moved else None
@@ -141,22 +187,7 @@ class StoreEtl:
     # ---- work -------------------------------------------------------------------------------
     def pending(self, start: date | None = None, end: date | None = None) -> list[PendingSegment]:
         """Input segments without a marker, in time order (one per key, ``ready/`` first)."""
-        done = {entry.key[len(self.markers):] for entry in self.output.list(self.markers)}
-        for key in sorted(self.in_checkpoint - done):  # published, then a crash before the marker
-            self.output.write(self.markers + key, b"")
-        done |= self.in_checkpoint
-        found: dict[str, PendingSegment] = {}
-        for state in INPUT_STATES:
-            base = f"{state}/{self.source}/"
-            for entry in self.input.list(base):
-                key = entry.key[len(base):]
-                name = key.rsplit("/", 1)[-1]
-                if parse_segment_name(name) is None or key in done:
-                    continue
-                if (start or end) and not _in_range(name, start, end):
-                    continue
-                found.setdefault(key, PendingSegment(key, entry.key, entry.size))
-        return sorted(found.values(), key=lambda item: segment_order(item.key))
+        return pending_segments(self.input, self.output, self.source, self.in_checkpoint, start, end)
 
     def run(self, start: date | None = None, end: date | None = None, progress: bool = False,
             should_stop: Callable[[], bool] = lambda: False) -> Summary:  # fmt: skip
@@ -243,13 +274,5 @@ class StoreEtl:
         state = self.job.state_dir / f"{self.source}.json"
         if not state.exists():
             return
-        data = state.read_bytes()
-        if data == self._published_state:
-            return
-        books = orjson.loads(data)["books_file"]
-        self.output.upload(self.job.state_dir / books, f"_state/{books}", sha256_file(self.job.state_dir / books))
-        self.output.write(f"_state/{self.source}.json", data)
-        self._published_state = data
-        for entry in list(self.output.list(f"_state/{self.source}.books-")):
-            if entry.key != f"_state/{books}":
-                self.output.delete(entry.key)
+        if state.read_bytes() != self._published_state:
+            self._published_state = push_checkpoint(self.output, self.source, self.job.state_dir)
