@@ -58,7 +58,7 @@ def dask_client(address: str, scratch: Path) -> Iterator[Any]:
         import dask
         from distributed import Client, LocalCluster
     except ImportError:
-        raise BackfillError("--dask needs Dask: pip install 'daedalus[dask]' (dask[distributed])") from None
+        raise BackfillError("--dask needs Dask: pip install 'daedalus[dask]' (dask and distributed)") from None
     if address.startswith("local:"):
         try:
             workers = int(address.removeprefix("local:"))
