@@ -75,6 +75,8 @@ class Store(Protocol):
 
 
 def sha256_file(path: Path) -> str:
+    """The file's SHA-256 (hex), read a MiB at a time: the digest sync and the stores keep in
+    each object's metadata."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(1 << 20):
@@ -190,7 +192,7 @@ class S3Store:
     def _error(self, exc: Exception, what: str) -> StorageError:
         from daedalus.sync.s3 import scrub
 
-        code = _error_code(exc)
+        code = error_code(exc)
         text = scrub(str(exc), self.settings)
         if code in _PERMANENT:
             return StorageError(f"{self.url}: {what}: {code} ({text})")
@@ -200,7 +202,7 @@ class S3Store:
         try:
             return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
         except Exception as exc:  # botocore's ClientError and connection errors alike
-            if _error_code(exc) in ("NoSuchKey", "404", "NotFound"):
+            if error_code(exc) in ("NoSuchKey", "404", "NotFound"):
                 return None
             raise self._error(exc, what) from None
 
@@ -259,12 +261,14 @@ class S3Store:
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, **condition)["ETag"]
         except Exception as exc:
-            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey", "404"):
+            if error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "NoSuchKey", "404"):
                 return None
             raise self._error(exc, f"writing {key}") from None
 
 
-def _error_code(exc: Exception) -> str:
+def error_code(exc: BaseException) -> str:
+    """The S3 error code of a botocore ``ClientError`` (``NoSuchKey``, ``AccessDenied``, ...);
+    empty for anything else (a connection error)."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return str(response.get("Error", {}).get("Code", ""))

@@ -20,7 +20,6 @@ prefix that no ledger record refers to (stale: another crash, an older version) 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -38,16 +37,15 @@ from botocore.exceptions import ConnectionError as S3ConnectionError
 from daedalus.config import DaedalusConfig, SyncConfig
 from daedalus.layout import prune_empty_dirs
 from daedalus.logs import get_logger
+from daedalus.storage import SHA256_META, error_code, sha256_file
 from daedalus.sync.ledger import Ledger, LedgerEntry, UploadRecord
 from daedalus.sync.s3 import SyncError, observe_retries, parse_destination, scrub
 
 log = get_logger(__name__)
 
-SHA256_META = "sha256"  # x-amz-meta-sha256
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNKSIZE = 16 * 1024 * 1024
 MAX_PARTS = 10_000
-HASH_CHUNK = 1024 * 1024
 LEDGER_NAME = "sync.ledger.jsonl"
 
 _PERMANENT = {
@@ -156,24 +154,12 @@ class _RateLimit:
             time.sleep(start - now)
 
 
-def _error_code(exc: BaseException) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "")) if isinstance(exc, ClientError) else ""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def permanent_error(exc: BaseException, sync: SyncConfig, bucket: str) -> SyncError | None:
     """A :class:`SyncError` naming the problem if ``exc`` is permanent, else None."""
     if isinstance(exc, NoCredentialsError):
         return SyncError("S3 sync failed: no credentials (set sync.access_key_id/secret_access_key "
                          "or the standard AWS credential chain)")  # fmt: skip
-    code = _error_code(exc)
+    code = error_code(exc)
     if isinstance(exc, S3UploadFailedError):
         code = next((c for c in _PERMANENT if not c.isdigit() and c in str(exc)), "")
     if code not in _PERMANENT:
@@ -374,7 +360,7 @@ class SyncPass:
         try:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except ClientError as exc:
-            if _error_code(exc) in ("NoSuchUpload", "404"):
+            if error_code(exc) in ("NoSuchUpload", "404"):
                 return False  # completed, aborted or expired already
             log.warning("sync_abort_failed", key=key, error=scrub(str(exc), self.sync))
             return False
@@ -433,7 +419,7 @@ class SyncPass:
                             parts[number] = etag
                 return upload, parts
             except ClientError as exc:
-                if _error_code(exc) not in ("NoSuchUpload", "404"):
+                if error_code(exc) not in ("NoSuchUpload", "404"):
                     raise
                 if self._verify(item.key, item.size, upload.sha256):
                     return upload, None
@@ -503,7 +489,7 @@ class SyncPass:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise
         return int(head.get("ContentLength", -1)) == size and head.get("Metadata", {}).get(SHA256_META) == digest
