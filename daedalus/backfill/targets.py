@@ -7,6 +7,7 @@ a directory or ``s3://``, never changed; the result published to an output store
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import os
 import shutil
@@ -100,7 +101,7 @@ class LocalTarget:
                                         "by hand?); nothing of this backfill is recorded as committed")
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists():
-                if target.read_bytes() != source.read_bytes():
+                if not filecmp.cmp(target, source, shallow=False):  # as check_conflicts compares
                     raise OutputConflict(f"{target} is already committed with other content")
                 source.unlink()
                 continue

@@ -22,16 +22,11 @@ from daedalus.etl.coinbase_run import SegmentRun
 from daedalus.etl.errors import SegmentDataError
 from daedalus.etl.job import EtlJob
 from daedalus.etl.output import commit
+from daedalus.etl.remote import staged_job
 from daedalus.etl.state import EtlState, load_state, save_state
 from daedalus.storage import open_store
 
 CHAIN_STATE = "chain"  # the name a chain's checkpoint files go by in its folder
-
-
-def staged_job(config: DaedalusConfig, source: str, folder: Path) -> EtlJob:
-    """The ETL job, writing its outputs (and quarantine) below ``folder``."""
-    etl = config.etl.model_copy(update={"output_dir": None})
-    return EtlJob(config.model_copy(update={"data_dir": folder / "data", "etl": etl}), source)
 
 
 def fresh_state(job: EtlJob) -> EtlState:

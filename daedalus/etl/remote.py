@@ -59,6 +59,13 @@ class PendingSegment:
     size: int
 
 
+def staged_job(config: DaedalusConfig, source: str, folder: Path) -> EtlJob:
+    """The local ETL job with ``folder/data`` as its data directory: its segments, outputs,
+    quarantine and checkpoint all below it (a staged segment is deleted once processed)."""
+    etl = config.etl.model_copy(update={"output_dir": None, "after_processing": "delete"})
+    return EtlJob(config.model_copy(update={"data_dir": folder / "data", "etl": etl}), source)
+
+
 def marker_prefix(source: str) -> str:
     """Where an output store records each committed segment: ``<prefix><segment key>``."""
     return f"_state/{source}.committed.d/"
@@ -131,8 +138,7 @@ class StoreEtl:
         self.input: Store = open_store(raw, config.sync)
         self.output: Store = open_store(processed, config.sync)
         self.staging = config.layout.scratch(f"etl-store-{source}")
-        etl = config.etl.model_copy(update={"output_dir": None, "after_processing": "delete"})
-        self.job = EtlJob(config.model_copy(update={"data_dir": self.staging / "data", "etl": etl}), source)
+        self.job = staged_job(config, source, self.staging)
         self.markers = marker_prefix(source)
         self.lease: Lease | None = None
         self._renewed = 0.0
