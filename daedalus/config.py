@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -222,6 +223,89 @@ class CcxtConfig(Section):
     exchanges: dict[CcxtExchangeId, CcxtExchangeConfig] = {}
 
 
+_DATABENTO_DATASET = re.compile(r"[A-Z][A-Z0-9]{1,7}\.[A-Z0-9]{1,7}")  # GLBX.MDP3, XNAS.ITCH (16 bytes in DBN)
+# raw symbols may hold spaces and punctuation (OCC options "AAPL  240119C00190000", "BRK.B", "ES.c.0"); the
+# gateway's wire format joins symbols with "," inside "|"-separated fields, so neither may appear in one
+_DATABENTO_SYMBOL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._/:+-]{0,69}")
+DatabentoSchema = Literal[
+    "mbo", "mbp-1", "mbp-10", "tbbo", "trades", "ohlcv-1s", "ohlcv-1m", "ohlcv-1h", "ohlcv-1d",
+    "definition", "statistics", "status", "imbalance",
+]  # fmt: skip
+
+
+def _databento_dataset(value: str) -> str:
+    if not _DATABENTO_DATASET.fullmatch(value):
+        raise ValueError(f"{value!r} is not a Databento dataset id (upper-case VENUE.FEED, like GLBX.MDP3)")
+    return value
+
+
+def _databento_symbol(value: str) -> str:
+    if not _DATABENTO_SYMBOL.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a Databento symbol (letters, digits, spaces, '.', '_', '/', ':', '+', '-'; up to 70)"
+        )
+    return value
+
+
+class DatabentoSubscription(Section):
+    """One ``subscribe`` of a live session: a schema for some symbols of one dataset."""
+
+    dataset: Annotated[str, AfterValidator(_databento_dataset)]
+    schema_: DatabentoSchema = Field(alias="schema")
+    symbols: Annotated[list[Annotated[str, AfterValidator(_databento_symbol)]], Field(min_length=1)] = [
+        "ALL_SYMBOLS"
+    ]
+    stype_in: Literal["raw_symbol", "instrument_id", "parent", "continuous"] = "raw_symbol"
+    # intraday replay from this time (ns since the epoch, or an ISO 8601 time; 0 = as far back as the
+    # gateway keeps), then live; null = live only
+    start: int | datetime | None = None
+    snapshot: bool = False  # mbo: ask for a book snapshot first (cannot go with start)
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _snapshot_or_start(self) -> DatabentoSubscription:
+        if self.snapshot and self.start is not None:
+            raise ValueError("snapshot and start cannot be combined (the gateway refuses it)")
+        if self.snapshot and self.schema_ != "mbo":
+            raise ValueError(f"snapshot is only for the mbo schema, not {self.schema_}")
+        return self
+
+    @property
+    def start_ns(self) -> int | None:
+        """``start`` as ns since the epoch (the wire's form), None when not set."""
+        if isinstance(self.start, datetime):
+            moment = self.start if self.start.tzinfo else self.start.replace(tzinfo=UTC)
+            return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
+        return self.start
+
+
+class DatabentoConfig(Section):
+    """The Databento live source (``pip install 'daedalus[databento]'``): one live session per dataset."""
+
+    enabled: bool = False
+    api_key: SecretStr = SecretStr("")
+    gateway: str | None = None  # host override; None = Databento's host for the dataset
+    port: Annotated[int, Field(gt=0, lt=65536)] = 13000
+    ts_out: bool = False  # ask the gateway to add its send time (ts_out) to every record
+    heartbeat_interval_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    reconnect_refill: bool = True  # on reconnect, resubscribe from the last record's time to refill the gap
+    subscriptions: list[DatabentoSubscription] = []
+
+    @model_validator(mode="after")
+    def _ready_when_enabled(self) -> DatabentoConfig:
+        if self.enabled and not self.subscriptions:
+            raise ValueError("enabled with no subscriptions: add at least one {dataset, schema, symbols}")
+        if self.enabled and not self.api_key.get_secret_value():
+            raise ValueError("enabled with no api_key (set it, e.g. api_key: ${DATABENTO_API_KEY})")
+        return self
+
+    @property
+    def datasets(self) -> list[str]:
+        """Datasets in first-subscribed order: one live session each."""
+        return list(dict.fromkeys(sub.dataset for sub in self.subscriptions))
+
+
 class ChannelConfig(Section):
     partition_cols: PartitionCols = ["product_id", "date"]
     processor_options: dict[str, Any] = {}
@@ -377,6 +461,7 @@ class DaedalusConfig(Section):
     ingestion: IngestionConfig = IngestionConfig()
     coinbase: CoinbaseConfig = CoinbaseConfig()
     ccxt: CcxtConfig = CcxtConfig()
+    databento: DatabentoConfig = DatabentoConfig()
     etl: EtlConfig = EtlConfig()
     sync: SyncConfig = SyncConfig()
     supervisor: SupervisorConfig = SupervisorConfig()

@@ -26,7 +26,7 @@ RAW_STATES: tuple[RawState, ...] = ("active", "ready", "processing", "archive", 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNSAFE = re.compile(r"[/\\=:*?\"<>|]")
 _DOTS = re.compile(r"\.{2,}")
-_SEGMENT = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5})\.(ndjson|ndjson\.zst|parquet|arrow)$")
+_SEGMENT = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5})\.(ndjson|ndjson\.zst|parquet|arrow|dbn|dbn\.zst)$")
 _SEGMENT_PREFIX = re.compile(r"^segment_(\d{8}T\d{2})_(\d{5,})")
 _HOUR = re.compile(r"\d{8}T\d{2}")
 MAX_SEGMENT_COUNTER = 99_999  # five digits, so that names sort in time order

@@ -115,3 +115,25 @@ def test_free_form_options_mask_secret_looking_keys():
 def test_batch_size_must_fit_the_queue():
     with pytest.raises(ConfigError, match="batch_size \\(500\\) must not exceed queue_maxsize \\(100\\)"):
         parse_config({"ingestion": {"batch_size": 500, "queue_maxsize": 100}})
+
+
+def test_databento_section_is_checked_key_by_key():
+    sub = {"dataset": "GLBX.MDP3", "schema": "mbo", "symbols": ["ESZ6"]}
+    subs = [{**sub, "start": "2026-11-26T10:00:00"}, {**sub, "schema": "trades"}, {**sub, "dataset": "XNAS.ITCH"}]
+    config = parse_config({"databento": {"enabled": True, "api_key": "db-k", "subscriptions": subs}})
+    first = config.databento.subscriptions[0]
+    assert (first.schema_, first.start_ns) == ("mbo", 1_795_687_200_000_000_000)
+    assert config.databento.datasets == ["GLBX.MDP3", "XNAS.ITCH"]
+    assert "db-k" not in repr(config.databento)
+    bad = [
+        ({"subscriptions": [{**sub, "dataset": "glbx"}]}, "not a Databento dataset id"),
+        ({"subscriptions": [{**sub, "symbols": ["ES,NQ"]}]}, "not a Databento symbol"),
+        ({"subscriptions": [{**sub, "snapshot": True, "start": 0}]}, "snapshot and start cannot be combined"),
+        ({"subscriptions": [{**sub, "schema": "trades", "snapshot": True}]}, "snapshot is only for the mbo schema"),
+        ({"enabled": True, "api_key": "db-k"}, "enabled with no subscriptions"),
+        ({"enabled": True, "subscriptions": [sub]}, "enabled with no api_key"),
+        ({"subscriptions": [{**sub, "schema": "mbp-5"}]}, "databento.subscriptions.0.schema"),
+    ]
+    for section, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"databento": section})

@@ -99,3 +99,4 @@ def raw_format(config: DaedalusConfig, source: Source) -> str:
 # the built-in sources register themselves on import
 from daedalus.sources import ccxt as _ccxt  # noqa: E402,F401
 from daedalus.sources import coinbase as _coinbase  # noqa: E402,F401
+from daedalus.sources import databento as _databento  # noqa: E402,F401

@@ -1,0 +1,71 @@
+"""The Databento source: live sessions through the official client's protocol
+(:mod:`daedalus.capture.databento_collector`), the DBN stream kept byte for byte in zstd
+segments with our receive stamps in skippable frames (:mod:`daedalus.sources.databento_raw`),
+parsed into ``processed/databento/<dataset>/<table>/symbol=/date=``
+(:mod:`daedalus.sources.databento_etl`).
+
+Needs the ``databento`` extra (``pip install 'daedalus[databento]'``): the official client and
+its DBN codec are imported only when this source runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from daedalus.sources import Source, register
+
+if TYPE_CHECKING:
+    from daedalus.capture.pipeline import Capture
+    from daedalus.config import DaedalusConfig
+    from daedalus.etl.state import EtlState
+    from daedalus.sources import SegmentParser
+
+NAME = "databento"
+MISSING_EXTRA = "the Databento source needs the databento extra: pip install 'daedalus[databento]'"
+
+
+class DatabentoExtraMissing(RuntimeError):
+    """The official client (or its DBN codec) is not installed."""
+
+
+def require_extra() -> None:
+    """Fail with the install hint, not an ImportError deep inside, when the extra is missing."""
+    try:
+        import databento  # noqa: F401
+        import databento_dbn  # noqa: F401
+    except ImportError as exc:
+        raise DatabentoExtraMissing(f"{MISSING_EXTRA} ({exc})") from None
+
+
+def capture(config: DaedalusConfig, clock: Callable[[], int]) -> Capture:
+    require_extra()
+    from daedalus.capture.databento_capture import DatabentoCapture
+
+    return DatabentoCapture(config, clock)
+
+
+def segment_run(job: Any, key: str, state: EtlState) -> SegmentParser:
+    from daedalus.sources.databento_etl import DbnSegmentRun
+
+    return DbnSegmentRun(job, key, state)
+
+
+def products(config: DaedalusConfig) -> list[str]:
+    """``<dataset>:<symbol>`` of every subscribed symbol (the heartbeat's product keys)."""
+    found = {f"{sub.dataset}:{symbol}" for sub in config.databento.subscriptions for symbol in sub.symbols}
+    return sorted(found)
+
+
+SOURCE = register(
+    Source(
+        name=NAME,
+        raw_formats=("dbn",),
+        enabled=lambda config: config.databento.enabled,
+        products=products,
+        capture=capture,
+        segment_run=segment_run,
+        ordered=True,
+        description="Databento live gateway (official client), DBN kept byte for byte",
+    )
+)
