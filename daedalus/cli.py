@@ -379,14 +379,61 @@ def sim(
     malformed_rate: Annotated[float, typer.Option(help="Fault: fraction of frames preceded by invalid JSON.")] = 0.0,
     stall_every: Annotated[float | None, typer.Option(help="Fault: stall each connection every N seconds.")] = None,
     stall_seconds: Annotated[float, typer.Option(help="Fault: how long each stall lasts.")] = 0.0,
+    protocol: Annotated[
+        str, typer.Option(help="coinbase (WebSocket + REST) or databento (Databento's live gateway, raw TCP + DBN).")
+    ] = "coinbase",
+    symbols: Annotated[str | None, typer.Option(help="databento: comma-separated symbols (default ESM6,NQM6).")] = None,
+    dataset: Annotated[str, typer.Option(help="databento: the dataset served (replay: the file's).")] = "GLBX.MDP3",
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DAEDALUS_SIM_DATABENTO_KEY",
+            help="databento: the key clients must use (default the test key db-sim00000000000000000000000TEST).",
+        ),
+    ] = None,
+    truth: Annotated[
+        Path | None, typer.Option(help="databento: write the true top of book after every MBO record (NDJSON).")
+    ] = None,
+    history: Annotated[int, typer.Option(help="databento: market events kept for start= replay (~3 KB each).")] = 20000,
+    disconnect_after_records: Annotated[
+        int | None, typer.Option(help="databento fault: close each connection after N records.")
+    ] = None,
+    slow_reader_bytes: Annotated[
+        int, typer.Option(help="databento fault: skip records while a client leaves more than N bytes unread.")
+    ] = 16 * 1024 * 1024,
     log_level: LogLevel = "INFO",
     log_format: LogFormat = "text",
 ) -> None:
-    """Run the exchange simulator (Coinbase Advanced Trade WebSocket + REST) on one port."""
+    """Run the exchange simulator: Coinbase Advanced Trade (WebSocket + REST) or a Databento live gateway."""
     from daedalus.sim import FaultConfig, SimConfig, SimConfigError, serve
     from daedalus.sim.replay import RecordingError
 
     setup_logging(log_level, log_format)
+    if protocol not in ("coinbase", "databento"):
+        raise _fail(f"--protocol: expected coinbase or databento, got {protocol!r}")
+    if protocol == "databento":
+        from daedalus.sim.databento.cli import run_gateway
+
+        code = run_gateway(
+            host=host,
+            port=port,
+            symbols=symbols,
+            dataset=dataset,
+            api_key=api_key,
+            rate=_parse_rate(rate),
+            seed=seed,
+            replay=replay,
+            truth=truth,
+            history=history,
+            disconnect_after_s=disconnect_every,
+            disconnect_after_records=disconnect_after_records,
+            slow_reader_bytes=slow_reader_bytes,
+        )
+        if code:
+            raise typer.Exit(code)
+        return
+    if symbols is not None or truth is not None or api_key is not None or disconnect_after_records is not None:
+        raise _fail("--symbols, --api-key, --truth and --disconnect-after-records need --protocol databento")
     faults = FaultConfig(drop_rate, disconnect_every, idle_timeout, malformed_rate, stall_every, stall_seconds)
     config = SimConfig(
         host=host,

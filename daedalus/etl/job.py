@@ -91,7 +91,10 @@ BAD_INPUT_COUNTERS = ("quarantined_bad_product", "quarantined_bad_number", "quar
                       "exchange_errors", "ts_event_fallbacks",
                       # ccxt (daedalus.sources.ccxt_etl)
                       "quarantined_bad_json", "quarantined_bad_line", "quarantined_unknown_channel",
-                      "quarantined_bad_record", "numbers_out_of_range", "symbol_from_path")  # fmt: skip
+                      "quarantined_bad_record", "numbers_out_of_range", "symbol_from_path",
+                      # databento (daedalus.sources.databento_etl, daedalus.etl.mbo_book)
+                      "unmapped_records", "mbo_unknown_order", "mbo_bad_side", "mbo_over_cancel",
+                      "mbo_unknown_action", "mbo_order_map_lost")  # fmt: skip
 MAX_CONSECUTIVE_FAILURES = 3  # the watcher's retries of an unexpected error before it exits non-zero
 
 
@@ -498,7 +501,8 @@ class EtlJob:
         source, limit = path, MAX_OBJECT_BYTES
         self.scratch.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="segment-", dir=self.scratch) as tmp:
-            if path.name.endswith(".zst") and not zstd_is_complete(path):
+            # a damaged .ndjson.zst is cleaned line by line; a DBN segment is judged by its own reader
+            if path.name.endswith(".ndjson.zst") and not zstd_is_complete(path):
                 copy = clean_copy(path, Path(tmp) / "clean.ndjson", self.layout.quarantine(self.source))
                 log.warning("etl_segment_damaged_zstd", segment=name, damaged_frames=len(copy.damaged),
                             damaged_bytes=sum(d.length for d in copy.damaged))  # fmt: skip

@@ -67,7 +67,10 @@ def load_state(directory: Path, source: str, sample_interval_ns: int, depth: int
             version = data.get("version") if isinstance(data, dict) else None
             raise ValueError(f"checkpoint version {version!r} is not {STATE_VERSION}")
         with np.load(directory / data["books_file"], allow_pickle=False) as arrays:
-            books = BookSet.from_arrays(data["products"], dict(arrays), sample_interval_ns, depth)
+            raw = dict(arrays)
+            books = BookSet.from_arrays(data["products"], raw, sample_interval_ns, depth)
+        # a source's own book arrays (the Databento order map, ``mbo_*``) ride in the same npz
+        books.extra_arrays = {k: v for k, v in raw.items() if k.startswith("mbo_")}  # type: ignore[attr-defined]
         return EtlState(
             books,
             TradeDeduper.from_json(data["trades"]),

@@ -1,0 +1,648 @@
+"""Databento raw segments: the DBN stream kept byte-exact, with our receive stamps beside it.
+
+A segment (``raw/<state>/databento/<DATASET>/segment_<YYYYMMDDTHH>_<NNNNN>.dbn.zst``) is a
+sequence of zstd frames, so that one file carries data and stamps, is written atomically
+(``active/`` -> ``ready/``) and opens with any zstd/DBN reader (``DBNStore.from_file``: the
+skippable frames are skipped by every zstd decoder):
+
+1. a data frame: the session's DBN Metadata header (``metadata.encode()``), at the head of
+   every segment of the session;
+2. from the session's second segment on, the symbol mappings known so far (SymbolMappingMsg
+   records, original bytes) as a (stamps, data) pair whose stamps have ``conn = 0``
+   ("context, repeated"), so each segment is self-describing;
+3. per flush: a skippable frame ``DDRS`` with the receive stamps, then one data frame with the
+   flush's DBN records concatenated (``bytes(record)`` as the official client decoded them);
+4. control events (``connect``, ``subscribe``, ``session``, ``gap``, ``disconnect``,
+   ``overflow``) as skippable frames ``DDEV`` + one JSON object, in stream order.
+
+``DDRS`` payload: u32 entry count, then entries ``<q I I`` = (receive time ns, records,
+conn): each entry covers the next ``records`` records of the following data frame, all
+completed by one network read of connection ``conn``.
+
+Writer: :class:`DbnSegmentWriter` (the :class:`~daedalus.capture.segments.SegmentWriter`
+machinery: writer thread, bounded queue, fsync, rotation, full-disk retries, names).
+Start-up recovery: :func:`recover_dbn_active`. Reader: :func:`open_dbn_segment`, which also
+reads plain ``.dbn`` and stamp-less ``.dbn.zst`` files (Databento's own) with ``local_ns=None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import orjson
+import zstandard
+
+from daedalus.capture.records import ZstdFrameDamaged, control_line, zstd_frame_end
+from daedalus.capture.segments import (
+    NS_PER_HOUR,
+    DiskGaveUp,
+    RecoveryInterrupted,
+    RecoveryReport,
+    SegmentWriter,
+    _cut_to,
+    _quarantine_tail,
+    _SegmentOutcome,
+    fsync_path,
+    retry_disk,
+)
+from daedalus.config import IngestionConfig
+from daedalus.layout import RAW_STATES, DataLayout, partition_component, segment_identity
+from daedalus.logs import get_logger
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = get_logger(__name__)
+
+SOURCE = "databento"
+SUFFIX = ".dbn.zst"
+SKIPPABLE_MAGIC = 0x184D2A5D
+STAMPS_TAG = b"DDRS"
+EVENT_TAG = b"DDEV"
+STAMP = struct.Struct("<qII")
+SKIPPABLE_HEAD = struct.Struct("<II")
+SYMBOL_MAPPING_RTYPE = 22
+MAX_FRAME_RECORDS = 16_384  # records per data frame: at most ~8.5 MB decoded (520-byte definitions)
+MAX_FRAME_CONTENT = 64 << 20  # a data frame decoding to more is damaged (or not ours)
+PLAIN_CHUNK = 8 << 20  # bytes read at a time from a plain DBN file
+LATENCY_SAMPLE_EVERY = 16
+RECORDS, METADATA, EVENT = 0, 1, 2  # queue item kinds
+
+
+# -- frames --------------------------------------------------------------------------------
+
+
+def skippable_frame(payload: bytes) -> bytes:
+    return SKIPPABLE_HEAD.pack(SKIPPABLE_MAGIC, len(payload)) + payload
+
+
+def stamps_frame(entries: list[tuple[int, int, int]]) -> bytes:
+    """A ``DDRS`` frame for ``(recv_ns, records, conn)`` entries."""
+    flat = [value for entry in entries for value in entry]
+    return skippable_frame(STAMPS_TAG + struct.pack(f"<I{'qII' * len(entries)}", len(entries), *flat))
+
+
+def event_frame(recv_ns: int, conn: int, event: str, fields: dict[str, Any]) -> bytes:
+    """A ``DDEV`` frame: the same JSON object as the NDJSON control lines of the other sources."""
+    return skippable_frame(EVENT_TAG + control_line(recv_ns, conn, event, fields).rstrip(b"\n"))
+
+
+def record_count(data: bytes | memoryview) -> int | None:
+    """Number of whole DBN records in ``data`` (the header's length byte is the size / 4);
+    None when they do not end exactly at its end."""
+    pos, count, size = 0, 0, len(data)
+    while pos < size:
+        length = data[pos] * 4
+        if length < 16:
+            return None
+        pos += length
+        count += 1
+    return count if pos == size else None
+
+
+def whole_records_end(data: bytes | memoryview) -> int:
+    """Offset after the last whole record of ``data``."""
+    pos, size = 0, len(data)
+    while pos < size:
+        length = data[pos] * 4
+        if length < 16:
+            raise ZstdFrameDamaged(f"a DBN record of length {length} at byte {pos}")
+        if pos + length > size:
+            break
+        pos += length
+    return pos
+
+
+def is_metadata(data: bytes) -> bool:
+    """A whole DBN Metadata header and nothing else."""
+    return len(data) >= 8 and data[:3] == b"DBN" and len(data) == 8 + int.from_bytes(data[4:8], "little")
+
+
+def segment_dir(layout: DataLayout, state: str, dataset: str) -> Path:
+    return layout.raw_dir(state, SOURCE) / partition_component(dataset)  # type: ignore[arg-type]
+
+
+# -- writer --------------------------------------------------------------------------------
+
+
+class DbnSegmentWriter(SegmentWriter):
+    """One dataset's DBN segments, written by their own thread.
+
+    The collector calls :meth:`put_metadata` (a new session: the open segment is closed),
+    :meth:`put_records` (the records one network read completed) and :meth:`put_control` on
+    the event loop; each is a deque append. The queue is bounded in records
+    (``ingestion.queue_maxsize``); what does not fit is counted and written as an
+    ``overflow`` event.
+    """
+
+    def __init__(
+        self,
+        layout: DataLayout,
+        dataset: str,
+        config: IngestionConfig,
+        clock: Callable[[], int] = time.time_ns,
+        level: int = 3,
+    ) -> None:
+        super().__init__(layout, SOURCE, config, clock)
+        self.dataset = dataset
+        self.folder = partition_component(dataset)
+        self.active_dir = layout.active(SOURCE) / self.folder
+        self.ready_dir = layout.ready(SOURCE) / self.folder
+        self.suffix = SUFFIX
+        self._compressor = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        self._queue: deque[tuple[int, int, int, Any, Any]] = deque()  # type: ignore[assignment]
+        self._records_in = 0  # incremented by the producer only
+        self._records_out = 0  # by the writer thread only: depth = in - out, no shared counter
+        self._session_head: bytes | None = None
+        self._mappings: dict[bytes, tuple[int, bytes]] = {}  # (instrument, symbol) -> (recv_ns, record)
+        self._held: list[tuple[int, int, str, dict[str, Any]]] = []  # events before any session
+
+    # -- producer side (event loop) --------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return self._records_in - self._records_out
+
+    def has_room(self) -> bool:
+        return self.queue_depth < self._maxsize
+
+    def put_records(
+        self, recv_ns: int, conn: int, records: list[bytes], mappings: list[bytes] | None = None, *, force: bool = False
+    ) -> bool:
+        """Queue the records of one network read; False (all counted as dropped) when they
+        do not fit, unless ``force`` (symbol mappings: few, and needed to name everything)."""
+        depth = self._records_in - self._records_out
+        if depth + len(records) > self._maxsize and not force:
+            self.dropped += len(records)
+            return False
+        self._records_in += len(records)
+        self._queue.append((RECORDS, recv_ns, conn, records, mappings))
+        if depth + len(records) > self._batch_size and not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def put_metadata(self, recv_ns: int, conn: int, metadata: bytes) -> None:
+        """A new session began: its segments start with ``metadata``."""
+        self._queue.append((METADATA, recv_ns, conn, metadata, None))
+
+    def put_control(self, recv_ns: int, conn: int, event: str, **fields: Any) -> None:
+        """Queue a control event; never dropped (they are rare and explain the gaps)."""
+        self._queue.append((EVENT, recv_ns, conn, event, fields))
+
+    def put_frame(self, recv_ns: int, conn: int, frame: str) -> bool:  # pragma: no cover - not a text source
+        raise TypeError("DBN segments take records (put_records), not text frames")
+
+    # -- the I/O thread ----------------------------------------------------------------
+
+    def _count_queue_unwritten(self) -> None:
+        queue = self._queue
+        for _ in range(len(queue)):
+            kind, _recv, _conn, data, _extra = queue.popleft()
+            if kind == RECORDS:
+                self.stats.unwritten += len(data)
+                self._records_out += len(data)
+            elif kind == EVENT:
+                self.stats.unwritten_events += 1
+
+    def _flush(self) -> None:
+        count = len(self._queue)
+        dropped = self.dropped - self._dropped_written
+        if count or dropped:
+            _Flush(self).run(count, dropped)
+
+    def _head_frames(self) -> list[bytes]:
+        """Metadata, then the session's symbol mappings so far (context, ``conn = 0``)."""
+        assert self._session_head is not None
+        frames = [self._compressor.compress(self._session_head)]
+        if self._mappings:
+            entries = [(recv_ns, 1, 0) for recv_ns, _record in self._mappings.values()]
+            frames += [
+                stamps_frame(entries),
+                self._compressor.compress(b"".join(r for _, r in self._mappings.values())),
+            ]
+        return frames
+
+    def _remember_mappings(self, recv_ns: int, mappings: list[bytes]) -> None:
+        for record in mappings:
+            self._mappings[record[4:8] + record[17:88]] = (recv_ns, record)
+
+    def _used_names(self) -> list[tuple[str, int]]:
+        """Names used in this dataset's folders (``.last_segment`` and every raw state)."""
+        names: list[str] = []
+        with contextlib.suppress(OSError):
+            names.append((self.active_dir / ".last_segment").read_text().strip())
+        for state in RAW_STATES:
+            with contextlib.suppress(OSError):
+                names += os.listdir(segment_dir(self.layout, state, self.dataset))
+        return [identity for identity in map(segment_identity, names) if identity is not None]
+
+    def _append(self, frames: list[bytes], records: int, sampled: list[int]) -> None:
+        """Write ``frames`` to the open segment in one append (and fsync)."""
+        if not frames:
+            return
+        data = b"".join(frames)
+        self._write_durably(data)
+        done = time.time_ns()
+        latencies = [done - recv for recv in sampled]
+        self.stats.latencies_ns.extend(latencies)
+        self.stats.latency.observe_ns(latencies)
+        self.stats.flushes += 1
+        self.stats.written += records
+        self.stats.bytes += len(data)
+        self.stats.segment_bytes += len(data)
+
+
+class _Flush:
+    """One flush of a :class:`DbnSegmentWriter`: drains what was queued into frames."""
+
+    def __init__(self, writer: DbnSegmentWriter) -> None:
+        self.w = writer
+        self.frames: list[bytes] = []  # complete frames not yet written
+        self.framed = 0  # records in ``frames``
+        self.records: list[bytes] = []  # records of the pair being built
+        self.stamps: list[tuple[int, int, int]] = []
+        self.events = 0  # events taken but not yet written
+        self.sampled: list[int] = []
+
+    def run(self, count: int, dropped: int) -> None:
+        w = self.w
+        queue = w._queue
+        try:
+            for index in range(count):
+                kind, recv_ns, conn, data, extra = queue.popleft()
+                if kind == METADATA:
+                    self.write()
+                    w._rotate()
+                    w._session_head, w._mappings = data, {}
+                    continue
+                if w._fd is not None and recv_ns // NS_PER_HOUR != w._hour:
+                    self.write()
+                    w._rotate()
+                if w._fd is None and not self.open(recv_ns):
+                    self.hold(kind, recv_ns, conn, data, extra)
+                    continue
+                if kind == EVENT:
+                    self.pair()
+                    self.frames.append(event_frame(recv_ns, conn, data, extra))
+                    self.events += 1
+                    continue
+                self.records += data
+                self.stamps.append((recv_ns, len(data), conn))
+                w._records_out += len(data)
+                if extra:
+                    w._remember_mappings(recv_ns, extra)
+                if not index % LATENCY_SAMPLE_EVERY:
+                    self.sampled.append(recv_ns)
+                if len(self.records) >= MAX_FRAME_RECORDS:
+                    self.pair()
+                    self.rotate_if_full()
+            if dropped:
+                self.overflow(dropped)
+            self.write()
+            self.rotate_if_full()
+        except BaseException:  # given up or failed: what is in hand is lost, counted once
+            w.stats.unwritten += len(self.records) + self.framed
+            w.stats.unwritten_events += self.events
+            raise
+
+    def open(self, recv_ns: int) -> bool:
+        """Open the next segment with its head; False while no session has begun."""
+        w = self.w
+        if w._session_head is None:
+            return False
+        w._open(recv_ns)
+        self.frames += w._head_frames()
+        for held in w._held:
+            self.frames.append(event_frame(*held))
+        self.events += len(w._held)
+        w._held.clear()
+        return True
+
+    def hold(self, kind: int, recv_ns: int, conn: int, data: Any, extra: Any) -> None:
+        """Before the first session nothing can be written (a segment starts with metadata):
+        events wait for it; records cannot come before metadata, and are counted if they do."""
+        if kind == EVENT:
+            self.w._held.append((recv_ns, conn, data, extra))
+        else:
+            self.w._records_out += len(data)
+            self.w.stats.unwritten += len(data)
+
+    def overflow(self, dropped: int) -> None:
+        w = self.w
+        now = w.clock()
+        w._dropped_written += dropped
+        w.stats.overflow += dropped
+        if w._fd is None and not self.open(now):
+            w._held.append((now, 0, "overflow", {"dropped": dropped}))
+            return
+        self.pair()
+        self.frames.append(event_frame(now, 0, "overflow", {"dropped": dropped}))
+        self.events += 1
+
+    def pair(self) -> None:
+        """Close the (stamps, data) pair being built."""
+        if not self.records:
+            return
+        self.frames += [stamps_frame(self.stamps), self.w._compressor.compress(b"".join(self.records))]
+        self.framed += len(self.records)
+        self.records, self.stamps = [], []
+
+    def write(self) -> None:
+        self.pair()
+        if self.frames:
+            self.w._append(self.frames, self.framed, self.sampled)
+        self.frames, self.framed, self.events, self.sampled = [], 0, 0, []
+
+    def rotate_if_full(self) -> None:
+        w = self.w
+        pending = sum(map(len, self.frames))
+        if w._fd is not None and w.stats.segment_bytes + pending >= w.max_bytes and w._may_rotate_by_size():
+            self.write()
+            w._rotate()
+
+
+# -- start-up recovery ---------------------------------------------------------------------
+
+
+def split_dbn_segment(data: bytes) -> tuple[bytes, bytes, int]:
+    """(kept, tail, records) of a DBN segment: frames up to the last complete (stamps, data)
+    pair whose data decodes into whole records matching the stamps (and whole event frames
+    before the damage). No complete metadata frame: everything is the tail."""
+    handle = io.BytesIO(data)
+    size = len(data)
+    decompressor = zstandard.ZstdDecompressor()
+    good_end, records, pos, pending = 0, 0, 0, None
+    try:
+        end = zstd_frame_end(handle, 0, size)
+        if not is_metadata(_decompress(decompressor, data[:end])):
+            return b"", data, 0
+        good_end = pos = end
+        while pos < size:
+            end = zstd_frame_end(handle, pos, size)
+            magic = int.from_bytes(data[pos : pos + 4], "little")
+            payload = data[pos + 8 : end]
+            if magic == SKIPPABLE_MAGIC and payload[:4] == STAMPS_TAG and pending is None:
+                pending = sum(entry[1] for entry in _stamp_entries(payload))
+            elif magic == SKIPPABLE_MAGIC and payload[:4] == EVENT_TAG and pending is None:
+                orjson.loads(payload[4:])
+                good_end = end
+            elif magic != SKIPPABLE_MAGIC and pending is not None:
+                if record_count(_decompress(decompressor, data[pos:end])) != pending:
+                    break
+                good_end, records, pending = end, records + pending, None
+            else:
+                break
+            pos = end
+    except (ZstdFrameDamaged, zstandard.ZstdError, orjson.JSONDecodeError, struct.error, ValueError):
+        pass
+    return data[:good_end], data[good_end:], records
+
+
+def _decompress(decompressor: zstandard.ZstdDecompressor, frame: bytes) -> bytes:
+    return decompressor.decompress(frame, max_output_size=MAX_FRAME_CONTENT)
+
+
+def _stamp_entries(payload: bytes) -> list[tuple[int, int, int]]:
+    (count,) = struct.unpack_from("<I", payload, 4)
+    if len(payload) != 8 + count * STAMP.size:
+        raise ValueError("stamps frame of the wrong size")
+    return list(STAMP.iter_unpack(payload[8:]))
+
+
+def is_dbn_segment_name(name: str) -> bool:
+    return name.startswith("segment_") and name.endswith(SUFFIX) and segment_identity(name) is not None
+
+
+def recover_dbn_active(layout: DataLayout, stopping: threading.Event | None = None) -> RecoveryReport:
+    """Move every segment left in ``raw/active/databento/<DATASET>/`` to ``ready/``, torn
+    tails to ``quarantine/databento/<DATASET>/`` (the rules and the report of
+    :func:`daedalus.capture.segments.recover_active`)."""
+    report = RecoveryReport()
+    active = layout.active(SOURCE)
+    if not active.is_dir():
+        return report
+    stopping = stopping or threading.Event()
+
+    def count_failure() -> None:
+        report.write_errors += 1
+
+    for folder in sorted(p for p in active.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        ready = layout.ready(SOURCE) / folder.name
+        quarantine = layout.quarantine(SOURCE) / folder.name
+        for path in sorted(p for p in folder.iterdir() if is_dbn_segment_name(p.name)):
+            outcome = _SegmentOutcome()
+            try:
+                retry_disk(
+                    "recover",
+                    functools.partial(_recover_segment, path, ready, quarantine, outcome),
+                    stop=stopping,
+                    attempts_after_stop=0,
+                    event="recovery_write",
+                    fields=lambda name=path.name: {"source": SOURCE, "segment": name},
+                    on_failure=count_failure,
+                )
+            except DiskGaveUp as exc:
+                raise RecoveryInterrupted(path.name, exc.error, exc.failures, report.write_errors) from exc
+            if outcome.torn is not None:
+                report.bytes_quarantined += outcome.torn_bytes
+                report.quarantined.append(outcome.torn.name)
+                log.warning(
+                    "segment_torn_tail",
+                    source=SOURCE,
+                    dataset=folder.name,
+                    segment=path.name,
+                    bytes=outcome.torn_bytes,
+                    to=str(outcome.torn),
+                )
+            if outcome.moved:
+                report.segments += 1
+                report.records_kept += outcome.records
+    if report.segments or report.quarantined:
+        log.info(
+            "recovery_done",
+            source=SOURCE,
+            segments=report.segments,
+            records=report.records_kept,
+            quarantined_bytes=report.bytes_quarantined,
+            write_errors=report.write_errors,
+        )
+    return report
+
+
+def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _SegmentOutcome) -> None:
+    """One idempotent attempt (as :func:`daedalus.capture.segments._recover_segment`)."""
+    if path.exists():
+        data = path.read_bytes()
+        good, tail, records = split_dbn_segment(data)
+        if tail:
+            outcome.torn = outcome.torn or quarantine / f"{path.name}.tail-{time.time_ns()}"
+            outcome.torn = _quarantine_tail(outcome.torn, path.name, tail)
+            outcome.torn_bytes = len(tail)
+        if not good:
+            path.unlink()
+        else:
+            _cut_to(path, data, good, outcome)
+            ready.mkdir(parents=True, exist_ok=True)
+            os.rename(path, ready / path.name)
+            outcome.moved = True
+            outcome.records = records
+    fsync_path(path.parent)
+    if ready.is_dir():
+        fsync_path(ready)
+
+
+# -- reader --------------------------------------------------------------------------------
+
+
+@dataclass
+class DbnChunk:
+    records: bytes  # whole DBN records, concatenated
+    local_ns: np.ndarray | None  # int64 per record: local receive time; None when the file has no stamps
+    conn: np.ndarray | None  # uint32 per record (0 = repeated context record)
+    events: list[dict[str, Any]] = field(default_factory=list)  # control events before these records
+
+
+class DbnSegmentReader:
+    """A DBN segment (ours, stamped) or a plain ``.dbn`` / ``.dbn.zst`` file, read in bounded
+    chunks: ``metadata`` is known once opened; iterate once for :class:`DbnChunk`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._handle: BinaryIO = self.path.open("rb")
+        try:
+            self._size = self._handle.seek(0, os.SEEK_END)
+            self._stamped_from: int | None = None
+            self._stream: BinaryIO | None = None
+            self.metadata = self._open()
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def _open(self) -> bytes:
+        handle = self._handle
+        handle.seek(0)
+        if handle.read(4) == (0xFD2FB528).to_bytes(4, "little"):
+            first_end = zstd_frame_end(handle, 0, self._size)
+            handle.seek(first_end)
+            head = handle.read(12)
+            if (
+                len(head) == 12
+                and int.from_bytes(head[:4], "little") == SKIPPABLE_MAGIC
+                and head[8:]
+                in (
+                    STAMPS_TAG,
+                    EVENT_TAG,
+                )
+            ):
+                handle.seek(0)
+                metadata = _decompress(zstandard.ZstdDecompressor(), handle.read(first_end))
+                if not is_metadata(metadata):
+                    raise ZstdFrameDamaged(f"{self.path.name}: the first frame is not a DBN metadata header")
+                self._stamped_from = first_end
+                return metadata
+            handle.seek(0)
+            self._stream = zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)  # type: ignore[assignment]
+        else:
+            handle.seek(0)
+            self._stream = handle
+        assert self._stream is not None
+        head = _read_exact(self._stream, 8)
+        if head[:3] != b"DBN":
+            raise ZstdFrameDamaged(f"{self.path.name}: not a DBN stream (no DBN header)")
+        return head + _read_exact(self._stream, int.from_bytes(head[4:8], "little"))
+
+    def __iter__(self) -> Iterator[DbnChunk]:
+        try:
+            if self._stamped_from is not None:
+                yield from self._stamped()
+            else:
+                yield from self._plain()
+        finally:
+            self.close()
+
+    def _stamped(self) -> Iterator[DbnChunk]:
+        import numpy as np
+
+        handle, size = self._handle, self._size
+        decompressor = zstandard.ZstdDecompressor()
+        pos = self._stamped_from or 0
+        events: list[dict[str, Any]] = []
+        entries: list[tuple[int, int, int]] | None = None
+        while pos < size:
+            end = zstd_frame_end(handle, pos, size)
+            handle.seek(pos)
+            frame = handle.read(end - pos)
+            if int.from_bytes(frame[:4], "little") == SKIPPABLE_MAGIC:
+                payload = frame[8:]
+                if payload[:4] == STAMPS_TAG:
+                    entries = _stamp_entries(payload)
+                elif payload[:4] == EVENT_TAG:
+                    events.append(orjson.loads(payload[4:]))
+            else:
+                if entries is None:
+                    raise ZstdFrameDamaged(f"{self.path.name}: data frame at byte {pos} without stamps")
+                records = _decompress(decompressor, frame)
+                counts = np.fromiter((e[1] for e in entries), dtype=np.int64, count=len(entries))
+                if record_count(records) != int(counts.sum()):
+                    raise ZstdFrameDamaged(f"{self.path.name}: data frame at byte {pos} does not match its stamps")
+                local = np.repeat(np.fromiter((e[0] for e in entries), np.int64, len(entries)), counts)
+                conn = np.repeat(np.fromiter((e[2] for e in entries), np.uint32, len(entries)), counts)
+                yield DbnChunk(records, local, conn, events)
+                events, entries = [], None
+            pos = end
+        if events:
+            yield DbnChunk(b"", np.empty(0, np.int64), np.empty(0, np.uint32), events)
+
+    def _plain(self) -> Iterator[DbnChunk]:
+        stream = self._stream
+        assert stream is not None
+        held = b""
+        while True:
+            block = stream.read(PLAIN_CHUNK)
+            data = held + block if held else block
+            if not block:
+                if data:
+                    raise ZstdFrameDamaged(f"{self.path.name}: the file ends inside a DBN record ({len(data)} bytes)")
+                return
+            cut = whole_records_end(data)
+            held = data[cut:]
+            if cut:
+                yield DbnChunk(data[:cut], None, None, [])
+
+    def close(self) -> None:
+        if self._stream is not None and self._stream is not self._handle:
+            with contextlib.suppress(Exception):
+                self._stream.close()
+        self._handle.close()
+
+    def __enter__(self) -> DbnSegmentReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        block = stream.read(n - len(data))
+        if not block:
+            raise ZstdFrameDamaged(f"the file ends inside the DBN header ({len(data)} of {n} bytes)")
+        data += block
+    return data
+
+
+def open_dbn_segment(path: Path | str) -> DbnSegmentReader:
+    """The reader of a DBN segment or plain DBN file (see :class:`DbnSegmentReader`)."""
+    return DbnSegmentReader(Path(path))
