@@ -44,6 +44,8 @@ bench: venv
 	$(BIN)/python bench/sync.py
 	$(BIN)/python bench/etl_s3.py
 	$(BIN)/python bench/backfill.py --gb 4 --segment-mb 64
+	$(BIN)/python bench/databento_capture.py --seconds 10
+	$(BIN)/python bench/databento_etl.py --records 2000000
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -223,6 +223,7 @@ class CcxtConfig(Section):
     exchanges: dict[CcxtExchangeId, CcxtExchangeConfig] = {}
 
 
+ALL_SYMBOLS = "ALL_SYMBOLS"  # Databento's symbol for every instrument of a dataset
 _DATABENTO_DATASET = re.compile(r"[A-Z][A-Z0-9]{1,7}\.[A-Z0-9]{1,7}")  # GLBX.MDP3, XNAS.ITCH (16 bytes in DBN)
 # raw symbols may hold spaces and punctuation (OCC options "AAPL  240119C00190000", "BRK.B", "ES.c.0"); the
 # gateway's wire format joins symbols with "," inside "|"-separated fields, so neither may appear in one
@@ -252,9 +253,7 @@ class DatabentoSubscription(Section):
 
     dataset: Annotated[str, AfterValidator(_databento_dataset)]
     schema_: DatabentoSchema = Field(alias="schema")
-    symbols: Annotated[list[Annotated[str, AfterValidator(_databento_symbol)]], Field(min_length=1)] = [
-        "ALL_SYMBOLS"
-    ]
+    symbols: Annotated[list[Annotated[str, AfterValidator(_databento_symbol)]], Field(min_length=1)] = [ALL_SYMBOLS]
     stype_in: Literal["raw_symbol", "instrument_id", "parent", "continuous"] = "raw_symbol"
     # intraday replay from this time (ns since the epoch, or an ISO 8601 time; 0 = as far back as the
     # gateway keeps), then live; null = live only

@@ -571,3 +571,22 @@ def test_a_full_disk_is_waited_out_without_losing_or_tearing_records(tmp_path, m
     assert writer.stats.write_errors >= 3 and writer.stats.unwritten == 0
     records, _local, conn, _events = read_all(segments(tmp_path))
     assert mbo_sequences(records, conn) == list(range(100))
+
+
+async def test_health_sees_every_subscribed_product_in_the_heartbeat(tmp_path):
+    """The heartbeat names each product ``products(config)`` asks about: symbols by their mapping,
+    and a whole-dataset (ALL_SYMBOLS) subscription by the dataset's newest record."""
+    from daedalus.sources import get
+
+    whole, one = {"dataset": DATASET, "schema": "trades"}, {"dataset": DATASET, "schema": "mbo", "symbols": ["ESM6"]}
+    subscriptions = [whole, one]
+    async with DatabentoGateway(GatewayConfig(symbols=("ESM6", "NQM6"), rate=500)) as gateway:
+        capture, task = await run_collector(tmp_path, gateway.port, TEST_API_KEY, subscriptions=subscriptions)
+        wanted = get("databento").products(capture.config)
+        assert wanted == [f"{DATASET}:ALL_SYMBOLS", f"{DATASET}:ESM6"]
+        every = {*wanted, f"{DATASET}:NQM6"}  # NQM6: only under ALL_SYMBOLS, named by its own symbol
+        await wait_until(lambda: every <= set(capture.heartbeat()[2]), what="every product in the heartbeat")
+        products = capture.heartbeat()[2]
+        await stop_collector(capture, task)
+    newest = max(products[f"{DATASET}:{symbol}"]["last_time"] for symbol in ("ESM6", "NQM6"))
+    assert products[f"{DATASET}:ALL_SYMBOLS"]["last_time"] == newest

@@ -15,7 +15,7 @@ from typing import Any
 
 from daedalus.capture.databento_collector import DatabentoCollector
 from daedalus.capture.raw_writers import mb
-from daedalus.config import ConfigError, DaedalusConfig
+from daedalus.config import ALL_SYMBOLS, ConfigError, DaedalusConfig
 from daedalus.sources.databento_raw import SOURCE, DbnSegmentWriter, recover_dbn_active
 
 
@@ -186,10 +186,13 @@ class DatabentoCapture:
             "stalled": int(bool(silent) and len(silent) == sum(connected.values())),
         }
         products: dict[str, dict[str, float | None]] = {}
+        whole = {sub.dataset for sub in self.config.databento.subscriptions if ALL_SYMBOLS in sub.symbols}
         for dataset, s in stats.items():
             for instrument, seen_ns in list(s.seen.items()):
                 symbol = s.symbols.get(instrument, str(instrument))
                 products[f"{dataset}:{symbol}"] = {"last_time": seen_ns / 1e9, "mid": None}
+            if dataset in whole and s.seen:  # the product health expects for a whole-dataset subscription
+                products[f"{dataset}:{ALL_SYMBOLS}"] = {"last_time": max(s.seen.values()) / 1e9, "mid": None}
         return counters, gauges, products
 
     def status_lines(self, span: float) -> list[str]:

@@ -30,7 +30,7 @@ from databento.live.protocol import DatabentoLiveProtocol
 from databento_dbn import ErrorCode, SystemCode
 
 from daedalus.backoff import backoff_delay
-from daedalus.config import DatabentoConfig, DatabentoSubscription, IngestionConfig
+from daedalus.config import ALL_SYMBOLS, DatabentoConfig, DatabentoSubscription, IngestionConfig
 from daedalus.logs import get_logger
 from daedalus.sources.databento_raw import DbnSegmentWriter
 
@@ -421,7 +421,9 @@ class DatabentoCollector:
         stats = self.stats
         if rtype == MAPPING_RTYPE:
             session.mappings.append(data)
-            stats.symbols[record.instrument_id] = record.stype_in_symbol
+            # the symbol subscribed; under ALL_SYMBOLS, the instrument's own
+            symbol = record.stype_in_symbol
+            stats.symbols[record.instrument_id] = record.stype_out_symbol if symbol == ALL_SYMBOLS else symbol
         elif rtype == SYSTEM_RTYPE:
             if record.is_heartbeat():
                 stats.heartbeats += 1

@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from numba import njit
 
 from daedalus.etl.book import NO_PRICE
 from daedalus.etl.errors import SegmentDataError
@@ -41,6 +40,7 @@ from daedalus.etl.output import PartitionedWriter, discard
 from daedalus.etl.state import EtlState
 from daedalus.layout import segment_stem
 from daedalus.logs import get_logger
+from daedalus.sources.databento_raw import walk_records
 
 log = get_logger(__name__)
 
@@ -79,25 +79,6 @@ def open_segment(path: Path) -> Any:
     return open_dbn_segment(path)
 
 
-@njit(cache=True)
-def walk_records(buf):
-    """Offsets of the whole records in ``buf`` (length byte * 4 each); returns (offsets, end of
-    the last whole record, problem: 0 none, 1 a length below the header size, 2 a record
-    running past the end)."""
-    n = buf.shape[0]
-    offsets = np.empty(n // 16 + 1, np.int64)
-    pos = 0
-    k = 0
-    while pos < n:
-        length = np.int64(buf[pos]) * 4
-        if length < 16:
-            return offsets[:k], pos, 1
-        if pos + length > n:
-            return offsets[:k], pos, 2
-        offsets[k] = pos
-        k += 1
-        pos += length
-    return offsets[:k], pos, 0
 
 
 # ---- symbols ------------------------------------------------------------------------------

@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+import numpy as np
 import orjson
 import zstandard
+from numba import njit
 
 from daedalus.capture.records import ZstdFrameDamaged, control_line, zstd_frame_end
 from daedalus.capture.segments import (
@@ -98,30 +100,40 @@ def event_frame(recv_ns: int, conn: int, event: str, fields: dict[str, Any]) -> 
     return skippable_frame(EVENT_TAG + control_line(recv_ns, conn, event, fields).rstrip(b"\n"))
 
 
+@njit(cache=True)
+def walk_records(buf):
+    """Offsets of the whole records in ``buf`` (length byte * 4 each); returns (offsets, end of
+    the last whole record, problem: 0 none, 1 a length below the header size, 2 a record
+    running past the end)."""
+    n = buf.shape[0]
+    offsets = np.empty(n // 16 + 1, np.int64)
+    pos = 0
+    k = 0
+    while pos < n:
+        length = np.int64(buf[pos]) * 4
+        if length < 16:
+            return offsets[:k], pos, 1
+        if pos + length > n:
+            return offsets[:k], pos, 2
+        offsets[k] = pos
+        k += 1
+        pos += length
+    return offsets[:k], pos, 0
+
+
 def record_count(data: bytes | memoryview) -> int | None:
     """Number of whole DBN records in ``data`` (the header's length byte is the size / 4);
     None when they do not end exactly at its end."""
-    pos, count, size = 0, 0, len(data)
-    while pos < size:
-        length = data[pos] * 4
-        if length < 16:
-            return None
-        pos += length
-        count += 1
-    return count if pos == size else None
+    offsets, _end, problem = walk_records(np.frombuffer(data, np.uint8))
+    return None if problem else len(offsets)
 
 
 def whole_records_end(data: bytes | memoryview) -> int:
     """Offset after the last whole record of ``data``."""
-    pos, size = 0, len(data)
-    while pos < size:
-        length = data[pos] * 4
-        if length < 16:
-            raise ZstdFrameDamaged(f"a DBN record of length {length} at byte {pos}")
-        if pos + length > size:
-            break
-        pos += length
-    return pos
+    _offsets, end, problem = walk_records(np.frombuffer(data, np.uint8))
+    if problem == 1:
+        raise ZstdFrameDamaged(f"a DBN record of length {int(data[end]) * 4} at byte {end}")
+    return end
 
 
 def is_metadata(data: bytes) -> bool:
