@@ -114,7 +114,8 @@ def ingest(
         float | None, typer.Option(help="Print the statistics block every S seconds (0 or unset: never).")
     ] = None,
     source: Annotated[
-        str | None, typer.Option(help="Source to capture (coinbase, ccxt; default: the one enabled in the config).")
+        str | None,
+        typer.Option(help="Source to capture (coinbase, ccxt, databento; default: the one enabled in the config)."),
     ] = None,
 ) -> None:
     """Capture one source's feed into durable raw segments until SIGINT/SIGTERM."""
@@ -270,7 +271,7 @@ def etl(
         raise _fail(f"etl stopped: {exc} (the segment stays in raw/processing/ and is retried next run)", 1) from None
     except EtlStuck as exc:
         raise _fail(f"etl stopped: {exc}", 1) from None
-    except EtlStateError as exc:
+    except (EtlStateError, ConfigError) as exc:  # ConfigError: a source's optional dependency is missing
         raise _fail(f"cannot start: {exc}") from None
     for name, summary in summaries:
         typer.echo(summary.text() if len(summaries) == 1 else f"[{name}]\n{summary.text()}")
@@ -412,6 +413,12 @@ def sim(
     if protocol not in ("coinbase", "databento"):
         raise _fail(f"--protocol: expected coinbase or databento, got {protocol!r}")
     if protocol == "databento":
+        from daedalus.sources.databento import require_extra
+
+        try:
+            require_extra("databento_dbn")  # the gateway encodes with Databento's own DBN codec
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
         from daedalus.sim.databento.cli import run_gateway
 
         code = run_gateway(

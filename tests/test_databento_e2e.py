@@ -110,3 +110,36 @@ async def test_captured_mbo_books_equal_the_simulators_true_book_after_every_rec
     query = daedalus("query", "--config", str(config), "--format", "csv", sql)
     assert query.returncode == 0, query.stderr[-2000:]
     assert query.stdout.splitlines()[1:] == [f'"{DATASET}","{symbol}",true' for symbol in SYMBOLS]
+
+
+async def test_daedalus_run_supervises_the_databento_source_and_health_sees_it(tmp_path):
+    """The supervisor starts ``ingest-databento`` and ``etl-databento`` for the enabled source;
+    level2 lands while it runs, and health judges each subscribed symbol fresh."""
+    from tests.supervisor_helpers import Supervised, cli, up, write_yaml
+
+    data = tmp_path / "data"
+    async with DatabentoGateway(GatewayConfig(symbols=SYMBOLS, rate=300, seed=3)) as gateway:
+        config_path = tmp_path / "config.yaml"
+        write_config(config_path, data, gateway.port)
+        settings = yaml.safe_load(config_path.read_text())
+        settings["etl"] = {"poll_interval_seconds": 0.2}
+        settings["supervisor"] = {"status_port": 0, "start_seconds": 0.5, "heartbeat_seconds": 0.3,
+                                  "backoff_initial_seconds": 0.2, "backoff_max_seconds": 1.0}  # fmt: skip
+        write_yaml(config_path, settings)
+        sup = await Supervised(tmp_path, config_path, data).start()
+        try:
+            for child in ("ingest-databento", "etl-databento"):
+                await sup.wait_child(child, up, f"{child} running", timeout=60)
+            level2 = data / "processed" / "databento" / "level2"
+            await sup.wait(lambda: level2.is_dir() and any(level2.rglob("*.parquet")), "level2 files", timeout=60)
+            _code, out, _err = await cli("health", "--config", str(config_path), "--json")
+        finally:
+            assert await sup.stop() == 0, sup.text()[-3000:]
+    report = orjson.loads(out)
+    wanted = {f"{DATASET}:{symbol}" for symbol in SYMBOLS}
+    assert set(report["freshness"]) == wanted, report["freshness"]
+    assert {(f["source"], f["level"], f["from"]) for f in report["freshness"].values()} == {
+        ("databento", "ok", "heartbeat")
+    }
+    assert not [f for f in report["findings"] if f["check"] == "freshness"], report["findings"]
+    assert report["sources"]["databento"]["backlog"]["level"] == "ok"

@@ -295,6 +295,8 @@ class EtlJob:
         Parquet files, scratch copies) and read the committed list."""
         if self._lock is not None:
             return
+        if self.plugin.preflight is not None:
+            self.plugin.preflight()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._lock = hold_lock(self.state_dir / f"{self.source}.lock", "daedalus etl is already processing")
         removed = remove_temporaries(self.out_root)

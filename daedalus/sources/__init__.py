@@ -56,6 +56,10 @@ class Source:
     # the state is a set that order does not matter to (seen trade ids).
     ordered: bool = True
     description: str = ""
+    # checks what the source needs that may be missing (an optional extra) before the ETL
+    # claims any segment, raising ConfigError: a missing package is the operator's to fix,
+    # and must not look like a bug in the middle of a segment
+    preflight: Callable[[], None] | None = None
 
 
 class UnknownSource(ValueError):

@@ -25,17 +25,16 @@ NAME = "databento"
 MISSING_EXTRA = "the Databento source needs the databento extra: pip install 'daedalus[databento]'"
 
 
-class DatabentoExtraMissing(RuntimeError):
-    """The official client (or its DBN codec) is not installed."""
+def require_extra(*modules: str) -> None:
+    """Fail with the install hint (a config error: exit 2, the operator's to fix), not an
+    ImportError deep inside, when the extra is missing."""
+    from daedalus.config import ConfigError
 
-
-def require_extra() -> None:
-    """Fail with the install hint, not an ImportError deep inside, when the extra is missing."""
-    try:
-        import databento  # noqa: F401
-        import databento_dbn  # noqa: F401
-    except ImportError as exc:
-        raise DatabentoExtraMissing(f"{MISSING_EXTRA} ({exc})") from None
+    for module in modules or ("databento", "databento_dbn"):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            raise ConfigError("databento", [f"{MISSING_EXTRA} ({exc})"]) from None
 
 
 def capture(config: DaedalusConfig, clock: Callable[[], int]) -> Capture:
@@ -46,6 +45,7 @@ def capture(config: DaedalusConfig, clock: Callable[[], int]) -> Capture:
 
 
 def segment_run(job: Any, key: str, state: EtlState) -> SegmentParser:
+    require_extra("databento_dbn")  # the ETL needs only the DBN codec, not the client
     from daedalus.sources.databento_etl import DbnSegmentRun
 
     return DbnSegmentRun(job, key, state)
@@ -67,5 +67,6 @@ SOURCE = register(
         segment_run=segment_run,
         ordered=True,
         description="Databento live gateway (official client), DBN kept byte for byte",
+        preflight=lambda: require_extra("databento_dbn"),
     )
 )

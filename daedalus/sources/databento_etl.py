@@ -59,13 +59,10 @@ FLAG_COLUMNS = (("is_last", 128), ("is_snapshot", 32), ("bad_ts_recv", 8), ("may
 
 
 def _dbn() -> Any:
-    """The DBN codec (only it: the official client would pull pandas into the ETL for nothing)."""
-    try:
-        import databento_dbn
-    except ImportError as exc:
-        from daedalus.sources.databento import MISSING_EXTRA, DatabentoExtraMissing
+    """The DBN codec (only it: the official client would pull pandas into the ETL for nothing).
+    Its absence was reported before any segment was claimed (``databento.require_extra``)."""
+    import databento_dbn
 
-        raise DatabentoExtraMissing(f"{MISSING_EXTRA} ({exc})") from None
     return databento_dbn
 
 
