@@ -23,3 +23,16 @@ def test_days_of_failures_stay_at_the_cap_instead_of_overflowing():
     assert backoff_delay(10**6, 1.0, 60.0, random.Random(2)) <= 60.0
     collector = CcxtCollector("coinbase", CcxtExchangeConfig(channels={"watchTrades": ["BTC/USD"]}), sink=None)
     assert 30.0 <= collector._backoff(5000) <= 60.0
+
+
+def test_reconnect_pause_follows_the_ingestion_settings():
+    from daedalus.backoff import reconnect_pause
+    from daedalus.config import IngestionConfig
+
+    rng = random.Random(3)
+    limited = IngestionConfig(max_reconnect_attempts=2, reconnect_delay=1.0, max_reconnect_delay=4.0)
+    assert [reconnect_pause(limited, n, rng) is None for n in (1, 2, 3)] == [False, False, True]
+    assert 1.0 <= reconnect_pause(limited, 2, rng) <= 2.0  # base * 2, jittered by [0.5, 1]
+    assert reconnect_pause(IngestionConfig(auto_reconnect=False), 1, rng) is None
+    forever = IngestionConfig(max_reconnect_attempts=-1, reconnect_delay=1.0, max_reconnect_delay=4.0)
+    assert reconnect_pause(forever, 10**9, rng) <= 4.0

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
-from daedalus.backoff import backoff_delay
+from daedalus.backoff import reconnect_pause
 from daedalus.capture.auth import ws_jwt
 from daedalus.capture.segments import SegmentWriter
 from daedalus.config import CoinbaseConfig, IngestionConfig
@@ -182,14 +182,11 @@ class CoinbaseCollector:
                 if self._stopping:
                     break
                 attempt += 1
-                limit = self.ingestion.max_reconnect_attempts
-                if not self.ingestion.auto_reconnect or (limit >= 0 and attempt > limit):
+                delay = reconnect_pause(self.ingestion, attempt, self._rng)
+                if delay is None:
                     log.error("collector_gave_up", conn=self.conn_id, attempts=attempt, reason=reason)
                     self.stats.state = "failed"
                     return
-                delay = backoff_delay(
-                    attempt, self.ingestion.reconnect_delay, self.ingestion.max_reconnect_delay, self._rng
-                )
                 log.warning(
                     "collector_reconnecting",
                     conn=self.conn_id,
