@@ -356,7 +356,10 @@ def test_generated_mbo_across_two_segments_and_two_processes(tmp_path: Path) -> 
         rows = {}
         for symbol in SYMBOLS.values():  # one symbol's rows keep record order; merge by sequence
             pattern = (
-                tmp_path / "processed/databento/level2/dataset=GLBX.MDP3" / f"symbol={symbol}" / "*"
+                tmp_path
+                / "processed/databento/level2/dataset=GLBX.MDP3"
+                / f"symbol={symbol}"
+                / "*"
                 / f"part-{stem}.parquet"
             )
             query = (f"select sequence, {', '.join(L2_COLUMNS)}, instrument_id from read_parquet('{pattern}', "
@@ -371,8 +374,9 @@ def test_generated_mbo_across_two_segments_and_two_processes(tmp_path: Path) -> 
 
 
 def test_level2_validity_local_time_and_gap_events(tmp_path: Path) -> None:
-    """A gap without refill leaves the books invalid until a Clear; a crossed book is never
-    valid; ts_local comes from the receive stamps."""
+    """A session replaying from the start: books known from their first record; a gap without
+    refill leaves them invalid until a Clear; a crossed book is never valid; ts_local comes from
+    the receive stamps."""
     ts = 1_767_225_600_000_000_000
 
     def mbo(action: str, side: str, oid: int, price: int, size: int, flags: int = 0) -> Any:
@@ -390,8 +394,9 @@ def test_level2_validity_local_time_and_gap_events(tmp_path: Path) -> None:
     def flush(local: int, records: list[Any]) -> bytes:
         return stamps_frame([(local, len(records), 1)]) + cctx.compress(b"".join(map(bytes, records)))
 
-    data = (cctx.compress(live_header()) + flush(1_000, before) + refilled + flush(1_500, [mbo("A", "B", 9, 98, 1)])
-            + gap + flush(2_000, after) + gap + flush(3_000, last))  # fmt: skip
+    data = (cctx.compress(live_header()) + b"".join(session_head(start=0)) + flush(1_000, before) + refilled
+            + flush(1_500, [mbo("A", "B", 9, 98, 1)]) + gap + flush(2_000, after)
+            + gap + flush(3_000, last))  # fmt: skip
     stem = place(tmp_path, "GLBX.MDP3", 1, data)
     summary = run_job(tmp_path, "pips")
     rows = read_table(tmp_path, "GLBX.MDP3", "level2", stem, ["order_id", "book_valid", "ts_local", "best_bid"])
@@ -399,7 +404,7 @@ def test_level2_validity_local_time_and_gap_events(tmp_path: Path) -> None:
     assert rows == [(1, True, 1_000, bid), (2, True, 1_000, bid), (9, True, 1_500, bid), (3, False, 2_000, bid),
                     (4, True, 2_000, None), (5, True, 2_000, bid), (6, False, 2_000, bid), (6, False, 3_000, bid),
                     (7, False, 3_000, bid), (8, True, 3_000, bid)]  # fmt: skip
-    assert summary.counts["gaps"] == 3 and summary.counts["crossed"] == 1
+    assert summary.counts["gaps"] == 4 and summary.counts["crossed"] == 1  # the session's own start-up gap too
 
 
 # ---- symbols, bad input, idempotence -----------------------------------------------------------
@@ -506,3 +511,184 @@ def test_ts_out_sessions_get_a_ts_out_column(tmp_path: Path) -> None:
         (ts + 7, 2, "ESM6")
     ]
     assert read_table(tmp_path, "GLBX.MDP3", "level2", stem, ["ts_out", "size", "ts_local"]) == [(ts + 9, 3, 5)]
+
+
+# ---- review 14: book validity, datasets, the order map in every checkpoint, bad bytes ---------------
+
+TS = 1_767_225_600_000_000_000
+
+
+def session_head(start: int | None = 0, snapshot: bool = False, refill_start: int | None = None) -> list[bytes]:
+    """The events the collector writes at a session's head: subscribe, session, then its gap
+    (``start``: the mbo subscription's; 0 = the gateway's full replay history)."""
+    sub = {"schema": "mbo", "symbols": list(SYMBOLS.values()), "stype_in": "raw_symbol", "start": start,
+           "snapshot": snapshot, "id": 0}  # fmt: skip
+    return [
+        event_frame(1, 1, "subscribe", sub),
+        event_frame(1, 1, "session", {"session_id": "s"}),
+        event_frame(1, 1, "gap", {"last_ts_event": None, "refill_start": refill_start, "reason": "start"}),
+    ]
+
+
+def add(iid: int, oid: int, side: str, price: int, size: int = 5, action: str = "A", flags: int = 0) -> Any:
+    return dbn.MBOMsg(1, iid, TS + oid, oid, price * 10**9, size, dbn.Action(action), dbn.Side(side), TS + oid,
+                      flags=flags)  # fmt: skip
+
+
+def flushes(dataset: str, parts: list[list[bytes] | list[Any]]) -> bytes:
+    """A segment of ``dataset``: its header, then each part in order: a list of event frames
+    (bytes) or a list of records (one stamped flush)."""
+    cctx = zstandard.ZstdCompressor()
+    out = [cctx.compress(dbn.Metadata(dataset, 0, None, dbn.SType.INSTRUMENT_ID, None).encode())]
+    for local, part in enumerate(parts, 1):
+        if part and isinstance(part[0], bytes):
+            out += part
+        else:
+            out += [stamps_frame([(local * 1000, len(part), 1)]), cctx.compress(b"".join(map(bytes, part)))]
+    return b"".join(out)
+
+
+L2_VALID = ["instrument_id", "order_id", "book_valid", "best_bid", "best_ask"]
+BID, ASK = 100 * 10**9, 101 * 10**9
+
+
+def test_the_order_map_survives_a_segment_without_mbo(tmp_path: Path) -> None:
+    """A quiet hour (trades only; a bare header) between two MBO segments: its checkpoint keeps the order map,
+    so the next process continues the books (review 14, item 1)."""
+    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), [*mappings(), add(101, 1, "B", 100),
+                                                                          add(101, 2, "A", 101)]]))  # fmt: skip
+    run_job(tmp_path, "pips")
+    trade = dbn.TradeMsg(1, 101, TS + 3, 10**11, 1, dbn.Action.TRADE, dbn.Side.BID, 0, TS + 3)
+    place(tmp_path, "GLBX.MDP3", 2, flushes("GLBX.MDP3", [[*mappings(), trade]]))
+    run_job(tmp_path, "pips")
+    place(tmp_path, "GLBX.MDP3", 3, flushes("GLBX.MDP3", []))  # a header and nothing else
+    run_job(tmp_path, "pips")
+    stem = place(tmp_path, "GLBX.MDP3", 4, flushes("GLBX.MDP3", [[*mappings(), add(101, 4, "B", 99)]]))
+    result = run_cli(tmp_path, "pips")  # another process: the order map from the trades-only checkpoint
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", stem, L2_VALID) == [(101, 4, True, BID, ASK)]
+    totals = orjson.loads((tmp_path / "processed" / "_state" / "databento.json").read_bytes())["totals"]
+    assert "mbo_order_map_lost" not in totals
+
+
+def test_a_gap_in_one_dataset_leaves_the_others_books_alone(tmp_path: Path) -> None:
+    """Books are per (dataset, publisher, instrument): the same ids in another dataset are
+    another book, and that dataset's gap does not touch this one's (review 14, item 5)."""
+    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), [*mappings(), add(101, 1, "B", 100),
+                                                                          add(101, 2, "A", 101)]]))  # fmt: skip
+    gap = event_frame(5, 1, "gap", {"last_ts_event": None, "refill_start": None, "reason": "reconnect"})
+    other = place(tmp_path, "XNAS.ITCH", 2, flushes("XNAS.ITCH", [session_head(), [*mappings(), add(101, 1, "B", 50)],
+                                                                  [gap], [add(101, 7, "A", 60)]]))  # fmt: skip
+    stem = place(tmp_path, "GLBX.MDP3", 3, flushes("GLBX.MDP3", [[*mappings(), add(101, 3, "B", 99)]]))
+    run_job(tmp_path, "pips")
+    assert read_table(tmp_path, "XNAS.ITCH", "level2", other, L2_VALID) == [
+        (101, 1, True, 50 * 10**9, None),  # its own book: GLBX's orders are not in it
+        (101, 7, False, 50 * 10**9, 60 * 10**9),
+    ]
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", stem, L2_VALID) == [(101, 3, True, BID, ASK)]
+
+
+def instrument_maps() -> list[Any]:
+    raw, iidt, undef = dbn.SType.RAW_SYMBOL, dbn.SType.INSTRUMENT_ID, 2**64 - 1
+    return [dbn.SymbolMappingMsg(0, 100 + i, 0, raw, f"S{i}", iidt, f"S{i}", undef, undef) for i in range(8)]
+
+
+def test_a_book_first_seen_mid_stream_is_unknown_whatever_its_slot(tmp_path: Path) -> None:
+    """A live session without snapshot or start: books first seen in it are unknown (not only the
+    first four slots) until their Clear, a snapshot's F_LAST, or a session replaying from the
+    start; the dataset's default rides in the checkpoint (review 14, item 6)."""
+    first = [add(100 + i, i + 1, "B", 100) for i in range(6)]
+    snapshot = [add(104, 20, "N", 0, 0, "R", 32), add(104, 21, "B", 98, 1, flags=32),
+                add(104, 22, "A", 102, 1, flags=32 | 128)]  # fmt: skip
+    live = flushes("GLBX.MDP3", [session_head(start=None), [*instrument_maps(), *first],
+                                 [add(105, 10, "N", 0, 0, "R"), add(105, 11, "B", 97), *snapshot]])  # fmt: skip
+    stem = place(tmp_path, "GLBX.MDP3", 1, live)
+    run_job(tmp_path, "pips")
+    rows = sorted(read_table(tmp_path, "GLBX.MDP3", "level2", stem, ["instrument_id", "order_id", "book_valid"]))
+    assert rows == [(100, 1, False), (101, 2, False), (102, 3, False), (103, 4, False), (104, 5, False),
+                    (104, 20, False), (104, 21, False), (104, 22, True),  # a snapshot: known at its F_LAST
+                    (105, 6, False), (105, 10, True), (105, 11, True)]  # a Clear: known  # fmt: skip
+    # the session's next segment (no events): a new book is still unknown; the known ones stay known
+    later = place(tmp_path, "GLBX.MDP3", 2, flushes("GLBX.MDP3", [[*instrument_maps(), add(106, 30, "B", 96),
+                                                                   add(105, 31, "B", 95)]]))  # fmt: skip
+    run_job(tmp_path, "pips")
+    assert sorted(read_table(tmp_path, "GLBX.MDP3", "level2", later, ["instrument_id", "book_valid"])) == [
+        (105, True),
+        (106, False),
+    ]
+    # a session replaying from the start of the gateway's data: books emptied, every one known
+    replay = place(tmp_path, "GLBX.MDP3", 3, flushes("GLBX.MDP3", [session_head(start=0), [
+        *instrument_maps(), *[add(100 + i, 40 + i, "A", 110) for i in range(7)]]]))  # fmt: skip
+    run_job(tmp_path, "pips")
+    rows = read_table(tmp_path, "GLBX.MDP3", "level2", replay, ["instrument_id", "book_valid", "best_bid", "best_ask"])
+    assert sorted(rows) == [(100 + i, True, None, 110 * 10**9) for i in range(7)]
+    # that session's next segment, in another job: a book first seen there is known too
+    after = place(tmp_path, "GLBX.MDP3", 4, flushes("GLBX.MDP3", [[*instrument_maps(), add(107, 50, "B", 90)]]))
+    run_job(tmp_path, "pips")
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", after, ["instrument_id", "book_valid"]) == [(107, True)]
+
+
+def test_an_overflow_makes_the_books_unknown(tmp_path: Path) -> None:
+    """Records dropped on a full queue (``overflow``) are a gap that was never refilled (review 14, item 7)."""
+    overflow = event_frame(5, 0, "overflow", {"dropped": 1})  # the dropped record: the cancel of order 1
+    stem = place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), [*mappings(), add(101, 1, "B", 100)],
+                                                                 [overflow], [add(101, 3, "B", 99, 1)]]))  # fmt: skip
+    summary = run_job(tmp_path, "pips")
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", stem, ["order_id", "book_valid"]) == [(1, True), (3, False)]
+    assert summary.counts["overflows"] == 1
+
+
+def test_bytes_that_are_not_utf8_are_replaced_and_counted(tmp_path: Path) -> None:
+    """One bad byte in a side, an action or a definition's text must not stall the ETL (review 14, item 8)."""
+    trade = bytearray(bytes(dbn.TradeMsg(1, 101, TS, 10**11, 1, dbn.Action.TRADE, dbn.Side.BID, 0, TS)))
+    trade[29] = 0xFF  # side
+    store = databento.DBNStore.from_file(FIXTURES / "GLBX.MDP3" / "test_data.definition.dbn.zst")
+    record = bytearray(bytes(next(iter(store))))
+    at = record.find(b"ESH1")
+    record[at + 1] = 0xC3  # a lead byte with no continuation
+    cctx = zstandard.ZstdCompressor()
+    body = b"".join(map(bytes, mappings())) + bytes(trade) + bytes(record)
+    header = dbn.Metadata("GLBX.MDP3", 0, None, dbn.SType.INSTRUMENT_ID, None).encode()
+    stem = place(tmp_path, "GLBX.MDP3", 1, cctx.compress(header) + stamps_frame([(10, 4, 1)]) + cctx.compress(body))
+    summary = run_job(tmp_path, "pips")
+    assert summary.segments == 1 and summary.quarantined_segments == 0
+    assert read_table(tmp_path, "GLBX.MDP3", "market_trades", stem, ["side", "size"]) == [("\ufffd", 1)]
+    raw = read_table(tmp_path, "GLBX.MDP3", "instruments", stem, ["raw_symbol"])
+    assert raw == [("E\ufffdH1",)]
+    assert summary.counts["invalid_utf8_values"] == 2
+    assert not list((tmp_path / "raw" / "processing").rglob("segment_*"))
+
+
+def test_records_of_another_length_are_counted_as_bad_input(tmp_path: Path) -> None:
+    """A record type whose length is not this DBN version's (an older file's definitions) is skipped
+    and counted, so the operator sees why a table stayed empty (review 14, item 15)."""
+    trade = bytes(dbn.TradeMsg(1, 101, TS, 10**11, 1, dbn.Action.TRADE, dbn.Side.BID, 0, TS))
+    longer = bytes([len(trade) // 4 + 4]) + trade[1:] + bytes(16)
+    cctx = zstandard.ZstdCompressor()
+    body = b"".join(map(bytes, mappings())) + trade + longer
+    header = dbn.Metadata("GLBX.MDP3", 0, None, dbn.SType.INSTRUMENT_ID, None).encode()
+    place(tmp_path, "GLBX.MDP3", 1, cctx.compress(header) + stamps_frame([(10, 4, 1)]) + cctx.compress(body))
+    summary = run_job(tmp_path, "pips")
+    assert summary.counts["unexpected_length_records"] == 1
+    assert summary.counts["skipped_unexpected_length_rtype_0"] == 1
+
+
+def test_a_mapping_mid_chunk_names_only_the_records_after_it(tmp_path: Path) -> None:
+    """A roll mid-chunk (an id re-mapped to another symbol) names the records after it only; a
+    mapping for some days leaves the id's other days as they were (review 14, item 14)."""
+    raw, iidt, undef = dbn.SType.RAW_SYMBOL, dbn.SType.INSTRUMENT_ID, 2**64 - 1
+    day = 86_400 * 10**9
+
+    def mapping(symbol: str, start: int = undef, end: int = undef) -> Any:
+        return dbn.SymbolMappingMsg(0, 101, 0, raw, symbol, iidt, symbol, start, end)
+
+    def trade(ts: int, size: int) -> Any:
+        return dbn.TradeMsg(1, 101, ts, 10**11, size, dbn.Action.TRADE, dbn.Side.BID, 0, ts)
+
+    rolled = [mapping("ESM6"), trade(TS, 1), trade(TS + 1, 2), mapping("ESU6"), trade(TS + 2, 3)]
+    daily = [mapping("DAY1", TS, TS + day), trade(TS + 10, 4), mapping("DAY2", TS + day, TS + 2 * day),
+             trade(TS + day + 10, 5), trade(TS + 11, 6)]  # fmt: skip
+    stem = place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [rolled, daily]))
+    run_job(tmp_path, "pips")
+    rows = read_table(tmp_path, "GLBX.MDP3", "market_trades", stem, ["size", "symbol"])
+    assert sorted(rows) == [(1, "ESM6"), (2, "ESM6"), (3, "ESU6"), (4, "DAY1"), (5, "DAY2"), (6, "DAY1")]

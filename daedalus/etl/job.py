@@ -94,7 +94,8 @@ BAD_INPUT_COUNTERS = ("quarantined_bad_product", "quarantined_bad_number", "quar
                       "quarantined_bad_record", "numbers_out_of_range", "symbol_from_path",
                       # databento (daedalus.sources.databento_etl, daedalus.etl.mbo_book)
                       "unmapped_records", "mbo_unknown_order", "mbo_bad_side", "mbo_over_cancel",
-                      "mbo_unknown_action", "mbo_order_map_lost")  # fmt: skip
+                      "mbo_unknown_action", "mbo_order_map_lost", "unexpected_length_records",
+                      "invalid_utf8_values", "overflows")  # fmt: skip
 MAX_CONSECUTIVE_FAILURES = 3  # the watcher's retries of an unexpected error before it exits non-zero
 
 

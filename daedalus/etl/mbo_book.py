@@ -10,11 +10,16 @@ level total)``; a Clear becomes a one-row engine snapshot with no levels (emptie
 Book semantics (Databento's own book example): Add adds; Cancel takes ``size`` off the order
 (the order goes at 0); Modify moves the order (a new price or side leaves the old level), and a
 Modify of an unknown order is an Add; Clear empties the book; Trade, Fill and None change
-nothing. A book is one ``(publisher_id, instrument_id)``.
+nothing. A book is one ``(dataset, publisher_id, instrument_id)``: the same ids in two datasets
+are two books, and what happens to one dataset's stream never touches another's books.
 
-Validity (``known`` per book): a new book is known (an MBO stream rebuilds the book from its
-start); a gap in the stream makes every book unknown until its next Clear or the last record
-of a snapshot (``F_SNAPSHOT`` and ``F_LAST``).
+Validity (``known`` per book): a book is known after a Clear ('R', not part of a snapshot) or
+after the last record of its snapshot (``F_SNAPSHOT`` and ``F_LAST``; the snapshot's own
+leading Clear leaves it unknown until then: half a snapshot is not the book). A book first
+seen otherwise takes its dataset's *default*: known while the dataset's stream is whole from
+the start of its data (:meth:`MboBooks.replay_from_start`, or a plain DBN file), unknown once a
+gap or an overflow broke it (:meth:`MboBooks.invalidate`, which also makes every book of that
+dataset unknown). The caller decides what the stream's events mean (``databento_etl``).
 
 A Clear costs O(1): each book has a generation, table entries carry the generation they were
 made in, and a Clear bumps it, so the book's old orders and levels are simply never found
@@ -129,7 +134,7 @@ def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2
         start = nr
         if a == 82:  # 'R' clear
             gen[b] = g + 1
-            known[b] = True
+            known[b] = (flags[n] & F_SNAPSHOT) == 0  # a snapshot's Clear: known at its F_LAST
             counts[K_CLEARS] += 1
             r_prod[nr] = b
             r_side[nr] = 0
@@ -261,48 +266,76 @@ class _Table:
 
 
 class MboBooks:
-    """Every MBO book of a dataset: the order map and level totals (here) and the levels with
-    best bid/ask (the :class:`BookSet` engine, sampling off). Checkpointed as extra arrays of
-    the engine's own checkpoint (:class:`MboBookSet`)."""
+    """Every MBO book of the ETL (all datasets): the order map and level totals (here) and the
+    levels with best bid/ask (the :class:`BookSet` engine, sampling off). Checkpointed as extra
+    arrays of the engine's own checkpoint (:class:`MboBookSet`)."""
 
     def __init__(self, books: BookSet) -> None:
         self.books = books
-        self.slots: dict[tuple[int, int], int] = {}  # (publisher_id, instrument_id) -> book slot
+        self.slots: dict[tuple[str, int, int], int] = {}  # (dataset, publisher_id, instrument_id) -> book slot
+        self.by_dataset: dict[str, list[int]] = {}
         for name in books.products:
-            pub, iid = (int(x) for x in name.split(":"))
-            self.slots[(pub, iid)] = books.product_index[name]
+            self._register(book_key(name), books.product_index[name])
         self.gen = np.zeros(max(4, len(books.products)), np.int64)
-        self.known = np.ones(max(4, len(books.products)), np.bool_)
+        self.known = np.zeros(max(4, len(books.products)), np.bool_)
+        self.default_known: dict[str, bool] = {}  # dataset -> whether a book first seen now is known
         self.orders = _Table(1024, 3)
         self.levels = _Table(1024, 1)
         self.used = np.zeros(2, np.int64)  # entries in use (stale generations included)
         self.counts = np.zeros(N_K, np.int64)
         self.lost = 0  # books whose order map the checkpoint did not have (emptied, unknown)
 
+    def _register(self, key: tuple[str, int, int], slot: int) -> None:
+        self.slots[key] = slot
+        self.by_dataset.setdefault(key[0], []).append(slot)
+
     # ---- books -------------------------------------------------------------------------
-    def slot_codes(self, publisher: np.ndarray, instrument: np.ndarray) -> np.ndarray:
-        """Book slot per record (new books allocated in order of first appearance)."""
+    def begin(self, dataset: str, whole: bool) -> None:
+        """A segment of ``dataset``: a dataset seen for the first time starts known when its
+        stream is ``whole`` from the start of its data (a plain DBN file), else unknown."""
+        self.default_known.setdefault(dataset, whole)
+
+    def slot_codes(self, dataset: str, publisher: np.ndarray, instrument: np.ndarray) -> np.ndarray:
+        """Book slot per record (new books allocated in order of first appearance, known as
+        their dataset's default says)."""
         key = (publisher.astype(np.int64) << 32) | instrument.astype(np.int64)
         uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         lookup = np.empty(uniq.shape[0], np.int64)
         for j in np.argsort(first, kind="stable").tolist():
-            pair = (int(uniq[j] >> 32), int(uniq[j] & 0xFFFFFFFF))
+            pair = (dataset, int(uniq[j] >> 32), int(uniq[j] & 0xFFFFFFFF))
             slot = self.slots.get(pair)
             if slot is None:
-                slot = self.books.product_slot(f"{pair[0]}:{pair[1]}")
-                self.slots[pair] = slot
+                slot = self.books.product_slot(product_name(*pair))
+                self._register(pair, slot)
                 self.books.has_book[slot] = True  # updates apply from the first record (no snapshot needed)
                 self.books.valid[slot] = True
                 if slot >= self.gen.shape[0]:
                     grow = max(2 * self.gen.shape[0], slot + 1)
                     self.gen = np.concatenate([self.gen, np.zeros(grow - self.gen.shape[0], np.int64)])
-                    self.known = np.concatenate([self.known, np.ones(grow - self.known.shape[0], np.bool_)])
+                    self.known = np.concatenate([self.known, np.zeros(grow - self.known.shape[0], np.bool_)])
+                self.known[slot] = self.default_known.get(dataset, False)
             lookup[j] = slot
         return lookup[inverse.reshape(-1)]
 
-    def invalidate_all(self) -> None:
-        """A gap in the stream: every book is unknown until its next Clear or snapshot."""
-        self.known[:] = False
+    def invalidate(self, dataset: str) -> None:
+        """A gap in ``dataset``'s stream: its books, and those first seen later, are unknown
+        until their next Clear or snapshot. Other datasets' books are untouched."""
+        self.default_known[dataset] = False
+        slots = self.by_dataset.get(dataset)
+        if slots:
+            self.known[np.asarray(slots, np.int64)] = False
+
+    def replay_from_start(self, dataset: str) -> None:
+        """A session replaying ``dataset`` from the start of the gateway's data: its books are
+        emptied (the replay rebuilds them; applied onto the old ones it would count every
+        order twice) and known, and so are books first seen in it."""
+        self.default_known[dataset] = True
+        for slot in self.by_dataset.get(dataset, []):
+            self.gen[slot] += 1  # its orders and levels are never found again
+            self.known[slot] = True
+            for b in (2 * slot, 2 * slot + 1):
+                _free_book(b, self.books.ck, self.books.cn, self.books.free, self.books.meta, self.books.order,
+                           self.books.nch)  # fmt: skip
 
     def reserve(self, records: int) -> None:
         """Room for ``records`` more records (each adds at most one order and one level)."""
@@ -348,12 +381,17 @@ class MboBooks:
             "mbo_order_book": self.orders.k1[live],
             "mbo_order_id": self.orders.k2[live],
             "mbo_order_vals": self.orders.v[live],
+            "mbo_datasets": np.array(sorted(self.default_known), dtype=np.str_),
+            "mbo_default_known": np.array([self.default_known[d] for d in sorted(self.default_known)], np.bool_),
         }
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         n = arrays["mbo_gen"].shape[0]
         self.gen[:n] = arrays["mbo_gen"]
         self.known[:n] = arrays["mbo_known"]
+        if "mbo_datasets" in arrays:
+            names, flags = arrays["mbo_datasets"].tolist(), arrays["mbo_default_known"].tolist()
+            self.default_known = dict(zip(names, flags, strict=True))
         books, ids, vals = arrays["mbo_order_book"], arrays["mbo_order_id"], arrays["mbo_order_vals"]
         self.orders, _ = _Table(1024, 3).rebuilt(self.gen, 0, books.shape[0])
         self.levels, _ = _Table(1024, 1).rebuilt(self.gen, 1, books.shape[0])
@@ -375,6 +413,18 @@ def _load_orders(books, ids, vals, gen, ok1, og, ok2, ov, lk1, lg, lk2, lv, used
             ov[j, c] = vals[n, c]
         used[0] += 1
         _level_add(lk1, lg, lk2, lv, used, b, gen[b], vals[n, 0], vals[n, 1], vals[n, 2])
+
+
+def product_name(dataset: str, publisher: int, instrument: int) -> str:
+    """A book's product name in the engine (and the checkpoint): ``<dataset>:<publisher>:<instrument>``."""
+    return f"{dataset}:{publisher}:{instrument}"
+
+
+def book_key(name: str) -> tuple[str, int, int]:
+    """The inverse of :func:`product_name` (dataset names hold no ``:``; a bare ``pub:iid`` has none)."""
+    parts = name.rsplit(":", 2)
+    dataset = parts[0] if len(parts) == 3 else ""
+    return dataset, int(parts[-2]), int(parts[-1])
 
 
 class MboBookSet(BookSet):
@@ -403,6 +453,7 @@ def attach(books: BookSet, extra: dict[str, np.ndarray] | None) -> MboBooks:
         for b in range(2 * len(books.products)):
             _free_book(b, books.ck, books.cn, books.free, books.meta, books.order, books.nch)
         mbo.known[:] = False
+        mbo.default_known = dict.fromkeys(mbo.by_dataset, False)
         mbo.lost = len(books.products)
     books.mbo = mbo  # type: ignore[attr-defined]
     return mbo

@@ -19,11 +19,34 @@ Decoding is bulk: the record lengths are walked in numba, then each record type 
 gather and one ``view`` with the official structured dtype (``databento_dbn.<Msg>._dtypes``);
 no per-record Python. A segment that is not DBN (bad header, garbage, a record running past the
 end, a torn zstd frame) raises :class:`SegmentDataError`: quarantined whole, the run goes on.
+Text fields that are not UTF-8 are decoded with replacement characters and counted
+(``invalid_utf8_values``); records of a type whose length is not this DBN version's are
+skipped and counted (``unexpected_length_records``, and per rtype).
+
+Level2 validity (``book_valid``): books are per ``(dataset, publisher_id, instrument_id)`` and
+the segment's control events (written by the collector, :mod:`daedalus.sources.databento_raw`)
+say whether its stream is whole:
+
+- ``gap`` without ``refill_start`` (the collector's start, a reconnect without refill, a
+  slow-reader skip) and ``overflow`` (records dropped on a full queue) make every book of the
+  segment's dataset unknown, and books first seen after them too, until each book's next
+  Clear or complete snapshot (``F_SNAPSHOT`` ... ``F_LAST``). A refilled ``gap`` changes
+  nothing: the stream continues.
+- a ``session`` whose ``subscribe`` events ask every ``mbo`` subscription for ``start: 0``
+  (Databento's "the full replay history": for GLBX.MDP3 the whole weekly session) replays the
+  books from the start of the gateway's data: the dataset's books are emptied (the replay
+  rebuilds them) and known, and so is every book first seen in it; that session's own
+  start-up ``gap`` is moot. Any other ``start`` is a point mid-stream: not a known book.
+- a dataset first met in a plain DBN file (Databento's own files: no stamps, no events) is
+  taken as its data from the start (historical files begin at the publisher's start of day or
+  with a snapshot); first met in a collector segment, its books are unknown until an event
+  above or a Clear/snapshot says otherwise. The per-dataset default lives in the checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import struct
 from collections import Counter
 from pathlib import Path
@@ -55,6 +78,8 @@ PARTITION_COLS = ["dataset", "symbol", "date"]
 R_TRADES, R_MBP1, R_MBP10, R_DEF, R_MAPPING, R_MBO = 0, 1, 10, 19, 22, 160
 R_OHLCV = {32: "1s", 33: "1m", 34: "1h", 35: "1d", 36: "eod"}
 RTYPE_NAMES = {18: "status", 20: "imbalance", 21: "error", 23: "system", 24: "statistics", 22: "symbol_mapping"}
+# counters logged as anomalies at the end of a segment (prefixes)
+ANOMALIES = ("mbo_", "unmapped", "skipped_unexpected", "unexpected_length", "invalid_utf8", "overflows")
 FLAG_COLUMNS = (("is_last", 128), ("is_snapshot", 32), ("bad_ts_recv", 8), ("maybe_bad_book", 4))
 
 
@@ -74,8 +99,6 @@ def open_segment(path: Path) -> Any:
     from daedalus.sources.databento_raw import open_dbn_segment
 
     return open_dbn_segment(path)
-
-
 
 
 # ---- symbols ------------------------------------------------------------------------------
@@ -106,16 +129,36 @@ class SymbolMap:
                     end = entry["end_date"].toordinal() - 719163
                     self.intervals.setdefault(int(iid), []).append((first, end, symbol))
 
-    def add_messages(self, msgs: np.ndarray) -> None:
-        """SymbolMappingMsg records (structured array): a later mapping of an id replaces it."""
+    @staticmethod
+    def _entries(msgs: np.ndarray) -> list[tuple[int, int, int, str]]:
+        """(instrument_id, first day, end day, symbol) per SymbolMappingMsg record."""
+        out = []
         for iid, s_in, s_out, start, end in zip(msgs["instrument_id"].tolist(), msgs["stype_in_symbol"].tolist(),
                                                 msgs["stype_out_symbol"].tolist(), msgs["start_ts"].tolist(),
                                                 msgs["end_ts"].tolist(), strict=True):  # fmt: skip
-            out = s_out.decode("utf-8", "replace")
-            symbol = s_in.decode("utf-8", "replace") if out.isdigit() else out
+            out_symbol = s_out.decode("utf-8", "replace")
+            symbol = s_in.decode("utf-8", "replace") if out_symbol.isdigit() else out_symbol
             first = -(10**9) if start == UNDEF_TS else start // NS_PER_DAY
             last = 10**9 if end == UNDEF_TS else end // NS_PER_DAY + 1
-            self.intervals[int(iid)] = [(first, last, symbol)]
+            out.append((int(iid), first, last, symbol))
+        return out
+
+    def add_messages(self, msgs: np.ndarray) -> None:
+        """SymbolMappingMsg records (structured array), in order: each one's days take the id's
+        symbol over, the id's other days keep theirs (an ordered upsert)."""
+        for iid, first, last, symbol in self._entries(msgs):
+            self.intervals[iid] = _upsert(self.intervals.get(iid, []), first, last, symbol)
+
+    def remaps(self, msgs: np.ndarray) -> np.ndarray:
+        """Per mapping (in order): whether it gives an id another symbol than the one it has on
+        some of those days (including what the mappings before it in ``msgs`` gave)."""
+        out = np.zeros(msgs.shape[0], np.bool_)
+        seen: dict[int, list[tuple[int, int, str]]] = {}
+        for n, (iid, first, last, symbol) in enumerate(self._entries(msgs)):
+            current = seen.get(iid, self.intervals.get(iid, []))
+            out[n] = any(f < last and first < e and s != symbol for f, e, s in current)
+            seen[iid] = _upsert(current, first, last, symbol)
+        return out
 
     def resolve(self, iid: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, list[str], int]:
         """(symbol code per record, names, records without a mapping: their id as text)."""
@@ -141,6 +184,20 @@ class SymbolMap:
             codes[rows] = found
         names = list(index)
         return codes, names, unmapped
+
+
+def _upsert(intervals: list[tuple[int, int, str]], first: int, last: int, symbol: str) -> list[tuple[int, int, str]]:
+    """``intervals`` with ``[first, last)`` given to ``symbol`` (overlapped ones trimmed)."""
+    kept = []
+    for f, e, s in intervals:
+        if e <= first or f >= last:
+            kept.append((f, e, s))
+            continue
+        if f < first:
+            kept.append((f, first, s))
+        if e > last:
+            kept.append((last, e, s))
+    return sorted([*kept, (first, last, symbol)])
 
 
 # ---- columns ------------------------------------------------------------------------------
@@ -169,11 +226,22 @@ def price_column(units: np.ndarray, strategy: str) -> pa.Array:
     return pa.array(units / SCALE, pa.float64(), mask=mask)
 
 
-def _string_column(values: np.ndarray) -> pa.Array:
-    return pa.array(np.ascontiguousarray(values)).cast(pa.string())
+def _string_column(values: np.ndarray, counts: Counter[str] | None = None) -> pa.Array:
+    """Fixed-width C strings -> string; bytes that are not UTF-8 become U+FFFD (counted as
+    ``invalid_utf8_values``) rather than stopping the ETL on one bad byte."""
+    data = pa.array(np.ascontiguousarray(values))
+    try:
+        return data.cast(pa.string())
+    except pa.ArrowInvalid:
+        decoded = [v.decode("utf-8", "replace") for v in values.tolist()]
+        if counts is not None:
+            counts["invalid_utf8_values"] += sum("\ufffd" in v for v in decoded)
+        return pa.array(decoded, pa.string())
 
 
-def record_columns(arr: np.ndarray, cls: Any, strategy: str, local: np.ndarray | None) -> dict[str, pa.Array]:
+def record_columns(
+    arr: np.ndarray, cls: Any, strategy: str, local: np.ndarray | None, counts: Counter[str] | None = None
+) -> dict[str, pa.Array]:
     """Every field of a record type, named and ordered as ``to_df`` does (rtype left out), led
     by ts_event, ts_recv (when the type has it), ts_local and ts_out (when present)."""
     names = arr.dtype.names or ()
@@ -193,7 +261,7 @@ def record_columns(arr: np.ndarray, cls: Any, strategy: str, local: np.ndarray |
         elif name in prices:
             out[name] = price_column(column, strategy)
         elif column.dtype.kind == "S":
-            out[name] = _string_column(column)
+            out[name] = _string_column(column, counts)
         else:
             out[name] = pa.array(np.ascontiguousarray(column))
         if name == "flags":
@@ -228,12 +296,16 @@ class DbnSegmentRun:
         self.dataset = ""
         self.ts_out = False
         self._mbo: MboBooks | None = None
+        self._begun = False  # the dataset's default validity settled (first chunk)
+        self._subscriptions: list[dict] = []  # subscribe events of the session being opened
+        self._replay_head = False  # a from-start session opened and no record read yet
         self._dtypes: dict[int, tuple[np.dtype, Any]] = {}
 
     # ---- SegmentParser -------------------------------------------------------------------
     def run(self, source: Path, max_object: int) -> DbnSegmentRun:
         """Process the segment. ``source`` may be the job's ndjson clean copy of a torn zstd
         file: the DBN segment itself is then read (and found torn)."""
+        self._books()  # the order map rides in every checkpoint, with MBO in this segment or not
         path = source
         if not (source.name.endswith(".dbn") or source.name.endswith(".dbn.zst")):
             path = self.job.layout.processing(self.job.source) / self.key
@@ -248,7 +320,7 @@ class DbnSegmentRun:
                 self.rows[table] += writer.rows
         if self._mbo is not None:
             self.counts.update(self._mbo.counters())
-        odd = {k: v for k, v in self.counts.items() if k.startswith(("mbo_", "unmapped", "skipped_unexpected")) and v}
+        odd = {k: v for k, v in self.counts.items() if k.startswith(ANOMALIES) and v}
         if odd:
             log.warning("databento_etl_anomalies", segment=self.key, **odd)
         return self
@@ -287,24 +359,45 @@ class DbnSegmentRun:
 
     # ---- one chunk ---------------------------------------------------------------------------
     def _chunk(self, chunk: Any) -> None:
+        if not self._begun:
+            self._begun = True
+            self._books().begin(self.dataset, whole=chunk.local_ns is None)
         for event in chunk.events:
             self._event(event)
         buf = np.frombuffer(chunk.records, np.uint8)
         if buf.shape[0] == 0:
             return
+        self._replay_head = False
         offsets, end, problem = walk_records(buf)
         if problem:
             what = "a record length below the 16-byte header" if problem == 1 else "a record running past the end"
             raise SegmentDataError(f"malformed DBN records: {what} at byte {end} of a {buf.shape[0]}-byte chunk")
         rtypes = buf[offsets + 1]
-        kinds = np.unique(rtypes)
         self.counts["records"] += offsets.shape[0]
-        if R_MAPPING in kinds:  # mappings first: they name this chunk's records
-            mappings = self._decode(buf, offsets, rtypes == R_MAPPING, R_MAPPING)
-            if mappings is not None:
-                self.symbols.add_messages(mappings)
         local = None if chunk.local_ns is None else np.asarray(chunk.local_ns, np.int64)
-        for rtype in kinds.tolist():
+        if not (rtypes == R_MAPPING).any():
+            self._piece(buf, offsets, rtypes, local)
+            return
+        # mappings name the records after them: applied up front, except where one re-maps an
+        # id to another symbol (a roll mid-chunk): the chunk is cut there, so earlier records
+        # keep the old name
+        select = rtypes == R_MAPPING
+        mappings = self._decode(buf, offsets, select, R_MAPPING)
+        if mappings is None:
+            self._piece(buf, offsets, rtypes, local)
+            return
+        at = np.flatnonzero(select)  # record index of each decoded mapping
+        cuts = [0, *at[self.symbols.remaps(mappings)].tolist(), offsets.shape[0]]
+        for lo, hi in itertools.pairwise(cuts):
+            inside = (at >= lo) & (at < hi)
+            if inside.any():
+                self.symbols.add_messages(mappings[inside])
+            if hi > lo:
+                self._piece(buf, offsets[lo:hi], rtypes[lo:hi], None if local is None else local[lo:hi])
+
+    def _piece(self, buf: np.ndarray, offsets: np.ndarray, rtypes: np.ndarray, local: np.ndarray | None) -> None:
+        """Records of one stretch of a chunk (its mappings applied), one table per type."""
+        for rtype in np.unique(rtypes).tolist():
             if rtype == R_MAPPING:
                 continue
             select = rtypes == rtype
@@ -322,11 +415,24 @@ class DbnSegmentRun:
                 self._records(table, rtype, arr, rows_local)
 
     def _event(self, event: dict) -> None:
-        """Control events: a gap without refill leaves every MBO book unknown."""
-        if event.get("event") == "gap":
+        """Control events -> the dataset's book validity (the module docstring's rules)."""
+        kind = event.get("event")
+        if kind == "subscribe":
+            self._subscriptions.append(event)
+        elif kind == "session":
+            mbo = [sub for sub in self._subscriptions if sub.get("schema") == "mbo"]
+            self._subscriptions = []
+            if mbo and all(sub.get("start") == 0 for sub in mbo):
+                self._books().replay_from_start(self.dataset)
+                self.counts["replays_from_start"] += 1
+                self._replay_head = True
+        elif kind == "gap":
             self.counts["gaps"] += 1
-            if event.get("refill_start") is None:
-                self._books().invalidate_all()
+            if event.get("refill_start") is None and not self._replay_head:
+                self._books().invalidate(self.dataset)
+        elif kind == "overflow":
+            self.counts["overflows"] += 1
+            self._books().invalidate(self.dataset)  # records were dropped: a gap that was never refilled
 
     @staticmethod
     def _table_of(rtype: int) -> str | None:
@@ -355,13 +461,17 @@ class DbnSegmentRun:
         return found
 
     def _decode(self, buf: np.ndarray, offsets: np.ndarray, select: np.ndarray, rtype: int) -> np.ndarray | None:
-        """The selected records as one structured array (a gather, then a view)."""
+        """The selected records as one structured array (a gather, then a view). Records of
+        another length (another DBN version's layout of the type) are taken out of ``select``
+        (in place: the caller's per-record columns follow it) and counted as bad input."""
         dtype, _ = self._dtype(rtype)
         starts = offsets[select]
         lengths = buf[starts].astype(np.int64) * 4
         wrong = lengths != dtype.itemsize
-        if wrong.any():  # another DBN version's layout of this type: not decoded
+        if wrong.any():  # not decoded, and visible: a bad-input counter
             self.counts[f"skipped_unexpected_length_rtype_{rtype}"] += int(wrong.sum())
+            self.counts["unexpected_length_records"] += int(wrong.sum())
+            select[np.flatnonzero(select)[wrong]] = False
             starts = starts[~wrong]
             if starts.shape[0] == 0:
                 return None
@@ -373,7 +483,7 @@ class DbnSegmentRun:
     # ---- tables --------------------------------------------------------------------------
     def _records(self, table: str, rtype: int, arr: np.ndarray, local: np.ndarray | None) -> None:
         _, cls = self._dtype(rtype)
-        columns = record_columns(arr, cls, self.strategy, local)
+        columns = record_columns(arr, cls, self.strategy, local, self.counts)
         if table == "candles":
             columns = {"interval": pa.repeat(pa.scalar(R_OHLCV[rtype]), arr.shape[0]), **columns}
         ts_event = arr["ts_event"]
@@ -389,7 +499,7 @@ class DbnSegmentRun:
     def _level2(self, arr: np.ndarray, local: np.ndarray | None) -> None:
         """MBO records through the order map and the engine: one row per changed level."""
         books = self._books()
-        slots = books.slot_codes(arr["publisher_id"], arr["instrument_id"])
+        slots = books.slot_codes(self.dataset, arr["publisher_id"], arr["instrument_id"])
         action = np.ascontiguousarray(arr["action"]).view(np.uint8)
         side = np.ascontiguousarray(arr["side"]).view(np.uint8)
         f_rec, f_known, frames, result = books.apply(slots, np.ascontiguousarray(arr["order_id"]),
@@ -418,7 +528,7 @@ class DbnSegmentRun:
             "instrument_id": pa.array(rows["instrument_id"]),
             "sequence": pa.array(rows["sequence"]),
             "order_id": pa.array(rows["order_id"]),
-            "action": _string_column(rows["action"]),
+            "action": _string_column(rows["action"], self.counts),
             "side": pc.take(pa.array(["bid", "ask"]), pa.array(frames.r_side.astype(np.int64), mask=clear)),
             "price": price_column(np.where(clear, UNDEF_PRICE, frames.r_px), self.strategy),
             "size": pa.array(frames.r_sz),
