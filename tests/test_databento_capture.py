@@ -43,6 +43,8 @@ DATASET = "GLBX.MDP3"
 SYMBOLS = {"ESM6": 101, "NQM6": 102}
 FIXTURES = REPO.parent / "shared" / "data" / "databento"
 T0 = 1_780_000_000_000_000_000
+BAR_EVERY = 40  # TinyGateway: events per ohlcv-1s bar
+F_LAST = 128
 
 
 # -- a tiny gateway (the live raw API's handshake, an MBO tape, replay by ``start``) ----------
@@ -52,18 +54,45 @@ def _fields(line: bytes) -> dict[str, str]:
     return dict(token.split("=", 1) for token in line.decode().rstrip("\n").split("|"))
 
 
+def mapping(symbol: str, instrument: int, out: str | None = None) -> bytes:
+    """A SymbolMappingMsg: ``symbol`` as subscribed resolved to ``instrument`` (named ``out``)."""
+    return bytes(
+        dbn.SymbolMappingMsg(
+            publisher_id=0,
+            instrument_id=instrument,
+            ts_event=T0,
+            stype_in=dbn.SType.RAW_SYMBOL,
+            stype_in_symbol=symbol,
+            stype_out=dbn.SType.RAW_SYMBOL,
+            stype_out_symbol=out or symbol,
+            start_ts=2**64 - 1,  # as the live gateway sends them (UNDEF)
+            end_ts=2**64 - 1,
+        )
+    )
+
+
 class TinyGateway:
     """Speaks the gateway side of the handshake (greeting, CRAM, auth, subscriptions, start_session),
-    then streams a growing MBO tape: each session gets the tape from its subscription's ``start``
-    (or from now), so a refill after a disconnect replays exactly what was missed. Kept beside the
-    simulator (``daedalus.sim.databento``) for that: one numbered tape makes "no gap, no duplicate"
-    an exact assertion."""
+    then streams a growing tape of events: each event's records share its ``ts_event`` (a trade on
+    every 4th, then 1-3 MBO records with ``F_LAST`` on the last) and every :data:`BAR_EVERY` events an
+    ``ohlcv-1s`` bar whose ``ts_event`` is its open, earlier than the records around it. A session gets
+    its subscribed schemas, from now, or for a subscription with ``start`` the tape's records of that
+    schema with ``ts_event >= start`` (Databento's replay filter), in tape order. Kept beside the
+    simulator (``daedalus.sim.databento``) for that: one numbered tape makes "no gap, no duplicate" an
+    exact assertion. ``cut(kind)`` ends the session gracefully right after a chosen record;
+    ``refuse`` makes it turn down every replay (``"error"``: REPLAY_DATA_AGED_OUT; ``"silent"``:
+    hang up with no record)."""
 
     def __init__(self, rate: float = 2000.0, key: str = KEY) -> None:
-        self.rate = rate
+        self.rate = rate  # events per second
         self.key = key
-        self.tape: list[tuple[int, bytes]] = []  # (ts_event, record bytes)
+        self.tape: list[tuple[int, str, bytes]] = []  # (ts_event, schema, record bytes)
         self.sessions: list[list[dict[str, str]]] = []  # the subscriptions of each authenticated session
+        self.cut_at: int | None = None  # tape index of the last record sent before a cut
+        self.refuse: str | None = None
+        self._cut: Any = None  # a predicate on (schema, record): end the session right after it
+        self._events = 0
+        self._mbo = 0
         self._writers: list[asyncio.StreamWriter] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -89,29 +118,72 @@ class TinyGateway:
             writer.transport.abort()
         self._writers.clear()
 
-    def _record(self, seq: int) -> tuple[int, bytes]:
-        instrument = 101 + seq % 2
-        ts = T0 + seq * 1000
-        msg = dbn.MBOMsg(
-            publisher_id=1,
-            instrument_id=instrument,
-            ts_event=ts,
-            order_id=seq,
-            price=(5000 + seq % 7) * 10**9,
-            size=1 + seq % 3,
-            action=dbn.Action.ADD,
-            side=dbn.Side.BID,
-            ts_recv=ts + 10,
-            sequence=seq,
-        )
-        return ts, bytes(msg)
+    def cut(self, kind: str) -> None:
+        """End the streaming session right after the next record matching ``kind``:
+        ``mid_event`` (an MBO record without F_LAST) or ``after_bar`` (an ohlcv bar)."""
+        self._cut = {
+            "mid_event": lambda schema, record: schema == "mbo" and not record[36] & F_LAST,
+            "after_bar": lambda schema, record: schema == "ohlcv-1s",
+        }[kind]
+
+    def _add_event(self) -> None:
+        i = self._events
+        self._events += 1
+        ts = T0 + i * 1000
+        instrument = 101 + i % 2
+        if i % 4 == 0:
+            trade = dbn.TradeMsg(
+                publisher_id=1,
+                instrument_id=instrument,
+                ts_event=ts,
+                price=5000 * 10**9,
+                size=1,
+                action=dbn.Action.TRADE,
+                side=dbn.Side.ASK,
+                depth=0,
+                ts_recv=ts + 10,
+                sequence=i,
+            )
+            self.tape.append((ts, "trades", bytes(trade)))
+        count = 1 + i % 3
+        for k in range(count):
+            seq = self._mbo
+            self._mbo += 1
+            msg = dbn.MBOMsg(
+                publisher_id=1,
+                instrument_id=instrument,
+                ts_event=ts,
+                order_id=seq,
+                price=(5000 + seq % 7) * 10**9,
+                size=1 + seq % 3,
+                action=dbn.Action.ADD,
+                side=dbn.Side.BID,
+                ts_recv=ts + 10,
+                flags=F_LAST if k == count - 1 else 0,
+                sequence=seq,
+            )
+            self.tape.append((ts, "mbo", bytes(msg)))
+        if i % BAR_EVERY == BAR_EVERY - 1:  # the bar of the last BAR_EVERY events, stamped with its open
+            opened = ts - (BAR_EVERY - 1) * 1000
+            bar = dbn.OHLCVMsg(
+                rtype=dbn.RType.OHLCV_1S,
+                publisher_id=1,
+                instrument_id=101,
+                ts_event=opened,
+                open=5000 * 10**9,
+                high=5006 * 10**9,
+                low=5000 * 10**9,
+                close=5003 * 10**9,
+                volume=i,
+            )
+            self.tape.append((opened, "ohlcv-1s", bytes(bar)))
 
     async def _produce(self) -> None:
         started = time.monotonic()
         while True:
             due = int((time.monotonic() - started) * self.rate)
-            while len(self.tape) < due:
-                self.tape.append(self._record(len(self.tape)))
+            while self._events < due:
+                self._add_event()
             await asyncio.sleep(0.005)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -132,43 +204,59 @@ class TinyGateway:
             self.sessions.append(subs)
             self._writers.append(writer)
             await self._stream(writer, subs)
-        except (ConnectionError, KeyError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, KeyError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # the client left, or the test ended
 
-    async def _stream(self, writer: asyncio.StreamWriter, subs: list[dict[str, str]]) -> None:
+    def _head(self, subs: list[dict[str, str]]) -> bytes:
+        """Metadata, then a mapping per subscribed symbol and instrument (as the gateway sends them:
+        ALL_SYMBOLS names every instrument; the parent ES.FUT resolves to ESM6)."""
         metadata = dbn.Metadata(
             dataset=DATASET, start=T0, stype_in=None, stype_out=dbn.SType.INSTRUMENT_ID, schema=None
         )
-        head = [metadata.encode()]
-        for symbol, instrument in SYMBOLS.items():
-            head.append(
-                bytes(
-                    dbn.SymbolMappingMsg(
-                        publisher_id=0,
-                        instrument_id=instrument,
-                        ts_event=T0,
-                        stype_in=dbn.SType.RAW_SYMBOL,
-                        stype_in_symbol=symbol,
-                        stype_out=dbn.SType.RAW_SYMBOL,
-                        stype_out_symbol=symbol,
-                        start_ts=T0,
-                        end_ts=T0,
-                    )
-                )
-            )
-        writer.write(b"".join(head))
-        starts = [int(sub["start"]) for sub in subs if "start" in sub]
-        cursor = (
-            len(self.tape)
-            if not starts
-            else next((i for i, (ts, _) in enumerate(self.tape) if ts >= min(starts)), len(self.tape))
-        )
+        mappings: dict[bytes, None] = {}
+        for sub in subs:
+            for symbol in sub["symbols"].split(","):
+                if symbol == "ALL_SYMBOLS":
+                    mappings.update(dict.fromkeys(mapping(symbol, iid, name) for name, iid in SYMBOLS.items()))
+                elif symbol == "ES.FUT":
+                    mappings[mapping(symbol, SYMBOLS["ESM6"], "ESM6")] = None
+                elif symbol in SYMBOLS:
+                    mappings[mapping(symbol, SYMBOLS[symbol])] = None
+        return metadata.encode() + b"".join(mappings)
+
+    async def _stream(self, writer: asyncio.StreamWriter, subs: list[dict[str, str]]) -> None:
+        writer.write(self._head(subs))
+        starts = {sub["schema"]: int(sub["start"]) if "start" in sub else None for sub in subs}
+        if self.refuse and any(start is not None for start in starts.values()):
+            if self.refuse == "error":
+                aged = dbn.ErrorMsg(ts_event=T0, err="Replay data aged out", code=dbn.ErrorCode.REPLAY_DATA_AGED_OUT)
+                writer.write(bytes(aged))
+            await writer.drain()
+            writer.close()
+            return
+        live_from = len(self.tape)
+        cursor = 0 if any(start is not None for start in starts.values()) else live_from
         quiet_since = time.monotonic()
         while not writer.is_closing():
             end = len(self.tape)
-            if cursor < end:
-                writer.write(b"".join(record for _, record in self.tape[cursor:end]))
-                cursor = end
+            out = []
+            for index in range(cursor, end):
+                ts, schema, record = self.tape[index]
+                if schema not in starts:
+                    continue
+                start = starts[schema]
+                if index >= live_from or (start is not None and ts >= start):
+                    out.append(record)
+                    if self._cut is not None and self._cut(schema, record):
+                        self._cut, self.cut_at = None, index
+                        writer.write(b"".join(out))
+                        await writer.drain()
+                        self._writers.remove(writer)
+                        writer.close()  # graceful: everything written so far reaches the client
+                        return
+            cursor = end
+            if out:
+                writer.write(b"".join(out))
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > 1.0:
                 writer.write(bytes(dbn.SystemMsg(ts_event=T0, msg="Heartbeat", code=dbn.SystemCode.HEARTBEAT)))
@@ -293,17 +381,19 @@ async def test_ingest_survives_sigkill_and_every_ready_segment_opens_with_dbnsto
     live = local_ns[conn > 0]
     assert (np.diff(live) >= 0).all()  # receive times never go back
     assert {e["event"] for e in events} >= {"connect", "subscribe", "session", "disconnect"}
-    assert [e["reason"] for e in events if e["event"] == "gap"] == ["start", "start"]  # each run: not continuous
+    first, restart = [e for e in events if e["event"] == "gap"]
+    assert (first["reason"], first["refill_start"], restart["reason"]) == ("start", None, "start")
+    assert restart["refill_start"] is not None  # the second run refilled from the first run's newest segment
 
 
 # -- recovery ------------------------------------------------------------------------------------
 
 
-def mbo(seq: int) -> bytes:
+def mbo(seq: int, instrument: int = 101) -> bytes:
     return bytes(
         dbn.MBOMsg(
             publisher_id=1,
-            instrument_id=101,
+            instrument_id=instrument,
             ts_event=T0 + seq,
             order_id=seq,
             price=10**9,
@@ -369,22 +459,6 @@ def test_a_pair_whose_records_do_not_match_its_stamps_is_torn(tmp_path):
 # -- the writer: stamps, context mappings, overflow, rotation ----------------------------------
 
 
-def mapping(symbol: str, instrument: int) -> bytes:
-    return bytes(
-        dbn.SymbolMappingMsg(
-            publisher_id=0,
-            instrument_id=instrument,
-            ts_event=T0,
-            stype_in=dbn.SType.RAW_SYMBOL,
-            stype_in_symbol=symbol,
-            stype_out=dbn.SType.RAW_SYMBOL,
-            stype_out_symbol=symbol,
-            start_ts=T0,
-            end_ts=T0,
-        )
-    )
-
-
 def test_each_segment_repeats_metadata_and_mappings_and_counts_overflow(tmp_path):
     layout = DataLayout(tmp_path)
     writer = DbnSegmentWriter(
@@ -397,8 +471,10 @@ def test_each_segment_repeats_metadata_and_mappings_and_counts_overflow(tmp_path
     assert writer.put_records(3, 1, [mbo(seq) for seq in range(99)])
     assert not writer.put_records(4, 1, [mbo(99), mbo(100)])  # the queue holds 100 records
     writer.start()
+    deadline = time.monotonic() + 20
     for seq in range(101, 2000):
-        while not writer.has_room():
+        while not writer.has_room():  # the writer drains the queue: fail, not hang, if it stops
+            assert time.monotonic() < deadline, "the writer stopped draining its queue"
             time.sleep(0.001)
         writer.put_records(time.time_ns(), 1, [mbo(seq)])
     assert writer.close()
@@ -412,6 +488,48 @@ def test_each_segment_repeats_metadata_and_mappings_and_counts_overflow(tmp_path
     records, _local_ns, conn, events = read_all(paths)
     assert mbo_sequences(records, conn) == [*range(99), *range(101, 2000)]
     assert next(e for e in events if e["event"] == "overflow")["dropped"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:The inplace keyword")  # inside DBNStore.to_df (pandas 3.1)
+def test_a_segment_names_only_its_own_instruments_just_before_their_first_record(tmp_path):
+    """A whole dataset's mappings (OPRA: ~1.5M) are not repeated at the head of every segment: a
+    later segment holds the mappings of the instruments it has records of, each just before the
+    instrument's first record there."""
+    ingestion = IngestionConfig(flush_interval_seconds=0.02, segment_max_mb=0.01, batch_size=10)
+    writer = DbnSegmentWriter(DataLayout(tmp_path), DATASET, ingestion)
+    names = {101 + n: f"SYM{n}" for n in range(50)}
+    mappings = [mapping(symbol, instrument) for instrument, symbol in names.items()]
+    writer.put_metadata(time.time_ns(), 1, live_metadata())
+    writer.put_records(time.time_ns(), 1, mappings, mappings)
+    writer.start()
+    deadline = time.monotonic() + 20
+    for seq in range(3000):  # instrument 101 throughout, 102 now and then
+        writer.put_records(time.time_ns(), 1, [mbo(seq, 102 if seq % 100 == 99 else 101)])
+        while seq % 100 == 99 and writer.queue_depth:  # flushed: segments fill and rotate
+            assert time.monotonic() < deadline, "the writer stopped draining its queue"
+            time.sleep(0.002)
+    assert writer.close()
+    paths = segments(tmp_path)
+    assert len(paths) > 3
+    for path in paths[1:]:
+        records, _local, conn, _events = read_all([path])
+        context = [r for r, c in zip(records, conn, strict=True) if not c]
+        traded = {int.from_bytes(r[4:8], "little") for r in records if r[1] == 160}
+        assert context == [mapping(names[i], i) for i in sorted(traded, key=lambda i: firsts(records)[i])]
+        for instrument in traded:  # named before its first record
+            assert records.index(mapping(names[instrument], instrument)) < firsts(records)[instrument]
+        store = databento.DBNStore.from_file(path)
+        assert set(store.to_df(schema="mbo")["symbol"]) == {names[i] for i in traded}  # Databento's reader names them
+    assert writer.stats.written == 50 + 3000  # repeated context records are not counted as written
+
+
+def firsts(records: list[bytes]) -> dict[int, int]:
+    """instrument -> index of its first MBO record."""
+    out: dict[int, int] = {}
+    for index, record in enumerate(records):
+        if record[1] == 160:
+            out.setdefault(int.from_bytes(record[4:8], "little"), index)
+    return out
 
 
 def test_reader_reads_databento_files_without_stamps(tmp_path):
@@ -445,35 +563,140 @@ async def stop_collector(capture: DatabentoCapture, task: asyncio.Task[None]) ->
     assert await asyncio.to_thread(capture.raw.close, 10)
 
 
-@pytest.mark.parametrize("refill", [True, False])
-async def test_reconnect_writes_a_gap_and_refills_from_the_last_record(tmp_path, refill):
+THREE_SCHEMAS = [{"dataset": DATASET, "schema": s, "symbols": list(SYMBOLS)} for s in ("mbo", "trades", "ohlcv-1s")]
+
+
+def market(records: list[bytes], conn: np.ndarray) -> list[bytes]:
+    """The market records that came off the wire (not mappings, system or error messages)."""
+    return [r for r, c in zip(records, conn, strict=True) if c and r[1] not in (21, 22, 23)]
+
+
+def ts_event(record: bytes) -> int:
+    return int.from_bytes(record[8:16], "little")
+
+
+@pytest.mark.parametrize("cut", ["mid_event", "after_bar"])
+async def test_a_refill_starts_each_schema_from_its_own_last_event_and_drops_what_was_written(tmp_path, cut):
+    """The gateway hangs up inside an event (the rest of its records share its ts_event) or right
+    after a bar (whose ts_event, its open, is older than the trades and orders before it): each
+    subscription refills from its own schema's last ts_event and the capture is the tape, whole,
+    each record once."""
     async with TinyGateway(rate=1000) as gateway:
-        capture, task = await run_collector(tmp_path, gateway.port, reconnect_refill=refill)
+        capture, task = await run_collector(tmp_path, gateway.port, subscriptions=THREE_SCHEMAS)
+        collector: DatabentoCollector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.rtypes[32] >= 1, what="a bar")
+        gateway.cut(cut)
+        await wait_until(lambda: len(gateway.sessions) == 2, what="the reconnect")
+        cut_at = gateway.cut_at
+        await wait_until(lambda: collector.stats.rtypes[32] >= 3, what="bars after the reconnect")
+        counters, _gauges, _products = capture.heartbeat()
+        await stop_collector(capture, task)
+    records, _local, conn, events = read_all(segments(tmp_path))
+    captured = market(records, conn)
+    index = {record: i for i, (_ts, _schema, record) in enumerate(gateway.tape)}
+    positions = [index[r] for r in captured]
+    assert positions == list(range(positions[0], positions[0] + len(positions)))  # the tape, no gap, no repeat
+    before = [r for r in captured if index[r] <= cut_at]  # what the first session wrote
+    newest = {rtype: max(ts_event(r) for r in before if r[1] == rtype) for rtype in (160, 0, 32)}
+    starts = {sub["schema"]: int(sub["start"]) for sub in gateway.sessions[1]}
+    assert starts == {"mbo": newest[160], "trades": newest[0], "ohlcv-1s": newest[32]}  # each its own, not + 1
+    assert len({starts["mbo"], starts["trades"], starts["ohlcv-1s"]}) > 1 or cut == "mid_event"
+    [gap] = [e for e in events if e["event"] == "gap" and e["reason"] == "reconnect"]
+    assert gap["refill_start"] == min(starts.values())
+    assert gap["last_ts_events"] == {"trades": newest[0], "mbo": newest[160], "ohlcv-1s": newest[32]}
+    assert (
+        counters["duplicates_dropped"][DATASET] == collector.tracker.dropped > 0
+    )  # the replayed records written before
+
+
+async def test_a_restart_refills_from_the_newest_segment_an_earlier_run_left(tmp_path):
+    """The last ts_event per schema is not only in memory: a new process reads it from the newest
+    segment, refills each subscription from it, and the two runs together are the tape, whole."""
+    async with TinyGateway(rate=1000) as gateway:
+        for run in (1, 2):
+            capture, task = await run_collector(tmp_path, gateway.port, subscriptions=THREE_SCHEMAS)
+            collector: DatabentoCollector = capture.collectors[0]
+            await wait_until(lambda c=collector: c.stats.rtypes[32] >= 2, what=f"bars of run {run}")
+            await stop_collector(capture, task)
+            if run == 1:
+                records, _local, conn, _events = read_all(segments(tmp_path))
+                first_run = market(records, conn)
+    records, _local, conn, events = read_all(segments(tmp_path))
+    index = {record: i for i, (_ts, _schema, record) in enumerate(gateway.tape)}
+    positions = [index[r] for r in market(records, conn)]
+    assert positions == list(range(positions[0], positions[0] + len(positions)))  # no gap, no repeat
+    newest = {rtype: max(ts_event(r) for r in first_run if r[1] == rtype) for rtype in (160, 0, 32)}
+    starts = {sub["schema"]: int(sub["start"]) for sub in gateway.sessions[1]}
+    assert starts == {"mbo": newest[160], "trades": newest[0], "ohlcv-1s": newest[32]}
+    restart = [e for e in events if e["event"] == "gap"][1]
+    assert restart["reason"] == "start" and restart["refill_start"] == min(starts.values())
+    assert collector.stats.duplicates_dropped > 0
+
+
+async def test_a_restart_that_cannot_refill_mbo_leaves_the_gap_open(tmp_path):
+    """The earlier run's newest segment has trades but no mbo record: trades refill, mbo can only go
+    live (no snapshot asked), so the gap stays open (refill_start null) and the ETL's books wait."""
+    async with TinyGateway(rate=1000) as gateway:
+        for run, subscriptions in ((1, THREE_SCHEMAS[1:2]), (2, THREE_SCHEMAS[:2])):
+            capture, task = await run_collector(tmp_path, gateway.port, subscriptions=subscriptions)
+            collector: DatabentoCollector = capture.collectors[0]
+            await wait_until(lambda c=collector: c.stats.rtypes[0] >= 5, what=f"trades of run {run}")
+            await stop_collector(capture, task)
+    _records, _local, _conn, events = read_all(segments(tmp_path))
+    restart = [e for e in events if e["event"] == "gap"][1]
+    assert restart["refill_start"] is None
+    assert [("start" in sub, sub["snapshot"]) for sub in gateway.sessions[1]] == [(False, "0"), (True, "0")]
+
+
+@pytest.mark.parametrize("refusal", ["error", "silent"])
+async def test_a_refused_refill_goes_live_with_a_snapshot_and_keeps_the_gap(tmp_path, refusal):
+    """After an outage longer than the gateway keeps (REPLAY_DATA_AGED_OUT, or sessions that end
+    with nothing), asking for the same start again would never end: capture goes live-only, the
+    mbo subscription with a snapshot, and the gap stays (refill_start null)."""
+    async with TinyGateway(rate=1000) as gateway:
+        capture, task = await run_collector(tmp_path, gateway.port, subscriptions=THREE_SCHEMAS[:2])
+        collector: DatabentoCollector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.records > 100, what="records")
+        gateway.refuse = refusal
+        gateway.disconnect()
+        await wait_until(lambda: collector.stats.refills_refused == 1, what="the refill given up")
+        records_then = collector.stats.records
+        await wait_until(lambda: collector.stats.records > records_then + 100, what="live records again")
+        counters, _gauges, _products = capture.heartbeat()
+        await stop_collector(capture, task)
+    live = next(i for i, session in enumerate(gateway.sessions) if i and not any("start" in s for s in session))
+    refused = gateway.sessions[1:live]
+    assert len(refused) == (1 if refusal == "error" else 2)
+    assert all("start" in sub for session in refused for sub in session)  # each asked for a replay
+    assert [(s["schema"], "start" in s, s["snapshot"]) for s in gateway.sessions[live]] == [
+        ("mbo", False, "1"),
+        ("trades", False, "0"),
+    ]
+    assert counters["refills_refused"][DATASET] == 1
+    _records, _local, _conn, events = read_all(segments(tmp_path))
+    gaps = [e for e in events if e["event"] == "gap"]
+    assert gaps[-1]["refill_start"] is None and "refill refused" in gaps[-1]["reason"]
+    assert all(g["refill_start"] is not None for g in gaps[1:-1])  # the refused tries
+
+
+async def test_without_reconnect_refill_the_gap_stays(tmp_path):
+    async with TinyGateway(rate=1000) as gateway:
+        capture, task = await run_collector(tmp_path, gateway.port, reconnect_refill=False)
         collector: DatabentoCollector = capture.collectors[0]
         await wait_until(lambda: collector.stats.records > 200, what="records")
         gateway.disconnect()
         await wait_until(lambda: len(gateway.sessions) == 2, what="the reconnect")
-        seen = len(gateway.tape)
-        await wait_until(
-            lambda: collector.stats.last_ts_event and collector.stats.last_ts_event > T0 + seen * 1000,
-            what="live records after the reconnect",
-        )
+        records_then = collector.stats.records
+        await wait_until(lambda: collector.stats.records > records_then + 100, what="live records after the reconnect")
         await stop_collector(capture, task)
     records, _local, conn, events = read_all(segments(tmp_path))
     start, gap = [e for e in events if e["event"] == "gap"]
     assert start == {**start, "reason": "start", "last_ts_event": None, "refill_start": None}  # a new process
-    assert gap["reason"] == "reconnect"
-    second = gateway.sessions[1][0]
-    if refill:
-        assert gap["refill_start"] == gap["last_ts_event"] + 1 == int(second["start"])
-    else:
-        assert gap["refill_start"] is None and "start" not in second
+    assert gap["reason"] == "reconnect" and gap["refill_start"] is None
+    assert "start" not in gateway.sessions[1][0]
     seqs = mbo_sequences(records, conn)
     assert len(seqs) == len(set(seqs))
-    if refill:  # the replay filled the gap exactly: one unbroken run of the tape
-        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-    else:
-        assert seqs != list(range(seqs[0], seqs[0] + len(seqs)))  # the gap stays (and is marked)
+    assert seqs != list(range(seqs[0], seqs[0] + len(seqs)))  # the gap stays (and is marked)
     assert len({p.name for p in segments(tmp_path)}) >= 2  # the new session began a new segment
     first, *_ = read_all([segments(tmp_path)[-1]])[3]
     assert first["event"] == "connect"
@@ -536,6 +759,49 @@ async def test_records_the_gateway_skipped_for_a_slow_reader_are_marked_as_a_gap
     assert [r[1] for r in records if r[1] in (21, 23)][-2:] == [23, 21]  # the gateway's messages are kept too
 
 
+async def test_an_error_storm_is_one_gap_and_a_few_log_lines(tmp_path, caplog):
+    """A gateway repeating its slow-reader skip: every skip is counted, one gap event stands for a
+    run of skips with no record between them, and the logs say it once (the rest counted)."""
+    caplog.set_level(logging.INFO)
+    skipped = bytes(dbn.ErrorMsg(ts_event=T0, err="Skipped records after slow reading",
+                                 code=dbn.ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING))  # fmt: skip
+    warning = bytes(dbn.SystemMsg(ts_event=T0, msg="Slow reader", code=dbn.SystemCode.SLOW_READER_WARNING))
+    async with TinyGateway(rate=1000) as gateway:
+        capture, task = await run_collector(tmp_path, gateway.port)
+        collector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.records > 100, what="records")
+        gateway.inject((warning + skipped) * 40)
+        await wait_until(lambda: collector.stats.gateway_errors == 40, what="the storm")
+        records_then = collector.stats.records
+        await wait_until(lambda: collector.stats.records > records_then + 50, what="records after it")
+        gateway.inject(skipped)
+        await wait_until(lambda: collector.stats.gateway_errors == 41, what="one more skip")
+        counters = capture.heartbeat()[0]
+        await stop_collector(capture, task)
+    _records, _local, _conn, events = read_all(segments(tmp_path))
+    gaps = [e for e in events if e["event"] == "gap" and e["reason"] != "start"]
+    assert len(gaps) == 2  # the storm, then the skip after records came again
+    assert counters["skips_merged"][DATASET] == 39 and collector.stats.slow_reader_warnings == 81
+    assert len(log_events(caplog, "databento_gateway_error")) == 1  # within LOG_EVERY_S
+    assert len(log_events(caplog, "databento_system_msg")) == 1
+
+
+def test_control_events_wait_in_a_bounded_queue(tmp_path):
+    """While the disk stalls, events beyond ``max_events`` are counted, not queued, and written as
+    one ``overflow`` event (a gap for the ETL) once the writer runs."""
+    writer = DbnSegmentWriter(DataLayout(tmp_path), DATASET, IngestionConfig(flush_interval_seconds=0.02))
+    writer.max_events = 20
+    writer.put_metadata(time.time_ns(), 1, live_metadata())
+    accepted = [writer.put_control(time.time_ns(), 1, "gap", n=n) for n in range(25)]
+    assert accepted == [True] * 20 + [False] * 5
+    writer.start()
+    assert writer.close()
+    _records, _local, _conn, events = read_all(segments(tmp_path))
+    assert [e["n"] for e in events if e["event"] == "gap"] == list(range(20))
+    [overflow] = [e for e in events if e["event"] == "overflow"]
+    assert overflow["events_dropped"] == 5 and writer.events_dropped == 5
+
+
 def test_the_utc_hour_starts_a_new_self_describing_segment(tmp_path):
     hour = 3_600_000_000_000
     now = [T0 // hour * hour + hour - 1]
@@ -584,9 +850,25 @@ async def test_health_sees_every_subscribed_product_in_the_heartbeat(tmp_path):
         capture, task = await run_collector(tmp_path, gateway.port, TEST_API_KEY, subscriptions=subscriptions)
         wanted = get("databento").products(capture.config)
         assert wanted == [f"{DATASET}:ALL_SYMBOLS", f"{DATASET}:ESM6"]
-        every = {*wanted, f"{DATASET}:NQM6"}  # NQM6: only under ALL_SYMBOLS, named by its own symbol
-        await wait_until(lambda: every <= set(capture.heartbeat()[2]), what="every product in the heartbeat")
+        await wait_until(lambda: set(wanted) <= set(capture.heartbeat()[2]), what="every product in the heartbeat")
         products = capture.heartbeat()[2]
         await stop_collector(capture, task)
-    newest = max(products[f"{DATASET}:{symbol}"]["last_time"] for symbol in ("ESM6", "NQM6"))
-    assert products[f"{DATASET}:ALL_SYMBOLS"]["last_time"] == newest
+    assert set(products) == set(wanted)  # NQM6, only under ALL_SYMBOLS, is not a product of its own
+
+
+async def test_an_instrument_under_two_subscribed_symbols_keeps_both_products(tmp_path):
+    """ESM6 resolves from the parent ES.FUT and from ALL_SYMBOLS at once: both products stay in the
+    heartbeat, and a whole dataset's instruments are not listed one by one (only the configured)."""
+    from daedalus.sources import get
+
+    parent = {"dataset": DATASET, "schema": "mbo", "symbols": ["ES.FUT"], "stype_in": "parent"}
+    whole = {"dataset": DATASET, "schema": "trades"}
+    async with TinyGateway(rate=1000) as gateway:
+        capture, task = await run_collector(tmp_path, gateway.port, subscriptions=[parent, whole])
+        collector: DatabentoCollector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.rtypes[0] > 5 and collector.stats.rtypes[160] > 5, what="records")
+        products = capture.heartbeat()[2]
+        await stop_collector(capture, task)
+    wanted = get("databento").products(capture.config)
+    assert sorted(products) == wanted == [f"{DATASET}:ALL_SYMBOLS", f"{DATASET}:ES.FUT"]
+    assert collector.stats.instrument_keys == {SYMBOLS["ESM6"]: {"ES.FUT"}}  # no entry per ALL_SYMBOLS instrument

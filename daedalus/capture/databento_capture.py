@@ -15,7 +15,7 @@ from typing import Any
 
 from daedalus.capture.databento_collector import DatabentoCollector
 from daedalus.capture.raw_writers import mb
-from daedalus.config import ALL_SYMBOLS, ConfigError, DaedalusConfig
+from daedalus.config import ConfigError, DaedalusConfig
 from daedalus.sources.databento_raw import SOURCE, DbnSegmentWriter, recover_dbn_active
 
 
@@ -59,6 +59,7 @@ class DbnRaw:
             "frames_written": self._sum("written"),
             "bytes_written": self._sum("bytes"),
             "overflow_drops": sum(w.dropped for w in self.writers.values()),
+            "events_dropped": sum(w.events_dropped for w in self.writers.values()),
             "write_errors": self._sum("write_errors"),
             "flushes": self._sum("flushes"),
             "segment_rotations": self._sum("rotations"),
@@ -169,9 +170,12 @@ class DatabentoCapture:
             "reconnects": {d: s.reconnects for d, s in stats.items()},
             "gaps": {d: s.gaps for d, s in stats.items()},
             "refills": {d: s.refills for d, s in stats.items()},
+            "refills_refused": {d: s.refills_refused for d, s in stats.items()},
+            "duplicates_dropped": {d: s.duplicates_dropped for d, s in stats.items()},
             "gateway_heartbeats": {d: s.heartbeats for d, s in stats.items()},
             "gateway_errors": {d: s.gateway_errors for d, s in stats.items()},
             "slow_reader_warnings": {d: s.slow_reader_warnings for d, s in stats.items()},
+            "skips_merged": {d: s.skips_merged for d, s in stats.items()},
             "read_pauses": {d: s.read_pauses for d, s in stats.items()},
             "errors": {d: s.errors for d, s in stats.items()},
         }
@@ -185,14 +189,11 @@ class DatabentoCapture:
             "watchdog_seconds": watchdog,
             "stalled": int(bool(silent) and len(silent) == sum(connected.values())),
         }
-        products: dict[str, dict[str, float | None]] = {}
-        whole = {sub.dataset for sub in self.config.databento.subscriptions if ALL_SYMBOLS in sub.symbols}
-        for dataset, s in stats.items():
-            for instrument, seen_ns in list(s.seen.items()):
-                symbol = s.symbols.get(instrument, str(instrument))
-                products[f"{dataset}:{symbol}"] = {"last_time": seen_ns / 1e9, "mid": None}
-            if dataset in whole and s.seen:  # the product health expects for a whole-dataset subscription
-                products[f"{dataset}:{ALL_SYMBOLS}"] = {"last_time": max(s.seen.values()) / 1e9, "mid": None}
+        products = {  # the configured symbols only (ALL_SYMBOLS as one): health's products(config)
+            f"{dataset}:{symbol}": {"last_time": seen_ns / 1e9, "mid": None}
+            for dataset, s in stats.items()
+            for symbol, seen_ns in list(s.products.items())
+        }
         return counters, gauges, products
 
     def status_lines(self, span: float) -> list[str]:

@@ -5,21 +5,29 @@ authentication, subscription lines, ``start_session``, DBN decoding); it runs on
 loop (``loop.create_connection``) instead of inside ``databento.Live``, so that each network
 read is stamped with our receive time and every record goes to the segment writer as the bytes
 the client decoded (``bytes(record)``, byte-identical to the wire for DBN v3). Nothing is parsed
-beyond the record header's rtype: symbol mappings are kept for the segment heads, error and
-system messages are logged and counted, and the last ``ts_event`` is kept for the refill.
+beyond the record header: symbol mappings are kept for the segments, error and system
+messages are logged (rate-limited) and counted, and each rtype's newest ``ts_event`` is kept
+for the refill.
 
 Reconnects back off (:mod:`daedalus.backoff`); each new session starts a new segment and writes
-a ``gap`` event: with ``reconnect_refill`` the subscriptions are sent again with
-``start = last ts_event + 1`` (the gateway replays what was missed; ``refill_start`` says
-from when), else ``refill_start`` is null and the gap stays.
+a ``gap`` event. With ``reconnect_refill`` each subscription is sent again with ``start`` = the
+newest ``ts_event`` of its own schema's records (:class:`RefillTracker`: the gateway filters a
+replay on each schema's ``ts_event``, and the records of one event share it), and the replayed
+records already written are dropped; ``refill_start`` says from when (the earliest start). When
+the gateway refuses the refill (``REPLAY_DATA_AGED_OUT``, or refill sessions that end without a
+record), the session goes live-only (mbo with a snapshot) and the gap stays:
+``refill_start`` null. A restart refills too, from the newest segment an earlier run left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
+import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +40,7 @@ from databento_dbn import ErrorCode, SystemCode
 from daedalus.backoff import backoff_delay
 from daedalus.config import ALL_SYMBOLS, DatabentoConfig, DatabentoSubscription, IngestionConfig
 from daedalus.logs import get_logger
-from daedalus.sources.databento_raw import DbnSegmentWriter
+from daedalus.sources.databento_raw import DbnSegmentWriter, last_events, newest_segment
 
 log = get_logger(__name__)
 
@@ -41,6 +49,27 @@ AUTH_TIMEOUT_S = 30.0
 RESUME_POLL_S = 0.02  # how often a paused session checks whether the writer caught up
 SILENCE_SLACK_S = 10.0  # the gateway heartbeats every heartbeat_interval_s; silent this much longer: dead
 ERROR_RTYPE, MAPPING_RTYPE, SYSTEM_RTYPE = 21, 22, 23
+CONTROL_RTYPES = frozenset((ERROR_RTYPE, MAPPING_RTYPE, SYSTEM_RTYPE))
+LOG_EVERY_S = 10.0  # a repeated gateway message is logged at most this often (the rest counted)
+REFILL_TRIES = 2  # refill sessions in a row that end without a record: the gateway will not refill
+_U64 = struct.Struct("<Q").unpack_from
+WINDOW_CAP = 16_384  # records kept per rtype at its newest ts_event (one event; ~8.5 MB of definitions at most)
+# the rtypes of each subscription's records (DBN v3): a subscription refills from the newest of these
+SCHEMA_RTYPES: dict[str, tuple[int, ...]] = {
+    "mbo": (160,),
+    "trades": (0,),
+    "mbp-1": (1,),
+    "tbbo": (1,),
+    "mbp-10": (10,),
+    "ohlcv-1s": (32,),
+    "ohlcv-1m": (33,),
+    "ohlcv-1h": (34,),
+    "ohlcv-1d": (35, 36),
+    "definition": (19,),
+    "statistics": (24,),
+    "status": (18,),
+    "imbalance": (20,),
+}
 RTYPE_SCHEMA = {
     160: "mbo",
     0: "trades",
@@ -58,7 +87,12 @@ RTYPE_SCHEMA = {
     34: "ohlcv-1h",
     35: "ohlcv-1d",
     36: "ohlcv-eod",
-    195: "cmbp-1",
+    177: "cmbp-1",
+    192: "cbbo-1s",
+    193: "cbbo-1m",
+    194: "tcbbo",
+    195: "bbo-1s",
+    196: "bbo-1m",
 }
 
 
@@ -72,6 +106,108 @@ def key_hint(key: str) -> str:
     return f"...{key[-5:]}" if len(key) > 5 else "(short key)"
 
 
+class LogLimiter:
+    """At most one log line per key every ``every_s`` seconds: a gateway repeating an error (or
+    a slow-reader warning) many times a second must not flood the logs. :meth:`allow` says how
+    many were held back since the last line, or None to stay silent."""
+
+    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str) -> int | None:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+class RefillTracker:
+    """Per rtype: the newest ``ts_event`` seen and the records at it (the last event so far).
+
+    Why: Databento filters a replay on each schema's own ``ts_event`` (a bar carries its open
+    time, a definition an old one), so each subscription refills from its own schema's newest
+    ``ts_event``; and the records of one event share their ``ts_event`` (``F_LAST`` on the last),
+    so the refill asks from that ``ts_event`` itself, not + 1, and the replayed records already
+    written (kept here, bounded to :data:`WINDOW_CAP` per rtype) are dropped once each.
+    Records are compared without their trailing ``ts_out`` (the gateway's send time differs).
+    """
+
+    def __init__(self, ts_out: bool = False) -> None:
+        self.cut = 8 if ts_out else 0
+        self._newest = [-1] * 256  # rtype -> newest ts_event (-1: none yet); a list: this runs per record
+        self._window: list[list[bytes]] = [[] for _ in range(256)]  # rtype -> keys of the records at it
+        self.replayed: dict[int, Counter[bytes]] = {}  # rtype -> keys a running refill will send again
+        self.dropped = 0
+
+    @property
+    def newest(self) -> dict[int, int]:
+        """rtype -> newest ts_event, for the rtypes seen."""
+        return {rtype: ts for rtype, ts in enumerate(self._newest) if ts >= 0}
+
+    def key(self, data: bytes) -> bytes:
+        return data[: -self.cut] if self.cut else data
+
+    def admit(self, rtype: int, data: bytes) -> bool:
+        """Track a market record; False for a replayed record already written (drop it)."""
+        if self.replayed and self._replayed(rtype, data):
+            return False
+        (ts,) = _U64(data, 8)
+        newest = self._newest[rtype]
+        if ts > newest:
+            self._newest[rtype] = ts
+            self._window[rtype] = [data[: -self.cut] if self.cut else data]
+        elif ts == newest:
+            window = self._window[rtype]
+            if len(window) < WINDOW_CAP:
+                window.append(data[: -self.cut] if self.cut else data)
+        return True
+
+    def _replayed(self, rtype: int, data: bytes) -> bool:
+        """Whether ``data`` is one of the records a refill sends again (each counted once)."""
+        pending = self.replayed.get(rtype)
+        if not pending:
+            return False
+        key = self.key(data)
+        count = pending.get(key)
+        if not count:
+            return False
+        if count > 1:
+            pending[key] = count - 1
+        else:
+            del pending[key]
+            if not pending:
+                del self.replayed[rtype]
+        self.dropped += 1
+        return True
+
+    def start_for(self, schema: str) -> int | None:
+        """The refill start of a subscription of ``schema``: its records' newest ts_event."""
+        newest = max((self._newest[r] for r in SCHEMA_RTYPES.get(schema, ())), default=-1)
+        return newest if newest >= 0 else None
+
+    def arm(self, schemas: list[str]) -> None:
+        """A refill of these schemas begins: the records at each newest ts_event come again."""
+        rtypes = {r for schema in schemas for r in SCHEMA_RTYPES.get(schema, ())}
+        self.replayed = {r: Counter(self._window[r]) for r in rtypes if self._window[r]}
+
+    def disarm(self) -> None:
+        self.replayed = {}
+
+    def seed(self, events: dict[int, tuple[int, list[bytes]]]) -> None:
+        """Start from an earlier run's newest records (:func:`databento_raw.last_events`)."""
+        for rtype, (ts, records) in events.items():
+            self._newest[rtype] = ts
+            self._window[rtype] = [self.key(record) for record in records[:WINDOW_CAP]]
+
+    def last_ts_events(self) -> dict[str, int]:
+        return {RTYPE_SCHEMA.get(r, f"rtype_{r}"): ts for r, ts in sorted(self.newest.items())}
+
+
 @dataclass
 class DatabentoStats:
     records: int = 0
@@ -81,9 +217,12 @@ class DatabentoStats:
     reconnects: int = 0
     gaps: int = 0
     refills: int = 0
+    refills_refused: int = 0  # the gateway would not replay (aged out): went live-only
+    duplicates_dropped: int = 0  # replayed records already written, dropped
     heartbeats: int = 0
     gateway_errors: int = 0
     slow_reader_warnings: int = 0
+    skips_merged: int = 0  # slow-reader skips with no record since the previous one: no gap event of their own
     read_pauses: int = 0  # on_queue_full: block, times the socket stopped being read
     errors: int = 0
     state: str = "starting"
@@ -93,8 +232,12 @@ class DatabentoStats:
     last_read_at: float | None = None  # monotonic
     last_ts_event: int | None = None
     rtypes: list[int] = field(default_factory=lambda: [0] * 256)  # records per rtype
-    seen: dict[int, int] = field(default_factory=dict)  # instrument_id -> recv_ns of its last record
-    symbols: dict[int, str] = field(default_factory=dict)  # instrument_id -> subscribed symbol
+    # the heartbeat's products: each configured symbol (ALL_SYMBOLS included) -> recv_ns of its
+    # newest record. Bounded by the configuration, not by the instruments of a whole dataset.
+    products: dict[str, int] = field(default_factory=dict)
+    # instrument_id -> the configured symbols that resolved to it (a set: ESM6 may come under a
+    # raw symbol and a parent ES.FUT at once); ALL_SYMBOLS mappings are not kept (see whole_rtypes)
+    instrument_keys: dict[int, set[str]] = field(default_factory=dict)
 
     def uptime(self) -> float:
         return time.monotonic() - self.connected_since if self.connected_since else 0.0
@@ -125,6 +268,10 @@ class _Session(DatabentoLiveProtocol):
         self.records: list[bytes] = []  # completed by the current read
         self.mappings: list[bytes] = []
         self.streamed = False  # the session's metadata arrived
+        self.refill = False  # subscribed with refill starts
+        self.market = 0  # market records received (not mappings, system or error messages)
+        self.tracker = collector.tracker
+        self.whole_rtypes = collector.whole_rtypes
 
     def buffer_updated(self, nbytes: int) -> None:
         self.recv_ns = self.clock()
@@ -145,13 +292,25 @@ class _Session(DatabentoLiveProtocol):
 
     def received_record(self, record: Any) -> None:
         data = bytes(record)
-        self.records.append(data)
         rtype = data[1]
-        self.stats.rtypes[rtype] += 1
-        if rtype in (ERROR_RTYPE, MAPPING_RTYPE, SYSTEM_RTYPE):
+        if rtype in CONTROL_RTYPES:
+            self.records.append(data)
+            self.stats.rtypes[rtype] += 1
             self.collector.control_record(self, rtype, record, data)
-        else:
-            self.stats.seen[record.instrument_id] = self.recv_ns
+            return
+        if not self.tracker.admit(rtype, data):
+            self.stats.duplicates_dropped += 1
+            return
+        stats = self.stats
+        self.records.append(data)
+        stats.rtypes[rtype] += 1
+        self.market += 1
+        keys = stats.instrument_keys.get(int.from_bytes(data[4:8], "little"))
+        if keys:
+            for key in keys:
+                stats.products[key] = self.recv_ns
+        if rtype in self.whole_rtypes:
+            stats.products[ALL_SYMBOLS] = self.recv_ns
 
 
 class DatabentoCollector:
@@ -167,6 +326,10 @@ class DatabentoCollector:
         clock: Callable[[], int] = time.time_ns,
         conn_ids: Iterator[int] | None = None,
     ) -> None:
+        # the official protocol logs every gateway ErrorMsg, system message and disconnect itself,
+        # unthrottled; this collector logs each of them (errors once per code every 10 s, with
+        # repeated=N), so the client's own lines would only flood the log in an error storm
+        logging.getLogger("databento.live.protocol").setLevel(logging.CRITICAL)
         self.dataset = dataset
         self.subscriptions = subscriptions
         self.settings = settings
@@ -185,14 +348,26 @@ class DatabentoCollector:
         # captured, so the ETL must not continue that run's books) and after a session that streamed
         self._gap_pending = True
         self._gap_reason = "start"
-        self._refill_start: int | None = None  # the start asked of the current session by a refill
+        self._refill_start: int | None = None  # the earliest start asked of the current session by a refill
+        self.tracker = RefillTracker(settings.ts_out)
+        # rtypes of the whole-dataset (ALL_SYMBOLS) subscriptions: their records are that product's
+        self.whole_rtypes = frozenset(
+            rtype for sub in subscriptions if ALL_SYMBOLS in sub.symbols for rtype in SCHEMA_RTYPES[sub.schema_]
+        )
+        self._covered_since: int | None = None  # when this process first subscribed (ns): refill floor
+        self._refused: str | None = None  # why the gateway will not refill: next session live-only
+        self._refill_failures = 0  # refill sessions in a row that ended without a market record
         self._block = ingestion.on_queue_full == "block"
+        self._logs = LogLimiter()
+        self._skip_gap_at: tuple[int, int] | None = None  # (conn, market records) at the last skip's gap event
         self._paused = False  # reading paused until the writer catches up (block)
 
     # -- the session loop ----------------------------------------------------------------
 
     async def run(self) -> None:
         """Connect and capture until cancelled, reconnecting with backoff."""
+        if self.settings.reconnect_refill:
+            await self._resume()
         attempt = 0
         while not self._stopping:
             conn = next(self._conn_ids)
@@ -241,6 +416,22 @@ class DatabentoCollector:
                 self.stats.state = "backoff"
             await asyncio.sleep(delay)
             self.stats.reconnects += 1
+
+    async def _resume(self) -> None:
+        """A restart refills too: each schema from its newest ts_event in the newest segment an
+        earlier run left (read off the loop; an unreadable one means no refill, not no capture)."""
+        writer = self.writer
+        try:
+            path = await asyncio.to_thread(newest_segment, writer.layout, self.dataset)
+            events = await asyncio.to_thread(last_events, path) if path is not None else {}
+        except Exception as exc:  # a damaged segment is the ETL's to report: capture goes on
+            log.warning("databento_resume_unreadable", dataset=self.dataset, error=repr(exc))
+            return
+        if events:
+            self.tracker.seed(events)
+            self.stats.last_ts_event = max(ts for ts, _records in events.values())
+            log.info("databento_resume", dataset=self.dataset, segment=path.name if path else None,
+                     last_ts_events=self.tracker.last_ts_events())  # fmt: skip
 
     async def stop(self) -> None:
         """Close the connection politely; ``run`` then ends."""
@@ -294,8 +485,7 @@ class DatabentoCollector:
             for future in (session.authenticated, session.disconnected):
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved: asyncio must not log it as forgotten
-            if session.streamed:
-                self._gap_pending, self._gap_reason = True, "reconnect"
+            self._session_ended(session)
 
     @staticmethod
     async def _authenticated(session: _Session) -> str | None:
@@ -309,8 +499,58 @@ class DatabentoCollector:
             raise ConnectionError("the gateway closed the connection before authentication")
         raise TimeoutError(f"no authentication answer within {AUTH_TIMEOUT_S:.0f}s")
 
+    def _session_ended(self, session: _Session) -> None:
+        """After a session: the next one writes a gap; a refill session that began and ended
+        without a record counts as refused once it happened :data:`REFILL_TRIES` times in a row."""
+        if session.streamed:
+            self._gap_pending, self._gap_reason = True, "reconnect"
+        if not session.refill:
+            if session.streamed and self._refused is None:
+                self._refill_failures = 0
+            return
+        if session.market:
+            self._refill_failures = 0
+            return
+        if not session.streamed:  # it never began (a network fault): that says nothing of the refill
+            return
+        self._refill_failures += 1
+        if self._refused is None and self._refill_failures >= REFILL_TRIES:
+            self._refuse(f"{self._refill_failures} refill sessions ended without a record")
+
+    def _refuse(self, reason: str) -> None:
+        """The gateway will not replay from our starts: go live-only, leaving the gap."""
+        self._refused = reason
+        self.stats.refills_refused += 1
+        self.tracker.disarm()
+        log.warning("databento_refill_refused", dataset=self.dataset, reason=reason, action="live only; gap kept")
+
+    def _plan(self) -> tuple[list[tuple[int | None, bool]], bool]:
+        """((start, snapshot) per subscription, refill?): as configured; after a gap (a reconnect,
+        or a restart that found an earlier run's segment), each from its own schema's newest
+        ts_event (refill; at a restart, a subscription asking for a snapshot gets it instead);
+        live-only with an mbo snapshot once the gateway refused a refill."""
+        subs = self.subscriptions
+        configured = [(sub.start_ns, sub.snapshot) for sub in subs]
+        after_capture = self._gap_reason != "start" or bool(self.tracker.newest)
+        if not self._gap_pending or not after_capture:
+            return configured, False
+        if self._refused is not None:
+            return [(None, sub.schema_ == "mbo") for sub in subs], False
+        if not self.settings.reconnect_refill:
+            return configured, False
+        plan: list[tuple[int | None, bool]] = []
+        for sub in subs:
+            if self._gap_reason == "start" and sub.snapshot:  # a restart: the book from the snapshot asked for
+                plan.append((None, True))
+                continue
+            start = self.tracker.start_for(sub.schema_)
+            if start is None:  # nothing of this schema yet: from when capture began (or as configured)
+                start = sub.start_ns if sub.start_ns is not None else self._covered_since
+            plan.append((start, sub.snapshot and start is None))
+        return plan, any(start is not None for start, _snapshot in plan)
+
     def _subscribe(self, session: _Session, conn: int) -> None:
-        """Send every subscription: as configured, or from the last record on (refill)."""
+        """Send every subscription (see :meth:`_plan`)."""
         now = self.clock()
         self._prelude = [
             (
@@ -319,12 +559,23 @@ class DatabentoCollector:
                 {"gateway": f"{self.host}:{self.port}", "dataset": self.dataset, "session_id": self.stats.session_id},
             )
         ]
-        last = self.stats.last_ts_event
-        refill = self._gap_pending and self.settings.reconnect_refill and last is not None
-        self._refill_start = last + 1 if refill and last is not None else None
-        for index, sub in enumerate(self.subscriptions):
-            start = self._refill_start if refill else sub.start_ns
-            snapshot = sub.snapshot and not refill
+        plan, refill = self._plan()
+        session.refill = refill
+        # the gap is filled only if every mbo book can go on: refilled, or rebuilt from a snapshot
+        # (a restart whose newest segment has no mbo record cannot refill mbo: its books are unknown)
+        pairs = zip(self.subscriptions, plan, strict=True)
+        whole = all(start is not None or snapshot for sub, (start, snapshot) in pairs if sub.schema_ == "mbo")
+        starts = [start for start, _snapshot in plan if start is not None]
+        self._refill_start = min(starts) if refill and whole else None
+        if refill:
+            self.tracker.arm(
+                [sub.schema_ for sub, (start, _s) in zip(self.subscriptions, plan, strict=True) if start is not None]
+            )
+        else:
+            self.tracker.disarm()
+        if self._covered_since is None:
+            self._covered_since = now
+        for index, (sub, (start, snapshot)) in enumerate(zip(self.subscriptions, plan, strict=True)):
             session.subscribe(
                 schema=sub.schema_,
                 symbols=sub.symbols,
@@ -391,8 +642,13 @@ class DatabentoCollector:
         if self._gap_pending:
             self._gap_pending = False
             refill, reason, last = self._refill_start, self._gap_reason, self.stats.last_ts_event
-            writer.put_control(recv_ns, conn, "gap", last_ts_event=last, refill_start=refill, reason=reason)
-            if reason != "start":
+            if self._refused is not None:
+                reason = f"{reason}; refill refused: {self._refused}"
+            writer.put_control(recv_ns, conn, "gap", last_ts_event=last, refill_start=refill, reason=reason,
+                               last_ts_events=self.tracker.last_ts_events())  # fmt: skip
+            if not session.refill:
+                self._refused = None  # live again: the next reconnect may refill
+            if self._gap_reason != "start":
                 self.stats.gaps += 1
                 self.stats.refills += refill is not None
                 log.warning("databento_gap", dataset=self.dataset, conn=conn, last_ts_event=last, refill_start=refill)
@@ -421,27 +677,46 @@ class DatabentoCollector:
         stats = self.stats
         if rtype == MAPPING_RTYPE:
             session.mappings.append(data)
-            # the symbol subscribed; under ALL_SYMBOLS, the instrument's own
-            symbol = record.stype_in_symbol
-            stats.symbols[record.instrument_id] = record.stype_out_symbol if symbol == ALL_SYMBOLS else symbol
+            symbol = record.stype_in_symbol  # the symbol subscribed
+            if symbol != ALL_SYMBOLS:
+                stats.instrument_keys.setdefault(record.instrument_id, set()).add(symbol)
         elif rtype == SYSTEM_RTYPE:
             if record.is_heartbeat():
                 stats.heartbeats += 1
-            elif record.code == SystemCode.SLOW_READER_WARNING:
+                return
+            code = str(record.code)
+            if record.code == SystemCode.SLOW_READER_WARNING:
                 stats.slow_reader_warnings += 1
-                log.warning("databento_slow_reader", dataset=self.dataset, msg=record.msg)
-            else:
-                log.info("databento_system_msg", dataset=self.dataset, code=str(record.code), msg=record.msg)
+            held = self._logs.allow(f"system:{code}")
+            if held is not None:
+                level = log.warning if record.code == SystemCode.SLOW_READER_WARNING else log.info
+                level("databento_system_msg", dataset=self.dataset, code=code, msg=record.msg, repeated=held)
         else:
-            stats.gateway_errors += 1
-            stats.last_error = f"gateway: {record.err}"
-            if record.code == ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING:
-                stats.slow_reader_warnings += 1
+            self._gateway_error(session, record)
+
+    def _gateway_error(self, session: _Session, record: Any) -> None:
+        """An ErrorMsg: counted; an aged-out refill goes live-only; records skipped for a slow
+        reader are a gap (one event per run of skips with no record between them)."""
+        stats = self.stats
+        stats.gateway_errors += 1
+        stats.last_error = f"gateway: {record.err}"
+        if record.code == ErrorCode.REPLAY_DATA_AGED_OUT and session.refill and self._refused is None:
+            self._refuse(f"gateway: {record.err}")
+            session.transport.close()  # reconnect live-only now rather than wait on a refused replay
+        if record.code == ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING:
+            stats.slow_reader_warnings += 1
+            if self._skip_gap_at == (session.conn, session.market):
+                stats.skips_merged += 1  # nothing came since the last skip's gap: the same gap
+            else:
                 stats.gaps += 1
                 self.hand_records(session)  # the records before it, so the gap event comes after them
                 self.writer.put_control(session.recv_ns, session.conn, "gap", last_ts_event=stats.last_ts_event,
                                         refill_start=None, reason=str(record.err))  # fmt: skip
-            log.error("databento_gateway_error", dataset=self.dataset, code=str(record.code), error=record.err)
+                self._skip_gap_at = (session.conn, session.market)
+        held = self._logs.allow(f"error:{record.code}")
+        if held is not None:
+            log.error("databento_gateway_error", dataset=self.dataset, code=str(record.code), error=record.err,
+                      repeated=held)  # fmt: skip
 
     def status_text(self) -> str:
         s = self.stats

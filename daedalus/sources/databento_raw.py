@@ -7,9 +7,10 @@ skippable frames are skipped by every zstd decoder):
 
 1. a data frame: the session's DBN Metadata header (``metadata.encode()``), at the head of
    every segment of the session;
-2. from the session's second segment on, the symbol mappings known so far (SymbolMappingMsg
-   records, original bytes) as a (stamps, data) pair whose stamps have ``conn = 0``
-   ("context, repeated"), so each segment is self-describing;
+2. from the session's second segment on, an instrument's symbol mappings known so far
+   (SymbolMappingMsg records, original bytes) just before its first record in the segment, with
+   stamps ``conn = 0`` ("context, repeated"), so each segment is self-describing without
+   repeating a whole dataset's mappings (OPRA: ~1.5M) at the head of every segment;
 3. per flush: a skippable frame ``DDRS`` with the receive stamps, then one data frame with the
    flush's DBN records concatenated (``bytes(record)`` as the official client decoded them);
 4. control events (``connect``, ``subscribe``, ``session``, ``gap``, ``disconnect``,
@@ -79,6 +80,7 @@ MAX_FRAME_RECORDS = 16_384  # records per data frame: at most ~8.5 MB decoded (5
 MAX_FRAME_CONTENT = 64 << 20  # a data frame decoding to more is damaged (or not ours)
 PLAIN_CHUNK = 8 << 20  # bytes read at a time from a plain DBN file
 LATENCY_SAMPLE_EVERY = 16
+MAX_QUEUED_EVENTS = 10_000  # control events waiting for a stalled disk; more are counted in an overflow event
 RECORDS, METADATA, EVENT = 0, 1, 2  # queue item kinds
 
 
@@ -177,8 +179,15 @@ class DbnSegmentWriter(SegmentWriter):
         self._records_in = 0  # incremented by the producer only
         self._records_out = 0  # by the writer thread only: depth = in - out, no shared counter
         self._session_head: bytes | None = None
-        self._mappings: dict[bytes, tuple[int, bytes]] = {}  # (instrument, symbol) -> (recv_ns, record)
+        # the session's mappings: instrument (4 bytes) -> {subscribed symbol: (recv_ns, record)}
+        self._mappings: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
+        self._named: set[bytes] = set()  # instruments whose mappings the open segment holds
         self._held: list[tuple[int, int, str, dict[str, Any]]] = []  # events before any session
+        self.max_events = MAX_QUEUED_EVENTS
+        self._events_in = 0  # as _records_in/_records_out, for control events
+        self._events_out = 0
+        self.events_dropped = 0  # control events past max_events (the queue is bounded while the disk stalls)
+        self._events_dropped_written = 0
 
     # -- producer side (event loop) --------------------------------------------------
 
@@ -208,9 +217,16 @@ class DbnSegmentWriter(SegmentWriter):
         """A new session began: its segments start with ``metadata``."""
         self._queue.append((METADATA, recv_ns, conn, metadata, None))
 
-    def put_control(self, recv_ns: int, conn: int, event: str, **fields: Any) -> None:
-        """Queue a control event; never dropped (they are rare and explain the gaps)."""
+    def put_control(self, recv_ns: int, conn: int, event: str, **fields: Any) -> bool:
+        """Queue a control event (they explain the gaps); False when ``max_events`` are already
+        waiting (a stalled disk under an event storm): counted, and written as an ``overflow``
+        event (which the ETL treats as a gap) once the disk is back."""
+        if self._events_in - self._events_out >= self.max_events:
+            self.events_dropped += 1
+            return False
+        self._events_in += 1
         self._queue.append((EVENT, recv_ns, conn, event, fields))
+        return True
 
     def put_frame(self, recv_ns: int, conn: int, frame: str) -> bool:  # pragma: no cover - not a text source
         raise TypeError("DBN segments take records (put_records), not text frames")
@@ -226,28 +242,41 @@ class DbnSegmentWriter(SegmentWriter):
                 self._records_out += len(data)
             elif kind == EVENT:
                 self.stats.unwritten_events += 1
+                self._events_out += 1
 
     def _flush(self) -> None:
         count = len(self._queue)
         dropped = self.dropped - self._dropped_written
-        if count or dropped:
-            _Flush(self).run(count, dropped)
+        events_dropped = self.events_dropped - self._events_dropped_written
+        if count or dropped or events_dropped:
+            _Flush(self).run(count, dropped, events_dropped)
 
     def _head_frames(self) -> list[bytes]:
-        """Metadata, then the session's symbol mappings so far (context, ``conn = 0``)."""
+        """The session's metadata: a segment's mappings come beside its records (:meth:`_context`)."""
         assert self._session_head is not None
-        frames = [self._compressor.compress(self._session_head)]
-        if self._mappings:
-            entries = [(recv_ns, 1, 0) for recv_ns, _record in self._mappings.values()]
-            frames += [
-                stamps_frame(entries),
-                self._compressor.compress(b"".join(r for _, r in self._mappings.values())),
-            ]
-        return frames
+        self._named = set()
+        return [self._compressor.compress(self._session_head)]
 
     def _remember_mappings(self, recv_ns: int, mappings: list[bytes]) -> None:
+        """Mappings that came in the stream: kept for later segments, and this one has them."""
         for record in mappings:
-            self._mappings[record[4:8] + record[17:88]] = (recv_ns, record)
+            instrument = record[4:8]
+            self._mappings.setdefault(instrument, {})[record[17:88]] = (recv_ns, record)
+            self._named.add(instrument)
+
+    def _context(self, records: list[bytes]) -> list[tuple[int, bytes]]:
+        """(recv_ns, mapping) of the instruments of ``records`` that the open segment does not
+        name yet, to go just before them; each instrument is looked at once per segment."""
+        named, mappings = self._named, self._mappings
+        if len(named) >= len(mappings):  # every known instrument named already (the usual case)
+            return []
+        out: list[tuple[int, bytes]] = []
+        for record in records:
+            instrument = record[4:8]
+            if instrument not in named and instrument in mappings:
+                named.add(instrument)
+                out += mappings[instrument].values()
+        return out
 
     def _used_names(self) -> list[tuple[str, int]]:
         """Names used in this dataset's folders (``.last_segment`` and every raw state)."""
@@ -281,18 +310,21 @@ class _Flush:
     def __init__(self, writer: DbnSegmentWriter) -> None:
         self.w = writer
         self.frames: list[bytes] = []  # complete frames not yet written
-        self.framed = 0  # records in ``frames``
+        self.framed = 0  # records in ``frames`` (repeated context mappings not counted)
+        self.context = 0  # repeated context mappings among ``records``
         self.records: list[bytes] = []  # records of the pair being built
         self.stamps: list[tuple[int, int, int]] = []
         self.events = 0  # events taken but not yet written
         self.sampled: list[int] = []
 
-    def run(self, count: int, dropped: int) -> None:
+    def run(self, count: int, dropped: int, events_dropped: int = 0) -> None:
         w = self.w
         queue = w._queue
         try:
             for index in range(count):
                 kind, recv_ns, conn, data, extra = queue.popleft()
+                if kind == EVENT:
+                    w._events_out += 1
                 if kind == METADATA:
                     self.write()
                     w._rotate()
@@ -309,22 +341,26 @@ class _Flush:
                     self.frames.append(event_frame(recv_ns, conn, data, extra))
                     self.events += 1
                     continue
-                self.records += data
-                self.stamps.append((recv_ns, len(data), conn))
                 w._records_out += len(data)
                 if extra:
                     w._remember_mappings(recv_ns, extra)
+                for mapped_at, mapping in w._context(data):
+                    self.records.append(mapping)
+                    self.stamps.append((mapped_at, 1, 0))
+                    self.context += 1
+                self.records += data
+                self.stamps.append((recv_ns, len(data), conn))
                 if not index % LATENCY_SAMPLE_EVERY:
                     self.sampled.append(recv_ns)
                 if len(self.records) >= MAX_FRAME_RECORDS:
                     self.pair()
                     self.rotate_if_full()
-            if dropped:
-                self.overflow(dropped)
+            if dropped or events_dropped:
+                self.overflow(dropped, events_dropped)
             self.write()
             self.rotate_if_full()
         except BaseException:  # given up or failed: what is in hand is lost, counted once
-            w.stats.unwritten += len(self.records) + self.framed
+            w.stats.unwritten += len(self.records) - self.context + self.framed
             w.stats.unwritten_events += self.events
             raise
 
@@ -350,16 +386,18 @@ class _Flush:
             self.w._records_out += len(data)
             self.w.stats.unwritten += len(data)
 
-    def overflow(self, dropped: int) -> None:
+    def overflow(self, dropped: int, events_dropped: int = 0) -> None:
         w = self.w
         now = w.clock()
         w._dropped_written += dropped
+        w._events_dropped_written += events_dropped
         w.stats.overflow += dropped
+        fields = {"dropped": dropped, **({"events_dropped": events_dropped} if events_dropped else {})}
         if w._fd is None and not self.open(now):
-            w._held.append((now, 0, "overflow", {"dropped": dropped}))
+            w._held.append((now, 0, "overflow", fields))
             return
         self.pair()
-        self.frames.append(event_frame(now, 0, "overflow", {"dropped": dropped}))
+        self.frames.append(event_frame(now, 0, "overflow", fields))
         self.events += 1
 
     def pair(self) -> None:
@@ -367,7 +405,8 @@ class _Flush:
         if not self.records:
             return
         self.frames += [stamps_frame(self.stamps), self.w._compressor.compress(b"".join(self.records))]
-        self.framed += len(self.records)
+        self.framed += len(self.records) - self.context
+        self.context = 0
         self.records, self.stamps = [], []
 
     def write(self) -> None:
@@ -653,6 +692,48 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
             raise ZstdFrameDamaged(f"the file ends inside the DBN header ({len(data)} of {n} bytes)")
         data += block
     return data
+
+
+def newest_segment(layout: DataLayout, dataset: str) -> Path | None:
+    """The newest segment of ``dataset`` still on disk (ready, processing or archive), by name."""
+    found: list[tuple[tuple[str, int], Path]] = []
+    for state in ("ready", "processing", "archive"):
+        folder = segment_dir(layout, state, dataset)
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                identity = segment_identity(name)
+                if identity is not None and is_dbn_segment_name(name):
+                    found.append((identity, folder / name))
+    return max(found)[1] if found else None
+
+
+def last_events(path: Path, skip: frozenset[int] = frozenset((21, 22, 23))) -> dict[int, tuple[int, list[bytes]]]:
+    """Per rtype of a segment's received records (not ``skip``, not repeated context): the
+    newest ts_event and the records at it, in order. A restart refills from there."""
+    out: dict[int, tuple[int, list[bytes]]] = {}
+    for chunk in open_dbn_segment(path):
+        buf = np.frombuffer(chunk.records, np.uint8)
+        offsets, _end, _problem = walk_records(buf)
+        if not len(offsets):
+            continue
+        rtypes = buf[offsets + 1]
+        ts = buf[offsets[:, None] + np.arange(8, 16)].copy().view("<u8").ravel()
+        live = np.ones(len(offsets), bool) if chunk.conn is None else chunk.conn > 0
+        for rtype in np.unique(rtypes).tolist():
+            if rtype in skip:
+                continue
+            mine = (rtypes == rtype) & live
+            if not mine.any():
+                continue
+            newest = int(ts[mine].max())
+            at = offsets[mine & (ts == newest)].tolist()
+            records = [chunk.records[i : i + chunk.records[i] * 4] for i in at]
+            held = out.get(rtype)
+            if held is None or newest > held[0]:
+                out[rtype] = (newest, records)
+            elif newest == held[0]:
+                held[1].extend(records)
+    return out
 
 
 def open_dbn_segment(path: Path | str) -> DbnSegmentReader:
