@@ -79,11 +79,8 @@ class CcxtCapture:
         if not self.config.ccxt.exchanges:
             raise ConfigError("ccxt", ["ccxt.exchanges: no exchange configured (e.g. coinbase: {channels: ...})"])
         if self.config.ingestion.on_queue_full == "block":
-            log.warning(
-                "ccxt_queue_never_blocks",
-                setting="ingestion.on_queue_full: block",
-                effect="ccxt records are never held back: a full queue drops them and counts them (overflow)",
-            )
+            log.warning("ccxt_queue_never_blocks", setting="ingestion.on_queue_full: block",
+                        effect="ccxt records are never held back: a full queue drops them and counts them (overflow)")
 
     def tasks(self) -> dict[str, Coroutine[Any, Any, None]]:
         return {"ccxt": self.exchanges.run()}
