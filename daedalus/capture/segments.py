@@ -712,6 +712,15 @@ class _SegmentOutcome:
     rewrite: bool = False  # an fsync of the segment failed: write it anew, never trust a second fsync
 
 
+#: (complete records, everything else, record count) of a segment's bytes
+Splitter = Callable[[bytes], tuple[bytes, bytes, int]]
+
+
+def line_splitter(name: str) -> Splitter:
+    """How a segment of lines is cut: whole zstd frames, or whole lines."""
+    return _split_zstd if name.endswith(".zst") else _split_ndjson
+
+
 def recover_active(layout: DataLayout, source: str, stopping: threading.Event | None = None) -> RecoveryReport:
     """Move every segment left in ``active/`` to ``ready/``, torn tails to ``quarantine/``.
 
@@ -722,40 +731,52 @@ def recover_active(layout: DataLayout, source: str, stopping: threading.Event | 
     :class:`RecoveryInterrupted`: recovery never leaves a segment half moved. Any other
     OSError is raised as it is.
     """
+    folders = [(layout.active(source), layout.ready(source), layout.quarantine(source))]
+    return recover_folders(source, folders, lambda name: parse_segment_name(name) is not None, line_splitter,
+                           stopping)  # fmt: skip
+
+
+def recover_folders(
+    source: str,
+    folders: list[tuple[Path, Path, Path]],
+    wanted: Callable[[str], bool],
+    splitter: Callable[[str], Splitter],
+    stopping: threading.Event | None = None,
+) -> RecoveryReport:
+    """:func:`recover_active` over ``(active, ready, quarantine)`` folder triples, for the files
+    ``wanted`` names, each cut by ``splitter(name)`` (a raw format with its own records, such as
+    Databento's DBN, brings its own)."""
     report = RecoveryReport()
-    active, ready, quarantine = layout.active(source), layout.ready(source), layout.quarantine(source)
-    if not active.is_dir():
-        return report
     stopping = stopping or threading.Event()
 
     def count_failure() -> None:
         report.write_errors += 1
 
-    for path in sorted(active.iterdir()):
-        if parse_segment_name(path.name) is None:
+    for active, ready, quarantine in folders:
+        if not active.is_dir():
             continue
-        outcome = _SegmentOutcome()
-        try:
-            retry_disk(
-                "recover",
-                functools.partial(_recover_segment, path, ready, quarantine, outcome),
-                stop=stopping,
-                attempts_after_stop=0,
-                event="recovery_write",
-                fields=lambda name=path.name: {"source": source, "segment": name},
-                on_failure=count_failure,
-            )
-        except DiskGaveUp as exc:
-            raise RecoveryInterrupted(path.name, exc.error, exc.failures, report.write_errors) from exc
-        if outcome.torn is not None:
-            report.bytes_quarantined += outcome.torn_bytes
-            report.quarantined.append(outcome.torn.name)
-            log.warning(
-                "segment_torn_tail", source=source, segment=path.name, bytes=outcome.torn_bytes, to=str(outcome.torn)
-            )
-        if outcome.moved:
-            report.segments += 1
-            report.records_kept += outcome.records
+        for path in sorted(p for p in active.iterdir() if wanted(p.name)):
+            outcome = _SegmentOutcome()
+            try:
+                retry_disk(
+                    "recover",
+                    functools.partial(_recover_segment, path, ready, quarantine, outcome, splitter(path.name)),
+                    stop=stopping,
+                    attempts_after_stop=0,
+                    event="recovery_write",
+                    fields=lambda name=path.name: {"source": source, "segment": name},
+                    on_failure=count_failure,
+                )
+            except DiskGaveUp as exc:
+                raise RecoveryInterrupted(path.name, exc.error, exc.failures, report.write_errors) from exc
+            if outcome.torn is not None:
+                report.bytes_quarantined += outcome.torn_bytes
+                report.quarantined.append(outcome.torn.name)
+                log.warning("segment_torn_tail", source=source, segment=path.name, bytes=outcome.torn_bytes,
+                            to=str(outcome.torn))  # fmt: skip
+            if outcome.moved:
+                report.segments += 1
+                report.records_kept += outcome.records
     if report.segments or report.quarantined:
         log.info(
             "recovery_done",
@@ -768,7 +789,7 @@ def recover_active(layout: DataLayout, source: str, stopping: threading.Event | 
     return report
 
 
-def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _SegmentOutcome) -> None:
+def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _SegmentOutcome, split: Splitter) -> None:
     """One attempt at one segment; idempotent, so a failed attempt is simply run again.
 
     Re-reading the file each time makes every step safe to repeat: a tail already cut off
@@ -777,7 +798,6 @@ def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _Segmen
     """
     if path.exists():
         data = path.read_bytes()
-        split = _split_zstd if path.name.endswith(".zst") else _split_ndjson
         good, tail, records = split(data)
         if tail:
             # one name for every attempt, so that a failed attempt's leftovers are recognised

@@ -29,7 +29,6 @@ reads plain ``.dbn`` and stamp-less ``.dbn.zst`` files (Databento's own) with ``
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import os
 import struct
@@ -39,7 +38,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import orjson
@@ -47,24 +46,10 @@ import zstandard
 from numba import njit
 
 from daedalus.capture.records import ZstdFrameDamaged, control_line, zstd_frame_end
-from daedalus.capture.segments import (
-    NS_PER_HOUR,
-    DiskGaveUp,
-    RecoveryInterrupted,
-    RecoveryReport,
-    SegmentWriter,
-    _cut_to,
-    _quarantine_tail,
-    _SegmentOutcome,
-    fsync_path,
-    retry_disk,
-)
+from daedalus.capture.segments import NS_PER_HOUR, RecoveryReport, SegmentWriter, recover_folders
 from daedalus.config import IngestionConfig
 from daedalus.layout import RAW_STATES, DataLayout, partition_component, segment_identity
 from daedalus.logs import get_logger
-
-if TYPE_CHECKING:
-    import numpy as np
 
 log = get_logger(__name__)
 
@@ -477,80 +462,13 @@ def is_dbn_segment_name(name: str) -> bool:
 
 def recover_dbn_active(layout: DataLayout, stopping: threading.Event | None = None) -> RecoveryReport:
     """Move every segment left in ``raw/active/databento/<DATASET>/`` to ``ready/``, torn
-    tails to ``quarantine/databento/<DATASET>/`` (the rules and the report of
-    :func:`daedalus.capture.segments.recover_active`)."""
-    report = RecoveryReport()
+    tails to ``quarantine/databento/<DATASET>/``: the rules and the report of
+    :func:`daedalus.capture.segments.recover_active`, with the DBN cut of :func:`split_dbn_segment`."""
     active = layout.active(SOURCE)
-    if not active.is_dir():
-        return report
-    stopping = stopping or threading.Event()
-
-    def count_failure() -> None:
-        report.write_errors += 1
-
-    for folder in sorted(p for p in active.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        ready = layout.ready(SOURCE) / folder.name
-        quarantine = layout.quarantine(SOURCE) / folder.name
-        for path in sorted(p for p in folder.iterdir() if is_dbn_segment_name(p.name)):
-            outcome = _SegmentOutcome()
-            try:
-                retry_disk(
-                    "recover",
-                    functools.partial(_recover_segment, path, ready, quarantine, outcome),
-                    stop=stopping,
-                    attempts_after_stop=0,
-                    event="recovery_write",
-                    fields=lambda name=path.name: {"source": SOURCE, "segment": name},
-                    on_failure=count_failure,
-                )
-            except DiskGaveUp as exc:
-                raise RecoveryInterrupted(path.name, exc.error, exc.failures, report.write_errors) from exc
-            if outcome.torn is not None:
-                report.bytes_quarantined += outcome.torn_bytes
-                report.quarantined.append(outcome.torn.name)
-                log.warning(
-                    "segment_torn_tail",
-                    source=SOURCE,
-                    dataset=folder.name,
-                    segment=path.name,
-                    bytes=outcome.torn_bytes,
-                    to=str(outcome.torn),
-                )
-            if outcome.moved:
-                report.segments += 1
-                report.records_kept += outcome.records
-    if report.segments or report.quarantined:
-        log.info(
-            "recovery_done",
-            source=SOURCE,
-            segments=report.segments,
-            records=report.records_kept,
-            quarantined_bytes=report.bytes_quarantined,
-            write_errors=report.write_errors,
-        )
-    return report
-
-
-def _recover_segment(path: Path, ready: Path, quarantine: Path, outcome: _SegmentOutcome) -> None:
-    """One idempotent attempt (as :func:`daedalus.capture.segments._recover_segment`)."""
-    if path.exists():
-        data = path.read_bytes()
-        good, tail, records = split_dbn_segment(data)
-        if tail:
-            outcome.torn = outcome.torn or quarantine / f"{path.name}.tail-{time.time_ns()}"
-            outcome.torn = _quarantine_tail(outcome.torn, path.name, tail)
-            outcome.torn_bytes = len(tail)
-        if not good:
-            path.unlink()
-        else:
-            _cut_to(path, data, good, outcome)
-            ready.mkdir(parents=True, exist_ok=True)
-            os.rename(path, ready / path.name)
-            outcome.moved = True
-            outcome.records = records
-    fsync_path(path.parent)
-    if ready.is_dir():
-        fsync_path(ready)
+    datasets = sorted(p.name for p in active.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if active.is_dir() else []  # fmt: skip
+    folders = [(active / name, layout.ready(SOURCE) / name, layout.quarantine(SOURCE) / name) for name in datasets]
+    return recover_folders(SOURCE, folders, is_dbn_segment_name, lambda _name: split_dbn_segment, stopping)
 
 
 # -- reader --------------------------------------------------------------------------------
