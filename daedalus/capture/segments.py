@@ -440,14 +440,19 @@ class SegmentWriter:
         if self._compressor is not None:
             data = self._compressor.compress(data)
         self._write_durably(data)
+        self._count_flush(len(data), frames, sampled)
+
+    def _count_flush(self, size: int, records: int, sampled: list[int]) -> None:
+        """One durable flush of ``size`` bytes holding ``records``: the counters and the
+        receive-to-durable latencies of the ``sampled`` receive times."""
         done = time.time_ns()
         latencies = [done - recv for recv in sampled]
         self.stats.latencies_ns.extend(latencies)
         self.stats.latency.observe_ns(latencies)
         self.stats.flushes += 1
-        self.stats.written += frames
-        self.stats.bytes += len(data)
-        self.stats.segment_bytes += len(data)
+        self.stats.written += records
+        self.stats.bytes += size
+        self.stats.segment_bytes += size
 
     def _write_durably(self, data: bytes) -> None:
         """Append (and fsync); on a full disk cut back to the last durable size and write again.

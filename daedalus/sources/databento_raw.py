@@ -279,14 +279,7 @@ class DbnSegmentWriter(SegmentWriter):
             return
         data = b"".join(frames)
         self._write_durably(data)
-        done = time.time_ns()
-        latencies = [done - recv for recv in sampled]
-        self.stats.latencies_ns.extend(latencies)
-        self.stats.latency.observe_ns(latencies)
-        self.stats.flushes += 1
-        self.stats.written += records
-        self.stats.bytes += len(data)
-        self.stats.segment_bytes += len(data)
+        self._count_flush(len(data), records, sampled)
 
 
 class _Flush:
