@@ -34,7 +34,7 @@ def test_sources_are_checked(tmp_path):
     config = str(write_yaml(tmp_path / "c.yaml", {"data_dir": str(tmp_path / "data")}))
     unknown = run("run", "--config", config, "--sources", "coinbase,kraken", "--dry-run")
     assert unknown.returncode == 2
-    assert "--sources: unknown source 'kraken' (available: ccxt, coinbase)" in unknown.stderr
+    assert "--sources: unknown source 'kraken' (available: ccxt, coinbase, databento)" in unknown.stderr
     later = run("run", "--config", config, "--sources", "ccxt", "--dry-run")
     assert later.returncode == 2 and "--sources: ccxt is disabled in the config (ccxt.enabled: false)" in later.stderr
     assert "Traceback" not in unknown.stderr + later.stderr
