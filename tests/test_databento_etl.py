@@ -258,8 +258,12 @@ def test_fixture_mbo_level2_equals_the_reference_book(tmp_path: Path) -> None:
     run_job(tmp_path, "pips")
     for dataset, stem in stems.items():
         records = list(databento.DBNStore.from_file(FIXTURES / dataset / "test_data.mbo.dbn.zst"))
-        ours = read_table(tmp_path, dataset, "level2", stem, L2_COLUMNS)
-        assert ours == expected_level2(records) and len(ours) == 4
+        ours = read_table(tmp_path, dataset, "level2", stem, [*L2_COLUMNS, "book_valid"])
+        # a plain file is its own session: closed by a clear row; its MBO (four adds, GLBX's flagged
+        # F_SNAPSHOT without an F_LAST) holds no Clear and no complete snapshot: never a known book
+        closing = (0, "R", None, None, 0, None, None)
+        assert [row[:-1] for row in ours] == [*expected_level2(records), closing] and len(ours) == 5
+        assert not any(row[-1] for row in ours)
 
 
 SYMBOLS = {101: "ESM6", 202: "NQM6"}
@@ -374,16 +378,15 @@ def test_generated_mbo_across_two_segments_and_two_processes(tmp_path: Path) -> 
 
 
 def test_level2_validity_local_time_and_gap_events(tmp_path: Path) -> None:
-    """A session replaying from the start: books known from their first record; a gap without
-    refill leaves them invalid until a Clear; a crossed book is never valid; ts_local comes from
-    the receive stamps."""
+    """A Clear makes a book known; a refilled gap leaves it so; a gap without refill leaves it
+    invalid until a Clear; a crossed book is never valid; ts_local comes from the receive stamps."""
     ts = 1_767_225_600_000_000_000
 
     def mbo(action: str, side: str, oid: int, price: int, size: int, flags: int = 0) -> Any:
         return dbn.MBOMsg(1, 101, ts + oid, oid, price * 10**9, size, dbn.Action(action), dbn.Side(side), ts + oid,
                           flags=flags)  # fmt: skip
 
-    before = [*mappings(), mbo("A", "B", 1, 100, 5), mbo("A", "A", 2, 101, 5)]
+    before = [*mappings(), mbo("R", "N", 0, 0, 0), mbo("A", "B", 1, 100, 5), mbo("A", "A", 2, 101, 5)]
     after = [mbo("A", "B", 3, 99, 1), mbo("R", "N", 4, 0, 0), mbo("A", "B", 5, 100, 2), mbo("A", "A", 6, 100, 1)]
     # a second gap, then a snapshot's records: invalid until its last one (F_SNAPSHOT | F_LAST)
     last = [mbo("C", "A", 6, 100, 1, 32), mbo("A", "A", 7, 102, 1, 32), mbo("A", "A", 8, 103, 1, 32 | 128)]
@@ -394,14 +397,15 @@ def test_level2_validity_local_time_and_gap_events(tmp_path: Path) -> None:
     def flush(local: int, records: list[Any]) -> bytes:
         return stamps_frame([(local, len(records), 1)]) + cctx.compress(b"".join(map(bytes, records)))
 
-    data = (cctx.compress(live_header()) + b"".join(session_head(start=0)) + flush(1_000, before) + refilled
+    data = (cctx.compress(live_header()) + b"".join(session_head()) + flush(1_000, before) + refilled
             + flush(1_500, [mbo("A", "B", 9, 98, 1)]) + gap + flush(2_000, after)
             + gap + flush(3_000, last))  # fmt: skip
     stem = place(tmp_path, "GLBX.MDP3", 1, data)
     summary = run_job(tmp_path, "pips")
     rows = read_table(tmp_path, "GLBX.MDP3", "level2", stem, ["order_id", "book_valid", "ts_local", "best_bid"])
     bid = 100 * 10**9
-    assert rows == [(1, True, 1_000, bid), (2, True, 1_000, bid), (9, True, 1_500, bid), (3, False, 2_000, bid),
+    assert rows == [(0, True, 1_000, None), (1, True, 1_000, bid), (2, True, 1_000, bid), (9, True, 1_500, bid),
+                    (3, False, 2_000, bid),
                     (4, True, 2_000, None), (5, True, 2_000, bid), (6, False, 2_000, bid), (6, False, 3_000, bid),
                     (7, False, 3_000, bid), (8, True, 3_000, bid)]  # fmt: skip
     assert summary.counts["gaps"] == 4 and summary.counts["crossed"] == 1  # the session's own start-up gap too
@@ -518,15 +522,17 @@ def test_ts_out_sessions_get_a_ts_out_column(tmp_path: Path) -> None:
 TS = 1_767_225_600_000_000_000
 
 
-def session_head(start: int | None = 0, snapshot: bool = False, refill_start: int | None = None) -> list[bytes]:
-    """The events the collector writes at a session's head: subscribe, session, then its gap
-    (``start``: the mbo subscription's; 0 = the gateway's full replay history)."""
+def session_head(
+    start: int | None = None, snapshot: bool = False, refill_start: int | None = None, recv: int = 1
+) -> list[bytes]:
+    """The events the collector writes at a session's head (received at ``recv``): subscribe,
+    session, then its gap (``start``: the mbo subscription's; 0 = the gateway's full replay history)."""
     sub = {"schema": "mbo", "symbols": list(SYMBOLS.values()), "stype_in": "raw_symbol", "start": start,
            "snapshot": snapshot, "id": 0}  # fmt: skip
     return [
-        event_frame(1, 1, "subscribe", sub),
-        event_frame(1, 1, "session", {"session_id": "s"}),
-        event_frame(1, 1, "gap", {"last_ts_event": None, "refill_start": refill_start, "reason": "start"}),
+        event_frame(recv, 1, "subscribe", sub),
+        event_frame(recv, 1, "session", {"session_id": "s"}),
+        event_frame(recv, 1, "gap", {"last_ts_event": None, "refill_start": refill_start, "reason": "start"}),
     ]
 
 
@@ -548,6 +554,16 @@ def flushes(dataset: str, parts: list[list[bytes] | list[Any]]) -> bytes:
     return b"".join(out)
 
 
+def clear(iid: int) -> Any:
+    """A Clear ('R', not a snapshot's): the book is known from here."""
+    return add(iid, 0, "N", 0, 0, "R")
+
+
+def known_book() -> list[Any]:
+    """Book 101 made known by a Clear, then a bid at 100 (order 1) and an ask at 101 (order 2)."""
+    return [*mappings(), clear(101), add(101, 1, "B", 100), add(101, 2, "A", 101)]
+
+
 L2_VALID = ["instrument_id", "order_id", "book_valid", "best_bid", "best_ask"]
 BID, ASK = 100 * 10**9, 101 * 10**9
 
@@ -555,8 +571,7 @@ BID, ASK = 100 * 10**9, 101 * 10**9
 def test_the_order_map_survives_a_segment_without_mbo(tmp_path: Path) -> None:
     """A quiet hour (trades only; a bare header) between two MBO segments: its checkpoint keeps the order map,
     so the next process continues the books (review 14, item 1)."""
-    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), [*mappings(), add(101, 1, "B", 100),
-                                                                          add(101, 2, "A", 101)]]))  # fmt: skip
+    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), known_book()]))
     run_job(tmp_path, "pips")
     trade = dbn.TradeMsg(1, 101, TS + 3, 10**11, 1, dbn.Action.TRADE, dbn.Side.BID, 0, TS + 3)
     place(tmp_path, "GLBX.MDP3", 2, flushes("GLBX.MDP3", [[*mappings(), trade]]))
@@ -574,14 +589,15 @@ def test_the_order_map_survives_a_segment_without_mbo(tmp_path: Path) -> None:
 def test_a_gap_in_one_dataset_leaves_the_others_books_alone(tmp_path: Path) -> None:
     """Books are per (dataset, publisher, instrument): the same ids in another dataset are
     another book, and that dataset's gap does not touch this one's (review 14, item 5)."""
-    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), [*mappings(), add(101, 1, "B", 100),
-                                                                          add(101, 2, "A", 101)]]))  # fmt: skip
+    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), known_book()]))
     gap = event_frame(5, 1, "gap", {"last_ts_event": None, "refill_start": None, "reason": "reconnect"})
-    other = place(tmp_path, "XNAS.ITCH", 2, flushes("XNAS.ITCH", [session_head(), [*mappings(), add(101, 1, "B", 50)],
+    other = place(tmp_path, "XNAS.ITCH", 2, flushes("XNAS.ITCH", [session_head(), [*mappings(), clear(101),
+                                                                                   add(101, 1, "B", 50)],
                                                                   [gap], [add(101, 7, "A", 60)]]))  # fmt: skip
     stem = place(tmp_path, "GLBX.MDP3", 3, flushes("GLBX.MDP3", [[*mappings(), add(101, 3, "B", 99)]]))
     run_job(tmp_path, "pips")
     assert read_table(tmp_path, "XNAS.ITCH", "level2", other, L2_VALID) == [
+        (101, 0, True, None, None),
         (101, 1, True, 50 * 10**9, None),  # its own book: GLBX's orders are not in it
         (101, 7, False, 50 * 10**9, 60 * 10**9),
     ]
@@ -595,8 +611,7 @@ def instrument_maps() -> list[Any]:
 
 def test_a_book_first_seen_mid_stream_is_unknown_whatever_its_slot(tmp_path: Path) -> None:
     """A live session without snapshot or start: books first seen in it are unknown (not only the
-    first four slots) until their Clear, a snapshot's F_LAST, or a session replaying from the
-    start; the dataset's default rides in the checkpoint (review 14, item 6)."""
+    first four slots) until their Clear or a snapshot's F_LAST (review 14, item 6)."""
     first = [add(100 + i, i + 1, "B", 100) for i in range(6)]
     snapshot = [add(104, 20, "N", 0, 0, "R", 32), add(104, 21, "B", 98, 1, flags=32),
                 add(104, 22, "A", 102, 1, flags=32 | 128)]  # fmt: skip
@@ -616,25 +631,17 @@ def test_a_book_first_seen_mid_stream_is_unknown_whatever_its_slot(tmp_path: Pat
         (105, True),
         (106, False),
     ]
-    # a session replaying from the start of the gateway's data: books emptied, every one known
-    replay = place(tmp_path, "GLBX.MDP3", 3, flushes("GLBX.MDP3", [session_head(start=0), [
-        *instrument_maps(), *[add(100 + i, 40 + i, "A", 110) for i in range(7)]]]))  # fmt: skip
-    run_job(tmp_path, "pips")
-    rows = read_table(tmp_path, "GLBX.MDP3", "level2", replay, ["instrument_id", "book_valid", "best_bid", "best_ask"])
-    assert sorted(rows) == [(100 + i, True, None, 110 * 10**9) for i in range(7)]
-    # that session's next segment, in another job: a book first seen there is known too
-    after = place(tmp_path, "GLBX.MDP3", 4, flushes("GLBX.MDP3", [[*instrument_maps(), add(107, 50, "B", 90)]]))
-    run_job(tmp_path, "pips")
-    assert read_table(tmp_path, "GLBX.MDP3", "level2", after, ["instrument_id", "book_valid"]) == [(107, True)]
 
 
 def test_an_overflow_makes_the_books_unknown(tmp_path: Path) -> None:
     """Records dropped on a full queue (``overflow``) are a gap that was never refilled (review 14, item 7)."""
     overflow = event_frame(5, 0, "overflow", {"dropped": 1})  # the dropped record: the cancel of order 1
-    stem = place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), [*mappings(), add(101, 1, "B", 100)],
-                                                                 [overflow], [add(101, 3, "B", 99, 1)]]))  # fmt: skip
+    stem = place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), [*mappings(), clear(101),
+                                                                 add(101, 1, "B", 100)], [overflow],
+                                                                 [add(101, 3, "B", 99, 1)]]))  # fmt: skip
     summary = run_job(tmp_path, "pips")
-    assert read_table(tmp_path, "GLBX.MDP3", "level2", stem, ["order_id", "book_valid"]) == [(1, True), (3, False)]
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", stem, ["order_id", "book_valid"]) == [(0, True), (1, True),
+                                                                                            (3, False)]  # fmt: skip
     assert summary.counts["overflows"] == 1
 
 
@@ -692,3 +699,54 @@ def test_a_mapping_mid_chunk_names_only_the_records_after_it(tmp_path: Path) -> 
     run_job(tmp_path, "pips")
     rows = read_table(tmp_path, "GLBX.MDP3", "market_trades", stem, ["size", "symbol"])
     assert sorted(rows) == [(1, "ESM6"), (2, "ESM6"), (3, "ESU6"), (4, "DAY1"), (5, "DAY2"), (6, "DAY1")]
+
+
+# ---- review 14b: sessions that do not continue the books ---------------------------------------------
+
+L2_ROWS = ["instrument_id", "order_id", "action", "size", "book_valid", "best_bid", "best_ask", "ts_event", "ts_local"]
+
+
+def test_a_replay_from_start_empties_the_books_with_clear_rows_and_leaves_them_unknown(tmp_path: Path) -> None:
+    """``start: 0`` asks for the gateway's whole replay history (GLBX: the weekly session, elsewhere a
+    day or less): it may begin mid-stream and it repeats orders the books hold. The dataset's books
+    are emptied with a clear row each and stay unknown until a Clear; other datasets' books are
+    untouched (review 14b, item 6)."""
+    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), known_book()]))
+    place(tmp_path, "XNAS.ITCH", 2, flushes("XNAS.ITCH", [session_head(), known_book()]))
+    recv = TS + 10**9
+    replay = [*mappings(), add(101, 1, "B", 100), add(202, 5, "A", 200), add(101, 2, "A", 101), clear(202),
+              add(202, 6, "B", 199)]  # fmt: skip
+    stem = place(tmp_path, "GLBX.MDP3", 3, flushes("GLBX.MDP3", [session_head(start=0, recv=recv), replay]))
+    other = place(tmp_path, "XNAS.ITCH", 4, flushes("XNAS.ITCH", [[*mappings(), add(101, 3, "B", 99)]]))
+    summary = run_job(tmp_path, "pips")
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", stem, L2_ROWS) == [
+        (101, 0, "R", 0, False, None, None, recv, recv),  # the clear row: book 101 held levels
+        (101, 1, "A", 5, False, BID, None, TS + 1, 2000),  # 5, not 10: the replay is not added onto the old orders
+        (101, 2, "A", 5, False, BID, ASK, TS + 2, 2000),
+        (202, 5, "A", 5, False, None, 200 * 10**9, TS + 5, 2000),  # first seen in the replay: unknown
+        (202, 0, "R", 0, True, None, None, TS, 2000),  # its own Clear: known
+        (202, 6, "A", 5, True, 199 * 10**9, None, TS + 6, 2000),
+    ]
+    assert read_table(tmp_path, "XNAS.ITCH", "level2", other, L2_VALID) == [(101, 3, True, BID, ASK)]
+    assert summary.counts["replays_from_start"] == 1 and summary.counts["books_reset"] == 1
+
+
+def test_a_plain_dbn_file_is_its_own_session(tmp_path: Path) -> None:
+    """A plain DBN file (a historical day dropped into ready/) starts from empty books, known only
+    after a Clear inside it; after it the live books are empty and unknown, as after a gap: the two
+    never share order-map state (review 14b, item 7)."""
+    place(tmp_path, "GLBX.MDP3", 1, flushes("GLBX.MDP3", [session_head(), known_book()]))
+    day = [*mappings(), add(101, 50, "B", 90), add(101, 1, "B", 100, action="C"), clear(101), add(101, 51, "A", 95)]
+    header = dbn.Metadata("GLBX.MDP3", 0, None, dbn.SType.INSTRUMENT_ID, None).encode()
+    plain = place(tmp_path, "GLBX.MDP3", 2, zstandard.ZstdCompressor().compress(header + b"".join(map(bytes, day))))
+    live = place(tmp_path, "GLBX.MDP3", 3, flushes("GLBX.MDP3", [[*mappings(), add(101, 3, "B", 99)]]))
+    summary = run_job(tmp_path, "pips")
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", plain, L2_ROWS) == [
+        (101, 0, "R", 0, False, None, None, TS, None),  # the live book (bid 100, ask 101) emptied
+        (101, 50, "A", 5, False, 90 * 10**9, None, TS + 50, None),  # the live orders are not in the file's book
+        (101, 0, "R", 0, True, None, None, TS, None),  # (the cancel of live order 1: an unknown order, no row)
+        (101, 51, "A", 5, True, None, 95 * 10**9, TS + 51, None),
+        (101, 0, "R", 0, False, None, None, TS + 51, None),  # the file's book closed
+    ]
+    assert read_table(tmp_path, "GLBX.MDP3", "level2", live, L2_VALID) == [(101, 3, False, 99 * 10**9, None)]
+    assert summary.counts["plain_mbo_files"] == 1 and summary.counts["mbo_unknown_order"] == 1

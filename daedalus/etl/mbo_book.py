@@ -15,11 +15,12 @@ are two books, and what happens to one dataset's stream never touches another's 
 
 Validity (``known`` per book): a book is known after a Clear ('R', not part of a snapshot) or
 after the last record of its snapshot (``F_SNAPSHOT`` and ``F_LAST``; the snapshot's own
-leading Clear leaves it unknown until then: half a snapshot is not the book). A book first
-seen otherwise takes its dataset's *default*: known while the dataset's stream is whole from
-the start of its data (:meth:`MboBooks.replay_from_start`, or a plain DBN file), unknown once a
-gap or an overflow broke it (:meth:`MboBooks.invalidate`, which also makes every book of that
-dataset unknown). The caller decides what the stream's events mean (``databento_etl``).
+leading Clear leaves it unknown until then: half a snapshot is not the book). Nothing else makes
+a book known: a book first seen is unknown, whatever stream it comes from. A gap or an overflow
+makes every book of its dataset unknown (:meth:`MboBooks.invalidate`); a new session whose
+history does not continue the books (a replay from the start, a plain DBN file) empties them
+too (:meth:`MboBooks.reset`: the caller writes a clear row per book that held a level or was
+known). The caller decides what the stream's events mean (``databento_etl``).
 
 A Clear costs O(1): each book has a generation, table entries carry the generation they were
 made in, and a Clear bumps it, so the book's old orders and levels are simply never found
@@ -278,7 +279,6 @@ class MboBooks:
             self._register(book_key(name), books.product_index[name])
         self.gen = np.zeros(max(4, len(books.products)), np.int64)
         self.known = np.zeros(max(4, len(books.products)), np.bool_)
-        self.default_known: dict[str, bool] = {}  # dataset -> whether a book first seen now is known
         self.orders = _Table(1024, 3)
         self.levels = _Table(1024, 1)
         self.used = np.zeros(2, np.int64)  # entries in use (stale generations included)
@@ -290,14 +290,9 @@ class MboBooks:
         self.by_dataset.setdefault(key[0], []).append(slot)
 
     # ---- books -------------------------------------------------------------------------
-    def begin(self, dataset: str, whole: bool) -> None:
-        """A segment of ``dataset``: a dataset seen for the first time starts known when its
-        stream is ``whole`` from the start of its data (a plain DBN file), else unknown."""
-        self.default_known.setdefault(dataset, whole)
-
     def slot_codes(self, dataset: str, publisher: np.ndarray, instrument: np.ndarray) -> np.ndarray:
-        """Book slot per record (new books allocated in order of first appearance, known as
-        their dataset's default says)."""
+        """Book slot per record (new books allocated in order of first appearance, unknown
+        until their first Clear or complete snapshot)."""
         key = (publisher.astype(np.int64) << 32) | instrument.astype(np.int64)
         uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         lookup = np.empty(uniq.shape[0], np.int64)
@@ -313,29 +308,38 @@ class MboBooks:
                     grow = max(2 * self.gen.shape[0], slot + 1)
                     self.gen = np.concatenate([self.gen, np.zeros(grow - self.gen.shape[0], np.int64)])
                     self.known = np.concatenate([self.known, np.zeros(grow - self.known.shape[0], np.bool_)])
-                self.known[slot] = self.default_known.get(dataset, False)
+                self.known[slot] = False
             lookup[j] = slot
         return lookup[inverse.reshape(-1)]
 
     def invalidate(self, dataset: str) -> None:
-        """A gap in ``dataset``'s stream: its books, and those first seen later, are unknown
-        until their next Clear or snapshot. Other datasets' books are untouched."""
-        self.default_known[dataset] = False
+        """A gap in ``dataset``'s stream: its books are unknown until their next Clear or
+        snapshot. Other datasets' books are untouched."""
         slots = self.by_dataset.get(dataset)
         if slots:
             self.known[np.asarray(slots, np.int64)] = False
 
-    def replay_from_start(self, dataset: str) -> None:
-        """A session replaying ``dataset`` from the start of the gateway's data: its books are
-        emptied (the replay rebuilds them; applied onto the old ones it would count every
-        order twice) and known, and so are books first seen in it."""
-        self.default_known[dataset] = True
-        for slot in self.by_dataset.get(dataset, []):
-            self.gen[slot] += 1  # its orders and levels are never found again
-            self.known[slot] = True
+    def reset(self, dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Empty every book of ``dataset`` and leave it unknown: the stream that follows does not
+        continue these books (a replay from the start would count every order twice; a plain
+        DBN file is another session). Returns the books that held a level or were known, as
+        (slots, publisher_id, instrument_id): each gets a clear row in level2, as a Clear would."""
+        slots = np.asarray(self.by_dataset.get(dataset, []), np.int64)
+        lv = self.levels
+        live = (lv.k1 != EMPTY) & (lv.g == self.gen[np.maximum(lv.k1, 0) >> 1])
+        holding = np.zeros(self.gen.shape[0], np.bool_)
+        holding[lv.k1[live] >> 1] = True
+        shown = slots[holding[slots] | self.known[slots]]
+        self.gen[slots] += 1  # their orders and levels are never found again
+        self.known[slots] = False
+        for slot in slots[holding[slots]].tolist():  # the engine holds levels only where the map does
             for b in (2 * slot, 2 * slot + 1):
                 _free_book(b, self.books.ck, self.books.cn, self.books.free, self.books.meta, self.books.order,
                            self.books.nch)  # fmt: skip
+        keys = [book_key(self.books.products[slot]) for slot in shown.tolist()]
+        publisher = np.array([k[1] for k in keys], np.uint16)
+        instrument = np.array([k[2] for k in keys], np.uint32)
+        return shown, publisher, instrument
 
     def reserve(self, records: int) -> None:
         """Room for ``records`` more records (each adds at most one order and one level)."""
@@ -366,9 +370,14 @@ class MboBooks:
         result, _ = self.books.apply(frames)
         return f_rec[:nf], f_known[:nf], frames, result
 
-    def counters(self) -> dict[str, int]:
+    def take_counters(self) -> dict[str, int]:
+        """The counters since the last call, then zeroed: the books outlive a segment (one job
+        runs many), and each segment reports only its own."""
         found = {name: int(v) for name, v in zip(COUNTER_NAMES, self.counts, strict=True) if v}
-        return found | ({"mbo_order_map_lost": self.lost} if self.lost else {})
+        found |= {"mbo_order_map_lost": self.lost} if self.lost else {}
+        self.counts[:] = 0
+        self.lost = 0
+        return found
 
     # ---- checkpoint -------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -381,17 +390,12 @@ class MboBooks:
             "mbo_order_book": self.orders.k1[live],
             "mbo_order_id": self.orders.k2[live],
             "mbo_order_vals": self.orders.v[live],
-            "mbo_datasets": np.array(sorted(self.default_known), dtype=np.str_),
-            "mbo_default_known": np.array([self.default_known[d] for d in sorted(self.default_known)], np.bool_),
         }
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         n = arrays["mbo_gen"].shape[0]
         self.gen[:n] = arrays["mbo_gen"]
         self.known[:n] = arrays["mbo_known"]
-        if "mbo_datasets" in arrays:
-            names, flags = arrays["mbo_datasets"].tolist(), arrays["mbo_default_known"].tolist()
-            self.default_known = dict(zip(names, flags, strict=True))
         books, ids, vals = arrays["mbo_order_book"], arrays["mbo_order_id"], arrays["mbo_order_vals"]
         self.orders, _ = _Table(1024, 3).rebuilt(self.gen, 0, books.shape[0])
         self.levels, _ = _Table(1024, 1).rebuilt(self.gen, 1, books.shape[0])
@@ -453,7 +457,6 @@ def attach(books: BookSet, extra: dict[str, np.ndarray] | None) -> MboBooks:
         for b in range(2 * len(books.products)):
             _free_book(b, books.ck, books.cn, books.free, books.meta, books.order, books.nch)
         mbo.known[:] = False
-        mbo.default_known = dict.fromkeys(mbo.by_dataset, False)
         mbo.lost = len(books.products)
     books.mbo = mbo  # type: ignore[attr-defined]
     return mbo

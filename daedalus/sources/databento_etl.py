@@ -23,24 +23,30 @@ Text fields that are not UTF-8 are decoded with replacement characters and count
 (``invalid_utf8_values``); records of a type whose length is not this DBN version's are
 skipped and counted (``unexpected_length_records``, and per rtype).
 
-Level2 validity (``book_valid``): books are per ``(dataset, publisher_id, instrument_id)`` and
-the segment's control events (written by the collector, :mod:`daedalus.sources.databento_raw`)
-say whether its stream is whole:
+Level2 validity (``book_valid``): books are per ``(dataset, publisher_id, instrument_id)``. A
+book is known only after its own Clear (``R`` without ``F_SNAPSHOT``) or the last record of a
+complete snapshot (``F_SNAPSHOT`` ... ``F_LAST``); a book first seen is unknown. A crossed book is
+never valid. The segment's control events (written by the collector,
+:mod:`daedalus.sources.databento_raw`) say when the stream stops continuing the books:
 
 - ``gap`` without ``refill_start`` (the collector's start, a reconnect without refill, a
   slow-reader skip) and ``overflow`` (records dropped on a full queue) make every book of the
-  segment's dataset unknown, and books first seen after them too, until each book's next
-  Clear or complete snapshot (``F_SNAPSHOT`` ... ``F_LAST``). A refilled ``gap`` changes
-  nothing: the stream continues.
-- a ``session`` whose ``subscribe`` events ask every ``mbo`` subscription for ``start: 0``
-  (Databento's "the full replay history": for GLBX.MDP3 the whole weekly session) replays the
-  books from the start of the gateway's data: the dataset's books are emptied (the replay
-  rebuilds them) and known, and so is every book first seen in it; that session's own
-  start-up ``gap`` is moot. Any other ``start`` is a point mid-stream: not a known book.
-- a dataset first met in a plain DBN file (Databento's own files: no stamps, no events) is
-  taken as its data from the start (historical files begin at the publisher's start of day or
-  with a snapshot); first met in a collector segment, its books are unknown until an event
-  above or a Clear/snapshot says otherwise. The per-dataset default lives in the checkpoint.
+  segment's dataset unknown. A refilled ``gap`` changes nothing: the stream continues.
+- a ``session`` whose ``subscribe`` events ask an ``mbo`` subscription for ``start: 0`` (the
+  gateway's whole replay history: for GLBX.MDP3 the weekly session, elsewhere a day or less, so
+  it may well start mid-stream) replays orders the books already hold: the dataset's books are
+  emptied, each one that held a level or was known gets a clear row (``action`` R, null side
+  and price, at the session's receive time), and they stay unknown until a Clear or snapshot.
+  Counted as ``replays_from_start`` and logged as a warning.
+- a plain DBN file with MBO records (no stamps, no events: Databento's own files, or any file
+  dropped into ``ready/<DATASET>/``) is its own session: the dataset's books are emptied (clear
+  rows as above, at the oldest times of its first MBO chunk) before it, so it starts from
+  empty books that become known only by a Clear or complete snapshot inside it, and emptied
+  again after it (clear rows at its newest MBO ts_event and ts_recv), so the live books that
+  follow are empty and unknown, as after a gap. Historical files and live segments never
+  share order-map state.
+  Counted as ``plain_mbo_files``. (Databento's MBO test files hold neither a Clear nor a
+  snapshot's ``F_LAST``: every level2 row of them is ``book_valid`` false.)
 """
 
 from __future__ import annotations
@@ -296,9 +302,9 @@ class DbnSegmentRun:
         self.dataset = ""
         self.ts_out = False
         self._mbo: MboBooks | None = None
-        self._begun = False  # the dataset's default validity settled (first chunk)
+        self._plain = False  # a plain DBN file (no stamps) holding MBO: its own session
+        self._plain_last = (0, 0)  # a plain file's newest MBO (ts_event, ts_recv): its closing clear rows
         self._subscriptions: list[dict] = []  # subscribe events of the session being opened
-        self._replay_head = False  # a from-start session opened and no record read yet
         self._dtypes: dict[int, tuple[np.dtype, Any]] = {}
 
     # ---- SegmentParser -------------------------------------------------------------------
@@ -319,7 +325,7 @@ class DbnSegmentRun:
             if writer.rows:
                 self.rows[table] += writer.rows
         if self._mbo is not None:
-            self.counts.update(self._mbo.counters())
+            self.counts.update(self._mbo.take_counters())
         odd = {k: v for k, v in self.counts.items() if k.startswith(ANOMALIES) and v}
         if odd:
             log.warning("databento_etl_anomalies", segment=self.key, **odd)
@@ -353,25 +359,25 @@ class DbnSegmentRun:
                     break
                 self._chunk(chunk)
                 self.job.beat()
+            if self._plain:  # the live books after it start empty and unknown (as after a gap)
+                self._reset_books(*self._plain_last, None)
         finally:
             with contextlib.suppress(Exception):
                 reader.close()  # also when the run stops midway (the file would stay open until collected)
 
     # ---- one chunk ---------------------------------------------------------------------------
     def _chunk(self, chunk: Any) -> None:
-        if not self._begun:
-            self._begun = True
-            self._books().begin(self.dataset, whole=chunk.local_ns is None)
         for event in chunk.events:
             self._event(event)
         buf = np.frombuffer(chunk.records, np.uint8)
         if buf.shape[0] == 0:
             return
-        self._replay_head = False
         offsets, end, problem = walk_records(buf)
         if problem:
             what = "a record length below the 16-byte header" if problem == 1 else "a record running past the end"
             raise SegmentDataError(f"malformed DBN records: {what} at byte {end} of a {buf.shape[0]}-byte chunk")
+        if chunk.local_ns is None:
+            self._plain_session(buf, offsets)
         rtypes = buf[offsets + 1]
         self.counts["records"] += offsets.shape[0]
         local = None if chunk.local_ns is None else np.asarray(chunk.local_ns, np.int64)
@@ -414,6 +420,23 @@ class DbnSegmentRun:
             else:
                 self._records(table, rtype, arr, rows_local)
 
+    def _plain_session(self, buf: np.ndarray, offsets: np.ndarray) -> None:
+        """A plain DBN file's records: before its first MBO record, the dataset's books are
+        emptied (the file is its own session); its newest MBO ts_event and ts_recv date the clear
+        rows after its last record (ts_recv names the symbol). Files without MBO leave the books alone."""
+        mbo = offsets[buf[offsets + 1] == R_MBO]
+        if mbo.shape[0] == 0:
+            return
+        at = self._dtype(R_MBO)[0].fields["ts_recv"][1]
+        ts_event = buf[mbo[:, None] + np.arange(8, 16)].reshape(-1).view("<u8")
+        ts_recv = buf[mbo[:, None] + np.arange(at, at + 8)].reshape(-1).view("<u8")
+        if not self._plain:
+            self._plain = True
+            self.counts["plain_mbo_files"] += 1
+            self._reset_books(int(ts_event.min()), int(ts_recv.min()), None)
+        last_event, last_recv = self._plain_last
+        self._plain_last = (max(last_event, int(ts_event.max())), max(last_recv, int(ts_recv.max())))
+
     def _event(self, event: dict) -> None:
         """Control events -> the dataset's book validity (the module docstring's rules)."""
         kind = event.get("event")
@@ -422,13 +445,15 @@ class DbnSegmentRun:
         elif kind == "session":
             mbo = [sub for sub in self._subscriptions if sub.get("schema") == "mbo"]
             self._subscriptions = []
-            if mbo and all(sub.get("start") == 0 for sub in mbo):
-                self._books().replay_from_start(self.dataset)
+            if any(sub.get("start") == 0 for sub in mbo):
+                recv = int(event.get("recv_ns") or 0)
+                books = self._reset_books(recv, recv, recv)
                 self.counts["replays_from_start"] += 1
-                self._replay_head = True
+                log.warning("databento_etl_replay_from_start", segment=self.key, dataset=self.dataset,
+                            books_emptied=books)  # fmt: skip
         elif kind == "gap":
             self.counts["gaps"] += 1
-            if event.get("refill_start") is None and not self._replay_head:
+            if event.get("refill_start") is None:
                 self._books().invalidate(self.dataset)
         elif kind == "overflow":
             self.counts["overflows"] += 1
@@ -510,28 +535,63 @@ class DbnSegmentRun:
         known = np.repeat(f_known, per_frame)
         if rec.shape[0] == 0:
             return
-        rows = arr[rec]
-        bb, ba = result.best_bid, result.best_ask
+        self.counts["snapshots"] += int(np.count_nonzero(frames.r_snap))
+        self._level2_rows(arr[rec], None if local is None else local[rec], frames.r_side, frames.r_px, frames.r_sz,
+                          frames.r_snap, result.best_bid, result.best_ask, known)  # fmt: skip
+
+    def _reset_books(self, ts_event: int, ts_recv: int, local: int | None) -> int:
+        """Empty the dataset's books (:meth:`MboBooks.reset`); a clear row at those times for
+        each one that held a level or was known. Returns how many got one."""
+        slots, publisher, instrument = self._books().reset(self.dataset)
+        n = slots.shape[0]
+        if n == 0:
+            return 0
+        self.counts["books_reset"] += n
+        rows = np.zeros(n, self._dtype(R_MBO)[0])
+        rows["ts_event"], rows["ts_recv"] = ts_event, ts_recv
+        if self.ts_out:
+            rows["ts_out"] = ts_recv
+        rows["length"], rows["rtype"] = rows.dtype.itemsize // 4, R_MBO
+        rows["publisher_id"], rows["instrument_id"] = publisher, instrument
+        rows["action"], rows["side"], rows["price"] = b"R", b"N", UNDEF_PRICE
+        none = np.full(n, NO_PRICE, np.int64)
+        self._level2_rows(rows, None if local is None else np.full(n, local, np.int64), np.zeros(n, np.int8),
+                          np.zeros(n, np.int64), np.zeros(n, np.int64), np.ones(n, np.bool_), none, none,
+                          np.zeros(n, np.bool_))  # fmt: skip
+        return n
+
+    def _level2_rows(
+        self,
+        rows: np.ndarray,
+        local: np.ndarray | None,
+        r_side: np.ndarray,
+        r_px: np.ndarray,
+        r_sz: np.ndarray,
+        clear: np.ndarray,
+        bb: np.ndarray,
+        ba: np.ndarray,
+        known: np.ndarray,
+    ) -> None:
+        """The level2 rows: per changed level, its MBO record's fields, the level (side, price,
+        new total; a clear has none), the book's best bid/ask after it and its validity."""
         has_bb, has_ba = bb != NO_PRICE, ba != NO_PRICE
         both = has_bb & has_ba
         crossed = both & (bb >= ba)
         self.counts["crossed"] += int(np.count_nonzero(crossed & known))
-        self.counts["snapshots"] += int(np.count_nonzero(frames.r_snap))
         flags = rows["flags"]
         columns: dict[str, pa.Array] = {"ts_event": ts_column(rows["ts_event"]), "ts_recv": ts_column(rows["ts_recv"])}
-        columns["ts_local"] = pa.array(local[rec], TS_TYPE) if local is not None else pa.nulls(rec.shape[0], TS_TYPE)
+        columns["ts_local"] = pa.array(local, TS_TYPE) if local is not None else pa.nulls(rows.shape[0], TS_TYPE)
         if self.ts_out:
             columns["ts_out"] = ts_column(rows["ts_out"])
-        clear = frames.r_snap
         columns |= {
             "publisher_id": pa.array(rows["publisher_id"]),
             "instrument_id": pa.array(rows["instrument_id"]),
             "sequence": pa.array(rows["sequence"]),
             "order_id": pa.array(rows["order_id"]),
             "action": _string_column(rows["action"], self.counts),
-            "side": pc.take(pa.array(["bid", "ask"]), pa.array(frames.r_side.astype(np.int64), mask=clear)),
-            "price": price_column(np.where(clear, UNDEF_PRICE, frames.r_px), self.strategy),
-            "size": pa.array(frames.r_sz),
+            "side": pc.take(pa.array(["bid", "ask"]), pa.array(r_side.astype(np.int64), mask=clear)),
+            "price": price_column(np.where(clear, UNDEF_PRICE, r_px), self.strategy),
+            "size": pa.array(r_sz),
             "flags": pa.array(flags),
         }
         for flag, bit in FLAG_COLUMNS:
