@@ -26,6 +26,7 @@ from daedalus.capture.databento_collector import DatabentoCollector
 from daedalus.config import IngestionConfig, parse_config
 from daedalus.layout import DataLayout
 from daedalus.sim.databento.gateway import TEST_API_KEY, DatabentoGateway, GatewayConfig
+from daedalus.sources import databento_raw
 from daedalus.sources.databento_raw import (
     DbnSegmentWriter,
     event_frame,
@@ -81,11 +82,16 @@ class TinyGateway:
     simulator (``daedalus.sim.databento``) for that: one numbered tape makes "no gap, no duplicate" an
     exact assertion. ``cut(kind)`` ends the session gracefully right after a chosen record;
     ``refuse`` makes it turn down every replay (``"error"``: REPLAY_DATA_AGED_OUT; ``"silent"``:
-    hang up with no record)."""
+    hang up with no record); ``snapshots=False`` answers a snapshot with INVALID_SUBSCRIPTION (as
+    datasets without live snapshots, and the simulator); ``skew`` stamps instrument 102's events that
+    many ns earlier, so ``ts_event`` goes backwards between the two instruments in tape order."""
 
-    def __init__(self, rate: float = 2000.0, key: str = KEY) -> None:
+    def __init__(self, rate: float = 2000.0, key: str = KEY, skew: int = 0) -> None:
         self.rate = rate  # events per second
+        self.paused = False  # a quiet market: no new event
         self.key = key
+        self.skew = skew
+        self.snapshots = True
         self.tape: list[tuple[int, str, bytes]] = []  # (ts_event, schema, record bytes)
         self.sessions: list[list[dict[str, str]]] = []  # the subscriptions of each authenticated session
         self.cut_at: int | None = None  # tape index of the last record sent before a cut
@@ -129,8 +135,8 @@ class TinyGateway:
     def _add_event(self) -> None:
         i = self._events
         self._events += 1
-        ts = T0 + i * 1000
         instrument = 101 + i % 2
+        ts = T0 + i * 1000 - (self.skew if instrument == 102 else 0)
         if i % 4 == 0:
             trade = dbn.TradeMsg(
                 publisher_id=1,
@@ -182,8 +188,10 @@ class TinyGateway:
         started = time.monotonic()
         while True:
             due = int((time.monotonic() - started) * self.rate)
-            while self._events < due:
+            while self._events < due and not self.paused:
                 self._add_event()
+            if self.paused:
+                started = time.monotonic() - self._events / self.rate
             await asyncio.sleep(0.005)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -227,6 +235,12 @@ class TinyGateway:
     async def _stream(self, writer: asyncio.StreamWriter, subs: list[dict[str, str]]) -> None:
         writer.write(self._head(subs))
         starts = {sub["schema"]: int(sub["start"]) if "start" in sub else None for sub in subs}
+        if not self.snapshots and any(sub.get("snapshot") == "1" for sub in subs):
+            error = dbn.ErrorMsg(ts_event=T0, err="No live snapshot here", code=dbn.ErrorCode.INVALID_SUBSCRIPTION)
+            writer.write(bytes(error))
+            await writer.drain()
+            writer.close()
+            return
         if self.refuse and any(start is not None for start in starts.values()):
             if self.refuse == "error":
                 aged = dbn.ErrorMsg(ts_event=T0, err="Replay data aged out", code=dbn.ErrorCode.REPLAY_DATA_AGED_OUT)
@@ -254,6 +268,16 @@ class TinyGateway:
                         self._writers.remove(writer)
                         writer.close()  # graceful: everything written so far reaches the client
                         return
+            if cursor < live_from <= end:  # the replay is sent: say so per schema, as the gateway does
+                out += [
+                    bytes(
+                        dbn.SystemMsg(
+                            ts_event=T0, msg=f"Finished {schema} replay", code=dbn.SystemCode.REPLAY_COMPLETED
+                        )
+                    )
+                    for schema, start in starts.items()
+                    if start is not None
+                ]
             cursor = end
             if out:
                 writer.write(b"".join(out))
@@ -490,6 +514,58 @@ def test_each_segment_repeats_metadata_and_mappings_and_counts_overflow(tmp_path
     assert next(e for e in events if e["event"] == "overflow")["dropped"] == 2
 
 
+def test_a_mapping_arriving_again_does_not_hide_the_instruments_other_mappings(tmp_path):
+    """ESM6 is subscribed under its raw symbol and its parent ES.FUT: when only the parent's mapping
+    comes again in a later segment, that segment still repeats the raw symbol's (as context)."""
+    writer = DbnSegmentWriter(DataLayout(tmp_path), DATASET, IngestionConfig(flush_interval_seconds=0.02))
+    raw, parent = mapping("ESM6", 101), mapping("ES.FUT", 101, "ESM6")
+    hour = 3600 * 10**9
+    writer.put_metadata(T0, 1, live_metadata())
+    writer.put_records(T0, 1, [raw, parent], [raw, parent])
+    writer.put_records(T0, 1, [mbo(1)])
+    writer.put_records(T0 + hour, 1, [parent], [parent])  # a new hour: a new segment
+    writer.put_records(T0 + hour, 1, [mbo(2)])
+    writer.start()
+    assert writer.close()
+    _first, second = segments(tmp_path)
+    records, _local, conn, _events = read_all([second])
+    pairs = list(zip(records, conn.tolist(), strict=True))
+    assert (raw, 0) in pairs and (parent, 1) in pairs  # the raw symbol's, repeated; the parent's, as it came
+    assert pairs.index((raw, 0)) < pairs.index((mbo(2), 1))
+
+
+def test_the_overflow_event_stands_where_the_records_were_dropped(tmp_path):
+    """Records dropped for a full queue are marked at their place in the stream: the records received
+    after the drop come after the ``overflow`` event (the ETL must not take them as from a known book)."""
+    ingestion = IngestionConfig(flush_interval_seconds=0.02, batch_size=100, queue_maxsize=100)
+    writer = DbnSegmentWriter(DataLayout(tmp_path), DATASET, ingestion)
+    writer.put_metadata(1, 1, live_metadata())
+    assert writer.put_records(2, 1, [mbo(seq) for seq in range(50)])
+    assert not writer.put_records(3, 1, [mbo(seq) for seq in range(50, 110)])  # 60 more do not fit
+    assert not writer.put_records(3, 1, [mbo(seq) for seq in range(110, 161)])
+    assert writer.put_records(4, 1, [mbo(seq) for seq in range(161, 201)])
+    writer.start()
+    assert writer.close()
+    before: list[int] = []
+    for chunk in open_dbn_segment(segments(tmp_path)[0]):
+        if any(e["event"] == "overflow" for e in chunk.events):
+            assert [e["dropped"] for e in chunk.events if e["event"] == "overflow"] == [111]
+            break
+        before += [int.from_bytes(chunk.records[i + 52 : i + 56], "little") for i in range(0, len(chunk.records), 56)]
+    else:
+        raise AssertionError("no overflow event")
+    assert before == list(range(50))
+
+
+def test_records_the_writer_did_not_take_are_not_dropped_from_a_refill():
+    tracker = databento_raw.RefillTracker(floor_ns=10**9)
+    records = [mbo(seq) for seq in range(5)]
+    assert all(tracker.admit(160, r) for r in records)
+    tracker.forget(records[3:])  # the writer's queue was full
+    tracker.arm({160: 0})
+    assert [tracker.admit(160, r) for r in records] == [False, False, False, True, True]
+
+
 @pytest.mark.filterwarnings("ignore:The inplace keyword")  # inside DBNStore.to_df (pandas 3.1)
 def test_a_segment_names_only_its_own_instruments_just_before_their_first_record(tmp_path):
     """A whole dataset's mappings (OPRA: ~1.5M) are not repeated at the head of every segment: a
@@ -599,7 +675,8 @@ async def test_a_refill_starts_each_schema_from_its_own_last_event_and_drops_wha
     before = [r for r in captured if index[r] <= cut_at]  # what the first session wrote
     newest = {rtype: max(ts_event(r) for r in before if r[1] == rtype) for rtype in (160, 0, 32)}
     starts = {sub["schema"]: int(sub["start"]) for sub in gateway.sessions[1]}
-    assert starts == {"mbo": newest[160], "trades": newest[0], "ohlcv-1s": newest[32]}  # each its own, not + 1
+    floor = databento_raw.REFILL_FLOOR_NS  # the tape's ts_event never goes back: the floor
+    assert starts == {"mbo": newest[160] - floor, "trades": newest[0] - floor, "ohlcv-1s": newest[32] - floor}
     assert len({starts["mbo"], starts["trades"], starts["ohlcv-1s"]}) > 1 or cut == "mid_event"
     [gap] = [e for e in events if e["event"] == "gap" and e["reason"] == "reconnect"]
     assert gap["refill_start"] == min(starts.values())
@@ -627,7 +704,8 @@ async def test_a_restart_refills_from_the_newest_segment_an_earlier_run_left(tmp
     assert positions == list(range(positions[0], positions[0] + len(positions)))  # no gap, no repeat
     newest = {rtype: max(ts_event(r) for r in first_run if r[1] == rtype) for rtype in (160, 0, 32)}
     starts = {sub["schema"]: int(sub["start"]) for sub in gateway.sessions[1]}
-    assert starts == {"mbo": newest[160], "trades": newest[0], "ohlcv-1s": newest[32]}
+    floor = databento_raw.REFILL_FLOOR_NS
+    assert starts == {"mbo": newest[160] - floor, "trades": newest[0] - floor, "ohlcv-1s": newest[32] - floor}
     restart = [e for e in events if e["event"] == "gap"][1]
     assert restart["reason"] == "start" and restart["refill_start"] == min(starts.values())
     assert collector.stats.duplicates_dropped > 0
@@ -677,6 +755,151 @@ async def test_a_refused_refill_goes_live_with_a_snapshot_and_keeps_the_gap(tmp_
     gaps = [e for e in events if e["event"] == "gap"]
     assert gaps[-1]["refill_start"] is None and "refill refused" in gaps[-1]["reason"]
     assert all(g["refill_start"] is not None for g in gaps[1:-1])  # the refused tries
+
+
+async def test_ts_event_going_backwards_is_refilled_from_the_largest_step_back(tmp_path, monkeypatch):
+    """Two instruments whose ts_event interleave backwards (as CME channels or OPRA publishers): the
+    records after the cut with a ts_event below the newest one come again only because the refill asks
+    from newest - the largest step back seen (no floor here, to see the step); definitions stay live."""
+    monkeypatch.setattr(databento_raw, "REFILL_FLOOR_NS", 0)
+    subscriptions = [*THREE_SCHEMAS[:2], {"dataset": DATASET, "schema": "definition", "symbols": list(SYMBOLS)}]
+    async with TinyGateway(rate=1000, skew=2500) as gateway:
+        capture, task = await run_collector(tmp_path, gateway.port, subscriptions=subscriptions)
+        collector: DatabentoCollector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.rtypes[160] >= 50, what="orders")
+        gateway.cut("mid_event")
+        await wait_until(lambda: len(gateway.sessions) == 2, what="the reconnect")
+        cut_at = gateway.cut_at
+        await wait_until(lambda: collector.stats.rtypes[160] >= 300, what="orders after the reconnect")
+        await stop_collector(capture, task)
+    records, _local, conn, events = read_all(segments(tmp_path))
+    subscribed = [record for _ts, schema, record in gateway.tape if schema in ("mbo", "trades")]
+    index = {record: i for i, record in enumerate(subscribed)}
+    positions = [index[r] for r in market(records, conn)]
+    assert positions == list(range(positions[0], positions[0] + len(positions)))  # the tape, no gap, no repeat
+    before = [record for _ts, schema, record in gateway.tape[: cut_at + 1] if schema == "mbo"]
+    starts = {sub["schema"]: int(sub["start"]) for sub in gateway.sessions[1] if "start" in sub}
+    assert starts["mbo"] == max(map(ts_event, before)) - 1500  # 2500 back from 1000 ahead
+    assert "start" not in gateway.sessions[1][2]  # definition: live, never refilled
+    [gap] = [e for e in events if e["event"] == "gap" and e["reason"] == "reconnect"]
+    assert gap["not_refilled"] == ["definition"] and gap["refill_start"] == min(starts.values())
+
+
+def test_the_duplicate_window_is_bounded_and_a_replay_past_it_is_written_and_counted():
+    """Every record from the refill start on is kept to drop its replay, up to a bound in bytes; a
+    replayed record pushed out by the bound cannot be recognised: it is written (admitted) and counted."""
+    tracker = databento_raw.RefillTracker(floor_ns=10_000, cap_bytes=56 * 50)
+    written = [mbo(seq) for seq in range(300)]
+    stamped = [r[:8] + (T0 + i * 100).to_bytes(8, "little") + r[16:] for i, r in enumerate(written)]
+    assert all(tracker.admit(160, r) for r in stamped)
+    start = tracker.start(160)
+    assert start == T0 + 299 * 100 - 10_000
+    tracker.arm({160: start})
+    replay = [r for r in stamped if ts_event(r) >= start]
+    admitted = [r for r in replay if tracker.admit(160, r)]
+    assert len(replay) == 101 and admitted == replay[:51]  # the 50 kept are dropped; the older ones written
+    assert tracker.unsure == 51 and tracker.dropped == 50
+
+
+async def test_a_dataset_without_live_snapshots_goes_live_without_one_and_refills_again_later(tmp_path):
+    """A refused refill asks for an mbo snapshot; a dataset that has none answers INVALID_SUBSCRIPTION:
+    capture goes live without a snapshot (gap kept) instead of asking the same two things forever, and
+    once live records came the next reconnect refills again."""
+    async with TinyGateway(rate=1000) as gateway:
+        gateway.snapshots = False
+        capture, task = await run_collector(tmp_path, gateway.port, subscriptions=THREE_SCHEMAS[:2])
+        collector: DatabentoCollector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.records > 100, what="records")
+        gateway.refuse = "error"
+        gateway.disconnect()
+        await wait_until(lambda: collector.stats.refills_refused == 1, what="the refill given up")
+        records_then = collector.stats.records
+        await wait_until(lambda: collector.stats.records > records_then + 100, what="live records again")
+        live = len(gateway.sessions)
+        gateway.refuse = None
+        gateway.disconnect()
+        await wait_until(lambda: len(gateway.sessions) > live, what="the next reconnect")
+        await stop_collector(capture, task)
+    asked = [[(s["schema"], "start" in s, s["snapshot"]) for s in session] for session in gateway.sessions]
+    assert asked[1:] == [
+        [("mbo", True, "0"), ("trades", True, "0")],  # the refill, refused
+        [("mbo", False, "1"), ("trades", False, "0")],  # a snapshot: refused too
+        [("mbo", False, "0"), ("trades", False, "0")],  # live, the gap kept
+        [("mbo", True, "0"), ("trades", True, "0")],  # after live records: a refill again
+    ]
+    assert collector.stats.refills_refused == 1
+
+
+async def test_a_restart_refills_from_the_state_file_once_the_etl_deleted_the_segments(tmp_path):
+    """The writer keeps a refill state file beside ``.last_segment``: a restart refills from it even when
+    every raw segment is gone (etl.after_processing: delete), and a configured ``start: 0`` is not sent
+    again (it would capture the whole replay history twice)."""
+    subscriptions = [{**sub, "start": 0} for sub in THREE_SCHEMAS[:2]]
+    async with TinyGateway(rate=1000) as gateway:
+        captured: list[bytes] = []
+        for run in (1, 2):
+            capture, task = await run_collector(tmp_path, gateway.port, subscriptions=subscriptions)
+            collector: DatabentoCollector = capture.collectors[0]
+            await wait_until(lambda c=collector: c.stats.rtypes[160] >= 200, what=f"orders of run {run}")
+            await stop_collector(capture, task)
+            records, _local, conn, _events = read_all(segments(tmp_path))
+            run_two = market(records, conn)
+            captured += run_two
+            for path in segments(tmp_path):  # what the ETL does once it processed them
+                path.unlink()
+    state = tmp_path / "raw" / "active" / "databento" / DATASET / ".refill_state"
+    assert state.is_file() and not list(state.parent.glob("*.tmp"))
+    assert [int(sub["start"]) for sub in gateway.sessions[0]] == [0, 0]
+    newest = {
+        rtype: max(ts_event(r) for r in captured[: len(captured) - len(run_two)] if r[1] == rtype) for rtype in (160, 0)
+    }
+    floor = databento_raw.REFILL_FLOOR_NS
+    assert [int(sub["start"]) for sub in gateway.sessions[1]] == [newest[160] - floor, newest[0] - floor]  # not 0
+    subscribed = [record for _ts, schema, record in gateway.tape if schema in ("mbo", "trades")]
+    index = {record: i for i, record in enumerate(subscribed)}
+    positions = [index[r] for r in captured]
+    assert positions == list(range(len(positions)))  # both runs: the tape from its start, no repeat
+    assert collector.stats.duplicates_dropped > 0
+
+
+async def test_a_restart_after_a_crash_between_a_flush_and_its_state_reads_what_came_after(tmp_path):
+    """The state file is written after the flush it describes: a crash in between leaves an older state.
+    The restart reads the records written after the state's segment offset, so nothing comes twice."""
+    state = tmp_path / "raw" / "active" / "databento" / DATASET / ".refill_state"
+    async with TinyGateway(rate=1000) as gateway:
+        for run in (1, 2):
+            capture, task = await run_collector(tmp_path, gateway.port, subscriptions=THREE_SCHEMAS[:2])
+            collector: DatabentoCollector = capture.collectors[0]
+            await wait_until(lambda c=collector: c.stats.rtypes[160] >= 100 and state.exists(), what="a state")
+            older = state.read_bytes()
+            written = capture.raw.writer.stats.written
+            writer = capture.raw.writer
+            await wait_until(lambda w=writer, n=written: w.stats.written > n + 200, what="later flushes")
+            await stop_collector(capture, task)
+            if run == 1:
+                state.write_bytes(older)  # as if the process died before the later state writes
+    records, _local, conn, _events = read_all(segments(tmp_path))
+    subscribed = [record for _ts, schema, record in gateway.tape if schema in ("mbo", "trades")]
+    index = {record: i for i, record in enumerate(subscribed)}
+    positions = [index[r] for r in market(records, conn)]
+    assert positions == list(range(positions[0], positions[0] + len(positions)))  # no gap, no repeat
+
+
+async def test_refills_in_a_quiet_market_are_not_taken_for_refusals(tmp_path):
+    """Refill sessions that bring no new record (nothing traded) but end with REPLAY_COMPLETED were
+    honoured: a flapping link in a quiet market does not make capture give up refills."""
+    async with TinyGateway(rate=1000) as gateway:
+        capture, task = await run_collector(tmp_path, gateway.port, subscriptions=THREE_SCHEMAS[:2])
+        collector: DatabentoCollector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.records > 100, what="records")
+        gateway.paused = True
+        for done in (2, 4, 6):  # three refill sessions, each told its two replays are finished
+            gateway.disconnect()
+            await wait_until(lambda n=done: collector.stats.replays_completed == n, what="the replays finished")
+        await stop_collector(capture, task)
+    assert collector.stats.refills_refused == 0
+    assert all("start" in sub for session in gateway.sessions[1:] for sub in session)
+    assert collector.tracker.replayed == {}  # the duplicate drop is off once each replay is over
 
 
 async def test_without_reconnect_refill_the_gap_stays(tmp_path):

@@ -172,6 +172,9 @@ class DatabentoCapture:
             "refills": {d: s.refills for d, s in stats.items()},
             "refills_refused": {d: s.refills_refused for d, s in stats.items()},
             "duplicates_dropped": {d: s.duplicates_dropped for d, s in stats.items()},
+            # replayed records past the duplicate window's bound: written, though they may be duplicates
+            "refill_unsure": {c.dataset: c.tracker.unsure for c in self.collectors},
+            "replays_completed": {d: s.replays_completed for d, s in stats.items()},
             "gateway_heartbeats": {d: s.heartbeats for d, s in stats.items()},
             "gateway_errors": {d: s.gateway_errors for d, s in stats.items()},
             "slow_reader_warnings": {d: s.slow_reader_warnings for d, s in stats.items()},

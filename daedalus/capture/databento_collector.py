@@ -10,13 +10,31 @@ messages are logged (rate-limited) and counted, and each rtype's newest ``ts_eve
 for the refill.
 
 Reconnects back off (:mod:`daedalus.backoff`); each new session starts a new segment and writes
-a ``gap`` event. With ``reconnect_refill`` each subscription is sent again with ``start`` = the
-newest ``ts_event`` of its own schema's records (:class:`RefillTracker`: the gateway filters a
-replay on each schema's ``ts_event``, and the records of one event share it), and the replayed
-records already written are dropped; ``refill_start`` says from when (the earliest start). When
-the gateway refuses the refill (``REPLAY_DATA_AGED_OUT``, or refill sessions that end without a
-record), the session goes live-only (mbo with a snapshot) and the gap stays:
-``refill_start`` null. A restart refills too, from the newest segment an earlier run left.
+a ``gap`` event. With ``reconnect_refill`` each subscription is sent again with ``start`` = its
+schema's newest ``ts_event`` minus the largest backward step of ``ts_event`` seen in that rtype
+(records arrive in receive order, not ``ts_event`` order), at least ``REFILL_FLOOR_NS``
+(:class:`~daedalus.sources.databento_raw.RefillTracker`: the gateway filters a replay on each
+schema's ``ts_event``); the replayed records already written (every record from that start on is
+kept, bounded) are dropped; ``refill_start`` says from when (the earliest start). Definition,
+statistics and status subscriptions are never refilled (their ``ts_event`` are old exchange times):
+they go on live, and the gap event lists them in ``not_refilled``. A schema with no record yet
+refills from the configured ``start`` (nothing of it was written) or from when this process first
+subscribed.
+
+When the gateway refuses the refill (``REPLAY_DATA_AGED_OUT``, or :data:`REFILL_TRIES` refill
+sessions that end without a record), capture goes live-only (mbo with a snapshot) and the gap
+stays: ``refill_start`` null. A dataset without live snapshots answers ``INVALID_SUBSCRIPTION`` to
+that: the collector then stops asking for snapshots (for the rest of the process) and goes live
+without one. Refills are tried again only after a live-only session delivered market records. A
+``REPLAY_COMPLETED`` ("Finished <schema> replay") proves a refill honoured (a quiet market sends
+no new record: not a refusal) and ends that schema's duplicate drop.
+
+A restart refills too: the writer keeps ``raw/active/databento/<DATASET>/.refill_state`` (what it
+wrote: per rtype newest ts_event, step, hashes of the window, and the segment offset it covers;
+replaced atomically at most every second after a flush and before every rotation) and a new
+process reads it first (the raw segments may already be deleted by the ETL), then the records
+written after its offset if still on disk; only without it the newest segment left is read. A
+configured ``start`` is never sent again once a run captured records of that schema.
 """
 
 from __future__ import annotations
@@ -25,9 +43,7 @@ import asyncio
 import itertools
 import logging
 import random
-import struct
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +56,16 @@ from databento_dbn import ErrorCode, SystemCode
 from daedalus.backoff import backoff_delay
 from daedalus.config import ALL_SYMBOLS, DatabentoConfig, DatabentoSubscription, IngestionConfig
 from daedalus.logs import get_logger
-from daedalus.sources.databento_raw import DbnSegmentWriter, last_events, newest_segment
+from daedalus.sources.databento_raw import (
+    NO_REFILL_RTYPES,
+    DbnSegmentWriter,
+    RefillTracker,
+    last_events,
+    newest_segment,
+    read_refill_state,
+    state_path,
+    written_after,
+)
 
 log = get_logger(__name__)
 
@@ -52,8 +77,6 @@ ERROR_RTYPE, MAPPING_RTYPE, SYSTEM_RTYPE = 21, 22, 23
 CONTROL_RTYPES = frozenset((ERROR_RTYPE, MAPPING_RTYPE, SYSTEM_RTYPE))
 LOG_EVERY_S = 10.0  # a repeated gateway message is logged at most this often (the rest counted)
 REFILL_TRIES = 2  # refill sessions in a row that end without a record: the gateway will not refill
-_U64 = struct.Struct("<Q").unpack_from
-WINDOW_CAP = 16_384  # records kept per rtype at its newest ts_event (one event; ~8.5 MB of definitions at most)
 # the rtypes of each subscription's records (DBN v3): a subscription refills from the newest of these
 SCHEMA_RTYPES: dict[str, tuple[int, ...]] = {
     "mbo": (160,),
@@ -96,6 +119,15 @@ RTYPE_SCHEMA = {
 }
 
 
+def schema_rtypes(schema: str) -> tuple[int, ...]:
+    return SCHEMA_RTYPES.get(schema, ())
+
+
+def last_ts_events(tracker: RefillTracker) -> dict[str, int]:
+    """schema name -> newest ts_event, for the gap event and the logs."""
+    return {RTYPE_SCHEMA.get(r, f"rtype_{r}"): ts for r, ts in sorted(tracker.newest.items())}
+
+
 def gateway_host(dataset: str, override: str | None) -> str:
     """Databento's per-dataset host (``glbx-mdp3.lsg.databento.com``) unless overridden."""
     return override or f"{dataset.lower().replace('.', '-')}.lsg.databento.com"
@@ -126,88 +158,6 @@ class LogLimiter:
         return self._held.pop(key, 0)
 
 
-class RefillTracker:
-    """Per rtype: the newest ``ts_event`` seen and the records at it (the last event so far).
-
-    Why: Databento filters a replay on each schema's own ``ts_event`` (a bar carries its open
-    time, a definition an old one), so each subscription refills from its own schema's newest
-    ``ts_event``; and the records of one event share their ``ts_event`` (``F_LAST`` on the last),
-    so the refill asks from that ``ts_event`` itself, not + 1, and the replayed records already
-    written (kept here, bounded to :data:`WINDOW_CAP` per rtype) are dropped once each.
-    Records are compared without their trailing ``ts_out`` (the gateway's send time differs).
-    """
-
-    def __init__(self, ts_out: bool = False) -> None:
-        self.cut = 8 if ts_out else 0
-        self._newest = [-1] * 256  # rtype -> newest ts_event (-1: none yet); a list: this runs per record
-        self._window: list[list[bytes]] = [[] for _ in range(256)]  # rtype -> keys of the records at it
-        self.replayed: dict[int, Counter[bytes]] = {}  # rtype -> keys a running refill will send again
-        self.dropped = 0
-
-    @property
-    def newest(self) -> dict[int, int]:
-        """rtype -> newest ts_event, for the rtypes seen."""
-        return {rtype: ts for rtype, ts in enumerate(self._newest) if ts >= 0}
-
-    def key(self, data: bytes) -> bytes:
-        return data[: -self.cut] if self.cut else data
-
-    def admit(self, rtype: int, data: bytes) -> bool:
-        """Track a market record; False for a replayed record already written (drop it)."""
-        if self.replayed and self._replayed(rtype, data):
-            return False
-        (ts,) = _U64(data, 8)
-        newest = self._newest[rtype]
-        if ts > newest:
-            self._newest[rtype] = ts
-            self._window[rtype] = [data[: -self.cut] if self.cut else data]
-        elif ts == newest:
-            window = self._window[rtype]
-            if len(window) < WINDOW_CAP:
-                window.append(data[: -self.cut] if self.cut else data)
-        return True
-
-    def _replayed(self, rtype: int, data: bytes) -> bool:
-        """Whether ``data`` is one of the records a refill sends again (each counted once)."""
-        pending = self.replayed.get(rtype)
-        if not pending:
-            return False
-        key = self.key(data)
-        count = pending.get(key)
-        if not count:
-            return False
-        if count > 1:
-            pending[key] = count - 1
-        else:
-            del pending[key]
-            if not pending:
-                del self.replayed[rtype]
-        self.dropped += 1
-        return True
-
-    def start_for(self, schema: str) -> int | None:
-        """The refill start of a subscription of ``schema``: its records' newest ts_event."""
-        newest = max((self._newest[r] for r in SCHEMA_RTYPES.get(schema, ())), default=-1)
-        return newest if newest >= 0 else None
-
-    def arm(self, schemas: list[str]) -> None:
-        """A refill of these schemas begins: the records at each newest ts_event come again."""
-        rtypes = {r for schema in schemas for r in SCHEMA_RTYPES.get(schema, ())}
-        self.replayed = {r: Counter(self._window[r]) for r in rtypes if self._window[r]}
-
-    def disarm(self) -> None:
-        self.replayed = {}
-
-    def seed(self, events: dict[int, tuple[int, list[bytes]]]) -> None:
-        """Start from an earlier run's newest records (:func:`databento_raw.last_events`)."""
-        for rtype, (ts, records) in events.items():
-            self._newest[rtype] = ts
-            self._window[rtype] = [self.key(record) for record in records[:WINDOW_CAP]]
-
-    def last_ts_events(self) -> dict[str, int]:
-        return {RTYPE_SCHEMA.get(r, f"rtype_{r}"): ts for r, ts in sorted(self.newest.items())}
-
-
 @dataclass
 class DatabentoStats:
     records: int = 0
@@ -219,6 +169,7 @@ class DatabentoStats:
     refills: int = 0
     refills_refused: int = 0  # the gateway would not replay (aged out): went live-only
     duplicates_dropped: int = 0  # replayed records already written, dropped
+    replays_completed: int = 0  # REPLAY_COMPLETED messages (one per refilled schema)
     heartbeats: int = 0
     gateway_errors: int = 0
     slow_reader_warnings: int = 0
@@ -269,6 +220,8 @@ class _Session(DatabentoLiveProtocol):
         self.mappings: list[bytes] = []
         self.streamed = False  # the session's metadata arrived
         self.refill = False  # subscribed with refill starts
+        self.snapshot = False  # asked for an mbo snapshot
+        self.replay_completed = False  # the gateway said a replay finished (REPLAY_COMPLETED): the refill was honoured
         self.market = 0  # market records received (not mappings, system or error messages)
         self.tracker = collector.tracker
         self.whole_rtypes = collector.whole_rtypes
@@ -350,6 +303,8 @@ class DatabentoCollector:
         self._gap_reason = "start"
         self._refill_start: int | None = None  # the earliest start asked of the current session by a refill
         self.tracker = RefillTracker(settings.ts_out)
+        writer.refill = RefillTracker(settings.ts_out)  # what is on disk: the state file a restart reads
+        self._no_snapshot = False  # the gateway refused an mbo snapshot: this dataset has none live
         # rtypes of the whole-dataset (ALL_SYMBOLS) subscriptions: their records are that product's
         self.whole_rtypes = frozenset(
             rtype for sub in subscriptions if ALL_SYMBOLS in sub.symbols for rtype in SCHEMA_RTYPES[sub.schema_]
@@ -359,6 +314,7 @@ class DatabentoCollector:
         self._refill_failures = 0  # refill sessions in a row that ended without a market record
         self._block = ingestion.on_queue_full == "block"
         self._logs = LogLimiter()
+        self._not_refilled: list[str] = []  # schemas of the current refill session sent live (gap event)
         self._skip_gap_at: tuple[int, int] | None = None  # (conn, market records) at the last skip's gap event
         self._paused = False  # reading paused until the writer catches up (block)
 
@@ -418,20 +374,35 @@ class DatabentoCollector:
             self.stats.reconnects += 1
 
     async def _resume(self) -> None:
-        """A restart refills too: each schema from its newest ts_event in the newest segment an
-        earlier run left (read off the loop; an unreadable one means no refill, not no capture)."""
+        """A restart refills too: from the refill state file the writer keeps, else from the newest
+        segment an earlier run left (read off the loop; unreadable means no refill, not no capture)."""
         writer = self.writer
         try:
-            path = await asyncio.to_thread(newest_segment, writer.layout, self.dataset)
-            events = await asyncio.to_thread(last_events, path) if path is not None else {}
-        except Exception as exc:  # a damaged segment is the ETL's to report: capture goes on
+            state = await asyncio.to_thread(read_refill_state, state_path(writer.layout, self.dataset))
+            if state is not None:
+                trackers = [self.tracker] if writer.refill is None else [self.tracker, writer.refill]
+                for tracker in trackers:  # the writer's: the next state file still knows the earlier run's window
+                    tracker.load(state)
+                tail = await asyncio.to_thread(
+                    written_after, writer.layout, self.dataset, state.get("segment", ""), state.get("offset", 0)
+                )
+                for record in tail:  # written after the state (a crash between the two)
+                    for tracker in trackers:
+                        tracker.admit(record[1], record)
+                source = f"state (+{len(tail)} records after it)"
+            else:
+                path = await asyncio.to_thread(newest_segment, writer.layout, self.dataset)
+                events = await asyncio.to_thread(last_events, path) if path is not None else {}
+                self.tracker.seed(events)
+                source = path.name if path else None
+        except Exception as exc:  # a damaged file is the ETL's (or the operator's) to report: capture goes on
             log.warning("databento_resume_unreadable", dataset=self.dataset, error=repr(exc))
             return
-        if events:
-            self.tracker.seed(events)
-            self.stats.last_ts_event = max(ts for ts, _records in events.values())
-            log.info("databento_resume", dataset=self.dataset, segment=path.name if path else None,
-                     last_ts_events=self.tracker.last_ts_events())  # fmt: skip
+        newest = self.tracker.newest
+        if newest:
+            self.stats.last_ts_event = max(newest.values())
+            log.info("databento_resume", dataset=self.dataset, source=source,
+                     last_ts_events=last_ts_events(self.tracker))  # fmt: skip
 
     async def stop(self) -> None:
         """Close the connection politely; ``run`` then ends."""
@@ -505,10 +476,10 @@ class DatabentoCollector:
         if session.streamed:
             self._gap_pending, self._gap_reason = True, "reconnect"
         if not session.refill:
-            if session.streamed and self._refused is None:
-                self._refill_failures = 0
+            if session.market:  # live-only delivered: the next reconnect may refill again
+                self._refused, self._refill_failures = None, 0
             return
-        if session.market:
+        if session.market or session.replay_completed:
             self._refill_failures = 0
             return
         if not session.streamed:  # it never began (a network fault): that says nothing of the refill
@@ -526,28 +497,39 @@ class DatabentoCollector:
 
     def _plan(self) -> tuple[list[tuple[int | None, bool]], bool]:
         """((start, snapshot) per subscription, refill?): as configured; after a gap (a reconnect,
-        or a restart that found an earlier run's segment), each from its own schema's newest
-        ts_event (refill; at a restart, a subscription asking for a snapshot gets it instead);
-        live-only with an mbo snapshot once the gateway refused a refill."""
+        or a restart that found an earlier run's state), each from its own schema's refill start
+        (at a restart, a subscription asking for a snapshot gets it instead); definition,
+        statistics and status live; live-only with an mbo snapshot once the gateway refused a
+        refill (without one if the dataset has no live snapshot)."""
         subs = self.subscriptions
-        configured = [(sub.start_ns, sub.snapshot) for sub in subs]
+        snapshots = not self._no_snapshot
+        configured = [(sub.start_ns, sub.snapshot and snapshots) for sub in subs]
         after_capture = self._gap_reason != "start" or bool(self.tracker.newest)
         if not self._gap_pending or not after_capture:
             return configured, False
         if self._refused is not None:
-            return [(None, sub.schema_ == "mbo") for sub in subs], False
+            return [(None, sub.schema_ == "mbo" and snapshots) for sub in subs], False
         if not self.settings.reconnect_refill:
             return configured, False
         plan: list[tuple[int | None, bool]] = []
         for sub in subs:
-            if self._gap_reason == "start" and sub.snapshot:  # a restart: the book from the snapshot asked for
+            rtypes = schema_rtypes(sub.schema_)
+            if self._gap_reason == "start" and sub.snapshot and snapshots:  # a restart: the book from the snapshot
                 plan.append((None, True))
                 continue
-            start = self.tracker.start_for(sub.schema_)
-            if start is None:  # nothing of this schema yet: from when capture began (or as configured)
+            if rtypes and set(rtypes) <= NO_REFILL_RTYPES:  # old exchange times: live, never refilled
+                plan.append((None, False))
+                continue
+            start = self._schema_start(sub.schema_)
+            if start is None and not any(r in self.tracker.newest for r in rtypes):
+                # nothing of it written: the configured start, else from when this process began
                 start = sub.start_ns if sub.start_ns is not None else self._covered_since
-            plan.append((start, sub.snapshot and start is None))
+            plan.append((start, sub.snapshot and snapshots and start is None))
         return plan, any(start is not None for start, _snapshot in plan)
+
+    def _schema_start(self, schema: str) -> int | None:
+        starts = [s for s in map(self.tracker.start, schema_rtypes(schema)) if s is not None]
+        return min(starts) if starts else None
 
     def _subscribe(self, session: _Session, conn: int) -> None:
         """Send every subscription (see :meth:`_plan`)."""
@@ -561,16 +543,24 @@ class DatabentoCollector:
         ]
         plan, refill = self._plan()
         session.refill = refill
+        session.snapshot = any(snapshot for _start, snapshot in plan)
         # the gap is filled only if every mbo book can go on: refilled, or rebuilt from a snapshot
         # (a restart whose newest segment has no mbo record cannot refill mbo: its books are unknown)
         pairs = zip(self.subscriptions, plan, strict=True)
         whole = all(start is not None or snapshot for sub, (start, snapshot) in pairs if sub.schema_ == "mbo")
         starts = [start for start, _snapshot in plan if start is not None]
         self._refill_start = min(starts) if refill and whole else None
+        self._not_refilled = [
+            sub.schema_
+            for sub, (start, _s) in zip(self.subscriptions, plan, strict=True)
+            if refill and start is None and set(schema_rtypes(sub.schema_)) <= NO_REFILL_RTYPES
+        ]
         if refill:
-            self.tracker.arm(
-                [sub.schema_ for sub, (start, _s) in zip(self.subscriptions, plan, strict=True) if start is not None]
-            )
+            armed: dict[int, int] = {}
+            for sub, (start, _s) in zip(self.subscriptions, plan, strict=True):
+                for rtype in schema_rtypes(sub.schema_) if start is not None else ():
+                    armed[rtype] = min(start, armed.get(rtype, start))
+            self.tracker.arm(armed)
         else:
             self.tracker.disarm()
         if self._covered_since is None:
@@ -644,10 +634,9 @@ class DatabentoCollector:
             refill, reason, last = self._refill_start, self._gap_reason, self.stats.last_ts_event
             if self._refused is not None:
                 reason = f"{reason}; refill refused: {self._refused}"
+            extra = {"not_refilled": self._not_refilled} if self._not_refilled else {}
             writer.put_control(recv_ns, conn, "gap", last_ts_event=last, refill_start=refill, reason=reason,
-                               last_ts_events=self.tracker.last_ts_events())  # fmt: skip
-            if not session.refill:
-                self._refused = None  # live again: the next reconnect may refill
+                               last_ts_events=last_ts_events(self.tracker), **extra)  # fmt: skip
             if self._gap_reason != "start":
                 self.stats.gaps += 1
                 self.stats.refills += refill is not None
@@ -670,8 +659,10 @@ class DatabentoCollector:
                 self._paused = True
                 self.stats.read_pauses += 1
                 session.transport.pause_reading()
-        elif not writer.put_records(session.recv_ns, session.conn, records, mappings) and mappings:
-            writer.put_records(session.recv_ns, session.conn, mappings, mappings, force=True)
+        elif not writer.put_records(session.recv_ns, session.conn, records, mappings):
+            self.tracker.forget(records)  # not written: a refill must not drop their replay
+            if mappings:
+                writer.put_records(session.recv_ns, session.conn, mappings, mappings, force=True)
 
     def control_record(self, session: _Session, rtype: int, record: Any, data: bytes) -> None:
         stats = self.stats
@@ -685,6 +676,8 @@ class DatabentoCollector:
                 stats.heartbeats += 1
                 return
             code = str(record.code)
+            if record.code == SystemCode.REPLAY_COMPLETED:
+                self._replay_completed(session, record.msg)
             if record.code == SystemCode.SLOW_READER_WARNING:
                 stats.slow_reader_warnings += 1
             held = self._logs.allow(f"system:{code}")
@@ -693,6 +686,16 @@ class DatabentoCollector:
                 level("databento_system_msg", dataset=self.dataset, code=code, msg=record.msg, repeated=held)
         else:
             self._gateway_error(session, record)
+
+    def _replay_completed(self, session: _Session, msg: str) -> None:
+        """``Finished <schema> replay``: that schema's refill was honoured (a quiet market sends no new
+        record, and that is not a refusal) and its replayed duplicates are over (stop looking)."""
+        self.stats.replays_completed += 1
+        session.replay_completed = True
+        self._refill_failures = 0
+        words = msg.split()
+        if len(words) == 3 and words[0] == "Finished" and words[2] == "replay":
+            self.tracker.complete(schema_rtypes(words[1]))
 
     def _gateway_error(self, session: _Session, record: Any) -> None:
         """An ErrorMsg: counted; an aged-out refill goes live-only; records skipped for a slow
@@ -703,6 +706,11 @@ class DatabentoCollector:
         if record.code == ErrorCode.REPLAY_DATA_AGED_OUT and session.refill and self._refused is None:
             self._refuse(f"gateway: {record.err}")
             session.transport.close()  # reconnect live-only now rather than wait on a refused replay
+        if record.code == ErrorCode.INVALID_SUBSCRIPTION and session.snapshot and not self._no_snapshot:
+            self._no_snapshot = True  # asking again would be refused again, forever
+            log.warning("databento_snapshot_refused", dataset=self.dataset, error=record.err,
+                        action="live without a snapshot; gap kept")  # fmt: skip
+            session.transport.close()
         if record.code == ErrorCode.SKIPPED_RECORDS_AFTER_SLOW_READING:
             stats.slow_reader_warnings += 1
             if self._skip_gap_at == (session.conn, session.market):

@@ -14,7 +14,8 @@ skippable frames are skipped by every zstd decoder):
 3. per flush: a skippable frame ``DDRS`` with the receive stamps, then one data frame with the
    flush's DBN records concatenated (``bytes(record)`` as the official client decoded them);
 4. control events (``connect``, ``subscribe``, ``session``, ``gap``, ``disconnect``,
-   ``overflow``) as skippable frames ``DDEV`` + one JSON object, in stream order.
+   ``overflow``) as skippable frames ``DDEV`` + one JSON object, in stream order: an ``overflow``
+   stands where the records (or events) were dropped, before the records received after them.
 
 ``DDRS`` payload: u32 entry count, then entries ``<q I I`` = (receive time ns, records,
 conn): each entry covers the next ``records`` records of the following data frame, all
@@ -24,17 +25,35 @@ Writer: :class:`DbnSegmentWriter` (the :class:`~daedalus.capture.segments.Segmen
 machinery: writer thread, bounded queue, fsync, rotation, full-disk retries, names).
 Start-up recovery: :func:`recover_dbn_active`. Reader: :func:`open_dbn_segment`, which also
 reads plain ``.dbn`` and stamp-less ``.dbn.zst`` files (Databento's own) with ``local_ns=None``.
+
+Refill state (:class:`RefillTracker`, :func:`write_refill_state`): what a reconnect or a restart
+must ask the gateway to replay. Records arrive in receive order, not ``ts_event`` order (CME
+channels, OPRA publishers interleave), so per rtype the tracker keeps the newest ``ts_event``, the
+largest backward step seen (capped at :data:`MAX_BACK_NS`) and every record with
+``ts_event >= newest - max(step, REFILL_FLOOR_NS)`` (bounded at :data:`WINDOW_BYTES`): a refill asks
+from there and drops the replayed records already written; past the bound a replayed record cannot
+be recognised, so it is written and counted (``refill_unsure``). Definition, statistics and status
+records carry old exchange times: they are never refilled (:data:`NO_REFILL_RTYPES`). The writer
+thread keeps its own tracker of the records it wrote and, after a flush that wrote records (at
+most every :data:`STATE_EVERY_S`, and always before a rotation hands a segment to the ETL),
+replaces ``raw/active/databento/<DATASET>/.refill_state`` (tmp + fsync + rename: newest, step and
+64-bit hashes of the window's records, and the segment and byte offset it covers): a restart
+reads it first, so it does not depend on raw segments the ETL may already have deleted, then
+reads what was written after that offset (a crash between a flush and its state write:
+:func:`written_after`), if those segments are still on disk; if the ETL deleted them in between
+(one flush), their records may be captured again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import struct
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +85,209 @@ MAX_FRAME_CONTENT = 64 << 20  # a data frame decoding to more is damaged (or not
 PLAIN_CHUNK = 8 << 20  # bytes read at a time from a plain DBN file
 LATENCY_SAMPLE_EVERY = 16
 MAX_QUEUED_EVENTS = 10_000  # control events waiting for a stalled disk; more are counted in an overflow event
-RECORDS, METADATA, EVENT = 0, 1, 2  # queue item kinds
+RECORDS, METADATA, EVENT, OVERFLOW = 0, 1, 2, 3  # queue item kinds
+CONTROL_RTYPES = frozenset((21, 22, 23))  # error, symbol mapping, system: not market records
+STATE_NAME = ".refill_state"
+STATE_EVERY_S = 1.0  # the refill state file is replaced at most this often (and at every rotation)
+
+
+# -- refill state ----------------------------------------------------------------------------
+
+REFILL_FLOOR_NS = 100_000_000  # a refill asks at least this far back of each rtype's newest ts_event
+MAX_BACK_NS = 60_000_000_000  # a backward step beyond this (an outlier) does not push refills back further
+WINDOW_BYTES = 16 << 20  # per rtype: records kept to recognise a replay (~300k MBO records)
+# status, definition, statistics: old exchange times in ts_event; a replay from them is a guess, never refilled
+NO_REFILL_RTYPES = frozenset((18, 19, 24))
+F_SNAPSHOT = 32
+_U64 = struct.Struct("<Q").unpack_from
+
+
+def record_digest(key: bytes) -> bytes:
+    """64 bits of a record (without ts_out) to recognise it; a key of 8 bytes is a digest already."""
+    return key if len(key) == 8 else hashlib.blake2b(key, digest_size=8).digest()
+
+
+class RefillTracker:
+    """Per rtype: newest ts_event, largest backward step, and the records a refill would send again
+    (see the module docstring). ``admit`` runs per record: plain lists indexed by rtype."""
+
+    def __init__(self, ts_out: bool = False, floor_ns: int | None = None, cap_bytes: int = WINDOW_BYTES) -> None:
+        self.cut = 8 if ts_out else 0
+        self.floor = REFILL_FLOOR_NS if floor_ns is None else floor_ns
+        self.cap = cap_bytes
+        self._newest = [-1] * 256  # rtype -> newest ts_event (-1: none yet)
+        self._back = [0] * 256  # rtype -> largest backward step of ts_event seen
+        self._window: list[deque[tuple[int, bytes]]] = [deque() for _ in range(256)]  # (ts_event, key)
+        self._bytes = [0] * 256
+        self._lost = [-1] * 256  # rtype -> newest ts_event of a record pushed out by the cap while in range
+        self.replayed: dict[int, Counter[bytes]] = {}  # rtype -> digests a running refill will send again
+        self._unsure: dict[int, int] = {}  # rtype -> replayed records at or below this ts may be duplicates
+        self.dropped = 0
+        self.unsure = 0  # replayed records not recognised although they may have been written (past the cap)
+
+    @property
+    def newest(self) -> dict[int, int]:
+        """rtype -> newest ts_event, for the rtypes seen."""
+        return {rtype: ts for rtype, ts in enumerate(self._newest) if ts >= 0}
+
+    def key(self, data: bytes) -> bytes:
+        return data[: -self.cut] if self.cut else data
+
+    def start(self, rtype: int) -> int | None:
+        """Where a refill of ``rtype`` begins: newest - max(largest backward step, floor)."""
+        newest = self._newest[rtype]
+        if newest < 0 or rtype in NO_REFILL_RTYPES:
+            return None
+        return max(0, newest - max(self._back[rtype], self.floor))
+
+    def admit(self, rtype: int, data: bytes) -> bool:
+        """Track a market record; False for a replayed record already written (drop it)."""
+        if self.replayed and self._replayed(rtype, data):
+            return False
+        (ts,) = _U64(data, 8)
+        newest = self._newest[rtype]
+        back = self._back[rtype]
+        if ts > newest:
+            self._newest[rtype] = newest = ts
+        elif newest - ts > back and not (rtype == 160 and data[36] & F_SNAPSHOT):
+            self._back[rtype] = back = min(newest - ts, MAX_BACK_NS)
+        if rtype in NO_REFILL_RTYPES:
+            return True
+        key = data[: -self.cut] if self.cut else data
+        window = self._window[rtype]
+        window.append((ts, key))
+        size = self._bytes[rtype] + len(key)
+        start = newest - (back if back > self.floor else self.floor)
+        if window[0][0] < start or size > self.cap:
+            size = self._trim(rtype, window, start, size)
+        self._bytes[rtype] = size
+        return True
+
+    def _trim(self, rtype: int, window: deque[tuple[int, bytes]], start: int, size: int) -> int:
+        """Drop the window's oldest records: before the refill start, or past the cap (then a
+        replay of them cannot be recognised: ``_lost``)."""
+        while window and (window[0][0] < start or size > self.cap):
+            old_ts, old = window.popleft()
+            size -= len(old)
+            if old_ts >= start and old_ts > self._lost[rtype]:
+                self._lost[rtype] = old_ts
+        return size
+
+    def _replayed(self, rtype: int, data: bytes) -> bool:
+        """Whether ``data`` is one of the records a refill sends again (each counted once)."""
+        pending = self.replayed.get(rtype)
+        if not pending:
+            return False
+        digest = record_digest(self.key(data))
+        count = pending.get(digest)
+        if not count:
+            if _U64(data, 8)[0] <= self._unsure.get(rtype, -1):
+                self.unsure += 1
+            return False
+        if count > 1:
+            pending[digest] = count - 1
+        else:
+            del pending[digest]
+            if not pending:
+                del self.replayed[rtype]
+        self.dropped += 1
+        return True
+
+    def arm(self, starts: dict[int, int]) -> None:
+        """A refill of these rtypes from these starts begins: the window's records from each start come again."""
+        self.replayed, self._unsure = {}, {}
+        for rtype, start in starts.items():
+            if rtype in NO_REFILL_RTYPES:
+                continue
+            pending = Counter(record_digest(key) for ts, key in self._window[rtype] if ts >= start)
+            if pending:
+                self.replayed[rtype] = pending
+            own = self.start(rtype)
+            unsure = max(self._lost[rtype], -1 if own is None or start >= own else own - 1)
+            if unsure >= start:
+                self._unsure[rtype] = unsure
+
+    def disarm(self) -> None:
+        self.replayed, self._unsure = {}, {}
+
+    def complete(self, rtypes: tuple[int, ...]) -> None:
+        """The gateway finished replaying these rtypes' schema: nothing more comes again."""
+        for rtype in rtypes:
+            self.replayed.pop(rtype, None)
+            self._unsure.pop(rtype, None)
+
+    def forget(self, records: list[bytes]) -> None:
+        """Records the writer did not take (its queue full): not written, so a refill must not drop
+        their replay. They are the newest of their window (the newest ts_event stays: a gap anyway)."""
+        for data in reversed(records):
+            rtype = data[1]
+            window = self._window[rtype]
+            if rtype not in CONTROL_RTYPES and window and window[-1][1] == self.key(data):
+                _ts, key = window.pop()
+                self._bytes[rtype] -= len(key)
+
+    def seed(self, events: dict[int, tuple[int, list[bytes]]]) -> None:
+        """Start from an earlier run's newest records (:func:`last_events`: no state file)."""
+        for rtype, (ts, records) in events.items():
+            self._newest[rtype] = ts
+            self._window[rtype] = deque((ts, self.key(record)) for record in records)
+
+    def state(self) -> dict[str, Any]:
+        """What a restart needs (:func:`write_refill_state`): per rtype newest, step, lost and the
+        (ts_event, 64-bit hash) of the window's records from the refill start on."""
+        out: dict[str, Any] = {}
+        for rtype, newest in self.newest.items():
+            start = self.start(rtype)
+            window = [] if start is None else [(ts, key) for ts, key in self._window[rtype] if ts >= start]
+            out[str(rtype)] = {
+                "newest": newest,
+                "back": self._back[rtype],
+                "lost": self._lost[rtype],
+                "ts": [ts for ts, _key in window],
+                "hashes": [int.from_bytes(record_digest(key), "little") for _ts, key in window],
+            }
+        return {"version": 1, "rtypes": out}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Start from a state file an earlier run wrote (:meth:`state`)."""
+        for name, entry in state["rtypes"].items():
+            rtype = int(name)
+            self._newest[rtype] = int(entry["newest"])
+            self._back[rtype] = int(entry["back"])
+            self._lost[rtype] = int(entry["lost"])
+            self._window[rtype] = deque(
+                (int(ts), int(h).to_bytes(8, "little")) for ts, h in zip(entry["ts"], entry["hashes"], strict=True)
+            )
+            self._bytes[rtype] = 8 * len(self._window[rtype])
+
+
+def state_path(layout: DataLayout, dataset: str) -> Path:
+    return layout.active(SOURCE) / partition_component(dataset) / STATE_NAME
+
+
+def write_refill_state(path: Path, state: dict[str, Any]) -> None:
+    """Replace ``path`` atomically and durably (tmp + fsync + rename + directory fsync)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, orjson.dumps(state))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_refill_state(path: Path) -> dict[str, Any] | None:
+    """The state an earlier run left, or None (no file)."""
+    try:
+        return orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
 
 
 # -- frames --------------------------------------------------------------------------------
@@ -164,15 +385,22 @@ class DbnSegmentWriter(SegmentWriter):
         self._records_in = 0  # incremented by the producer only
         self._records_out = 0  # by the writer thread only: depth = in - out, no shared counter
         self._session_head: bytes | None = None
-        # the session's mappings: instrument (4 bytes) -> {subscribed symbol: (recv_ns, record)}
-        self._mappings: dict[bytes, dict[bytes, tuple[int, bytes]]] = {}
-        self._named: set[bytes] = set()  # instruments whose mappings the open segment holds
+        # the session's mappings: instrument (4 bytes) -> ((recv_ns, record) per subscribed symbol); flat
+        # (one tuple, not a dict, per instrument): OPRA has ~1.5M instruments
+        self._mappings: dict[bytes, tuple[tuple[int, bytes], ...]] = {}
+        self._named: set[bytes] = set()  # instruments all of whose known mappings the open segment holds
         self._held: list[tuple[int, int, str, dict[str, Any]]] = []  # events before any session
         self.max_events = MAX_QUEUED_EVENTS
         self._events_in = 0  # as _records_in/_records_out, for control events
         self._events_out = 0
         self.events_dropped = 0  # control events past max_events (the queue is bounded while the disk stalls)
         self._events_dropped_written = 0
+        # the records written, for the refill state file (set by the collector; None: no state file)
+        self.refill: RefillTracker | None = None
+        self.state_writes = 0
+        self._state_due = False  # records written since the last state file
+        self._state_at = 0.0  # monotonic time of the last state file
+        self.state_errors = 0
 
     # -- producer side (event loop) --------------------------------------------------
 
@@ -191,12 +419,22 @@ class DbnSegmentWriter(SegmentWriter):
         depth = self._records_in - self._records_out
         if depth + len(records) > self._maxsize and not force:
             self.dropped += len(records)
+            self._mark_overflow()
             return False
         self._records_in += len(records)
         self._queue.append((RECORDS, recv_ns, conn, records, mappings))
         if depth + len(records) > self._batch_size and not self._wake.is_set():
             self._wake.set()
         return True
+
+    def _mark_overflow(self) -> None:
+        """Queue an overflow marker where the drop happened (one per run of drops, carrying the
+        running totals), so the ``overflow`` event comes before the records received after it."""
+        queue = self._queue
+        if queue and queue[-1][0] == OVERFLOW:
+            queue[-1][3][:] = (self.dropped, self.events_dropped)
+        else:
+            queue.append((OVERFLOW, 0, 0, [self.dropped, self.events_dropped], None))
 
     def put_metadata(self, recv_ns: int, conn: int, metadata: bytes) -> None:
         """A new session began: its segments start with ``metadata``."""
@@ -208,6 +446,7 @@ class DbnSegmentWriter(SegmentWriter):
         event (which the ETL treats as a gap) once the disk is back."""
         if self._events_in - self._events_out >= self.max_events:
             self.events_dropped += 1
+            self._mark_overflow()
             return False
         self._events_in += 1
         self._queue.append((EVENT, recv_ns, conn, event, fields))
@@ -231,9 +470,8 @@ class DbnSegmentWriter(SegmentWriter):
 
     def _flush(self) -> None:
         count = len(self._queue)
-        dropped = self.dropped - self._dropped_written
-        events_dropped = self.events_dropped - self._events_dropped_written
-        if count or dropped or events_dropped:
+        dropped, events_dropped = self.dropped, self.events_dropped  # totals: what is not written yet goes last
+        if count or dropped > self._dropped_written or events_dropped > self._events_dropped_written:
             _Flush(self).run(count, dropped, events_dropped)
 
     def _head_frames(self) -> list[bytes]:
@@ -244,10 +482,14 @@ class DbnSegmentWriter(SegmentWriter):
 
     def _remember_mappings(self, recv_ns: int, mappings: list[bytes]) -> None:
         """Mappings that came in the stream: kept for later segments, and this one has them."""
+        known = self._mappings
         for record in mappings:
             instrument = record[4:8]
-            self._mappings.setdefault(instrument, {})[record[17:88]] = (recv_ns, record)
-            self._named.add(instrument)
+            symbol = record[17:88]
+            others = tuple(m for m in known.get(instrument, ()) if m[1][17:88] != symbol)
+            known[instrument] = (*others, (recv_ns, record))
+            if not others:  # its only mapping is here now; with others, only if they were here already
+                self._named.add(instrument)
 
     def _context(self, records: list[bytes]) -> list[tuple[int, bytes]]:
         """(recv_ns, mapping) of the instruments of ``records`` that the open segment does not
@@ -260,7 +502,7 @@ class DbnSegmentWriter(SegmentWriter):
             instrument = record[4:8]
             if instrument not in named and instrument in mappings:
                 named.add(instrument)
-                out += mappings[instrument].values()
+                out += mappings[instrument]
         return out
 
     def _used_names(self) -> list[tuple[str, int]]:
@@ -280,6 +522,39 @@ class DbnSegmentWriter(SegmentWriter):
         data = b"".join(frames)
         self._write_durably(data)
         self._count_flush(len(data), records, sampled)
+        if records:
+            self._state_due = True
+            if time.monotonic() - self._state_at >= STATE_EVERY_S:
+                self._save_state()
+
+    def _rotate(self) -> None:
+        if self._state_due:  # the state covers the whole segment before it goes to ready/ (and the ETL)
+            self._save_state()
+        super()._rotate()
+
+    def _save_state(self) -> None:
+        """Replace the refill state file (after the data it describes is durable)."""
+        self._state_due, self._state_at = False, time.monotonic()
+        if self.refill is not None:
+            try:
+                state = {**self.refill.state(), "segment": self.stats.segment, "offset": self.stats.segment_bytes}
+                write_refill_state(self.active_dir / STATE_NAME, state)
+                self.state_writes += 1
+            except OSError as exc:  # the data is safe; a restart then refills from an older state
+                self.state_errors += 1
+                if self.state_errors == 1 or not self.state_errors % 1000:
+                    log.warning("databento_refill_state_unwritten", dataset=self.dataset, error=repr(exc),
+                                errors=self.state_errors)  # fmt: skip
+
+    def _track_written(self, records: list[bytes]) -> None:
+        """Feed the written-records tracker (the refill state reflects what is on disk)."""
+        refill = self.refill
+        if refill is None:
+            return
+        for record in records:
+            rtype = record[1]
+            if rtype not in CONTROL_RTYPES:
+                refill.admit(rtype, record)
 
 
 class _Flush:
@@ -296,11 +571,16 @@ class _Flush:
         self.sampled: list[int] = []
 
     def run(self, count: int, dropped: int, events_dropped: int = 0) -> None:
+        """Frame ``count`` queue items; ``dropped``/``events_dropped``: totals so far, the part no
+        marker reported goes at the end."""
         w = self.w
         queue = w._queue
         try:
             for index in range(count):
                 kind, recv_ns, conn, data, extra = queue.popleft()
+                if kind == OVERFLOW:
+                    self.overflow_to(*data)
+                    continue
                 if kind == EVENT:
                     w._events_out += 1
                 if kind == METADATA:
@@ -327,14 +607,14 @@ class _Flush:
                     self.stamps.append((mapped_at, 1, 0))
                     self.context += 1
                 self.records += data
+                w._track_written(data)
                 self.stamps.append((recv_ns, len(data), conn))
                 if not index % LATENCY_SAMPLE_EVERY:
                     self.sampled.append(recv_ns)
                 if len(self.records) >= MAX_FRAME_RECORDS:
                     self.pair()
                     self.rotate_if_full()
-            if dropped or events_dropped:
-                self.overflow(dropped, events_dropped)
+            self.overflow_to(dropped, events_dropped)
             self.write()
             self.rotate_if_full()
         except BaseException:  # given up or failed: what is in hand is lost, counted once
@@ -363,6 +643,13 @@ class _Flush:
         else:
             self.w._records_out += len(data)
             self.w.stats.unwritten += len(data)
+
+    def overflow_to(self, dropped: int, events_dropped: int) -> None:
+        """An ``overflow`` event for what was dropped up to these totals and not reported yet."""
+        w = self.w
+        records, events = dropped - w._dropped_written, events_dropped - w._events_dropped_written
+        if records > 0 or events > 0:
+            self.overflow(max(records, 0), max(events, 0))
 
     def overflow(self, dropped: int, events_dropped: int = 0) -> None:
         w = self.w
@@ -644,6 +931,41 @@ def last_events(path: Path, skip: frozenset[int] = frozenset((21, 22, 23))) -> d
                 out[rtype] = (newest, records)
             elif newest == held[0]:
                 held[1].extend(records)
+    return out
+
+
+def written_after(layout: DataLayout, dataset: str, segment: str, offset: int) -> list[bytes]:
+    """The received market records written after byte ``offset`` of ``segment`` (in it and in the
+    later segments), wherever they are now (active, ready, processing, archive): what a state file
+    written before a crash does not cover."""
+    after = segment_identity(segment)
+    if after is None:
+        return []
+    paths: dict[str, Path] = {}
+    for state in ("active", "ready", "processing", "archive"):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(segment_dir(layout, state, dataset)):
+                identity = segment_identity(name)
+                if is_dbn_segment_name(name) and identity is not None and identity >= after:
+                    paths[name] = segment_dir(layout, state, dataset) / name
+    out: list[bytes] = []
+    for name in sorted(paths, key=segment_identity):  # type: ignore[arg-type,return-value]
+        reader = open_dbn_segment(paths[name])
+        if reader._stamped_from is None:  # not ours
+            reader.close()
+            continue
+        if name == segment:
+            reader._stamped_from = max(reader._stamped_from, offset)
+        for chunk in reader:
+            view, pos = chunk.records, 0
+            conn = chunk.conn
+            index = 0
+            while pos < len(view):
+                size = view[pos] * 4
+                if conn is not None and conn[index] > 0 and view[pos + 1] not in CONTROL_RTYPES:
+                    out.append(view[pos : pos + size])
+                pos += size
+                index += 1
     return out
 
 
