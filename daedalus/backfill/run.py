@@ -90,8 +90,8 @@ class Backfill:
     def __init__(self, config: DaedalusConfig, source: str, *, raw: str | None = None, processed: str | None = None,
                  scratch: str | None = None) -> None:  # fmt: skip
         if source != "coinbase":
-            raise BackfillError(f"--dask: the backfill runs Coinbase segments (books per product); {source}'s "
-                                "segments have no cross-segment books: run `daedalus etl` without --dask")  # fmt: skip
+            raise BackfillError(f"--dask: the backfill splits Coinbase segments only (its per-product chains "
+                                f"know their frames); run `daedalus etl` without --dask for {source}")  # fmt: skip
         for channel in PER_PRODUCT_CHANNELS:
             cols = _channel(config, channel).partition_cols
             if "product_id" not in cols:
