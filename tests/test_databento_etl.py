@@ -750,3 +750,14 @@ def test_a_plain_dbn_file_is_its_own_session(tmp_path: Path) -> None:
     ]
     assert read_table(tmp_path, "GLBX.MDP3", "level2", live, L2_VALID) == [(101, 3, False, 99 * 10**9, None)]
     assert summary.counts["plain_mbo_files"] == 1 and summary.counts["mbo_unknown_order"] == 1
+
+
+def test_the_dask_backfill_refuses_databento_segments_and_leaves_them_ready(tmp_path: Path) -> None:
+    stem = place(tmp_path, "GLBX.MDP3", 1, (FIXTURES / "GLBX.MDP3" / "test_data.trades.dbn.zst").read_bytes())
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data_dir: {tmp_path}\ncoinbase: {{enabled: false}}\n")
+    result = subprocess.run([sys.executable, "-m", "daedalus", "etl", "--config", str(config), "--source", "databento",
+                             "--dask", "local:1"], capture_output=True, text=True, cwd=REPO, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "run `daedalus etl` without --dask for databento" in result.stderr
+    assert (tmp_path / "raw" / "ready" / "databento" / "GLBX.MDP3" / f"{stem}.dbn.zst").exists()
