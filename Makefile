@@ -46,6 +46,7 @@ bench: venv
 	$(BIN)/python bench/backfill.py --gb 4 --segment-mb 64
 	$(BIN)/python bench/databento_capture.py --seconds 10
 	$(BIN)/python bench/databento_etl.py --records 2000000
+	$(BIN)/python bench/pi_budget.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
