@@ -65,7 +65,7 @@ import zstandard
 from numba import njit
 
 from daedalus.capture.records import ZstdFrameDamaged, control_line, zstd_frame_end
-from daedalus.capture.segments import NS_PER_HOUR, RecoveryReport, SegmentWriter, recover_folders
+from daedalus.capture.segments import NS_PER_HOUR, RecoveryReport, SegmentWriter, recover_folders, write_atomically
 from daedalus.config import IngestionConfig
 from daedalus.layout import RAW_STATES, DataLayout, partition_component, segment_identity
 from daedalus.logs import get_logger
@@ -266,20 +266,8 @@ def state_path(layout: DataLayout, dataset: str) -> Path:
 
 
 def write_refill_state(path: Path, state: dict[str, Any]) -> None:
-    """Replace ``path`` atomically and durably (tmp + fsync + rename + directory fsync)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, orjson.dumps(state))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Replace ``path`` atomically and durably (the segments' :func:`write_atomically`)."""
+    write_atomically(path, orjson.dumps(state))
 
 
 def read_refill_state(path: Path) -> dict[str, Any] | None:
