@@ -120,6 +120,20 @@ def _level_add(lk1, lg, lk2, lv, used, b, g, side, price, delta):
 
 
 @njit(cache=True)
+def _level_row(rows, levels, nr, b, g, s, p, delta):
+    """Change level (book ``b``, side ``s``, price ``p``) by ``delta`` and write its new total as
+    row ``nr`` of ``rows`` (book, side, price, size, snapshot); returns the next row."""
+    r_prod, r_side, r_px, r_sz, r_snap = rows
+    lk1, lg, lk2, lv, used = levels
+    r_prod[nr] = b
+    r_side[nr] = s
+    r_px[nr] = p
+    r_sz[nr] = _level_add(lk1, lg, lk2, lv, used, b, g, s, p, delta)
+    r_snap[nr] = False
+    return nr + 1
+
+
+@njit(cache=True)
 def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2, ov, lk1, lg, lk2, lv, used,
                 f_rec, f_rs, f_re, f_known, r_prod, r_side, r_px, r_sz, r_snap, counts):  # fmt: skip
     """Apply MBO records to the order map and level totals; returns (frames, rows) written.
@@ -128,6 +142,8 @@ def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2
     levels it changed; ``f_known`` the book's validity after it."""
     nf = 0
     nr = 0
+    rows = (r_prod, r_side, r_px, r_sz, r_snap)
+    levels = (lk1, lg, lk2, lv, used)
     for n in range(book.shape[0]):
         b = book[n]
         g = gen[b]
@@ -160,12 +176,7 @@ def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2
                         _delete(ok1, og, ok2, ov, i)
                         used[0] -= 1
                     if take > 0:
-                        r_prod[nr] = b
-                        r_side[nr] = s
-                        r_px[nr] = p
-                        r_sz[nr] = _level_add(lk1, lg, lk2, lv, used, b, g, s, p, -take)
-                        r_snap[nr] = False
-                        nr += 1
+                        nr = _level_row(rows, levels, nr, b, g, s, p, -take)
             else:
                 sd = side[n]
                 new_side = 0 if sd == 66 else (1 if sd == 65 else -1)
@@ -179,22 +190,12 @@ def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2
                     if new_side == s and px[n] == p and sz[n] > 0:
                         ov[i, 2] = sz[n]
                         if sz[n] != old:
-                            r_prod[nr] = b
-                            r_side[nr] = s
-                            r_px[nr] = p
-                            r_sz[nr] = _level_add(lk1, lg, lk2, lv, used, b, g, s, p, sz[n] - old)
-                            r_snap[nr] = False
-                            nr += 1
+                            nr = _level_row(rows, levels, nr, b, g, s, p, sz[n] - old)
                         i = -2  # done
                     else:
                         _delete(ok1, og, ok2, ov, i)
                         used[0] -= 1
-                        r_prod[nr] = b
-                        r_side[nr] = s
-                        r_px[nr] = p
-                        r_sz[nr] = _level_add(lk1, lg, lk2, lv, used, b, g, s, p, -old)
-                        r_snap[nr] = False
-                        nr += 1
+                        nr = _level_row(rows, levels, nr, b, g, s, p, -old)
                         i = -1
                 elif a == 77:
                     counts[K_MODIFY_AS_ADD] += 1
@@ -210,12 +211,7 @@ def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2
                         ov[j, 1] = px[n]
                         ov[j, 2] = sz[n]
                         used[0] += 1
-                        r_prod[nr] = b
-                        r_side[nr] = new_side
-                        r_px[nr] = px[n]
-                        r_sz[nr] = _level_add(lk1, lg, lk2, lv, used, b, g, new_side, px[n], sz[n])
-                        r_snap[nr] = False
-                        nr += 1
+                        nr = _level_row(rows, levels, nr, b, g, new_side, px[n], sz[n])
         elif a != 84 and a != 70 and a != 78:  # not T trade, F fill, N none
             counts[K_UNKNOWN_ACTION] += 1
         if flags[n] & F_SNAPSHOT and flags[n] & F_LAST:
