@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from pathlib import Path
+
+FEEDER = Path(__file__).resolve().parent / "ws_feeder.py"
 
 
 async def start_sim(*flags: str, ready_timeout: float = 120.0) -> tuple[asyncio.subprocess.Process, str]:
@@ -27,4 +30,21 @@ async def start_sim(*flags: str, ready_timeout: float = 120.0) -> tuple[asyncio.
     if match is None:
         proc.kill()
         raise RuntimeError(f"daedalus sim did not start: {line!r}")
+    return proc, match.group(1)
+
+
+async def start_feeder(
+    recording: Path, rate: float = 0.0, ready_timeout: float = 120.0
+) -> tuple[asyncio.subprocess.Process, str]:
+    """Run ``bench/ws_feeder.py RECORDING --rate R`` (one connection, pre-encoded frames);
+    returns the process and its WebSocket URL."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(FEEDER), str(recording), "--rate", str(rate), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), ready_timeout)).decode()
+    match = re.search(r"ws=(\S+)", line)
+    if match is None:
+        proc.kill()
+        raise RuntimeError(f"ws_feeder did not start: {line!r}")
     return proc, match.group(1)

@@ -120,7 +120,7 @@ def ingest(
 ) -> None:
     """Capture one source's feed into durable raw segments until SIGINT/SIGTERM."""
     from daedalus.capture.auth import AuthError
-    from daedalus.capture.pipeline import ingest as run_ingest
+    from daedalus.capture.pipeline import run_ingest
     from daedalus.locks import AlreadyRunning
 
     _check_seconds(stats_interval, "--stats-interval", zero="off")
@@ -129,7 +129,7 @@ def ingest(
     chosen = _ingest_source(settings, source)
     _require_writable(settings.layout.raw, "data_dir")
     try:
-        ok = asyncio.run(run_ingest(settings, stats_interval, chosen))
+        ok = run_ingest(settings, stats_interval, chosen)
     except KeyboardInterrupt:
         ok = True
     except AuthError as exc:

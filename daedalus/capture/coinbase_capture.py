@@ -83,7 +83,7 @@ class CoinbaseCapture:
             age = s.last_message_age()
             lines.append(
                 f"[coinbase#{c.conn_id}] {s.state} up={s.uptime():.0f}s msgs={s.messages:,} ({rate:,.0f}/s) "
-                f"bytes={mb(s.bytes)} errors={s.errors} reconnects={s.reconnects} gaps={s.gaps} "
+                f"bytes={mb(s.bytes)} errors={s.errors} reconnects={s.reconnects} gaps={s.gaps} pauses={s.read_pauses} "
                 f"last={'-' if age is None else f'{age:.2f}s'} ago"
             )
         return lines

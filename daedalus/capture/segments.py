@@ -1,7 +1,9 @@
 """The durable segment log: batch, write, fsync, rotate, recover (architecture 3.1-3.3).
 
-Collectors call :meth:`SegmentWriter.put_frame` / :meth:`put_control` on the event loop:
-an append to a bounded deque, nothing else. A dedicated I/O thread drains the deque when
+Collectors call :meth:`SegmentWriter.put_frame` (one frame), :meth:`put_frames` (every frame
+one network read completed, with one stamp) or :meth:`put_control` on the event loop: an
+append to a bounded deque, nothing else; the queue's bound counts records, not appends.
+A dedicated I/O thread drains the deque when
 ``batch_size`` records are waiting or ``flush_interval_seconds`` passed, encodes the
 records, writes them with one ``os.write`` (one zstd frame when compressed), fsyncs, and
 rotates the segment into ``ready/`` at ``segment_max_mb`` or when the UTC hour changes.
@@ -35,7 +37,7 @@ from typing import Any
 
 import zstandard
 
-from daedalus.capture.records import control_line, frame_line, is_complete_record, iter_zstd_frames
+from daedalus.capture.records import control_line, frame_line, frame_lines, is_complete_record, iter_zstd_frames
 from daedalus.config import IngestionConfig
 from daedalus.layout import (
     MAX_SEGMENT_COUNTER,
@@ -212,6 +214,14 @@ class WriterStats:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
+@dataclass(slots=True)
+class ReadLines:
+    """The record lines of the ``count`` frames one network read completed (:meth:`SegmentWriter.put_frames`)."""
+
+    count: int
+    lines: bytes
+
+
 class SegmentNotDurable(Exception):
     """An fsync failed after writes that were never fsynced (``fsync: false``): the kernel
     may have dropped those pages and a retried fsync would report success anyway, so the
@@ -243,7 +253,11 @@ class SegmentWriter:
         self.stats = WriterStats()
         self.dropped = 0  # incremented on the event loop; the thread writes the deltas
         self._dropped_written = 0
+        # (recv_ns, conn, frame | [frames of one read] | (event, fields)); records in and out are
+        # counted apart, each by one thread, so the depth needs no lock
         self._queue: deque[tuple[int, int, Any]] = deque()
+        self._in = 0  # records queued (the event loop)
+        self._out = 0  # records taken (the writer thread)
         self._maxsize = config.queue_maxsize
         self._batch_size = config.batch_size - 1  # compared with the depth before the append
         self._wake = threading.Event()
@@ -268,26 +282,52 @@ class SegmentWriter:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._in - self._out
 
     def has_room(self) -> bool:
-        return len(self._queue) < self._maxsize
+        return self._in - self._out < self._maxsize
 
-    def put_frame(self, recv_ns: int, conn: int, frame: str) -> bool:
+    def put_frame(self, recv_ns: int, conn: int, frame: str | bytes) -> bool:
         """Queue one received frame; returns False (and counts it) when the queue is full."""
-        queue = self._queue
-        depth = len(queue)
+        depth = self._in - self._out
         if depth >= self._maxsize:
             self.dropped += 1
             return False
-        queue.append((recv_ns, conn, frame))
+        self._queue.append((recv_ns, conn, frame))
+        self._in += 1
         if depth >= self._batch_size and not self._wake.is_set():
             self._wake.set()
         return True
 
+    def put_frames(self, recv_ns: int, conn: int, frames: list[bytes], *, force: bool = False) -> int:
+        """Queue the frames one network read completed, stamped alike, with one append; returns
+        how many were taken. What does not fit is dropped and counted, unless ``force`` (the
+        collector then stops reading until there is room: ``on_queue_full: block``).
+
+        Their lines are built here, on the event loop, in a few C-level passes
+        (:func:`frame_lines`): the writer thread then holds the GIL only to join and count,
+        instead of contending for it with a busy event loop for every line it builds."""
+        depth = self._in - self._out
+        count = len(frames)
+        if not count:
+            return 0
+        room = self._maxsize - depth
+        if count > room and not force:
+            if room <= 0:
+                self.dropped += count
+                return 0
+            self.dropped += count - room
+            frames, count = frames[:room], room
+        self._queue.append((recv_ns, conn, ReadLines(count, frame_lines(recv_ns, conn, frames))))
+        self._in += count
+        if depth + count > self._batch_size and not self._wake.is_set():
+            self._wake.set()
+        return count
+
     def put_control(self, recv_ns: int, conn: int, event: str, **fields: Any) -> None:
         """Queue a control line; never dropped (they are rare and explain the gaps)."""
         self._queue.append((recv_ns, conn, (event, fields)))
+        self._in += 1
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -365,10 +405,14 @@ class SegmentWriter:
         queue = self._queue
         for _ in range(len(queue)):
             _recv_ns, _conn, data = queue.popleft()
-            if type(data) is str:
-                self.stats.unwritten += 1
-            else:
+            kind = type(data)
+            if kind is tuple:
                 self.stats.unwritten_events += 1
+                self._out += 1
+            else:
+                count = data.count if kind is ReadLines else 1
+                self.stats.unwritten += count
+                self._out += count
 
     def _flush(self) -> None:
         queue = self._queue
@@ -386,7 +430,8 @@ class SegmentWriter:
         events = 0
         sampled: list[int] = []
         try:
-            for index in range(count):
+            index = 0
+            while index < count:
                 recv_ns, conn, data = queue[0]
                 if self._fd is not None and recv_ns // NS_PER_HOUR != self._hour:
                     self._write(lines, size, sampled, frames)
@@ -394,14 +439,25 @@ class SegmentWriter:
                     self._rotate()
                 if self._fd is None:
                     self._open(recv_ns)
-                is_frame = type(data) is str
-                line = frame_line(recv_ns, conn, data) if is_frame else control_line(recv_ns, conn, *data)
+                kind = type(data)
+                if kind is tuple:
+                    line, records = control_line(recv_ns, conn, *data), 0
+                elif kind is ReadLines:
+                    line, records = data.lines, data.count
+                else:
+                    line, records = frame_line(recv_ns, conn, data), 1
                 if (
                     exact_size
                     and self.stats.segment_bytes + size + len(line) > max_bytes
-                    and (size or self.stats.segment_bytes)
+                    and (size or self.stats.segment_bytes or records > 1)
                     and self._may_rotate_by_size()
                 ):
+                    if records > 1:  # the read's lines go one by one: the segment ends between two
+                        queue.popleft()
+                        split = [(recv_ns, conn, ReadLines(1, one + b"\n")) for one in line.split(b"\n")[:-1]]
+                        queue.extendleft(reversed(split))
+                        count += records - 1
+                        continue
                     # the segment is full: this line starts the next one
                     self._write(lines, size, sampled, frames)
                     lines, size, frames, events, sampled = [], 0, 0, 0, []
@@ -410,12 +466,17 @@ class SegmentWriter:
                 lines.append(line)
                 size += len(line)
                 queue.popleft()
-                if is_frame:
-                    frames += 1
-                    if not index % LATENCY_SAMPLE_EVERY:
-                        sampled.append(recv_ns)
-                else:
+                if kind is tuple:
                     events += 1
+                    self._out += 1
+                else:
+                    frames += records
+                    self._out += records
+                    if records > 1:  # a read: one sample per LATENCY_SAMPLE_EVERY frames, as for single frames
+                        sampled.extend(itertools.repeat(recv_ns, -(-records // LATENCY_SAMPLE_EVERY)))
+                    elif not index % LATENCY_SAMPLE_EVERY:
+                        sampled.append(recv_ns)
+                index += 1
             if dropped:
                 if self._fd is None:
                     self._open(self.clock())
