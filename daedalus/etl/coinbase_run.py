@@ -9,9 +9,11 @@ written for one segment. The job (:mod:`daedalus.etl.job`) claims, commits and c
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,6 +22,7 @@ from daedalus.capture.records import iter_lines
 from daedalus.etl import processors
 from daedalus.etl.book import FrameBatch
 from daedalus.etl.coinbase import CANDLE_NUMBERS, TICKER_NUMBERS, ParsedBatch, parse_batch
+from daedalus.etl.fastpath import ScanSegment
 from daedalus.etl.output import PartitionedWriter, discard
 from daedalus.etl.reader import connect, read_batches
 from daedalus.etl.state import EtlState
@@ -62,12 +65,10 @@ class SegmentRun:
 
     def run(self, source: Path, max_object: int) -> SegmentRun:
         before = self.book_counters()
-        line = 0
         con = connect()
         try:
-            for batch in read_batches(con, source, max_object):
-                self._batch(parse_batch(batch, line))
-                line += batch.num_rows
+            for parsed in self._parsed(con, source, max_object):
+                self._batch(parsed)
                 self.job.beat()
         except BaseException:
             self.abandon()
@@ -75,6 +76,19 @@ class SegmentRun:
         finally:
             con.close()
         return self.finish(before)
+
+    def _parsed(self, con: duckdb.DuckDBPyConnection, source: Path, max_object: int) -> Iterator[ParsedBatch]:
+        """The segment's batches of 8,192 lines, parsed: level2 lines through the compiled
+        scanner and the rest through DuckDB (``etl.l2_scanner: compiled``), or every line
+        through DuckDB (``duckdb``, the reference). The batches are the same either way."""
+        if self.job.config.etl.l2_scanner == "compiled":
+            for _, parsed in ScanSegment(source, self.job.scratch, con, max_object).batches():
+                yield parsed
+            return
+        line = 0
+        for batch in read_batches(con, source, max_object):
+            yield parse_batch(batch, line)
+            line += batch.num_rows
 
     def book_counters(self) -> dict[str, dict[str, int]]:
         """Each book's counters now (:meth:`finish` reports what the segment added)."""

@@ -60,54 +60,56 @@ def _units(offsets, chars, valid, out, parsed, plain):
     for i in range(out.shape[0]):
         if not valid[i]:
             continue
-        a, b = offsets[i], offsets[i + 1]
-        if a == b:
-            continue
-        if plain and (chars[a] == 46 or chars[b - 1] == 46):  # ".5", "12.": not the feed's shape
-            continue
-        neg = False
-        if not plain and (chars[a] == 45 or chars[a] == 43):  # - +
-            neg = chars[a] == 45
-            a += 1
-        acc = 0
-        frac = -1  # digits after the point, -1 before it
-        digits = 0
-        ok = True
-        for j in range(a, b):
-            c = chars[j]
-            if c == 46 and frac < 0:  # .
-                frac = 0
-                continue
-            d = c - 48
-            if d < 0 or d > 9:
-                ok = False
-                break
-            if frac >= 8:
-                if d != 0:  # finer than 1e-8: not exact here
-                    ok = False
-                    break
-                continue
-            if acc >= _MAX_TENTH and (acc > _MAX_TENTH or d > 7):
-                ok = False
-                break
-            acc = acc * 10 + d
-            digits += 1
-            if frac >= 0:
-                frac += 1
-        if not ok or digits == 0:
-            continue
-        scale = 8 - (frac if frac > 0 else 0)
-        for _ in range(scale):
-            if acc > _MAX_TENTH:
-                ok = False
-                break
-            acc *= 10
+        value, ok = units_at(chars, offsets[i], offsets[i + 1], plain)
         if ok:
-            out[i] = -acc if neg else acc
+            out[i] = value
             parsed[i] = True
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False)  # no allocation: no reference counting (see daedalus.etl.l2scan)
+def units_at(chars, a, b, plain):
+    """``chars[a:b]`` as int64 units of 1e-8: (value, ok). Shared by the column parser above
+    and the level2 scanner (:mod:`daedalus.etl.l2scan`), so both accept exactly the same text."""
+    if a == b:
+        return 0, False
+    if plain and (chars[a] == 46 or chars[b - 1] == 46):  # ".5", "12.": not the feed's shape
+        return 0, False
+    neg = False
+    if not plain and (chars[a] == 45 or chars[a] == 43):  # - +
+        neg = chars[a] == 45
+        a += 1
+    acc = 0
+    frac = -1  # digits after the point, -1 before it
+    digits = 0
+    for j in range(a, b):
+        c = chars[j]
+        if c == 46 and frac < 0:  # .
+            frac = 0
+            continue
+        d = c - 48
+        if d < 0 or d > 9:
+            return 0, False
+        if frac >= 8:
+            if d != 0:  # finer than 1e-8: not exact here
+                return 0, False
+            continue
+        if acc >= _MAX_TENTH and (acc > _MAX_TENTH or d > 7):
+            return 0, False
+        acc = acc * 10 + d
+        digits += 1
+        if frac >= 0:
+            frac += 1
+    if digits == 0:
+        return 0, False
+    scale = 8 - (frac if frac > 0 else 0)
+    for _ in range(scale):
+        if acc > _MAX_TENTH:
+            return 0, False
+        acc *= 10
+    return (-acc if neg else acc), True
+
+
+@njit(cache=True, _nrt=False)
 def _num(chars, a, n):
     v = 0
     for j in range(a, a + n):
@@ -118,7 +120,7 @@ def _num(chars, a, n):
     return v
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, _nrt=False)
 def _days_in_month(year, month):
     if month == 2:
         return 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
@@ -130,37 +132,44 @@ def _times(offsets, chars, valid, out, parsed):
     for i in range(out.shape[0]):
         if not valid[i]:
             continue
-        a, b = offsets[i], offsets[i + 1]
-        if b - a < 20 or chars[a + 4] != 45 or chars[a + 7] != 45 or chars[a + 10] != 84:  # YYYY-MM-DDT
-            continue
-        if chars[a + 13] != 58 or chars[a + 16] != 58 or chars[b - 1] != 90:  # HH:MM:SS ... Z
-            continue
-        year, month, day = _num(chars, a, 4), _num(chars, a + 5, 2), _num(chars, a + 8, 2)
-        hour, minute, second = _num(chars, a + 11, 2), _num(chars, a + 14, 2), _num(chars, a + 17, 2)
-        if year < 1900 or year > 2199 or not (1 <= month <= 12) or hour < 0 or hour > 23:
-            continue  # other years: the slow path (int64 ns only reach 1677..2262)
-        if day < 1 or day > _days_in_month(year, month):
-            continue
-        if minute < 0 or minute > 59 or second < 0 or second > 60:
-            continue
-        nanos = 0
-        j = a + 19
-        if j < b - 1:
-            if chars[j] != 46 or b - 1 - (j + 1) > 9 or b - 1 == j + 1:
-                continue
-            digits = b - 1 - (j + 1)
-            nanos = _num(chars, j + 1, digits)
-            if nanos < 0:
-                continue
-            for _ in range(9 - digits):
-                nanos *= 10
-        # days from 1970-01-01 (proleptic Gregorian)
-        y = year - (1 if month <= 2 else 0)
-        era = y // 400
-        yoe = y - era * 400
-        mp = (month + 9) % 12
-        doy = (153 * mp + 2) // 5 + day - 1
-        doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-        days = era * 146097 + doe - 719468
-        out[i] = ((days * 24 + hour) * 60 + minute) * 60_000_000_000 + second * 1_000_000_000 + nanos
-        parsed[i] = True
+        ns, ok = time_at(chars, offsets[i], offsets[i + 1])
+        if ok:
+            out[i] = ns
+            parsed[i] = True
+
+
+@njit(cache=True, _nrt=False)
+def time_at(chars, a, b):
+    """RFC 3339 UTC ``chars[a:b]`` -> (ns since the epoch, ok); see :func:`parse_times`."""
+    if b - a < 20 or chars[a + 4] != 45 or chars[a + 7] != 45 or chars[a + 10] != 84:  # YYYY-MM-DDT
+        return 0, False
+    if chars[a + 13] != 58 or chars[a + 16] != 58 or chars[b - 1] != 90:  # HH:MM:SS ... Z
+        return 0, False
+    year, month, day = _num(chars, a, 4), _num(chars, a + 5, 2), _num(chars, a + 8, 2)
+    hour, minute, second = _num(chars, a + 11, 2), _num(chars, a + 14, 2), _num(chars, a + 17, 2)
+    if year < 1900 or year > 2199 or not (1 <= month <= 12) or hour < 0 or hour > 23:
+        return 0, False  # other years: the slow path (int64 ns only reach 1677..2262)
+    if day < 1 or day > _days_in_month(year, month):
+        return 0, False
+    if minute < 0 or minute > 59 or second < 0 or second > 60:
+        return 0, False
+    nanos = 0
+    j = a + 19
+    if j < b - 1:
+        if chars[j] != 46 or b - 1 - (j + 1) > 9 or b - 1 == j + 1:
+            return 0, False
+        digits = b - 1 - (j + 1)
+        nanos = _num(chars, j + 1, digits)
+        if nanos < 0:
+            return 0, False
+        for _ in range(9 - digits):
+            nanos *= 10
+    # days from 1970-01-01 (proleptic Gregorian)
+    y = year - (1 if month <= 2 else 0)
+    era = y // 400
+    yoe = y - era * 400
+    mp = (month + 9) % 12
+    doy = (153 * mp + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    days = era * 146097 + doe - 719468
+    return ((days * 24 + hour) * 60 + minute) * 60_000_000_000 + second * 1_000_000_000 + nanos, True

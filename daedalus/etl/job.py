@@ -54,6 +54,7 @@ from daedalus.capture.records import ZstdFrameDamaged
 from daedalus.capture.segments import fsync_path
 from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.etl.errors import EtlIoError, SegmentDataError
+from daedalus.etl.fastpath import FALLBACK_L2, FALLBACK_LINES, SCANNED
 from daedalus.etl.output import (
     OutputConflict,
     check_conflicts,
@@ -167,6 +168,10 @@ class Summary:
             + (f" late_for_bars={self.counts['late_trades']:,}" if books else ""),
             f"quarantined: lines={self.quarantined_lines:,} segments={self.quarantined_segments:,}",
         ]
+        if self.counts[SCANNED] or self.counts[FALLBACK_L2]:  # etl.l2_scanner: compiled
+            scanner = (f"level2 scanner: frames={self.counts[SCANNED]:,} handed_to_duckdb={self.counts[FALLBACK_L2]:,}"
+                       f" (other lines for DuckDB: {self.counts[FALLBACK_LINES]:,})")  # fmt: skip
+            lines.append(scanner)
         bad = [f"{k}={self.counts[k]:,}" for k in BAD_INPUT_COUNTERS if self.counts[k]]
         if bad:
             lines.append("bad input: " + ", ".join(bad))
@@ -379,6 +384,8 @@ class EtlJob:
             "rows": dict(live.rows),
             "quarantined_lines": live.quarantined_lines,
             "quarantined_segments": live.quarantined_segments,
+            "l2_scanner_frames": live.counts[SCANNED],
+            "l2_scanner_fallbacks": live.counts[FALLBACK_L2],
         }
         gauges = {"busy": int(self.current_segment is not None), "current_segment": self.current_segment}
         return {"counters": counters, "gauges": gauges}
@@ -454,6 +461,8 @@ class EtlJob:
         log.info("etl_segment_done", segment=name, mb=round(result.bytes / 1e6, 2),
                  seconds=round(result.seconds, 3), **dict(sorted(result.rows.items())),
                  **({"gaps": result.counts["gaps"]} if "gaps" in result.counts else {}),
+                 **({"l2_scanned": result.counts[SCANNED], "l2_fallback": result.counts[FALLBACK_L2]}
+                    if SCANNED in result.counts else {}),
                  quarantined=result.quarantined)  # fmt: skip
         self._finish(path)
         return state if older else new_state

@@ -1,0 +1,345 @@
+"""The compiled level2 scanner (``etl.l2_scanner: compiled``) against the reference path
+(``duckdb``: every line through DuckDB): the same segments through both, every processed
+table read back, the counters, the quarantine files and the checkpoint compared.
+
+Inputs: the real recording (5 MB snapshot frame included), the benchmark's generated
+stream, and seeded streams of randomised valid frames (key order shuffled, whitespace
+between tokens, escapes, decimals of every length, empty update lists, unknown fields with
+nested values), with and without frames the scanner must hand back to DuckDB."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from daedalus.capture.records import control_line
+from daedalus.config import parse_config
+from daedalus.etl import fastpath
+from daedalus.etl.job import EtlJob, Summary
+from daedalus.etl.state import load_state
+from daedalus.logs import _FIELDS
+from tests.conftest import RECORDING, REPO
+from tests.etl_helpers import channel_table, recording_lines, write_segments
+
+SCANNER_COUNTERS = {fastpath.SCANNED, fastpath.FALLBACK_LINES, fastpath.FALLBACK_L2}
+T0 = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
+
+
+def run(data_dir: Path, mode: str) -> Summary:
+    config = parse_config({"data_dir": str(data_dir), "etl": {"l2_scanner": mode}})
+    return EtlJob(config).run()
+
+
+def both(tmp_path: Path, chunks: list[list[bytes]], zstd_every: int = 0) -> dict[str, Summary]:
+    """The same segments through both paths; asserts every output is the same; the summaries."""
+    out = {}
+    for mode in ("duckdb", "compiled"):
+        write_segments(tmp_path / mode, chunks, zstd_every=zstd_every)
+        out[mode] = run(tmp_path / mode, mode)
+    assert_same_output(tmp_path / "duckdb", tmp_path / "compiled")
+    ref, fast = out["duckdb"], out["compiled"]
+    assert ref.rows == fast.rows
+    assert ref.quarantined_lines == fast.quarantined_lines
+    assert ref.quarantined_segments == fast.quarantined_segments
+    assert +ref.counts == Counter({k: v for k, v in fast.counts.items() if k not in SCANNER_COUNTERS and v})
+    scanned, back = fast.counts[fastpath.SCANNED], fast.counts[fastpath.FALLBACK_L2]
+    assert scanned + back == ref.counts["l2_data"]  # every level2 frame went one way or the other
+    return out
+
+
+def assert_same_output(ref: Path, fast: Path) -> None:
+    processed = [p.relative_to(ref) for p in sorted((ref / "processed" / "coinbase").rglob("*.parquet"))]
+    assert processed == [p.relative_to(fast) for p in sorted((fast / "processed" / "coinbase").rglob("*.parquet"))]
+    for channel in sorted({p.parts[2] for p in processed}):
+        a, b = channel_table(ref, channel), channel_table(fast, channel)
+        assert a.schema == b.schema, channel
+        assert a.num_rows == b.num_rows, channel
+        assert a.equals(b), channel
+        # and read back by another engine too
+        assert pl.from_arrow(a).equals(pl.from_arrow(b)), channel
+    for path in sorted((ref / "raw" / "quarantine").rglob("*")) if (ref / "raw" / "quarantine").exists() else []:
+        if path.is_file():
+            assert (fast / path.relative_to(ref)).read_bytes() == path.read_bytes(), path.name
+    a, b = (load_state(d / "processed" / "_state", "coinbase", 10**9, 10, 60 * 10**9) for d in (ref, fast))
+    assert a.books.products == b.books.products
+    arrays_a, arrays_b = a.books.to_arrays(), b.books.to_arrays()
+    assert arrays_a.keys() == arrays_b.keys()
+    for key, value in arrays_a.items():
+        assert np.array_equal(value, arrays_b[key]), key
+    assert a.trades.to_json() == b.trades.to_json()
+    assert a.bars.to_json() == b.bars.to_json()
+    assert a.last_segment == b.last_segment
+
+
+# ---- the real recording ----------------------------------------------------------------------
+@pytest.mark.skipif(not RECORDING.exists(), reason=f"reference recording missing: {RECORDING}")
+def test_real_recording_same_output_both_paths(tmp_path):
+    lines = recording_lines()
+    assert max(len(line) for line in lines) > 4_000_000  # the BTC-USD snapshot frame
+    out = both(tmp_path, [lines[:300], lines[300:700], lines[700:]], zstd_every=2)
+    fast = out["compiled"]
+    assert fast.counts[fastpath.SCANNED] == 775 and fast.counts[fastpath.FALLBACK_L2] == 0
+    assert fast.rows["level2"] > 70_000
+
+
+@pytest.mark.skipif(not RECORDING.exists(), reason=f"reference recording missing: {RECORDING}")
+def test_real_recording_small_reads_and_blocks(tmp_path, monkeypatch):
+    """A read size far below the 5 MB line (the buffer grows) and one batch per DuckDB block."""
+    monkeypatch.setattr(fastpath, "READ_BYTES", 4096)
+    monkeypatch.setattr(fastpath, "BLOCK_ROWS", fastpath.BATCH_ROWS)
+    lines = recording_lines()
+    both(tmp_path, [lines[:500], lines[500:]], zstd_every=1)
+
+
+# ---- the benchmark's generated stream -------------------------------------------------------
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_etl", REPO / "bench" / "etl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("updates_per_frame", [6.3, 1])
+def test_generated_bench_stream_same_output_both_paths(tmp_path, monkeypatch, updates_per_frame):
+    bench = _bench_module()
+    monkeypatch.setattr(bench, "DEPTH", {"BTC-USD": 2_000, "ETH-USD": 300})
+    monkeypatch.setattr(bench, "RESNAP_EVERY", 3_000)  # reconnects and fresh snapshots inside the stream
+    source = tmp_path / "generated"
+    data = bench.generate(source, 6_000_000, 2_000_000, False, updates_per_frame)
+    chunks = [path.read_bytes().splitlines(keepends=True) for path in data.segments]
+    assert len(chunks) >= 3
+    out = both(tmp_path, chunks)
+    fast = out["compiled"]
+    assert fast.counts[fastpath.FALLBACK_L2] == 0 and fast.counts[fastpath.SCANNED] > 3_000
+    assert out["duckdb"].counts["snapshots"] >= 4
+
+
+# ---- randomised frames ------------------------------------------------------------------------
+class Writer:
+    """JSON text with random whitespace between tokens and members in random order."""
+
+    def __init__(self, rng: random.Random, extras: bool = True) -> None:
+        self.rng = rng
+        self.extras = extras  # unknown members (some with a nested key twice: DuckDB ignores those)
+
+    def ws(self) -> str:
+        return self.rng.choice(["", "", "", " ", "  ", "\t", " \r ", "\t "])
+
+    def obj(self, members: list[tuple[str, str]]) -> str:
+        members = list(members)
+        self.rng.shuffle(members)
+        inner = ",".join(f'{self.ws()}"{k}"{self.ws()}:{self.ws()}{v}{self.ws()}' for k, v in members)
+        return "{" + (inner or self.ws()) + "}"
+
+    def arr(self, items: list[str]) -> str:
+        return "[" + (",".join(f"{self.ws()}{v}{self.ws()}" for v in items) or self.ws()) + "]"
+
+    def unknown(self) -> tuple[str, str]:
+        """An extra member the ETL does not read: any JSON, nested, with escapes."""
+        rng = self.rng
+        value = rng.choice([
+            '"x\\/y \\"q\\" \\\\ \\u0041 \\n"', "-0.5e-3", "1E+400", "123456789012345678901234567890", "true",
+            "null", "false", '""', "[]", "{}",
+            self.obj([("a", self.arr(["1", '"b"', self.obj([("c", "[[[]]]"), ("a", "2")])])), ("a", "3")]),
+        ])  # fmt: skip
+        return rng.choice(["client_id", "zz", "extra_field", "Side", "EVENTS"]), value
+
+
+def decimal(rng: random.Random, positive: bool) -> str:
+    """A plain decimal of any length the feed could send (up to 8 decimals, no exponent)."""
+    whole = str(rng.randint(1 if positive else 0, 10 ** rng.randint(1, 10)))
+    if rng.random() < 0.3:
+        return whole
+    digits = rng.randint(1, 8)
+    frac = "".join(rng.choice("0123456789") for _ in range(digits))
+    if positive and whole == "0" and set(frac) == {"0"}:
+        frac = frac[:-1] + "1"
+    return f"{whole}.{frac}"
+
+
+def rfc3339(ns: int, digits: int) -> str:
+    seconds, nanos = divmod(ns, 10**9)
+    base = np.datetime64(seconds, "s").astype(str)
+    return base + "Z" if digits == 0 else f"{base}.{str(nanos).zfill(9)[:digits]}Z"
+
+
+def escaped(product: str, rng: random.Random) -> str:
+    """The product id with some characters as JSON escapes (``\\u002D`` for ``-``)."""
+    return "".join(f"\\u{ord(c):04X}" if rng.random() < 0.3 else c for c in product)
+
+
+def l2_line(w: Writer, recv: int, seq: int, products: list[str], snapshot: bool, capture_shape: bool = False) -> str:
+    """A level2 record line; ``capture_shape``: the envelope as the capture writes it (what
+    the reference path's clean copy keeps), else shuffled and padded too."""
+    rng = w.rng
+    events = []
+    for product in rng.sample(products, rng.randint(1, len(products))) if not snapshot else products:
+        updates = []
+        for _ in range(rng.randint(20, 60) if snapshot else rng.choice([0, 1, 1, 2, 3, 7])):
+            side = rng.choice(["bid", "offer"] if snapshot else ["bid", "offer", "ask"])
+            size = "0" if rng.random() < 0.2 and not snapshot else decimal(rng, False)
+            members = [("side", f'"{side}"'),
+                       ("event_time", f'"{rfc3339(recv - rng.randint(0, 10**9), rng.randint(0, 9))}"'),
+                       ("price_level", f'"{decimal(rng, True)}"'), ("new_quantity", f'"{size}"')]  # fmt: skip
+            if w.extras and rng.random() < 0.1:
+                members.append(w.unknown())
+            updates.append(w.obj(members))
+        kind = "snapshot" if snapshot else rng.choice(["update", "update", "Update"])
+        members = [("type", f'"{kind}"'), ("product_id", f'"{escaped(product, rng)}"'), ("updates", w.arr(updates))]
+        if w.extras and rng.random() < 0.1:
+            members.append(w.unknown())
+        events.append(w.obj(members))
+    msg = [("channel", '"l2_data"'), ("timestamp", f'"{rfc3339(recv, 9)}"'), ("sequence_num", str(seq)),
+           ("events", w.arr(events))]  # fmt: skip
+    if w.extras and rng.random() < 0.2:
+        msg.append(w.unknown())
+    if capture_shape:
+        return f'{{"recv_ns":{recv},"conn":7,"msg":{w.obj(msg)}}}'
+    record = [("recv_ns", str(recv)), ("conn", "7"), ("msg", w.obj(msg))]
+    if rng.random() < 0.05:
+        record.append(("zz", '{"msg":1,"event":"gap"}'))
+    return w.ws() + w.obj(record) + w.ws()
+
+
+def trade_line(w: Writer, recv: int, seq: int, product: str, trade_id: int) -> str:
+    trade = w.obj([("product_id", f'"{product}"'), ("trade_id", f'"{trade_id}"'), ("price", '"100.5"'),
+                   ("size", '"0.1"'), ("side", '"BUY"'), ("time", f'"{rfc3339(recv, 6)}"')])  # fmt: skip
+    events = w.arr([w.obj([("type", '"update"'), ("trades", w.arr([trade]))])])
+    msg = w.obj([("channel", '"market_trades"'), ("timestamp", f'"{rfc3339(recv, 9)}"'), ("sequence_num", str(seq)),
+                 ("events", events)])  # fmt: skip
+    return w.obj([("recv_ns", str(recv)), ("conn", "7"), ("msg", msg)])
+
+
+#: frames the scanner must hand back (name -> a change to a valid l2 line's text); the
+#: DuckDB path reads each its own way: a cast, a quarantined line, or a clean copy
+REJECTS = {
+    "exponent price": lambda t: t.replace('"price_level":"', '"price_level":"1e', 1),
+    "number for a string": lambda t: t.replace('"new_quantity":"0"', '"new_quantity":0', 1),
+    "string sequence": lambda t: t.replace('"sequence_num":', '"sequence_num":"1', 1).replace(',"ev', '","ev', 1),
+    "duplicated key": lambda t: t.replace('"side":"bid"', '"side":"bid","side":"offer"', 1),
+    "duplicated envelope key": lambda t: t.replace('"conn":7', '"conn":7,"conn":8', 1),
+    "truncated": lambda t: t[: len(t) // 2],
+    "non-ASCII product": lambda t: t.replace('"product_id":"BTC-USD"', '"product_id":"BTC-USDé"', 1),
+    "non-ASCII extra": lambda t: t.replace('"msg":{', '"zz":"é","msg":{', 1),
+    "escaped side": lambda t: t.replace('"side":"bid"', '"side":"b\\u0069d"', 1),
+    "bad side": lambda t: t.replace('"side":"bid"', '"side":"buy"', 1),
+    "null events": lambda t: t.replace('"events":[', '"events":null,"x":[', 1),
+    "error type": lambda t: t.replace('"msg":{', '"msg":{"type":"error","message":"no",', 1),
+    "float recv": lambda t: t.replace('{"recv_ns":', '{"recv_ns":1.5', 1),
+    "recv in 1970": lambda t: t.replace('{"recv_ns":1', '{"recv_ns":', 1),
+    "time without zone": lambda t: t.replace('Z","price_level"', '","price_level"', 1),
+    "leading zero": lambda t: t.replace('"conn":7', '"conn":07', 1),
+    "trades in l2": lambda t: t.replace('"updates":[', '"trades":[],"updates":[', 1),
+    "NaN extra": lambda t: t.replace('"msg":{', '"zz":NaN,"msg":{', 1),
+    "bad product": lambda t: t.replace('"product_id":"BTC-USD"', '"product_id":"-BTC"', 1),
+}
+
+
+#: rejects DuckDB refuses (the segment is read again from a clean copy without them) or that
+#: the clean copy's own check removes once it runs
+CUT_BY_THE_CLEAN_COPY = ("duplicated key", "duplicated envelope key", "truncated", "NaN extra", "leading zero",
+                         "float recv", "string sequence")  # fmt: skip
+
+
+def random_stream(seed: int, lines: int, rejects: bool) -> tuple[list[list[bytes]], Counter[str]]:
+    """Segments of a seeded random session (connect, snapshots, updates, trades, a gap),
+    and how many of each reject were put in."""
+    rng = random.Random(seed)
+    w = Writer(rng)
+    products = ["BTC-USD", "ETH-USD", "SOL-USD"]
+    recv, seq = T0, 0
+    out = [control_line(recv, 7, "connect", {"url": "wss://x"})]
+    put: Counter[str] = Counter()
+    for _ in range(lines):
+        recv += rng.randint(1, 5_000_000)
+        seq += 1
+        roll = rng.random()
+        if roll < 0.002 or seq == 1:
+            text = l2_line(w, recv, seq, products, snapshot=True, capture_shape=rejects)
+        elif roll < 0.15:
+            text = trade_line(w, recv, seq, rng.choice(products), seq)
+        elif roll < 0.152:
+            out.append(control_line(recv, 7, "gap", {"expected": seq, "received": seq + 1}))
+            seq += 1
+            continue
+        else:
+            text = l2_line(w, recv, seq, products, snapshot=False, capture_shape=rejects)
+            if rejects and rng.random() < 0.05:
+                bare = Writer(random.Random(seq), extras=False)
+                plain = l2_line(bare, recv, seq, ["BTC-USD"], False, capture_shape=True)
+                plain = "".join(plain.split())  # no whitespace: the replacements above see the tokens
+                name = rng.choice(sorted(REJECTS))
+                changed = REJECTS[name](plain)
+                if changed != plain:
+                    text = changed
+                    put[name] += 1
+        out.append(text.encode() + b"\n")
+    cuts = sorted(rng.sample(range(1, len(out)), 2))
+    return [out[: cuts[0]], out[cuts[0] : cuts[1]], out[cuts[1] :]], put
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_randomised_valid_frames_all_scanned_same_output(tmp_path, seed):
+    chunks, _ = random_stream(seed, 9_000, rejects=False)
+    out = both(tmp_path, chunks, zstd_every=3)
+    fast = out["compiled"]
+    assert fast.counts[fastpath.FALLBACK_L2] == 0  # every valid level2 frame was the scanner's
+    assert fast.counts[fastpath.SCANNED] > 6_000
+    assert out["duckdb"].quarantined_lines == 0
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_rejected_frames_fall_back_counted_same_output(tmp_path, seed):
+    chunks, put = random_stream(seed, 9_000, rejects=True)
+    assert len(put) >= 12  # most kinds of reject are in the stream
+    out = both(tmp_path, chunks)
+    ref, fast = out["duckdb"], out["compiled"]
+    assert ref.quarantined_lines > 0  # the clean copy, bad numbers and products: quarantine worked the same
+    # every reject DuckDB still reads as a level2 frame (not cut out by the clean copy) is counted
+    cut = sum(put[k] for k in CUT_BY_THE_CLEAN_COPY)
+    assert fast.counts[fastpath.FALLBACK_L2] == sum(put.values()) - cut
+    assert fast.counts[fastpath.FALLBACK_LINES] > fast.counts[fastpath.FALLBACK_L2]  # trades, control lines
+
+
+def test_blank_lines_and_a_last_line_without_newline(tmp_path):
+    chunks, _ = random_stream(5, 3_000, rejects=False)
+    chunks[0].insert(5, b"   \t\r\n")
+    chunks[0].insert(9, b"\n")
+    chunks[-1][-1] = chunks[-1][-1].rstrip(b"\n")
+    both(tmp_path, chunks)
+
+
+def test_duckdb_only_mode_reads_no_line_with_the_scanner(tmp_path):
+    chunks, _ = random_stream(6, 2_000, rejects=False)
+    write_segments(tmp_path, chunks)
+    summary = run(tmp_path, "duckdb")
+    assert summary.rows["level2"] > 0 and not SCANNER_COUNTERS & set(summary.counts)
+
+
+def test_config_rejects_an_unknown_scanner(tmp_path):
+    with pytest.raises(Exception, match="l2_scanner"):
+        parse_config({"data_dir": str(tmp_path), "etl": {"l2_scanner": "simd"}})
+
+
+def test_scanner_counters_in_the_summary_the_heartbeat_and_the_log(tmp_path, caplog):
+    chunks, _ = random_stream(7, 3_000, rejects=True)
+    write_segments(tmp_path, chunks)
+    job = EtlJob(parse_config({"data_dir": str(tmp_path), "etl": {"l2_scanner": "compiled"}}))
+    with caplog.at_level(logging.INFO, logger="daedalus.etl"):
+        summary = job.run()
+    back = summary.counts[fastpath.FALLBACK_L2]
+    assert back > 0 and summary.counts[fastpath.SCANNED] > 0
+    assert f"handed_to_duckdb={back:,}" in summary.text()
+    counters = job.heartbeat_stats(Summary())["counters"]  # the run just finished is still the job's current one
+    assert counters["l2_scanner_fallbacks"] == back
+    done = [getattr(r, _FIELDS) for r in caplog.records if r.getMessage() == "etl_segment_done"]
+    assert len(done) == 3 and sum(fields["l2_fallback"] for fields in done) == back
