@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The suite in 4 pytest-xdist workers on a 2-core machine (many tests wait on sockets and child
+# processes); loadgroup keeps the modules that share an expensive fixture on one worker
+# (tests/conftest.py, XDIST_GROUPS). `pytest -q` alone still runs it in one process.
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist loadgroup --durations=30
 
 # The whole pipeline for a minute against the built-in simulator, offline: summary, query, plot.
 demo: venv

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import orjson
 import pytest
 
 from daedalus.sim import SimConfig, SimServer
+from tests.s3_server import BUCKET, S3Server, start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDING = REPO.parent / "shared" / "data" / "coinbase-advanced-trade-2026-08-09.jsonl.zst"
@@ -32,6 +36,117 @@ async def make_sim() -> AsyncIterator[Callable[..., Any]]:
     yield start
     for server in servers:
         await server.stop()
+
+
+# `make test` runs the suite in pytest-xdist workers with ``--dist loadgroup``: every test goes to
+# whichever worker is free, except that the tests of a module sharing an expensive module-scoped
+# fixture stay together on one worker (each worker would build a module fixture again).
+# test_backfill is split in two halves (each builds its capture and reference once) so that
+# neither half is the critical path of the run. The groups are chosen here, by node id, because
+# xdist's own ``xdist_group`` marks rename node ids, which pytest 9 no longer allows (they are
+# silently ignored: ``loadgroup`` then behaves as ``load``).
+XDIST_GROUPS = {
+    "test_demo.py": "demo",  # one real `daedalus demo` run
+    "test_plot.py": "plot",
+    "test_query.py": "query",
+    "test_query_s3.py": "query_s3",
+    "test_harden_reader.py": "harden_reader",
+}
+BACKFILL_SECOND_HALF = {
+    "test_the_backfill_from_s3_to_s3_equals_the_sequential_etl",
+    "test_a_running_scheduler_by_address",
+    "test_a_killed_client_is_finished_by_a_rerun",
+}
+
+
+# Tests of several child processes each (dask clusters, moto, repeated `daedalus etl` runs): on 2
+# cores shared by 4 workers they can exceed the 120 s hang guard of pyproject.toml while working.
+SLOW_MODULES = {"test_backfill.py", "test_etl_s3.py"}
+SLOW_TESTS = {
+    "test_memory_stays_bounded_over_hundreds_of_partitions",
+    "test_sigkilled_parquet_ingest_keeps_every_flushed_record_once",
+    "test_sigkilled_ccxt_etl_reruns_to_the_uninterrupted_dataset",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES or getattr(item, "originalname", "") in SLOW_TESTS:
+            item.add_marker(pytest.mark.timeout(300))
+
+
+def xdist_group(nodeid: str) -> str | None:
+    """The group a test is scheduled with, or None for a test that may go anywhere."""
+    path, _, name = nodeid.partition("::")
+    module = path.rsplit("/", 1)[-1]
+    if module == "test_backfill.py":
+        return "backfill_b" if name.split("[")[0] in BACKFILL_SECOND_HALF else "backfill_a"
+    return XDIST_GROUPS.get(module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``: xdist's scope scheduler with :func:`xdist_group` as the scope (one
+    test per scope otherwise); the other ``--dist`` modes are left to xdist."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid) or nodeid
+
+    return GroupScheduling(config, log)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under xdist, fill numba's on-disk cache (``cache=True``) once, before the workers start
+    (xdist starts them in its own, later, sessionstart): on a fresh clone every worker and every
+    `daedalus etl` child would otherwise compile the book engine at the same time, ~11 CPU-s
+    each, enough to push the first tests past their timeout on 2 cores."""
+    config = session.config
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+    from daedalus.config import parse_config
+    from daedalus.etl.job import EtlJob
+    from tests.etl_helpers import recording_lines, write_segments
+
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    say = reporter.write_line if reporter is not None else print
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="daedalus-numba-warm-") as data:
+        try:
+            write_segments(Path(data), [recording_lines()[:300]])
+            EtlJob(parse_config({"data_dir": data})).run()
+        except Exception as exc:  # the tests that use the ETL report it properly
+            say(f"numba cache warm-up failed: {exc!r}")
+            return
+    say(f"numba cache warmed in {time.monotonic() - started:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def _moto_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One moto server per test process (each xdist worker has its own): starting one costs
+    seconds on a loaded machine, and ``s3_server`` resets it to empty before every test."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    process, endpoint, port = start_server(log)
+    yield S3Server(endpoint, port, BUCKET, process, log)
+    stop_server(process)
+
+
+@pytest.fixture
+def s3_server(_moto_process: S3Server) -> S3Server:
+    """moto's S3 API on 127.0.0.1 holding only an empty bucket :data:`BUCKET`: every bucket,
+    object and multipart upload of the previous test is gone (moto's ``/moto-api/reset``)."""
+    server = _moto_process
+    assert server.process.poll() is None, f"moto exited: {server.log.read_text()[-2000:]}"
+    request = urllib.request.Request(f"{server.endpoint}/moto-api/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=30):
+        pass
+    client = server.client()
+    assert not client.list_buckets().get("Buckets"), "moto kept buckets across its reset"
+    client.create_bucket(Bucket=BUCKET)
+    return server
 
 
 class Client:

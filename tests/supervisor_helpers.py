@@ -42,7 +42,9 @@ def supervisor_config(data: Path, ws_url: str, **supervisor: Any) -> dict[str, A
         "backoff_max_seconds": 1.0,
         "reset_after_seconds": 30.0,
         "heartbeat_seconds": 0.3,
-        "hang_timeout_seconds": 4.0,
+        # the hang clock starts at spawn: a child still importing on a loaded machine (xdist
+        # workers on 2 cores) must not count as hung; test_supervisor_run sets its own
+        "hang_timeout_seconds": 20.0,
         "memory_check_seconds": 1.0,
         "ingestion_shutdown_timeout": 10.0,
         "etl_shutdown_timeout": 10.0,

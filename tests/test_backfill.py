@@ -23,9 +23,7 @@ from daedalus.sim import SimConfig, SimServer
 from daedalus.sim.faults import FaultConfig
 from tests.capture_helpers import ingest_config, segment_files
 from tests.conftest import REPO
-from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, free_port, s3_server
-
-__all__ = ["s3_server"]  # fixture
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, free_port
 
 DEADLINE = 180.0
 SEGMENTS = 14
@@ -98,13 +96,16 @@ def assert_same(expected: Path, got: Path) -> None:
     assert not list((got / "tmp").glob("backfill-coinbase-*"))  # the scratch area is removed after the commit
 
 
-@pytest.fixture
-def sequential(tmp_path: Path, raw_ready: Path) -> Path:
-    data = data_dir(tmp_path, "sequential", raw_ready)
-    done = etl(tmp_path, "sequential")
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory: pytest.TempPathFactory, raw_ready: Path) -> Path:
+    """The reference: the sequential ETL over the capture, run once for the module (the tests
+    only read it); its summary is in ``sequential.parent / "sequential.txt"``."""
+    root = tmp_path_factory.mktemp("sequential")
+    data = data_dir(root, "sequential", raw_ready)
+    done = etl(root, "sequential")
     assert "gaps=0 " not in done.stdout and "duplicates_dropped=0" not in done.stdout  # the faults show
     assert "quarantined: lines=0" not in done.stdout
-    (tmp_path / "sequential.txt").write_text(done.stdout)
+    (root / "sequential.txt").write_text(done.stdout)
     return data
 
 
@@ -114,7 +115,7 @@ def test_the_dask_backfill_equals_the_sequential_etl(tmp_path: Path, raw_ready: 
     done = etl(tmp_path, "dask", "--dask", "local:2")
     assert_same(sequential, data)
     # the same summary as the sequential run, but for the first line (times and rates)
-    assert done.stdout.splitlines()[1:] == (tmp_path / "sequential.txt").read_text().splitlines()[1:]
+    assert done.stdout.splitlines()[1:] == (sequential.parent / "sequential.txt").read_text().splitlines()[1:]
     level2 = str(data / "processed" / "coinbase" / "level2" / "**" / "*.parquet")
     count, invalid = duckdb.sql(f"SELECT count(*), count(*) FILTER (WHERE NOT book_valid) "
                                 f"FROM read_parquet('{level2}', hive_partitioning=true)").fetchall()[0]  # fmt: skip
@@ -196,7 +197,7 @@ def test_the_backfill_from_s3_to_s3_equals_the_sequential_etl(tmp_path: Path, ra
     stores = ("--input", f"s3://{BUCKET}/pi-1/raw", "--output", f"s3://{BUCKET}/lake/processed")
     # the work area on S3 too, as for workers on separate machines
     done = etl(tmp_path, "worker", "--dask", "local:2", "--scratch", f"s3://{BUCKET}/scratch", *stores)
-    assert done.stdout.splitlines()[1:] == (tmp_path / "sequential.txt").read_text().splitlines()[1:]
+    assert done.stdout.splitlines()[1:] == (sequential.parent / "sequential.txt").read_text().splitlines()[1:]
 
     got = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="lake/processed/"):

@@ -20,10 +20,8 @@ import zstandard
 
 from daedalus.layout import DataLayout
 from tests.etl_helpers import recording_lines
-from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, s3_server
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server
 from tests.test_ccxt_etl import all_records, write_parquet
-
-__all__ = ["s3_server"]  # fixture
 
 RAW = f"s3://{BUCKET}/pi-1/raw"
 PROCESSED = f"s3://{BUCKET}/lake/processed"

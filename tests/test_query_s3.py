@@ -23,9 +23,9 @@ from daedalus.query.remote import RemoteError, S3Location
 from daedalus.query.views import dataset_views, open_dataset
 from tests.conftest import REPO
 from tests.query_helpers import SimDataset, build_dataset
-from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, free_port, s3_auth_server, s3_server
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, free_port, s3_auth_server
 
-__all__ = ["s3_auth_server", "s3_server"]  # fixtures
+__all__ = ["s3_auth_server"]  # fixture (s3_server: conftest.py)
 
 VIEWS = {"level2", "book_snapshot_5", "market_trades", "ticker", "candles", "bars_1s"}
 PREFIX = "pi-1"  # the sync destination s3://BUCKET/pi-1: processed files under pi-1/processed/

@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import pytest
 
+from daedalus.sim import SimConfig
 from tests.conftest import apply_l2, top_of
 
 RFC3339_NS = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$")
@@ -237,17 +238,20 @@ async def test_pings_are_answered(make_sim, connect):
 
 
 async def test_no_subscribe_within_5s_disconnects(make_sim, connect):
-    sim = await make_sim(rate=0, heartbeat_interval=0.5)
+    """Coinbase's 5 s (the default) is checked with a 2 s deadline: the same code path, 3 s less
+    waiting. A subscribe late in the window keeps the other connection."""
+    assert SimConfig().subscribe_timeout == 5.0
+    sim = await make_sim(rate=0, heartbeat_interval=0.5, subscribe_timeout=2.0)
     idle, active = await connect(sim.ws_url), await connect(sim.ws_url)
     started = time.monotonic()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.5)
     await active.subscribe("heartbeats")
     msg = await idle.ws.receive(timeout=10)
     waited = time.monotonic() - started
     assert msg.type == aiohttp.WSMsgType.CLOSE
     assert idle.ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
-    assert "no subscribe within 5s" in msg.extra
-    assert 4.9 <= waited <= 6.5
+    assert "no subscribe within 2s" in msg.extra
+    assert waited >= 1.9  # not before the deadline (no upper bound: a loaded machine may be late)
     frames = await active.quiet(0.8)
     assert frames and not active.ws.closed  # the subscribed client is still served
 
@@ -259,7 +263,7 @@ async def test_heartbeats_every_second_with_integer_counter(make_sim, connect):
     await client.recv()
     started = time.monotonic()
     beats = await client.recv_n(3, timeout=3)
-    assert 1.5 <= time.monotonic() - started <= 3.5
+    assert time.monotonic() - started >= 1.5  # not faster than 1/s; slower misses recv's 3 s deadline
     counters = [b["events"][0]["heartbeat_counter"] for b in beats]
     assert all(isinstance(c, int) for c in counters)
     assert counters == list(range(counters[0], counters[0] + 3))

@@ -129,4 +129,4 @@ async def test_replay_of_raw_segments_with_speed(make_sim, connect, tmp_path):
     assert received[3] == "not json {" and received[6] == "not json {"
     data = [r for r in received if r != "not json {"]
     assert_same_except_sequence(data, [f.decode() for f in frames])
-    assert 0.4 <= elapsed <= 1.5
+    assert elapsed >= 0.4  # paced, not sent at once (no upper bound: a loaded machine may be late)

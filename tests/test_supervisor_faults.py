@@ -98,7 +98,8 @@ async def test_tiny_memory_limit_forces_graceful_restarts_that_lose_nothing(tmp_
     try:
         child = await sup.wait_child(INGEST, lambda c: c.memory_restarts >= 3, "three memory restarts", timeout=45)
         assert child.state != "crashloop"  # restarts it asks for itself do not count towards crashloop
-        assert child.counters.get("frames_written", 0) > 0
+        # (what the children captured across the restarts is checked at the end: check_capture_intact;
+        # the current child's own counter may still be 0 when a loaded machine slows its start-up)
         await sup.wait_child("etl", lambda c: c.memory_restarts >= 3, "three etl memory restarts")
         # nothing piles up over restarts: one output pipe per child at most, each log file open once
         pipes, files, zombies = await open_handles(sup.pid)

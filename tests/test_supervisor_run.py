@@ -31,7 +31,7 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
     sim = await make_sim(rate=200.0, heartbeat_interval=0.2)
     data = tmp_path / "data"
     config = supervisor_config(data, sim.ws_url, max_restarts=2, restart_window_seconds=120.0,
-                               crashloop_cooldown_seconds=3.0)  # fmt: skip
+                               crashloop_cooldown_seconds=15.0, hang_timeout_seconds=10.0)  # fmt: skip
     path = write_yaml(tmp_path / "c.yaml", config)
     # hold the ETL's lock: `daedalus etl --watch` exits 1 at once, every time
     lock_path = data / "processed" / "_state" / "coinbase.lock"
@@ -60,6 +60,7 @@ async def test_restarts_crashloop_hang_notify_and_clean_stop(tmp_path, make_sim)
         await sup.wait_child(INGEST, lambda c: c.counters["frames_written"] > written, "counters carried and growing")
 
         # the ETL exits at once each time: crashloop, shown by `daedalus status`, ingest untouched
+        # (the cool-down is 15 s so that the checks below, slow on a loaded machine, all see it)
         etl = await sup.wait_child("etl", lambda c: c.state == "crashloop", "etl crashloop")
         assert etl.restarts == 2 and "another daedalus etl is already processing" in (etl.exit_reason or "")
         code, out, _ = await cli("status", "--config", str(path))

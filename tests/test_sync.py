@@ -17,9 +17,9 @@ from daedalus.layout import DataLayout
 from daedalus.sync.engine import LEDGER_NAME, discover, sync_once
 from daedalus.sync.ledger import Ledger, LedgerEntry
 from daedalus.sync.s3 import SyncError, make_client, parse_destination, scrub
-from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, s3_auth_server, s3_server
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, s3_auth_server
 
-__all__ = ["s3_auth_server", "s3_server"]  # fixtures
+__all__ = ["s3_auth_server"]  # fixture (s3_server: conftest.py)
 
 PREFIX = "pi-1/daedalus"
 

@@ -27,10 +27,8 @@ from daedalus.sync.engine import SyncPass, SyncSummary
 from daedalus.sync.s3 import make_client
 from tests.capture_helpers import events
 from tests.s3_faults import FaultProxy
-from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, s3_server
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server
 from tests.status_helpers import Metrics, status_of
-
-__all__ = ["s3_server"]  # fixture
 
 PREFIX = "pi-1/daedalus"
 MIB = 1024 * 1024

@@ -17,9 +17,7 @@ from daedalus.layout import DataLayout
 from daedalus.sync.engine import LEDGER_NAME, sync_once
 from daedalus.sync.ledger import Ledger, LedgerEntry, UploadRecord
 from daedalus.sync.s3 import make_client
-from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, s3_server
-
-__all__ = ["s3_server"]  # fixture
+from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server
 
 PREFIX = "pi-1/daedalus"
 MIB = 1024 * 1024
