@@ -113,6 +113,8 @@ def test_generated_bench_stream_same_output_both_paths(tmp_path, monkeypatch, up
     bench = _bench_module()
     monkeypatch.setattr(bench, "DEPTH", {"BTC-USD": 2_000, "ETH-USD": 300})
     monkeypatch.setattr(bench, "RESNAP_EVERY", 3_000)  # reconnects and fresh snapshots inside the stream
+    # DuckDB's decode of a block in small chunks: most batches' handed-back lines span two of them
+    monkeypatch.setattr(fastpath, "FALLBACK_BATCH_ROWS", 333)
     source = tmp_path / "generated"
     data = bench.generate(source, 6_000_000, 2_000_000, False, updates_per_frame)
     chunks = [path.read_bytes().splitlines(keepends=True) for path in data.segments]
@@ -343,3 +345,56 @@ def test_scanner_counters_in_the_summary_the_heartbeat_and_the_log(tmp_path, cap
     assert counters["l2_scanner_fallbacks"] == back
     done = [getattr(r, _FIELDS) for r in caplog.records if r.getMessage() == "etl_segment_done"]
     assert len(done) == 3 and sum(fields["l2_fallback"] for fields in done) == back
+
+
+# ---- level2 rows grouped by partition before Arrow ------------------------------------------------
+def test_partition_order_and_spans_write_what_a_filter_per_partition_writes(tmp_path):
+    """Rows of three products, interleaved, across a UTC midnight: :meth:`partition_order` +
+    :meth:`write_spans` (one gather, then slices) write each partition's rows in their order,
+    as filtering the table by partition does."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from daedalus.etl.output import PartitionedWriter
+
+    rng = np.random.default_rng(5)
+    n, names = 5_000, ["BTC-USD", "ETH-USD", "SOL-USD"]
+    codes = rng.integers(0, 3, n)
+    midnight = 1_786_406_400 * 10**9  # 2026-08-11T00:00:00Z
+    ts = np.sort(rng.integers(midnight - 10**12, midnight + 10**12, n))
+    days = np.datetime_as_string(ts.astype("datetime64[ns]"), unit="D")
+    assert set(days) == {"2026-08-10", "2026-08-11"}
+    table = pa.table({"ts": pa.array(ts), "i": pa.array(np.arange(n))})
+    writer = PartitionedWriter(tmp_path / "level2", ["product_id", "date"], "segment_x", "zstd", {})
+    order, spans = writer.partition_order(n, (codes, names), ts)
+    assert order is not None and len(spans) == 6
+    writer.write_spans(table.take(pa.array(order)), spans)
+    files = writer.close()
+    assert len(files) == 6
+    for (product, date), (start, stop) in [((k[0], k[1]), (a, b)) for k, a, b in spans]:
+        want = table.filter(pa.array((codes == names.index(product)) & (days == date)))
+        path = tmp_path / "level2" / f"product_id={product}" / f"date={date}" / "part-segment_x.parquet.tmp"
+        got = pq.read_table(path)
+        assert want.num_rows == stop - start > 0
+        assert got.column("i").to_pylist() == want.column("i").to_pylist()
+    one = PartitionedWriter(tmp_path / "one", ["product_id"], "segment_x", "none", {})
+    assert one.partition_order(3, (np.zeros(3, np.int64), ["BTC-USD"]), ts[:3]) == (None, [(("BTC-USD",), 0, 3)])
+
+
+def test_scanner_fallbacks_exported_as_a_metric(tmp_path):
+    """The heartbeat's ``l2_scanner_fallbacks`` becomes ``daedalus_etl_l2_scanner_fallbacks``."""
+    from prometheus_client.core import CounterMetricFamily
+
+    from daedalus.ops import metrics
+    from daedalus.ops.records import ChildStatus
+
+    chunks, _ = random_stream(8, 2_000, rejects=True)
+    write_segments(tmp_path, chunks)
+    job = EtlJob(parse_config({"data_dir": str(tmp_path), "etl": {"l2_scanner": "compiled"}}))
+    back = job.run().counts[fastpath.FALLBACK_L2]
+    assert back > 0
+    child = ChildStatus("etl", "etl", "coinbase", ["daedalus", "etl"], "running", 0.0,
+                        counters=job.heartbeat_stats(Summary())["counters"])  # fmt: skip
+    families = {f.name: f for f in metrics._per_source([child], "counters", metrics._ETL_COUNTERS, CounterMetricFamily)}
+    (sample,) = [s for s in families["daedalus_etl_l2_scanner_fallbacks"].samples if s.name.endswith("_total")]
+    assert sample.labels == {"source": "coinbase"} and sample.value == back

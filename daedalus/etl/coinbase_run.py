@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from daedalus.capture.records import iter_lines
 from daedalus.etl import processors
-from daedalus.etl.book import FrameBatch
+from daedalus.etl.book import BookResult, FrameBatch
 from daedalus.etl.coinbase import CANDLE_NUMBERS, TICKER_NUMBERS, ParsedBatch, parse_batch
 from daedalus.etl.fastpath import ScanSegment
 from daedalus.etl.output import PartitionedWriter, discard
@@ -123,10 +123,7 @@ class SegmentRun:
         self.quarantine += parsed.quarantine
         frames = books.bind(parsed.frames, parsed.products)  # the parser's product keys -> book slots
         result, samples = books.apply(frames)
-        table, codes = processors.level2_table(parsed.l2, _rows(frames), result, self.strategy,
-                                               self.channels.level2.processor_options)  # fmt: skip
-        ts_recv = parsed.l2["ts_recv"] if result.keep.all() else parsed.l2["ts_recv"][result.keep]
-        self._write("level2", table, codes, books.products, ts_recv)
+        self._write_level2(parsed, frames, result)
         if len(samples):
             self._write(f"book_snapshot_{self.job.depth}", processors.samples_table(samples, self.job.depth,
                         self.strategy), samples.product, books.products, samples.ts)  # fmt: skip
@@ -145,6 +142,23 @@ class SegmentRun:
             codes = np.array([names.index(p) for p in products], np.int64)
             ts = bars.column("start").combine_chunks().cast(pa.int64()).to_numpy()
             self._write(f"bars_{self.channels.bars.interval}", bars, codes, names, ts)
+
+    def _write_level2(self, parsed: ParsedBatch, frames: FrameBatch, result: BookResult) -> None:
+        """The kept level2 rows, grouped by partition before any Arrow column is made."""
+        writer = self.writers["level2"]
+        keep = None if result.keep.all() else np.flatnonzero(result.keep)
+        codes = frames.r_prod if keep is None else frames.r_prod[keep]
+        if codes.shape[0] == 0:
+            return
+        ts_recv = parsed.l2["ts_recv"] if keep is None else parsed.l2["ts_recv"][keep]
+        names = self.state.books.products
+        order, spans = writer.partition_order(codes.shape[0], (codes, names), ts_recv)
+        select = keep if order is None else (order if keep is None else keep[order])
+        table, codes = processors.level2_table(parsed.l2, _rows(frames), result, self.strategy,
+                                               self.channels.level2.processor_options, select)  # fmt: skip
+        if "product_id" not in writer.partition_cols:
+            table = table.add_column(0, "product_id", pc.take(pa.array(names, pa.string()), pa.array(codes)))
+        writer.write_spans(table, spans)
 
     def write_tickers_and_candles(self, parsed: ParsedBatch) -> None:
         """The two channels that need no state from other batches or segments."""

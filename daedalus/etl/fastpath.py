@@ -34,6 +34,7 @@ from daedalus.etl.reader import BATCH_ROWS, SegmentDecodeError, read_batches
 READ_BYTES = 8 << 20  # bytes read at a time; the buffer grows only for a longer line
 BLOCK_ROWS = 8 * BATCH_ROWS  # lines per DuckDB query for the lines the scanner hands back, at most
 BLOCK_LEVEL2 = 1 << 20  # level2 rows per block, at most (checked at batch boundaries)
+FALLBACK_BATCH_ROWS = BATCH_ROWS  # rows per Arrow chunk of DuckDB's decode of a block (a batch may span two)
 PRODUCT_FORMS = 4096  # distinct product ids per segment the scanner interns; more go to DuckDB
 _TS_TYPE = pa.timestamp("ns", tz="UTC")
 #: the counters parse_batch always sets (the scanner's batches set the same keys)
@@ -153,6 +154,7 @@ class ScanSegment:
                         return
                     yield from self._batches(block)
                     row = block.last
+                    del block  # its arrays go before the next block's are filled: one block in memory
                     if data.eof and pos >= data.end:
                         return
         finally:
@@ -212,11 +214,11 @@ class ScanSegment:
             self.names.append(raw.decode("ascii"))
 
     def _decode(self, spill: Path, lines: int) -> pa.Table:
-        batches = list(read_batches(self.con, spill, self.max_object))
+        batches = list(read_batches(self.con, spill, self.max_object, FALLBACK_BATCH_ROWS))
         rows = sum(b.num_rows for b in batches)
         if rows != lines:  # DuckDB made other rows of these lines than one each: let the job's slow path judge
             raise SegmentDecodeError(f"DuckDB read {rows} records from {lines} lines the scanner handed back")
-        return pa.Table.from_batches(batches).combine_chunks()
+        return pa.Table.from_batches(batches)  # chunks as DuckDB made them: each batch combines only its slice
 
     # ---- batches -----------------------------------------------------------------------------
     def _batches(self, block: _Block) -> Iterator[tuple[int, ParsedBatch]]:
@@ -235,7 +237,8 @@ class ScanSegment:
             scanned = _scanned(out, fa, fb, ra, rb, ea, eb)
             fallback = None
             if xb > xa:
-                fallback = parse_batch(block.fallback.slice(xa, xb - xa).to_batches()[0], 0, None)
+                lines = block.fallback.slice(xa, xb - xa).combine_chunks()  # copies only a slice across chunks
+                fallback = parse_batch(lines.to_batches()[0], 0, None)
                 fallback.quarantine = [(int(x_row[xa + i]), why) for i, why in fallback.quarantine]
             yield start, _merge(start, stop - start, scanned, x_row[xa:xb], fallback, self.names)
 

@@ -33,6 +33,7 @@ ROW_GROUP_ROWS = 128 * 1024  # rows buffered per partition before a row group is
 TMP_SUFFIX = ".tmp"
 _NS_PER_DAY = 86_400 * 1_000_000_000
 _NS_PER_HOUR = 3_600 * 1_000_000_000
+Span = tuple[tuple[str, ...], int, int]  # a partition's key and its rows start:stop in a table grouped by partition
 
 
 def convert_units(units: np.ndarray, valid: np.ndarray | None, strategy: str) -> pa.Array:
@@ -71,13 +72,32 @@ class PartitionedWriter:
         decides the date/hour) place each row in its partition."""
         if table.num_rows == 0:
             return
-        keys = self._partition_keys(table.num_rows, products, ts_ns)
+        order, spans = self.partition_order(table.num_rows, products, ts_ns)
+        self.write_spans(table if order is None else table.take(pa.array(order)), spans)
+
+    def partition_order(self, n: int, products: tuple[np.ndarray, list[str]],
+                        ts_ns: np.ndarray) -> tuple[np.ndarray | None, list[Span]]:  # fmt: skip
+        """The row order that groups ``n`` rows by partition (stable: each partition's rows keep
+        their order; ``None``: one partition, as they are) and each partition's span in it.
+        A caller that builds its table from arrays can put them in this order before making
+        Arrow columns (one gather per array) and hand the table to :meth:`write_spans`."""
+        keys = self._partition_keys(n, products, ts_ns)
         if len(keys) == 1:
             (key, _), = keys.items()  # fmt: skip
-            self._append(key, table)
-            return
+            return None, [(key, 0, n)]
+        spans, start = [], 0
         for key, index in keys.items():
-            self._append(key, table.take(pa.array(index)))
+            spans.append((key, start, start + index.shape[0]))
+            start += index.shape[0]
+        return np.concatenate(list(keys.values())), spans
+
+    def write_spans(self, table: pa.Table, spans: list[Span]) -> None:
+        """Append a table already in :meth:`partition_order`: each span to its partition."""
+        if len(spans) == 1:
+            self._append(spans[0][0], table)
+            return
+        for key, start, stop in spans:
+            self._append(key, table.slice(start, stop - start))
 
     def _partition_keys(self, n: int, products: tuple[np.ndarray, list[str]], ts_ns: np.ndarray):
         parts: list[np.ndarray] = []

@@ -23,11 +23,14 @@ TRADE_MEMORY = 1000  # trade ids remembered per product (a re-subscribe repeats 
 BAR_GRACE_NS = 2_000_000_000  # a bar closes when the receive clock is this far past its end
 
 
-def level2_table(l2: dict, rows: tuple, res: BookResult, strategy: str, options: dict) -> tuple[pa.Table, np.ndarray]:
-    """The level2 rows the book kept (not those before a product's first snapshot)."""
+def level2_table(l2: dict, rows: tuple, res: BookResult, strategy: str, options: dict,
+                 select: np.ndarray | None = None) -> tuple[pa.Table, np.ndarray]:  # fmt: skip
+    """The level2 rows the book kept (not those before a product's first snapshot), or the
+    rows ``select`` names, in its order (the kept rows grouped by partition: each array is
+    gathered once here rather than the Arrow table taken once per partition)."""
     product, side, price, size, snap = rows
-    keep = np.flatnonzero(res.keep)
-    all_kept = keep.shape[0] == product.shape[0]
+    keep = np.flatnonzero(res.keep) if select is None else select
+    all_kept = select is None and keep.shape[0] == product.shape[0]
     pick = (lambda a: a) if all_kept else (lambda a: a[keep])
     bb, ba = pick(res.best_bid), pick(res.best_ask)
     has_bb, has_ba = bb != NO_PRICE, ba != NO_PRICE

@@ -92,6 +92,8 @@ _ETL_COUNTERS = (
     ("bytes_processed", "daedalus_etl_processed_bytes", "Raw segment bytes processed by the ETL."),
     ("quarantined_lines", "daedalus_etl_quarantined_lines", "Raw lines the ETL could not decode (set aside)."),
     ("quarantined_segments", "daedalus_etl_quarantined_segments", "Raw segments moved to quarantine/."),
+    ("l2_scanner_fallbacks", "daedalus_etl_l2_scanner_fallbacks",
+     "Level2 frames the compiled scanner handed back to DuckDB."),
 )
 _SYNC_COUNTERS = (
     ("files_uploaded", "daedalus_sync_files_uploaded", "Files uploaded to S3 by daedalus sync."),
