@@ -66,6 +66,7 @@ SLOW_TESTS = {
     "test_memory_stays_bounded_over_hundreds_of_partitions",
     "test_sigkilled_parquet_ingest_keeps_every_flushed_record_once",
     "test_sigkilled_ccxt_etl_reruns_to_the_uninterrupted_dataset",
+    "test_pi_check_smoke_harness_natively_on_the_synthetic_market",  # sim + ingest + etl + read-back
 }
 
 
