@@ -711,6 +711,63 @@ async def test_a_restart_refills_from_the_newest_segment_an_earlier_run_left(tmp
     assert collector.stats.duplicates_dropped > 0
 
 
+@pytest.mark.parametrize("after", ["reconnect", "restart"])
+async def test_a_refill_reaching_back_before_capture_began_drops_what_was_never_captured(tmp_path, after):
+    """The tape ran before the collector subscribed (a busy machine connects late): the refill's
+    floor reaches back past the capture's first record, so the replay first sends records that were
+    never captured. They are dropped (counted), not written after newer ones: the capture stays the
+    tape from where it began, each record once, after a reconnect and after a restart (state file)."""
+    async with TinyGateway(rate=1000) as gateway:
+        await wait_until(lambda: len(gateway.tape) >= 100, what="a tape before the capture")
+        for run in (1, 2) if after == "restart" else (1,):
+            capture, task = await run_collector(tmp_path, gateway.port, subscriptions=THREE_SCHEMAS)
+            collector: DatabentoCollector = capture.collectors[0]
+            await wait_until(lambda c=collector: c.stats.rtypes[32] >= 1, what=f"a bar of run {run}")
+            if after == "reconnect":
+                gateway.cut("mid_event")
+                await wait_until(lambda: len(gateway.sessions) == 2, what="the reconnect")
+                await wait_until(lambda c=collector: c.stats.rtypes[32] >= 3, what="bars after the reconnect")
+            elif run == 2:
+                await wait_until(lambda c=collector: c.stats.rtypes[32] >= 2, what="bars of the restart")
+            counters, _gauges, _products = capture.heartbeat()
+            await stop_collector(capture, task)
+    records, _local, conn, _events = read_all(segments(tmp_path))
+    index = {record: i for i, (_ts, _schema, record) in enumerate(gateway.tape)}
+    positions = [index[r] for r in market(records, conn)]
+    assert positions[0] >= 100  # capture began after the tape did
+    assert positions == list(range(positions[0], positions[0] + len(positions)))  # the tape, no gap, no repeat
+    assert min(int(sub["start"]) for sub in gateway.sessions[1]) <= gateway.tape[0][0]  # the refill reached back
+    assert counters["refill_before_capture"][DATASET] == collector.tracker.early == positions[0]  # all of them
+    assert collector.stats.duplicates_dropped == collector.tracker.dropped > 0
+
+
+def test_only_a_window_holding_capture_from_its_start_drops_replayed_records_before_it():
+    """A replayed record not in the window is taken as from before capture began only while the window
+    holds every record since then (``whole``, kept in the state file), only until the first one
+    recognised, and never above the newest ts_event captured."""
+    captured = [mbo(seq) for seq in range(10, 20)]
+    earlier, later = [mbo(seq) for seq in range(10)], [mbo(seq) for seq in range(20, 25)]
+    tracker = databento_raw.RefillTracker(floor_ns=10**9)
+    assert all(tracker.admit(160, r) for r in captured)
+    state = tracker.state()
+    assert state["rtypes"]["160"]["whole"]
+    for loaded in (tracker, databento_raw.RefillTracker(floor_ns=10**9)):
+        loaded.load(state)
+        loaded.arm({160: 0})
+        admitted = [r for r in [*earlier, *captured, *later] if loaded.admit(160, r)]
+        assert admitted == later and loaded.early == 10 and loaded.dropped == 10
+    trimmed = databento_raw.RefillTracker(floor_ns=5)  # the window lost the capture's first records
+    assert all(trimmed.admit(160, r) for r in captured)
+    assert not trimmed.state()["rtypes"]["160"]["whole"]
+    trimmed.arm({160: 0})
+    admitted = [r for r in [*earlier, *captured, *later] if trimmed.admit(160, r)]
+    assert admitted == [*earlier, *captured[:4], *later] and trimmed.early == 0  # as before: written
+    older = databento_raw.RefillTracker(floor_ns=10**9)
+    older.load({"rtypes": {k: {f: v for f, v in e.items() if f != "whole"} for k, e in state["rtypes"].items()}})
+    older.arm({160: 0})
+    assert [older.admit(160, r) for r in earlier[:2]] == [True, True]  # a state file without "whole": unknown
+
+
 async def test_a_restart_that_cannot_refill_mbo_leaves_the_gap_open(tmp_path):
     """The earlier run's newest segment has trades but no mbo record: trades refill, mbo can only go
     live (no snapshot asked), so the gap stays open (refill_start null) and the ETL's books wait."""
@@ -1074,6 +1131,8 @@ async def test_health_sees_every_subscribed_product_in_the_heartbeat(tmp_path):
         wanted = get("databento").products(capture.config)
         assert wanted == [f"{DATASET}:ALL_SYMBOLS", f"{DATASET}:ESM6"]
         await wait_until(lambda: set(wanted) <= set(capture.heartbeat()[2]), what="every product in the heartbeat")
+        collector: DatabentoCollector = capture.collectors[0]
+        await wait_until(lambda: collector.stats.rtypes[0] >= 40, what="trades of both instruments (ALL_SYMBOLS)")
         products = capture.heartbeat()[2]
         await stop_collector(capture, task)
     assert set(products) == set(wanted)  # NQM6, only under ALL_SYMBOLS, is not a product of its own

@@ -172,6 +172,7 @@ class DatabentoCapture:
             "refills": {d: s.refills for d, s in stats.items()},
             "refills_refused": {d: s.refills_refused for d, s in stats.items()},
             "duplicates_dropped": {d: s.duplicates_dropped for d, s in stats.items()},
+            "refill_before_capture": {d: s.refill_before_capture for d, s in stats.items()},
             # replayed records past the duplicate window's bound: written, though they may be duplicates
             "refill_unsure": {c.dataset: c.tracker.unsure for c in self.collectors},
             "replays_completed": {d: s.replays_completed for d, s in stats.items()},

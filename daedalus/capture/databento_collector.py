@@ -169,6 +169,7 @@ class DatabentoStats:
     refills: int = 0
     refills_refused: int = 0  # the gateway would not replay (aged out): went live-only
     duplicates_dropped: int = 0  # replayed records already written, dropped
+    refill_before_capture: int = 0  # replayed records older than capture's first (a refill reaching back), dropped
     replays_completed: int = 0  # REPLAY_COMPLETED messages (one per refilled schema)
     heartbeats: int = 0
     gateway_errors: int = 0
@@ -251,8 +252,9 @@ class _Session(DatabentoLiveProtocol):
             self.stats.rtypes[rtype] += 1
             self.collector.control_record(self, rtype, record, data)
             return
-        if not self.tracker.admit(rtype, data):
-            self.stats.duplicates_dropped += 1
+        if not self.tracker.admit(rtype, data):  # written already, or from before capture began
+            self.stats.duplicates_dropped = self.tracker.dropped
+            self.stats.refill_before_capture = self.tracker.early
             return
         stats = self.stats
         self.records.append(data)
@@ -309,6 +311,9 @@ class DatabentoCollector:
         self.whole_rtypes = frozenset(
             rtype for sub in subscriptions if ALL_SYMBOLS in sub.symbols for rtype in SCHEMA_RTYPES[sub.schema_]
         )
+        # the configured symbols: a mapping under ALL_SYMBOLS may name its instrument's own symbol as
+        # subscribed (the simulator does), which is no product of its own
+        self.configured_symbols = frozenset(symbol for sub in subscriptions for symbol in sub.symbols) - {ALL_SYMBOLS}
         self._covered_since: int | None = None  # when this process first subscribed (ns): refill floor
         self._refused: str | None = None  # why the gateway will not refill: next session live-only
         self._refill_failures = 0  # refill sessions in a row that ended without a market record
@@ -669,7 +674,7 @@ class DatabentoCollector:
         if rtype == MAPPING_RTYPE:
             session.mappings.append(data)
             symbol = record.stype_in_symbol  # the symbol subscribed
-            if symbol != ALL_SYMBOLS:
+            if symbol in self.configured_symbols:
                 stats.instrument_keys.setdefault(record.instrument_id, set()).add(symbol)
         elif rtype == SYSTEM_RTYPE:
             if record.is_heartbeat():

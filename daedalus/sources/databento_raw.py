@@ -32,7 +32,13 @@ channels, OPRA publishers interleave), so per rtype the tracker keeps the newest
 largest backward step seen (capped at :data:`MAX_BACK_NS`) and every record with
 ``ts_event >= newest - max(step, REFILL_FLOOR_NS)`` (bounded at :data:`WINDOW_BYTES`): a refill asks
 from there and drops the replayed records already written; past the bound a replayed record cannot
-be recognised, so it is written and counted (``refill_unsure``). Definition, statistics and status
+be recognised, so it is written and counted (``refill_unsure``). A refill start can reach back before
+the first record this capture has of an rtype (a session cut soon after capture began: the floor and
+the step look back further than it ran): the replay then first sends records that were never captured,
+older than the capture's first. While the window still holds every record of the rtype since capture
+began (``whole``, kept in the state file), the replayed records before the first one recognised are
+those: dropped and counted (``refill_before_capture``), not written after newer ones as if new.
+Definition, statistics and status
 records carry old exchange times: they are never refilled (:data:`NO_REFILL_RTYPES`). The writer
 thread keeps its own tracker of the records it wrote and, after a flush that wrote records (at
 most every :data:`STATE_EVERY_S`, and always before a rotation hands a segment to the ETL),
@@ -120,10 +126,13 @@ class RefillTracker:
         self._window: list[deque[tuple[int, bytes]]] = [deque() for _ in range(256)]  # (ts_event, key)
         self._bytes = [0] * 256
         self._lost = [-1] * 256  # rtype -> newest ts_event of a record pushed out by the cap while in range
+        self._whole = [False] * 256  # rtype -> the window holds every record since capture began (none trimmed)
+        self._early: dict[int, int] = {}  # rtype -> a running refill's records up to this ts may precede capture
         self.replayed: dict[int, Counter[bytes]] = {}  # rtype -> digests a running refill will send again
         self._unsure: dict[int, int] = {}  # rtype -> replayed records at or below this ts may be duplicates
         self.dropped = 0
         self.unsure = 0  # replayed records not recognised although they may have been written (past the cap)
+        self.early = 0  # replayed records from before capture began (never written: dropped, not appended late)
 
     @property
     def newest(self) -> dict[int, int]:
@@ -147,6 +156,8 @@ class RefillTracker:
         (ts,) = _U64(data, 8)
         newest = self._newest[rtype]
         back = self._back[rtype]
+        if newest < 0:  # capture of this rtype begins here: the window holds all of it
+            self._whole[rtype] = True
         if ts > newest:
             self._newest[rtype] = newest = ts
         elif newest - ts > back and not (rtype == 160 and data[36] & F_SNAPSHOT):
@@ -169,21 +180,28 @@ class RefillTracker:
         while window and (window[0][0] < start or size > self.cap):
             old_ts, old = window.popleft()
             size -= len(old)
+            self._whole[rtype] = False
             if old_ts >= start and old_ts > self._lost[rtype]:
                 self._lost[rtype] = old_ts
         return size
 
     def _replayed(self, rtype: int, data: bytes) -> bool:
-        """Whether ``data`` is one of the records a refill sends again (each counted once)."""
+        """Whether to drop ``data``: one of the records a refill sends again (each counted once), or
+        one the replay sends before the first of those while capture's start is in the window (``early``)."""
         pending = self.replayed.get(rtype)
         if not pending:
             return False
         digest = record_digest(self.key(data))
         count = pending.get(digest)
         if not count:
-            if _U64(data, 8)[0] <= self._unsure.get(rtype, -1):
+            ts = _U64(data, 8)[0]
+            if ts <= self._early.get(rtype, -1):  # before the first record recognised: never captured
+                self.early += 1
+                return True
+            if ts <= self._unsure.get(rtype, -1):
                 self.unsure += 1
             return False
+        self._early.pop(rtype, None)  # the replay reached what was captured
         if count > 1:
             pending[digest] = count - 1
         else:
@@ -195,26 +213,29 @@ class RefillTracker:
 
     def arm(self, starts: dict[int, int]) -> None:
         """A refill of these rtypes from these starts begins: the window's records from each start come again."""
-        self.replayed, self._unsure = {}, {}
+        self.disarm()
         for rtype, start in starts.items():
             if rtype in NO_REFILL_RTYPES:
                 continue
             pending = Counter(record_digest(key) for ts, key in self._window[rtype] if ts >= start)
             if pending:
                 self.replayed[rtype] = pending
+                if self._whole[rtype]:  # what the replay sends before the first of these was never captured
+                    self._early[rtype] = self._newest[rtype]
             own = self.start(rtype)
             unsure = max(self._lost[rtype], -1 if own is None or start >= own else own - 1)
             if unsure >= start:
                 self._unsure[rtype] = unsure
 
     def disarm(self) -> None:
-        self.replayed, self._unsure = {}, {}
+        self.replayed, self._unsure, self._early = {}, {}, {}
 
     def complete(self, rtypes: tuple[int, ...]) -> None:
         """The gateway finished replaying these rtypes' schema: nothing more comes again."""
         for rtype in rtypes:
             self.replayed.pop(rtype, None)
             self._unsure.pop(rtype, None)
+            self._early.pop(rtype, None)
 
     def forget(self, records: list[bytes]) -> None:
         """Records the writer did not take (its queue full): not written, so a refill must not drop
@@ -234,15 +255,18 @@ class RefillTracker:
 
     def state(self) -> dict[str, Any]:
         """What a restart needs (:func:`write_refill_state`): per rtype newest, step, lost and the
-        (ts_event, 64-bit hash) of the window's records from the refill start on."""
+        (ts_event, 64-bit hash) of the window's records from the refill start on (``whole``: all of them
+        since capture began)."""
         out: dict[str, Any] = {}
         for rtype, newest in self.newest.items():
             start = self.start(rtype)
-            window = [] if start is None else [(ts, key) for ts, key in self._window[rtype] if ts >= start]
+            kept = self._window[rtype]
+            window = [] if start is None else [(ts, key) for ts, key in kept if ts >= start]
             out[str(rtype)] = {
                 "newest": newest,
                 "back": self._back[rtype],
                 "lost": self._lost[rtype],
+                "whole": self._whole[rtype] and len(window) == len(kept),
                 "ts": [ts for ts, _key in window],
                 "hashes": [int.from_bytes(record_digest(key), "little") for _ts, key in window],
             }
@@ -259,6 +283,7 @@ class RefillTracker:
                 (int(ts), int(h).to_bytes(8, "little")) for ts, h in zip(entry["ts"], entry["hashes"], strict=True)
             )
             self._bytes[rtype] = 8 * len(self._window[rtype])
+            self._whole[rtype] = bool(entry.get("whole", False))  # an older state file: unknown, not whole
 
 
 def state_path(layout: DataLayout, dataset: str) -> Path:
