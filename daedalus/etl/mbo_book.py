@@ -180,6 +180,7 @@ def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2
             else:
                 sd = side[n]
                 new_side = 0 if sd == 66 else (1 if sd == 65 else -1)
+                done = False  # not a sentinel in ``i``: -2 is also _find's "free slot 1"
                 if i >= 0:
                     if a == 65:
                         counts[K_DUPLICATE_ADD] += 1
@@ -191,15 +192,14 @@ def map_records(book, oid, px, sz, action, side, flags, gen, known, ok1, og, ok2
                         ov[i, 2] = sz[n]
                         if sz[n] != old:
                             nr = _level_row(rows, levels, nr, b, g, s, p, sz[n] - old)
-                        i = -2  # done
+                        done = True
                     else:
                         _delete(ok1, og, ok2, ov, i)
                         used[0] -= 1
                         nr = _level_row(rows, levels, nr, b, g, s, p, -old)
-                        i = -1
                 elif a == 77:
                     counts[K_MODIFY_AS_ADD] += 1
-                if i != -2:
+                if not done:
                     if new_side < 0:
                         counts[K_BAD_SIDE] += 1
                     elif sz[n] > 0:
