@@ -170,7 +170,10 @@ def test_schema_lists_every_view_and_its_columns(ds):
     assert any(line.split() == ["product_id", "VARCHAR"] for line in result.stdout.splitlines())
 
 
-SQL = "SELECT product_id, ts_recv, trade_id, price, size, side FROM market_trades ORDER BY ts_recv_ns, product_id, trade_id"
+SQL = (
+    "SELECT product_id, ts_recv, trade_id, price, size, side FROM market_trades"
+    " ORDER BY ts_recv_ns, product_id, trade_id"
+)
 
 
 def test_each_format_reads_back_as_the_same_rows(ds, tmp_path):
