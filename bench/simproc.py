@@ -1,4 +1,5 @@
-"""Start ``daedalus sim`` as a child process for the benchmarks (its own core, its own GIL)."""
+"""Start ``daedalus sim`` or ``bench/ws_feeder.py`` as a child process for the benchmarks (its own
+core, its own GIL)."""
 
 from __future__ import annotations
 
@@ -12,25 +13,8 @@ FEEDER = Path(__file__).resolve().parent / "ws_feeder.py"
 
 async def start_sim(*flags: str, ready_timeout: float = 120.0) -> tuple[asyncio.subprocess.Process, str]:
     """Run ``daedalus sim --port 0 FLAGS``; returns the process and its WebSocket URL."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daedalus",
-        "sim",
-        "--port",
-        "0",
-        "--log-level",
-        "WARNING",
-        *flags,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdout is not None
-    line = (await asyncio.wait_for(proc.stdout.readline(), ready_timeout)).decode()
-    match = re.search(r"ws=(\S+)", line)
-    if match is None:
-        proc.kill()
-        raise RuntimeError(f"daedalus sim did not start: {line!r}")
-    return proc, match.group(1)
+    command = ["-m", "daedalus", "sim", "--port", "0", "--log-level", "WARNING", *flags]
+    return await _start_ws_server("daedalus sim", command, ready_timeout)
 
 
 async def start_feeder(
@@ -38,13 +22,18 @@ async def start_feeder(
 ) -> tuple[asyncio.subprocess.Process, str]:
     """Run ``bench/ws_feeder.py RECORDING --rate R`` (one connection, pre-encoded frames);
     returns the process and its WebSocket URL."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(FEEDER), str(recording), "--rate", str(rate), stdout=asyncio.subprocess.PIPE
-    )
+    return await _start_ws_server("ws_feeder", [str(FEEDER), str(recording), "--rate", str(rate)], ready_timeout)
+
+
+async def _start_ws_server(
+    name: str, args: list[str], ready_timeout: float
+) -> tuple[asyncio.subprocess.Process, str]:
+    """A Python child that prints ``ws=URL`` on its first line once it listens."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, *args, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     line = (await asyncio.wait_for(proc.stdout.readline(), ready_timeout)).decode()
     match = re.search(r"ws=(\S+)", line)
     if match is None:
         proc.kill()
-        raise RuntimeError(f"ws_feeder did not start: {line!r}")
+        raise RuntimeError(f"{name} did not start: {line!r}")
     return proc, match.group(1)
