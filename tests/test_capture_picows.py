@@ -267,10 +267,8 @@ async def test_block_mode_stops_reading_instead_of_dropping(tmp_path):
     assert [orjson.loads(f)["sequence_num"] for f in frame_bytes(tmp_path)] == list(range(total))
 
 
-async def test_a_short_disk_stall_is_held_in_tcp_instead_of_dropping(tmp_path, monkeypatch):
-    """on_queue_full: drop drops only after the socket was left unread for HOLD_LIMIT_S: a
-    burst of ten queues' worth while the disk stalls for a moment loses nothing."""
-    total, stalls = 2000, [0.3, 0.3]
+def stall_fsyncs(monkeypatch: pytest.MonkeyPatch, stalls: list[float]) -> None:
+    """The segment writer's next fsyncs each sleep one of ``stalls`` (popped) first: a slow disk."""
     real_fsync = segments.fsync
 
     def slow_fsync(fd: int) -> None:
@@ -279,6 +277,13 @@ async def test_a_short_disk_stall_is_held_in_tcp_instead_of_dropping(tmp_path, m
         real_fsync(fd)
 
     monkeypatch.setattr(segments, "fsync", slow_fsync)
+
+
+async def test_a_short_disk_stall_is_held_in_tcp_instead_of_dropping(tmp_path, monkeypatch):
+    """on_queue_full: drop drops only after the socket was left unread for HOLD_LIMIT_S: a
+    burst of ten queues' worth while the disk stalls for a moment loses nothing."""
+    total, stalls = 2000, [0.3, 0.3]
+    stall_fsyncs(monkeypatch, stalls)
 
     async def script(conn: RawConn) -> None:
         await conn.subscribes()
@@ -309,14 +314,7 @@ async def test_a_short_disk_stall_is_held_in_tcp_instead_of_dropping(tmp_path, m
 
 async def test_a_long_disk_stall_drops_and_counts_what_does_not_fit_and_capture_goes_on(tmp_path, monkeypatch):
     total, stalls = 2000, [0.8]
-    real_fsync = segments.fsync
-
-    def slow_fsync(fd: int) -> None:
-        if stalls:
-            time.sleep(stalls.pop())
-        real_fsync(fd)
-
-    monkeypatch.setattr(segments, "fsync", slow_fsync)
+    stall_fsyncs(monkeypatch, stalls)
     monkeypatch.setattr(coinbase, "HOLD_LIMIT_S", 0.2)
 
     async def script(conn: RawConn) -> None:
