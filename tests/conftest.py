@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
+import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -103,25 +105,32 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Under xdist, fill numba's on-disk cache (``cache=True``) once, before the workers start
     (xdist starts them in its own, later, sessionstart): on a fresh clone every worker and every
-    `daedalus etl` child would otherwise compile the book engine at the same time, ~11 CPU-s
-    each, enough to push the first tests past their timeout on 2 cores."""
+    `daedalus etl` child would otherwise compile the same functions at the same time, ~10 CPU-s
+    a part, enough to push the first tests past their timeout on 2 cores. The parts
+    (:mod:`tests.numba_warmup`) compile side by side, each in a process of its own, in scratch
+    directories under ``.pytest_cache/`` (a killed run's leftovers are removed by the next)."""
     config = session.config
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
         return
-    from daedalus.config import parse_config
-    from daedalus.etl.job import EtlJob
-    from tests.etl_helpers import recording_lines, write_segments
-
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     say = reporter.write_line if reporter is not None else print
+    scratch = REPO / ".pytest_cache" / "numba-warmup"
+    shutil.rmtree(scratch, ignore_errors=True)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="daedalus-numba-warm-") as data:
+    parts = {
+        part: subprocess.Popen([sys.executable, "-m", "tests.numba_warmup", part, str(scratch / part)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for part in ("book_engine", "level2_scanner", "databento")
+    }  # fmt: skip
+    for part, process in parts.items():
         try:
-            write_segments(Path(data), [recording_lines()[:300]])
-            EtlJob(parse_config({"data_dir": data})).run()
-        except Exception as exc:  # the tests that use the ETL report it properly
-            say(f"numba cache warm-up failed: {exc!r}")
-            return
+            output, _ = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        if process.returncode != 0:  # the tests that use these functions report it properly
+            say(f"numba cache warm-up of {part} failed ({process.returncode}): {output[-2000:]}")
+    shutil.rmtree(scratch, ignore_errors=True)
     say(f"numba cache warmed in {time.monotonic() - started:.1f} s")
 
 

@@ -81,8 +81,10 @@ class Runner:
     """Starts commands natively or under qemu, and keeps the table of figures."""
 
     def __init__(self, sysroot: Path | None, site: Path | None, cache: Path) -> None:
-        """``sysroot`` None: the "emulated" steps run natively too (``--native``)."""
-        self.native_env = {**os.environ, "NUMBA_CACHE_DIR": str(cache / "numba-native")}
+        """``sysroot`` None: the "emulated" steps run natively too (``--native``), with the
+        checkout's own numba cache (a check of this harness, not of compile times)."""
+        own_cache = {} if sysroot is None else {"NUMBA_CACHE_DIR": str(cache / "numba-native")}
+        self.native_env = {**os.environ, **own_cache}
         self.figures: list[dict[str, object]] = []
         self.tag = "(emulated)"  # in the step names
         if sysroot is None or site is None:
