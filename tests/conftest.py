@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import shutil
 import subprocess
 import sys
@@ -42,11 +44,11 @@ async def make_sim() -> AsyncIterator[Callable[..., Any]]:
 
 # `make test` runs the suite in pytest-xdist workers with ``--dist loadgroup``: every test goes to
 # whichever worker is free, except that the tests of a module sharing an expensive module-scoped
-# fixture stay together on one worker (each worker would build a module fixture again).
-# test_backfill is split in two halves (each builds its capture and reference once) so that
-# neither half is the critical path of the run. The groups are chosen here, by node id, because
-# xdist's own ``xdist_group`` marks rename node ids, which pytest 9 no longer allows (they are
-# silently ignored: ``loadgroup`` then behaves as ``load``).
+# fixture stay together on one worker (each worker would build a module fixture again). The
+# groups are chosen here, by node id, because xdist's own ``xdist_group`` marks rename node ids,
+# which pytest 9 no longer allows (they are silently ignored: ``loadgroup`` then behaves as
+# ``load``). test_backfill's capture and reference are built once per session instead
+# (:func:`built_once`), so its tests go to any worker.
 XDIST_GROUPS = {
     "test_demo.py": "demo",  # one real `daedalus demo` run
     "test_plot.py": "plot",
@@ -54,11 +56,23 @@ XDIST_GROUPS = {
     "test_query_s3.py": "query_s3",
     "test_harden_reader.py": "harden_reader",
 }
-BACKFILL_SECOND_HALF = {
-    "test_the_backfill_from_s3_to_s3_equals_the_sequential_etl",
-    "test_a_running_scheduler_by_address",
-    "test_a_killed_client_is_finished_by_a_rerun",
-}
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """A directory that ``build(directory)`` fills once per test session, in whichever xdist
+    worker asks first; the others wait for it (a file lock) and share it, read only. A build
+    that fails leaves no mark, so the next worker to ask builds it again (and fails the same)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the session's, not the worker's
+    target = root / name
+    with (root / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / ".built").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            build(target)
+            (target / ".built").touch()
+    return target
 
 
 # Tests of several child processes each (dask clusters, moto, repeated `daedalus etl` runs): on 2
@@ -72,28 +86,89 @@ SLOW_TESTS = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# Under xdist these go to the workers first, heaviest first (wall seconds of each under `make test`
+# on 2 loaded cores, 2026-11-26): a long test handed out last keeps one worker busy while the
+# others have nothing left to do. A grouped module goes whole, at its heaviest test's place.
+HEAVY_FIRST = [
+    "test_backfill.py::test_the_backfill_from_s3_to_s3_equals_the_sequential_etl",  # 94, builds the capture
+    "test_etl.py::test_sigkill_at_random_points_then_rerun_gives_the_same_dataset",  # 53
+    "test_etl_s3.py::test_s3_raw_to_s3_processed_equals_a_local_run",  # 47
+    "test_ccxt_pipeline.py::test_sigkilled_parquet_ingest_keeps_every_flushed_record_once",  # 46
+    "test_record_writer.py::test_memory_stays_bounded_over_hundreds_of_partitions",  # 45
+    "test_backfill.py::test_a_note_older_than_the_checkpoint_is_not_finished",  # 43
+    "test_etl.py::test_books_equal_the_simulator_truth_across_segments_and_gaps",  # 42
+    "test_backfill.py::test_the_dask_backfill_equals_the_sequential_etl",  # 42
+    "test_supervisor_run.py::test_restarts_crashloop_hang_notify_and_clean_stop",  # 39
+    "test_backfill.py::test_a_killed_client_is_finished_by_a_rerun",  # 36
+    "test_etl_s3.py::test_s3_raw_to_a_local_directory_and_bad_locations",  # 33
+    "test_sources_seam.py::test_sigkilled_ccxt_etl_reruns_to_the_uninterrupted_dataset",  # 31
+    "test_demo.py::test_the_demo_prints_a_summary_of_a_real_capture",  # 30 (its module's fixture)
+    "test_etl_s3.py::test_sigkill_mid_run_then_rerun_gives_the_same_dataset",  # 30
+    "test_backfill.py::test_a_running_scheduler_by_address",  # 25
+    "test_backfill.py::test_a_backfill_continues_from_the_sequential_etls_checkpoint",  # 25
+    "test_databento_e2e.py::test_captured_mbo_books_equal_the_simulators_true_book_after_every_record",  # 23
+    "test_databento_capture.py::test_ingest_survives_sigkill_and_every_ready_segment_opens_with_dbnstore",  # 21
+    "test_supervisor_faults.py::test_fatal_child_single_supervisor_and_sigkill_of_the_supervisor",  # 18
+    "test_backfill.py::test_a_worker_killed_mid_run_changes_nothing",  # 18
+    "test_harden_job.py::test_a_damaged_checkpoint_gets_one_clear_error_and_a_way_out",  # 14-17 each
+    "test_query_s3.py::test_plot_over_s3_draws_what_the_local_plot_draws",  # 15 (+ its module)
+    "test_databento_etl.py::test_every_fixture_table_equals_databentos_decoder",  # 15
+    "test_harden_job.py::test_a_segment_removed_from_processing_mid_run_gives_one_line_and_the_rerun_completes",  # 15
+    "test_deploy.py::test_pi_check_smoke_harness_natively_on_the_synthetic_market",  # 15
+    "test_etl_s3.py::test_two_etls_at_once_process_each_segment_once",  # 14
+    "test_record_writer.py::test_sigkill_and_restart_keeps_every_flushed_record_once",  # 14
+    "test_harden_job.py::test_a_sigkilled_run_leaves_nothing_in_tmp_and_the_rerun_cleans_its_scratch",  # 14
+    "test_etl_s3.py::test_a_live_lease_keeps_a_second_etl_out",  # 14
+    "test_capture_ingest.py::test_sigkill_at_random_moments_loses_at_most_a_flush_and_never_duplicates",  # 13
+    "test_databento_e2e.py::test_daedalus_run_supervises_the_databento_source_and_health_sees_it",  # 12
+    "test_backfill.py::test_a_commit_repeated_after_a_crash_does_not_count_twice",  # 10
+]
+
+
+def heavy_first_key(nodeid: str, groups_rank: dict[str, int]) -> int:
+    """Where a test goes in the hand-out order: its place in :data:`HEAVY_FIRST`, its group's
+    (the best place of any test of the group, in ``groups_rank``), or after all of them."""
+    group = xdist_group(nodeid)
+    if group is not None:
+        return groups_rank.get(group, len(HEAVY_FIRST))
+    return _heavy_rank(nodeid)
+
+
+def _heavy_rank(nodeid: str) -> int:
+    path, _, name = nodeid.partition("::")
+    key = f"{path.rsplit('/', 1)[-1]}::{name.split('[')[0]}"
+    return HEAVY_FIRST.index(key) if key in HEAVY_FIRST else len(HEAVY_FIRST)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in SLOW_MODULES or getattr(item, "originalname", "") in SLOW_TESTS:
             item.add_marker(pytest.mark.timeout(300))
+    if hasattr(config, "workerinput"):  # every worker sorts the same way; the scheduler hands out in this order
+        groups_rank: dict[str, int] = {}
+        for item in items:
+            if (group := xdist_group(item.nodeid)) is not None:
+                groups_rank[group] = min(groups_rank.get(group, len(HEAVY_FIRST)), _heavy_rank(item.nodeid))
+        order = {id(item): i for i, item in enumerate(items)}
+        items.sort(key=lambda item: (heavy_first_key(item.nodeid, groups_rank), order[id(item)]))
 
 
 def xdist_group(nodeid: str) -> str | None:
     """The group a test is scheduled with, or None for a test that may go anywhere."""
-    path, _, name = nodeid.partition("::")
-    module = path.rsplit("/", 1)[-1]
-    if module == "test_backfill.py":
-        return "backfill_b" if name.split("[")[0] in BACKFILL_SECOND_HALF else "backfill_a"
-    return XDIST_GROUPS.get(module)
+    return XDIST_GROUPS.get(nodeid.partition("::")[0].rsplit("/", 1)[-1])
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """``--dist loadgroup``: xdist's scope scheduler with :func:`xdist_group` as the scope (one
-    test per scope otherwise); the other ``--dist`` modes are left to xdist."""
+    test per scope otherwise), handing scopes out in collection order (:data:`HEAVY_FIRST`),
+    not xdist's default of the scopes with most tests first; the other ``--dist`` modes are
+    left to xdist."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
 
     class GroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -22,7 +22,7 @@ import yaml
 from daedalus.sim import SimConfig, SimServer
 from daedalus.sim.faults import FaultConfig
 from tests.capture_helpers import ingest_config, segment_files
-from tests.conftest import REPO
+from tests.conftest import REPO, built_once
 from tests.s3_server import BUCKET, KEY_ID, REGION, SECRET, S3Server, free_port
 
 DEADLINE = 180.0
@@ -49,9 +49,9 @@ async def _capture(data: Path) -> None:
 
 @pytest.fixture(scope="module")
 def raw_ready(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = tmp_path_factory.mktemp("capture") / "data"
-    asyncio.run(_capture(data))
-    return data / "raw" / "ready" / "coinbase"
+    """The capture, made once for the session and shared (read only) by every xdist worker."""
+    shared = built_once(tmp_path_factory, "backfill-capture", lambda root: asyncio.run(_capture(root / "data")))
+    return shared / "data" / "raw" / "ready" / "coinbase"
 
 
 def data_dir(tmp_path: Path, name: str, raw_ready: Path) -> Path:
@@ -98,15 +98,17 @@ def assert_same(expected: Path, got: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sequential(tmp_path_factory: pytest.TempPathFactory, raw_ready: Path) -> Path:
-    """The reference: the sequential ETL over the capture, run once for the module (the tests
+    """The reference: the sequential ETL over the capture, run once for the session (the tests
     only read it); its summary is in ``sequential.parent / "sequential.txt"``."""
-    root = tmp_path_factory.mktemp("sequential")
-    data = data_dir(root, "sequential", raw_ready)
-    done = etl(root, "sequential")
-    assert "gaps=0 " not in done.stdout and "duplicates_dropped=0" not in done.stdout  # the faults show
-    assert "quarantined: lines=0" not in done.stdout
-    (root / "sequential.txt").write_text(done.stdout)
-    return data
+
+    def build(root: Path) -> None:
+        data_dir(root, "sequential", raw_ready)
+        done = etl(root, "sequential")
+        assert "gaps=0 " not in done.stdout and "duplicates_dropped=0" not in done.stdout  # the faults show
+        assert "quarantined: lines=0" not in done.stdout
+        (root / "sequential.txt").write_text(done.stdout)
+
+    return built_once(tmp_path_factory, "backfill-sequential", build) / "sequential"
 
 
 def test_the_dask_backfill_equals_the_sequential_etl(tmp_path: Path, raw_ready: Path, sequential: Path) -> None:
