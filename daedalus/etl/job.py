@@ -53,6 +53,7 @@ from daedalus import sources
 from daedalus.capture.records import ZstdFrameDamaged
 from daedalus.capture.segments import fsync_path
 from daedalus.config import DaedalusConfig, interval_seconds
+from daedalus.etl.compiling import heartbeat_while_compiling
 from daedalus.etl.errors import EtlIoError, SegmentDataError
 from daedalus.etl.fastpath import FALLBACK_L2, FALLBACK_LINES, SCANNED
 from daedalus.etl.output import (
@@ -368,7 +369,8 @@ class EtlJob:
 
         self.beat = beat
         try:
-            return self._watch(poll_seconds, should_stop, progress, total)
+            with heartbeat_while_compiling(beat, heartbeat.every):  # a first compile is not a hang
+                return self._watch(poll_seconds, should_stop, progress, total)
         finally:
             self.beat = lambda: None
             heartbeat.remove()

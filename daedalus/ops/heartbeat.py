@@ -1,5 +1,6 @@
 """The child side of liveness: publish a :class:`~daedalus.ops.records.Heartbeat` every
-few seconds from the child's own working loop, so that a loop that hangs stops it.
+few seconds from the child's own working loop, so that a loop that hangs stops it (the ETL
+also publishes from a thread while numba compiles: :mod:`daedalus.etl.compiling`).
 
 Publishing never raises: a full or failing disk must not stop capture because its
 heartbeat could not be written (the supervisor then sees a stale record and says so).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from typing import Any
 
@@ -27,6 +29,7 @@ class HeartbeatPublisher:
         self.started_at = time.time()
         self._last = 0.0
         self.failures = 0
+        self._lock = threading.Lock()  # the ETL also publishes from a thread while numba compiles
         with contextlib.suppress(OSError):  # what a killed predecessor may have left
             remove_stale_temporaries(self.path.parent)
 
@@ -40,6 +43,11 @@ class HeartbeatPublisher:
         gauges: dict[str, Any],
         products: dict[str, dict[str, float | None]] | None = None,
     ) -> None:
+        with self._lock:
+            self._publish(counters, gauges, products)
+
+    def _publish(self, counters: dict[str, Any], gauges: dict[str, Any],
+                 products: dict[str, dict[str, float | None]] | None) -> None:  # fmt: skip
         self._last = time.monotonic()
         record = Heartbeat(
             child=self.child, kind=self.kind, source=self.source, pid=os.getpid(), started_at=self.started_at,
