@@ -3,18 +3,26 @@
 1. Generates a stream with the simulator's market model (level2 snapshots, then level2
    updates and trades for BTC-USD and ETH-USD) and writes it as a raw segment.
 2. Serves it with `bench/ws_feeder.py` (its own process: the frames pre-encoded once and
-   written straight to the socket, paced to the offered rate in 1 ms batches, or as fast
-   as the client reads); `--feeder sim` serves it with `daedalus sim --replay` instead,
-   which tops out near 200,000 frames/s here. Every client gets the identical frames.
+   written straight to the socket, paced to the offered rate in 1 ms batches, or
+   `--frames-per-write N` frames a write, 1 = frame by frame, or as fast as the client
+   reads); `--feeder sim` serves it with `daedalus sim --replay` instead, which tops out
+   near 200,000 frames/s here. Every client gets the identical frames. At low rates the
+   cost per frame is mostly a cost per network read, so how the frames are paced matters
+   as much as the rate: the header says which pacing was used.
 3. Runs `daedalus ingest` (defaults: batch 100, fsync per flush) in its own process and
    measures, from its statistics block and psutil: frames/s until every frame is
    durable, CPU seconds per 100k frames (the whole process, all threads, from the
-   connection on), peak RSS, overflow, recv-to-durable latency.
+   connection on; and "steady", between 10 % and 90 % of the frames written, which leaves
+   out the start and the last partial batch waiting for the flush interval), peak RSS,
+   overflow, recv-to-durable latency.
+   `--idle S` also measures each ingest connected to a silent feed for S seconds (CPU-s
+   per minute: what a quiet connection costs around the clock).
 4. Runs ccxt.pro coinbase (`watch_order_book_for_symbols` + `watch_trades_for_symbols`)
    on the same stream (REST from the simulator, the stream from the feeder) and measures
    frames/s until its books reflect the last frame.
 
     .venv/bin/python bench/capture.py [--frames 300000] [--speeds 1,0,1,0] [--against DIR]
+        [--frames-per-write N] [--idle S]
 
 ``--against DIR`` also runs the ingest of another checkout (e.g. ``git worktree add
 /tmp/base HEAD~3``) on the same stream, alternating with this one at each speed, so a
@@ -79,26 +87,30 @@ def generate(path: Path, frames: int, seed: int = 1) -> tuple[int, dict[str, str
     return len(lines), last_l2
 
 
-async def start_replay(recording: Path, speed: float, feeder: str = "ws") -> tuple[asyncio.subprocess.Process, str]:
-    """The stream at ``speed`` (1 = 100,000 frames/s, 0 = as fast as the client reads)."""
+async def start_replay(
+    recording: Path, speed: float, feeder: str = "ws", frames_per_write: int = 0
+) -> tuple[asyncio.subprocess.Process, str]:
+    """The stream at ``speed`` (1 = 100,000 frames/s, 0 = as fast as the client reads);
+    ``frames_per_write``: the ws feeder's pacing (0: the frames of 1 ms a write, 1: frame by frame)."""
     if feeder == "ws":
-        return await start_feeder(recording, RATE_AT_SPEED_1 * speed)
+        return await start_feeder(recording, RATE_AT_SPEED_1 * speed, frames_per_write=frames_per_write)
     return await start_sim("--replay", str(recording), "--speed", str(speed))
 
 
-async def run_ingest(
-    ws_url: str, workdir: Path, total: int, tree: Path | None = None, fsync: bool = True
-) -> dict[str, float]:
-    """One ingest process on the stream; ``tree``: import ``daedalus`` from that checkout."""
+async def start_ingest(
+    ws_url: str, workdir: Path, tree: Path | None, ingestion: dict[str, object], stats_interval: float | None
+) -> tuple[asyncio.subprocess.Process, psutil.Process]:
+    """``daedalus ingest`` of ``tree`` (None: this checkout) on ``ws_url``, returned once connected."""
     config = {
         "data_dir": str(workdir / "data"),
         "logging": {"level": "WARNING"},
         "coinbase": {"ws_url": ws_url, "rest_url": ws_url.replace("ws://", "http://").removesuffix("/ws")},
-        "ingestion": {"fsync": fsync},
+        "ingestion": ingestion,
     }
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / "ingest.yaml"
     path.write_text(yaml.safe_dump(config))
+    stats = ["--stats-interval", str(stats_interval)] if stats_interval else []
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -106,24 +118,37 @@ async def run_ingest(
         "ingest",
         "--config",
         str(path),
-        "--stats-interval",
-        "0.25",
+        *stats,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(tree)} if tree else None,
         # `python -m` puts the working folder first on sys.path, before PYTHONPATH: run from
         # the tree itself, or the other checkout would import this one's daedalus
         cwd=str(tree or REPO),
     )
-    assert proc.stdout is not None
     ps = psutil.Process(proc.pid)
     port = int(ws_url.rsplit(":", 1)[1].split("/")[0])
     while not any(c.raddr and c.raddr.port == port for c in ps.net_connections()):
         await asyncio.sleep(0.005)
+    return proc, ps
+
+
+def cpu_seconds(ps: psutil.Process) -> float:
+    times = ps.cpu_times()
+    return times.user + times.system
+
+
+async def run_ingest(
+    ws_url: str, workdir: Path, total: int, tree: Path | None = None, fsync: bool = True
+) -> dict[str, float]:
+    """One ingest process on the stream; ``tree``: import ``daedalus`` from that checkout."""
+    proc, ps = await start_ingest(ws_url, workdir, tree, {"fsync": fsync}, 0.25)
+    assert proc.stdout is not None
     cpu_start = ps.cpu_times()  # connected: from here on the CPU goes to the stream
     peak_rss = 0
     written = 0
     match = None
     dropped = 0
+    steady: list[tuple[int, float]] = []  # (written, CPU-s) at 10 % and at 90 % of the frames
     async with asyncio.timeout(600):
         while written + dropped < total:
             line = (await proc.stdout.readline()).decode()
@@ -133,6 +158,8 @@ async def run_ingest(
             if match := STATS.search(line):
                 written = int(match.group(1).replace(",", ""))
                 dropped = int(match.group(2).replace(",", ""))
+                if len(steady) < 2 and written >= total * (0.1, 0.9)[len(steady)]:
+                    steady.append((written, cpu_seconds(ps)))
     cpu_end = ps.cpu_times()
     proc.terminate()
     await proc.wait()
@@ -142,9 +169,11 @@ async def run_ingest(
     recv = [record[0] for record in records if record is not None]
     cpu = (cpu_end.user - cpu_start.user) + (cpu_end.system - cpu_start.system)
     spread = (max(recv) - min(recv)) / 1e9
+    (w0, c0), (w1, c1) = steady if len(steady) == 2 else ((0, 0.0), (total, cpu))
     return {
         "frames_per_s": written / spread,
         "cpu_per_100k": cpu / total * 100_000,
+        "steady_per_100k": (c1 - c0) / max(w1 - w0, 1) * 100_000,
         "cpu_share": cpu / spread,
         "sys_share": (cpu_end.system - cpu_start.system) / cpu if cpu else 0.0,
         "rss_mb": peak_rss / 1e6,
@@ -152,6 +181,20 @@ async def run_ingest(
         "p50_ms": float(match.group(3)),
         "p99_ms": float(match.group(4)),
     }
+
+
+async def run_idle(ws_url: str, workdir: Path, seconds: float, tree: Path | None = None) -> float:
+    """CPU-s per minute of an ingest connected to a feed that sends nothing (the watchdog
+    raised out of the way, no statistics block): its timers and threads at rest."""
+    proc, ps = await start_ingest(ws_url, workdir, tree, {"watchdog_timeout_seconds": 3600}, None)
+    try:
+        await asyncio.sleep(5.0)  # subscribed and settled (the first flush, the first heartbeats)
+        before = cpu_seconds(ps)
+        await asyncio.sleep(seconds)
+        return (cpu_seconds(ps) - before) / seconds * 60
+    finally:
+        proc.terminate()
+        await proc.wait()
 
 
 async def run_ccxt(ws_url: str, total: int, last_l2: dict[str, str], rest: str | None = None) -> dict[str, float]:
@@ -208,6 +251,17 @@ def disk_ceiling(workdir: Path, seconds: float = 1.5) -> float:
 RATE_AT_SPEED_1 = 100_000  # the generated stream is stamped 10 us apart
 
 
+def feeder_pacing(feeder: str, frames_per_write: int = 0) -> str:
+    """What serves the stream and how paced runs are cut into writes (printed with the results)."""
+    if feeder != "ws":
+        return "daedalus sim --replay (frame by frame, a send each; it sleeps only when over 1 ms ahead)"
+    if frames_per_write == 1:
+        return "bench/ws_feeder.py, paced frame by frame (a write per frame, TCP_NODELAY)"
+    if frames_per_write > 1:
+        return f"bench/ws_feeder.py, paced {frames_per_write} frames a write (TCP_NODELAY)"
+    return "bench/ws_feeder.py, paced in 1 ms batches (a write per millisecond, TCP_NODELAY)"
+
+
 async def main(
     frames: int,
     speeds: list[float],
@@ -215,6 +269,8 @@ async def main(
     feeder: str = "ws",
     with_ccxt: bool = True,
     unsynced: bool = False,
+    frames_per_write: int = 0,
+    idle: float = 0.0,
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="daedalus-bench-") as tmp:
         workdir = Path(tmp)
@@ -224,14 +280,14 @@ async def main(
         size_mb = recording.stat().st_size / 1e6
         print(f"stream: {total:,} frames, {size_mb:.0f} MB, generated in {time.perf_counter() - started:.1f}s")
         print(f"machine: {platform.machine()} {psutil.cpu_count()} cpus, Python {platform.python_version()}")
-        print(f"feeder: {'bench/ws_feeder.py' if feeder == 'ws' else 'daedalus sim --replay'}")
+        print(f"feeder: {feeder_pacing(feeder, frames_per_write)}")
         disk = disk_ceiling(workdir)
         print(
             f"disk: 1 MB appends + fsync: {disk:,.0f} MB/s = {disk * 1e6 * total / recording.stat().st_size:,.0f} "
             "frames/s of this stream (the ceiling of any fsync-per-flush capture here)"
         )
         print(
-            f"{'':28}{'offered/s':>10}{'received/s':>12}{'overflow':>10}{'CPU s/100k':>12}{'CPU':>6}"
+            f"{'':28}{'offered/s':>10}{'received/s':>12}{'overflow':>10}{'CPU s/100k':>12}{'steady':>8}{'CPU':>6}"
             f"{'RSS MB':>8}{'p50 ms':>8}{'p99 ms':>8}"
         )
         sustained = 0.0
@@ -241,7 +297,7 @@ async def main(
             trees.append((f"  {against.name} (--against)", against))
         for run, speed in enumerate(speeds):
             for label, tree in trees if run % 2 == 0 else trees[::-1]:  # alternate who goes first
-                sim, ws_url = await start_replay(recording, speed, feeder)
+                sim, ws_url = await start_replay(recording, speed, feeder, frames_per_write)
                 try:
                     r = await run_ingest(ws_url, workdir / f"ingest-{run}-{tree is None}", total, tree)
                 finally:
@@ -250,8 +306,8 @@ async def main(
                 offered = f"{RATE_AT_SPEED_1 * speed:,.0f}" if speed else "max"
                 print(
                     f"{label[:27]:28}{offered:>10}{r['frames_per_s']:>12,.0f}{r['overflow']:>10,}"
-                    f"{r['cpu_per_100k']:>12.2f}{r['cpu_share']:>6.0%}{r['rss_mb']:>8.0f}{r['p50_ms']:>8.1f}"
-                    f"{r['p99_ms']:>8.1f}"
+                    f"{r['cpu_per_100k']:>12.2f}{r['steady_per_100k']:>8.2f}{r['cpu_share']:>6.0%}"
+                    f"{r['rss_mb']:>8.0f}{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}"
                 )
                 if r["overflow"] == 0 and tree is None:
                     sustained = max(sustained, r["frames_per_s"])
@@ -263,9 +319,22 @@ async def main(
                 await stop(sim)
             print(
                 f"{(label.strip() + ', fsync off')[:27]:28}{'max':>10}{r['frames_per_s']:>12,.0f}{r['overflow']:>10,}"
-                f"{r['cpu_per_100k']:>12.2f}{r['cpu_share']:>6.0%}{r['rss_mb']:>8.0f}{r['p50_ms']:>8.1f}"
-                f"{r['p99_ms']:>8.1f}"
+                f"{r['cpu_per_100k']:>12.2f}{r['steady_per_100k']:>8.2f}{r['cpu_share']:>6.0%}"
+                f"{r['rss_mb']:>8.0f}{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}"
             )
+        if idle:
+            silent = workdir / "silent.ndjson"
+            silent.write_bytes(b"")
+            for round_ in range(2):  # twice each, alternating: an idle process is a small, noisy figure
+                for _label, tree in trees if round_ % 2 == 0 else trees[::-1]:
+                    sim, ws_url = await start_replay(silent, 0.01, "ws")
+                    try:
+                        per_minute = await run_idle(ws_url, workdir / f"idle-{round_}-{tree is None}", idle, tree)
+                    finally:
+                        await stop(sim)
+                    name = "daedalus ingest" if tree is None else tree.name
+                    print(f"{(name + ', idle')[:27]:28}{'silent':>10}  {per_minute:.3f} CPU-s per minute "
+                          f"({per_minute / 60:.2%} of a core, {idle:g} s connected, nothing received)")  # fmt: skip
         if not with_ccxt:
             c = {"frames_per_s": float("nan"), "cpu_per_100k": float("nan"), "cpu_share": float("nan")}
         elif feeder == "ws":  # ccxt loads its markets over REST: the simulator serves that part
@@ -307,6 +376,13 @@ async def main(
                 f"{Path(tree).name} {', '.join(f'{x:.2f}' for x in old)} "
                 f"(ratio of means {sum(old) / len(old) / (sum(new) / len(new)):.2f}x)"
             )
+            old = [r["steady_per_100k"] for r in rows if r["speed"] == speed]
+            new = [r["steady_per_100k"] for r in mine if r["speed"] == speed]
+            print(
+                f"  steady (10-90 % written): this tree {', '.join(f'{x:.2f}' for x in new)}; "
+                f"{Path(tree).name} {', '.join(f'{x:.2f}' for x in old)} "
+                f"(ratio of means {sum(old) / len(old) / (sum(new) / len(new)):.2f}x)"
+            )
 
 
 if __name__ == "__main__":
@@ -318,7 +394,12 @@ if __name__ == "__main__":
                         help="ws: bench/ws_feeder.py (default); sim: daedalus sim --replay")  # fmt: skip
     parser.add_argument("--no-ccxt", action="store_true", help="skip the ccxt.pro run")
     parser.add_argument("--unsynced", action="store_true", help="also run each ingest at max with fsync off")
+    parser.add_argument("--frames-per-write", type=int, default=0,
+                        help="ws feeder, paced: frames per write (0: those of 1 ms; 1: frame by frame)")  # fmt: skip
+    parser.add_argument("--idle", type=float, default=0.0, metavar="S",
+                        help="also measure each ingest connected to a silent feed for S seconds")  # fmt: skip
     args = parser.parse_args()
     against = args.against.resolve() if args.against else None
     speeds = [float(x) for x in args.speeds.split(",")]
-    asyncio.run(main(args.frames, speeds, against, args.feeder, not args.no_ccxt, args.unsynced))
+    asyncio.run(main(args.frames, speeds, against, args.feeder, not args.no_ccxt, args.unsynced,
+                     args.frames_per_write, args.idle))  # fmt: skip

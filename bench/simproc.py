@@ -18,11 +18,12 @@ async def start_sim(*flags: str, ready_timeout: float = 120.0) -> tuple[asyncio.
 
 
 async def start_feeder(
-    recording: Path, rate: float = 0.0, ready_timeout: float = 120.0
+    recording: Path, rate: float = 0.0, ready_timeout: float = 120.0, frames_per_write: int = 0
 ) -> tuple[asyncio.subprocess.Process, str]:
-    """Run ``bench/ws_feeder.py RECORDING --rate R`` (one connection, pre-encoded frames);
-    returns the process and its WebSocket URL."""
-    return await _start_ws_server("ws_feeder", [str(FEEDER), str(recording), "--rate", str(rate)], ready_timeout)
+    """Run ``bench/ws_feeder.py RECORDING --rate R --frames-per-write N`` (one connection,
+    pre-encoded frames; N = 0: the frames of 1 ms per write); returns the process and its WebSocket URL."""
+    args = [str(FEEDER), str(recording), "--rate", str(rate), "--frames-per-write", str(frames_per_write)]
+    return await _start_ws_server("ws_feeder", args, ready_timeout)
 
 
 async def _start_ws_server(

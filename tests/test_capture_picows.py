@@ -30,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from daedalus.capture import coinbase, segments
 from daedalus.capture.coinbase import consecutive, products_in
 from daedalus.capture.pipeline import IngestPipeline, loop_factory
-from daedalus.capture.records import frame_line, frame_lines
+from daedalus.capture.records import frame_line, frame_lines, stamped_lines
 from daedalus.config import parse_config
 from tests.capture_helpers import async_wait_until, frame_bytes, ingest_config, read_records
 from tests.conftest import REPO
@@ -409,6 +409,99 @@ def test_the_lines_of_a_read_are_those_of_its_frames_one_by_one(odd):
     plain = [envelope(0), envelope(1), envelope(2)]
     assert frame_lines(7, 2, plain) == b"".join(frame_line(7, 2, f) for f in plain)
     assert frame_line(7, 2, odd.decode("utf-8", "replace")) == frame_line(7, 2, odd) or b"\xff" in odd
+
+
+@pytest.mark.parametrize("odd", ODD_FRAMES)
+def test_the_lines_of_held_reads_are_those_of_their_frames_each_with_its_own_stamp(odd):
+    frames, stamps = [envelope(0), odd, envelope(1)], [7, 8, 9]
+    assert stamped_lines(stamps, 2, frames) == b"".join(map(frame_line, stamps, [2] * 3, frames))
+    plain = [envelope(0), envelope(1), envelope(2)]
+    assert stamped_lines(stamps, 2, plain) == b"".join(map(frame_line, stamps, [2] * 3, plain))
+
+
+class HandOvers:
+    """Stands in for the collector behind a :class:`coinbase._Reader`: records each hand-over."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[int], list[bytes]]] = []
+        self.clock = time.time_ns
+
+    def _deliver(self, reader: object, stamp: int, frames: list[bytes]) -> None:
+        self.calls.append(("read", [stamp] * len(frames), frames))
+
+    def _deliver_held(self, reader: object, stamps: list[int], frames: list[bytes]) -> None:
+        self.calls.append(("held", stamps, frames))
+
+
+async def test_small_reads_close_together_are_held_and_handed_over_together_with_their_own_stamps():
+    """The rules of the hold (coinbase.HOLD_S): what is held, what goes at once, what releases it."""
+    ms = 1_000_000
+    start = T21 - 3 * ms  # three milliseconds before a UTC hour
+    handed = HandOvers()
+    reader = coinbase._Reader(handed)  # type: ignore[arg-type]
+    reader.loop = asyncio.get_running_loop()
+    reader._read_done(start, [envelope(0)])  # the first read: at once (nothing to hold it with)
+    reader._read_done(start + ms, [envelope(1)])  # close behind it: held
+    reader._read_done(start + ms + 10, [envelope(2), envelope(3)])  # held too
+    assert [kind for kind, _, _ in handed.calls] == ["read"]
+    reader._read_done(T21, [envelope(4)])  # a new UTC hour: the held reads first, then this one at once
+    held = ("held", [start + ms, start + ms + 10, start + ms + 10], [envelope(s) for s in (1, 2, 3)])
+    assert handed.calls[1:] == [held, ("read", [T21], [envelope(4)])]
+    n = coinbase.HOLD_FRAMES
+    reader._read_done(T21 + ms, [envelope(s) for s in range(5, 5 + n)])  # a big read: at once
+    reader._read_done(T21 + ms + coinbase.HOLD_NS, [envelope(21)])  # HOLD_S after the previous one: at once
+    assert [(kind, len(frames)) for kind, _, frames in handed.calls[3:]] == [("read", n), ("read", 1)]
+    now, upto = T21 + 2 * ms + coinbase.HOLD_NS, 22 + n
+    for seq in range(22, upto):  # held until they are HOLD_FRAMES frames
+        reader._read_done(now + seq, [envelope(seq)])
+    assert handed.calls[-1] == ("held", [now + seq for seq in range(22, upto)], [envelope(s) for s in range(22, upto)])
+    assert reader.timer is None
+    reader._read_done(now + 100, [envelope(upto)])  # held, then handed over by the timer
+    await async_wait_until(lambda: handed.calls[-1][0] == "held" and handed.calls[-1][1] == [now + 100], 5, "timer")
+    reader._read_done(now + 200, [envelope(39)])
+    reader.frames.append(envelope(40))
+    reader.stamp = now + 300
+    reader.flush()  # a control frame or the end of the connection: held reads first, then the read so far
+    assert handed.calls[-2:] == [("held", [now + 200], [envelope(39)]), ("read", [now + 300], [envelope(40)])]
+    assert reader.timer is None and not reader.held
+
+
+async def test_held_reads_keep_their_stamps_and_a_gap_among_them_is_written_after_its_frame(tmp_path):
+    """Frames sent one per write, a millisecond apart: held and handed over several reads at
+    a time, each line with its own read's stamp; the gap check still runs frame by frame."""
+    sequence = [*range(0, 20), *range(23, 40)]
+
+    async def script(conn: RawConn) -> None:
+        await conn.subscribes()
+        for seq in sequence:
+            await conn.send(ws_frame(TEXT, envelope(seq)))
+            await asyncio.sleep(0.001)
+        await conn.hold()
+
+    async with RawServer(script) as server:
+        run = Pipeline(config(tmp_path, server.url))
+        writer = run.pipeline.writer
+        handed: list[list[int]] = []
+        put_frames = writer.put_frames
+
+        def spy(recv_ns: int, conn: int, frames: list[bytes], **kwargs: object) -> int:
+            stamps = kwargs.get("stamps")
+            handed.append(list(stamps) if stamps is not None else [recv_ns] * len(frames))  # type: ignore[call-overload]
+            return put_frames(recv_ns, conn, frames, **kwargs)  # type: ignore[arg-type]
+
+        writer.put_frames = spy  # type: ignore[method-assign]
+        await async_wait_until(lambda: writer.stats.written >= len(sequence), 10, "every frame written")
+        await run.close()
+    records = read_records(tmp_path)
+    start = next(i for i, r in enumerate(records) if "msg" in r)
+    shown = [r["msg"]["sequence_num"] if "msg" in r else r["event"] for r in records[start:]]
+    assert shown == [*range(0, 20), 23, "gap", "subscribe", *range(24, 40), "disconnect"]
+    gap = records[start + 21]
+    assert (gap["expected"], gap["received"], gap["recv_ns"]) == (20, 23, records[start + 20]["recv_ns"])
+    frames = [r for r in records if "msg" in r]
+    assert [r["recv_ns"] for r in frames] == [stamp for stamps in handed for stamp in stamps]  # each its own
+    assert any(len(set(stamps)) > 1 for stamps in handed)  # several reads in one hand-over
+    assert len(handed) < len(sequence)
 
 
 def test_the_bulk_checks_agree_with_the_frame_by_frame_ones():

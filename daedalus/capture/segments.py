@@ -1,7 +1,8 @@
 """The durable segment log: batch, write, fsync, rotate, recover (architecture 3.1-3.3).
 
 Collectors call :meth:`SegmentWriter.put_frame` (one frame), :meth:`put_frames` (every frame
-one network read completed, with one stamp) or :meth:`put_control` on the event loop: an
+one network read completed, with one stamp, or those of a few reads held together, a stamp
+each) or :meth:`put_control` on the event loop: an
 append to a bounded deque, nothing else; the queue's bound counts records, not appends.
 A dedicated I/O thread drains the deque when
 ``batch_size`` records are waiting or ``flush_interval_seconds`` passed, encodes the
@@ -37,7 +38,14 @@ from typing import Any
 
 import zstandard
 
-from daedalus.capture.records import control_line, frame_line, frame_lines, is_complete_record, iter_zstd_frames
+from daedalus.capture.records import (
+    control_line,
+    frame_line,
+    frame_lines,
+    is_complete_record,
+    iter_zstd_frames,
+    stamped_lines,
+)
 from daedalus.config import IngestionConfig
 from daedalus.layout import (
     MAX_SEGMENT_COUNTER,
@@ -299,10 +307,14 @@ class SegmentWriter:
             self._wake.set()
         return True
 
-    def put_frames(self, recv_ns: int, conn: int, frames: list[bytes], *, force: bool = False) -> int:
+    def put_frames(
+        self, recv_ns: int, conn: int, frames: list[bytes], *, force: bool = False, stamps: list[int] | None = None
+    ) -> int:
         """Queue the frames one network read completed, stamped alike, with one append; returns
         how many were taken. What does not fit is dropped and counted, unless ``force`` (the
         collector then stops reading until there is room: ``on_queue_full: block``).
+        ``stamps``: frames of several reads held together, ``stamps[i]`` that of ``frames[i]``
+        (all in ``recv_ns``'s hour, ``recv_ns`` the first: it decides the segment).
 
         Their lines are built here, on the event loop, in a few C-level passes
         (:func:`frame_lines`): the writer thread then holds the GIL only to join and count,
@@ -318,7 +330,8 @@ class SegmentWriter:
                 return 0
             self.dropped += count - room
             frames, count = frames[:room], room
-        self._queue.append((recv_ns, conn, ReadLines(count, frame_lines(recv_ns, conn, frames))))
+        lines = frame_lines(recv_ns, conn, frames) if stamps is None else stamped_lines(stamps[:count], conn, frames)
+        self._queue.append((recv_ns, conn, ReadLines(count, lines)))
         self._in += count
         if depth + count > self._batch_size and not self._wake.is_set():
             self._wake.set()
