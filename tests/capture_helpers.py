@@ -50,6 +50,14 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object
     return [getattr(r, "daedalus_fields", {}) for r in caplog.records if r.getMessage() == name]
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` seconds (a bound on a wait, not an assertion)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 async def async_wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -13,7 +13,7 @@ from daedalus.capture.records import control_line, frame_line, iter_lines, split
 from daedalus.capture.segments import SegmentWriter, recover_active
 from daedalus.config import IngestionConfig
 from daedalus.layout import DataLayout
-from tests.capture_helpers import read_records, segment_files
+from tests.capture_helpers import read_records, segment_files, wait_until
 
 HOUR_NS = 3_600_000_000_000
 T0 = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
@@ -72,9 +72,13 @@ def test_writes_every_record_in_order_and_moves_the_segment_to_ready(tmp_path, c
 def test_flush_interval_makes_records_durable_without_a_full_batch(tmp_path):
     writer = make_writer(tmp_path, clock=time.time_ns, batch_size=1000, flush_interval_seconds=0.1)
     writer.put_frame(time.time_ns(), 1, frame(1))
-    time.sleep(0.4)
-    active = segment_files(tmp_path, "active")
-    assert len(active) == 1 and b'"sequence_num":1' in active[0].read_bytes()
+
+    def flushed() -> bool:
+        active = segment_files(tmp_path, "active")
+        return len(active) == 1 and b'"sequence_num":1' in active[0].read_bytes()
+
+    wait_until(flushed, what="the record in the active segment, 999 records short of a batch")
+    assert writer.stats.flushes >= 1
     writer.close()
 
 
@@ -96,12 +100,12 @@ def test_rotation_at_the_utc_hour_with_an_injected_clock(tmp_path):
     writer = make_writer(tmp_path, clock=lambda: now[0], batch_size=1, flush_interval_seconds=0.05)
     writer.put_frame(now[0], 1, frame(1))
     writer.put_frame(now[0] + 10**8, 1, frame(2))
-    time.sleep(0.2)
+    active = tmp_path / "raw" / "active" / "coinbase" / "segment_20260809T21_00001.ndjson"
+    wait_until(lambda: active.exists() and b'"sequence_num":2' in active.read_bytes(), what="both records flushed")
     assert [f.name for f in segment_files(tmp_path, "active")] == ["segment_20260809T21_00001.ndjson"]
     now[0] = T0 + HOUR_NS + 10**9  # 22:00:01, no record yet: the idle segment still closes
-    time.sleep(0.3)
+    wait_until(lambda: not segment_files(tmp_path, "active"), what="the idle segment closed at the hour")
     assert [f.name for f in segment_files(tmp_path)] == ["segment_20260809T21_00001.ndjson"]
-    assert not segment_files(tmp_path, "active")
     writer.put_frame(now[0], 1, frame(3))
     writer.put_frame(now[0] + 2 * HOUR_NS, 1, frame(4))  # a record of a later hour rotates at once
     writer.close()
