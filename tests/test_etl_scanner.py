@@ -10,6 +10,7 @@ nested values), with and without frames the scanner must hand back to DuckDB."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import random
 import sys
@@ -398,3 +399,111 @@ def test_scanner_fallbacks_exported_as_a_metric(tmp_path):
     families = {f.name: f for f in metrics._per_source([child], "counters", metrics._ETL_COUNTERS, CounterMetricFamily)}
     (sample,) = [s for s in families["daedalus_etl_l2_scanner_fallbacks"].samples if s.name.endswith("_total")]
     assert sample.labels == {"source": "coinbase"} and sample.value == back
+
+
+# ---- handed-back lines parsed once per block, cut back per batch --------------------------------
+def _frame_line(recv: int, seq: int, channel: str, key: str, item: dict) -> bytes:
+    msg = {"channel": channel, "timestamp": rfc3339(recv, 9), "sequence_num": seq,
+           "events": [{"type": "update", key: [item]}]}  # fmt: skip
+    return json.dumps({"recv_ns": recv, "conn": 7, "msg": msg}, separators=(",", ":")).encode() + b"\n"
+
+
+def other_line(rng: random.Random, recv: int, seq: int) -> tuple[bytes, bool]:
+    """A line the scanner hands back that is not level2 (trade, ticker, candle, error, unknown
+    channel, not JSON, gap), about one in five holding a value the parser quarantines."""
+    product = rng.choice(["BTC-USD", "ETH-USD"])
+    bad = rng.random() < 0.2
+    roll = rng.random()
+    if roll < 0.6:
+        item = {"product_id": "-BTC" if bad and rng.random() < 0.5 else product,
+                "trade_id": str(rng.randint(1, 3_000)),  # repeats: the de-duplication across batches
+                "price": "1e5" if bad else decimal(rng, True), "size": f"{rng.randint(0, 50)}.{rng.randint(1, 999)}",
+                "side": rng.choice(["BUY", "SELL"]), "time": rfc3339(recv - rng.randint(0, 10**9), 6)}  # fmt: skip
+        return _frame_line(recv, seq, "market_trades", "trades", item), bad
+    if roll < 0.75:
+        item = {"type": "ticker", "product_id": product, "price": decimal(rng, True), "volume_24_h": "10",
+                "price_percent_chg_24_h": "abc" if bad else "-1.5", "best_bid": "1", "best_ask": "2"}  # fmt: skip
+        return _frame_line(recv, seq, rng.choice(["ticker", "ticker_batch"]), "tickers", item), bad
+    if roll < 0.85:
+        item = {"start": str(recv // 10**9 // 60 * 60), "open": "1", "high": "2", "low": "-1" if bad else "0.5",
+                "close": "1.5", "volume": "3", "product_id": product}  # fmt: skip
+        return _frame_line(recv, seq, "candles", "candles", item), bad
+    if roll < 0.9:
+        error = {"recv_ns": recv, "conn": 7, "msg": {"type": "error", "message": "no"}}
+        return json.dumps(error).encode() + b"\n", True
+    if roll < 0.93:
+        return _frame_line(recv, seq, "futures", "x", {}), True
+    if roll < 0.96:
+        return b'{"recv_ns":%d,"conn":7,"raw":"not json {"}\n' % recv, True
+    return control_line(recv, 7, "gap", {"expected": seq, "received": seq + 1}), False
+
+
+def test_handed_back_lines_parsed_per_block_cut_per_batch(tmp_path, monkeypatch):
+    """Blocks of several batches whose handed-back lines are trades, tickers, candles, errors,
+    unknown channels, lines that are not JSON and gaps (no level2 frame): DuckDB's decode is
+    parsed once per block and cut back per batch (quarantined lines, table rows, counters),
+    and every output is what parsing each batch alone writes."""
+    cuts = []
+    real_cut = fastpath._cut
+    monkeypatch.setattr(fastpath, "_cut", lambda *a: cuts.append(real_cut(*a)) or cuts[-1])
+    rng = random.Random(11)
+    w = Writer(rng)
+    products = ["BTC-USD", "ETH-USD"]
+    recv, quarantined = T0, 0
+    out = [control_line(recv, 7, "connect", {"url": "wss://x"})]
+    for seq in range(1, 30_000):
+        recv += rng.randint(1, 20_000_000)
+        if seq == 1 or rng.random() < 0.6:
+            out.append(l2_line(w, recv, seq, products, snapshot=seq == 1).encode() + b"\n")
+        else:
+            line, bad = other_line(rng, recv, seq)
+            out.append(line)
+            quarantined += bad
+    summaries = both(tmp_path, [out[:20_000], out[20_000:]])
+    fast = summaries["compiled"]
+    assert fast.counts[fastpath.FALLBACK_L2] == 0
+    assert summaries["duckdb"].quarantined_lines > 100
+    assert len(cuts) >= 4 and sum(bool(c.quarantine) for c in cuts) >= 4  # the per-block parse ran, cut 4+ ways
+    assert sum(bool(c.counts) for c in cuts) == 2  # one block per segment: its counters ride on one batch
+
+
+def test_batch_without_level2_frames_skips_the_level2_parse_same_result(tmp_path, monkeypatch):
+    """``parse_batch`` of lines without a level2 frame (what the scanner hands back) returns
+    the empty level2 part directly: the same arrays, types and counters as the full parse."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from daedalus.etl import coinbase
+    from daedalus.etl.reader import connect, read_batches
+
+    rng = random.Random(12)
+    recv = T0
+    lines = [control_line(recv, 7, "connect", {"url": "wss://x"})]
+    for seq in range(1, 3_000):
+        recv += rng.randint(1, 20_000_000)
+        lines.append(other_line(rng, recv, seq)[0])
+    path = tmp_path / "segment_20260809T21_00001.ndjson"
+    path.write_bytes(b"".join(lines))
+    con = connect()
+    (batch,) = list(read_batches(con, path, batch_rows=len(lines)))
+    con.close()
+    now = recv + 10**9
+    fast = coinbase.parse_batch(batch, 100, now)
+    monkeypatch.setattr(coinbase, "_no_level2", coinbase._level2_rows)
+    full = coinbase.parse_batch(batch, 100, now)
+    assert fast.products == full.products == []
+    for name in (f.name for f in dataclasses.fields(fast.frames)):
+        a, b = getattr(fast.frames, name), getattr(full.frames, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name
+    assert fast.l2.keys() == full.l2.keys()
+    assert fast.l2["ts_event"].type == full.l2["ts_event"].type and len(fast.l2["ts_event"]) == 0
+    for key in ("ts_recv", "seq"):
+        assert fast.l2[key].dtype == full.l2[key].dtype and fast.l2[key].shape == full.l2[key].shape == (0,)
+    assert fast.counts == full.counts and fast.quarantine == full.quarantine and len(fast.quarantine) > 100
+    for name in ("trades", "tickers", "candles"):
+        assert getattr(fast, name).equals(getattr(full, name)) and getattr(fast, name).num_rows > 0, name
+        assert np.array_equal(fast.lines[name], full.lines[name])
+        recv_of_line = batch.column("recv_ns").to_numpy(zero_copy_only=False)[fast.lines[name]]
+        assert np.array_equal(getattr(fast, name).column("ts_recv").cast(pa.int64()).to_numpy(), recv_of_line), name
+    assert isinstance(fast.l2["ts_event"], pa.Array)

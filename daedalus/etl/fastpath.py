@@ -10,12 +10,16 @@ so books, sequence checks, bars (closed by each batch's clock) and trade de-dupl
 see the same input in the same batches, and the output is the same whichever path ran.
 
 Lines go to DuckDB a block of several batches at a time (one query per block: a query
-costs milliseconds). Memory is bounded by the block, not the segment.
+costs milliseconds), and ``parse_batch`` reads a block's lines in one call too (about 9 ms a
+call whatever its size) unless they hold level2 frames; its output is cut back per batch.
+A batch whose level2 rows are all the scanner's (the common case) uses the scanner's arrays
+as they are. Memory is bounded by the block, not the segment.
 """
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -227,6 +231,8 @@ class ScanSegment:
         f_row, x_row = out.f_row[:nf], out.x_row[:nx]
         f_re = out.f_re[:nf]
         e_frame = out.e_frame[: int(meta[l2scan.M_EVENTS])]
+        whole = _parse_whole(block.fallback) if block.fallback is not None else None
+        counted = False
         for start in range(block.first, block.last, BATCH_ROWS):
             stop = min(start + BATCH_ROWS, block.last)
             fa, fb = np.searchsorted(f_row, [start, stop])
@@ -236,11 +242,48 @@ class ScanSegment:
             rb = int(f_re[fb - 1]) if fb else 0
             scanned = _scanned(out, fa, fb, ra, rb, ea, eb)
             fallback = None
-            if xb > xa:
+            if xb > xa and whole is not None:
+                fallback = _cut(whole, int(xa), int(xb), counted)
+                counted = True  # the block's counters ride on its first batch with handed-back lines
+            elif xb > xa:
                 lines = block.fallback.slice(xa, xb - xa).combine_chunks()  # copies only a slice across chunks
                 fallback = parse_batch(lines.to_batches()[0], 0, None)
+            if fallback is not None:
                 fallback.quarantine = [(int(x_row[xa + i]), why) for i, why in fallback.quarantine]
             yield start, _merge(start, stop - start, scanned, x_row[xa:xb], fallback, self.names)
+
+
+def _parse_whole(fallback: pa.Table) -> ParsedBatch | None:
+    """The block's handed-back lines parsed in one call (``parse_batch`` costs ~9 ms a call
+    whatever its size, and a block holds up to 8 batches), or ``None`` when they hold level2
+    frames: their products' order of first appearance is per batch, so those blocks are parsed
+    a batch at a time. Every other output of ``parse_batch`` is per line, so cutting the
+    whole's per-line arrays and its tables (by the line of each row) gives each batch what
+    parsing it alone would."""
+    whole = parse_batch(fallback.combine_chunks().to_batches()[0], 0, None)
+    if whole.counts["l2_data"] or whole.frames.r_prod.shape[0]:
+        return None
+    return whole
+
+
+def _cut(whole: ParsedBatch, xa: int, xb: int, counted: bool) -> ParsedBatch:
+    """Lines ``xa:xb`` of a whole block's parse (no level2 rows) as a batch of their own; the
+    block's counters go with the first cut only (``counted``: they went; the segment sums them)."""
+    f = whole.frames
+    n = xb - xa
+    zeros = np.zeros(n, np.int64)
+    frames = FrameBatch(f.f_conn[xa:xb], f.f_kind[xa:xb], f.f_seq[xa:xb], f.f_aux[xa:xb], f.f_ts[xa:xb], zeros,
+                        zeros.copy(), f.r_prod, f.r_side, f.r_px, f.r_sz, f.r_snap)  # fmt: skip
+    tables = []
+    for name in ("trades", "tickers", "candles"):
+        table, lines = getattr(whole, name), whole.lines[name]
+        a, b = np.searchsorted(lines, [xa, xb])
+        tables.append(table.slice(int(a), int(b - a)))
+    q = whole.quarantine
+    lo, hi = bisect_left(q, (xa,)), bisect_left(q, (xb,))
+    quarantine = [(line - xa, why) for line, why in q[lo:hi]]
+    counts = Counter() if counted else whole.counts
+    return ParsedBatch(frames, [], whole.l2, *tables, counts, quarantine)
 
 
 @dataclass
@@ -301,27 +344,12 @@ def _merge(start: int, n: int, s: _Scanned, x_row: np.ndarray, fb: ParsedBatch |
     counts[SCANNED] += s.row.shape[0]
     re_ = np.cumsum(lengths)
     rs = re_ - lengths
-    total = int(re_[-1]) if n else 0
-    # where each source's rows go
-    dest_s = _destinations(rs[pos_s], s.rs, s.re)
-    cols = {
-        "prod": np.empty(total, np.int64), "side": np.empty(total, np.int8), "px": np.empty(total, np.int64),
-        "sz": np.empty(total, np.int64), "snap": np.empty(total, np.bool_), "ts": np.empty(total, np.int64),
-    }  # fmt: skip
-    cols["prod"][dest_s] = code_of_form[s.prod]
-    cols["side"][dest_s], cols["px"][dest_s], cols["sz"][dest_s] = s.side, s.px, s.sz
-    cols["snap"][dest_s], cols["ts"][dest_s] = s.snap, s.ts
-    if fb is not None and fb.frames.r_prod.shape[0]:
-        f = fb.frames
-        dest_f = _destinations(rs[x_row - start], f.f_rs, f.f_re)
-        remap = np.array([products.index(p) for p in fb.products] + [-1], np.int64)
-        cols["prod"][dest_f] = remap[f.r_prod]
-        cols["side"][dest_f], cols["px"][dest_f], cols["sz"][dest_f] = f.r_side, f.r_px, f.r_sz
-        cols["snap"][dest_f] = f.r_snap
-        cols["ts"][dest_f] = fb.l2["ts_event"].cast(pa.int64()).to_numpy(zero_copy_only=False)
-    frame_of_row = np.repeat(np.arange(n), lengths)
-    l2 = {"ts_event": pa.array(cols["ts"], pa.int64()).cast(_TS_TYPE), "ts_recv": clock[frame_of_row],
-          "seq": seq[frame_of_row]}  # fmt: skip
+    if fb is None or fb.frames.r_prod.shape[0] == 0:
+        cols, ts_recv, row_seq = _scanner_rows(s, code_of_form)
+    else:
+        cols, ts_recv, row_seq = _merged_rows(s, pos_s, x_row - start, fb, products, code_of_form, rs, lengths,
+                                              clock, seq)  # fmt: skip
+    l2 = {"ts_event": _timestamps(cols["ts"]), "ts_recv": ts_recv, "seq": row_seq}
     frames = FrameBatch(conn, kind, seq, aux, clock, rs, re_, cols["prod"], cols["side"], cols["px"], cols["sz"],
                         cols["snap"])  # fmt: skip
     if fb is None:
@@ -330,6 +358,45 @@ def _merge(start: int, n: int, s: _Scanned, x_row: np.ndarray, fb: ParsedBatch |
     counts[FALLBACK_LINES] += x_row.shape[0]
     counts[FALLBACK_L2] += fb.counts["l2_data"]
     return ParsedBatch(frames, products, l2, fb.trades, fb.tickers, fb.candles, counts, quarantine)
+
+
+def _scanner_rows(s: _Scanned, code_of_form: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The batch's level2 rows when they all come from the scanner (the common case: DuckDB
+    reads only trades, tickers and control lines): they are already in line order, so the
+    scanner's arrays are used as they are (views of the block's output, never written to)."""
+    cols = {"prod": code_of_form[s.prod], "side": s.side, "px": s.px, "sz": s.sz, "snap": s.snap, "ts": s.ts}
+    per_frame = s.re - s.rs
+    return cols, np.repeat(s.recv, per_frame), np.repeat(s.seq, per_frame)
+
+
+def _merged_rows(s: _Scanned, pos_s: np.ndarray, pos_f: np.ndarray, fb: ParsedBatch, products: list[str],
+                 code_of_form: np.ndarray, rs: np.ndarray, lengths: np.ndarray, clock: np.ndarray,
+                 seq: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:  # fmt: skip
+    """The batch's level2 rows from both sources, each frame's rows where its line puts them."""
+    total = int(rs[-1] + lengths[-1])
+    dest_s = _destinations(rs[pos_s], s.rs, s.re)
+    cols = {
+        "prod": np.empty(total, np.int64), "side": np.empty(total, np.int8), "px": np.empty(total, np.int64),
+        "sz": np.empty(total, np.int64), "snap": np.empty(total, np.bool_), "ts": np.empty(total, np.int64),
+    }  # fmt: skip
+    cols["prod"][dest_s] = code_of_form[s.prod]
+    cols["side"][dest_s], cols["px"][dest_s], cols["sz"][dest_s] = s.side, s.px, s.sz
+    cols["snap"][dest_s], cols["ts"][dest_s] = s.snap, s.ts
+    f = fb.frames
+    dest_f = _destinations(rs[pos_f], f.f_rs, f.f_re)
+    remap = np.array([products.index(p) for p in fb.products] + [-1], np.int64)
+    cols["prod"][dest_f] = remap[f.r_prod]
+    cols["side"][dest_f], cols["px"][dest_f], cols["sz"][dest_f] = f.r_side, f.r_px, f.r_sz
+    cols["snap"][dest_f] = f.r_snap
+    cols["ts"][dest_f] = fb.l2["ts_event"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+    frame_of_row = np.repeat(np.arange(lengths.shape[0]), lengths)
+    return cols, clock[frame_of_row], seq[frame_of_row]
+
+
+def _timestamps(ns: np.ndarray) -> pa.Array:
+    """int64 ns -> a UTC timestamp array over the same buffer (no cast, no copy)."""
+    ns = np.ascontiguousarray(ns, np.int64)
+    return pa.Array.from_buffers(_TS_TYPE, ns.shape[0], [None, pa.py_buffer(ns)])
 
 
 def _destinations(dest_start: np.ndarray, rs: np.ndarray, re_: np.ndarray) -> np.ndarray:
