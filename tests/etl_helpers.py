@@ -15,7 +15,9 @@ import zstandard
 from daedalus.capture.records import control_line, frame_line
 from daedalus.config import parse_config
 from daedalus.etl.job import EtlJob, Summary
-from tests.conftest import RECORDING
+from tests.conftest import RECORDING, REPO
+
+DATABENTO_FIXTURES = REPO.parent / "shared" / "data" / "databento"  # Databento's own test files
 
 
 def recording_frames() -> list[tuple[int, dict[str, Any], str]]:
@@ -99,3 +101,25 @@ class DictBooks:
             for row in rows[start:]:
                 row += [best_bid, best_ask]
         return [tuple(r) for r in rows]
+
+
+def databento_fixtures() -> list[tuple[str, Path]]:
+    """(dataset folder, file) of every Databento fixture; the live file lands in GLBX.MDP3 (its dataset)."""
+    return [(p.parent.name if p.parent.name != "LIVE" else "GLBX.MDP3", p)
+            for p in sorted(DATABENTO_FIXTURES.glob("*/*.dbn.zst"))]  # fmt: skip
+
+
+def place_databento_segment(data_dir: Path, dataset: str, n: int, data: bytes, suffix: str = ".dbn.zst",
+                            state: str = "ready") -> str:  # fmt: skip
+    """Write a segment into ``raw/<state>/databento/<dataset>/``; returns its stem."""
+    stem = f"segment_20201228T00_{n:05d}"
+    target = data_dir / "raw" / state / "databento" / dataset / (stem + suffix)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    return stem
+
+
+def place_databento_fixtures(data_dir: Path) -> dict[Path, tuple[str, str]]:
+    """Every Databento fixture as a segment; fixture -> (dataset, output stem)."""
+    return {path: (ds, place_databento_segment(data_dir, ds, n, path.read_bytes()))
+            for n, (ds, path) in enumerate(databento_fixtures(), 1)}  # fmt: skip

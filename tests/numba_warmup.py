@@ -12,44 +12,33 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from daedalus.config import parse_config
-from daedalus.etl.job import EtlJob
+import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-DATABENTO_FIXTURES = REPO.parent / "shared" / "data" / "databento"
+from daedalus.backfill.intermediate import compact_frames
+from daedalus.config import parse_config
+from daedalus.etl import fastpath
+from daedalus.etl.job import EtlJob
+from tests.etl_helpers import place_databento_fixtures, recording_lines, write_segments
 
 
 def book_engine(data: Path) -> None:
     """The Coinbase ETL on DuckDB's path: the book engine, the decoders, the bars."""
-    from tests.etl_helpers import recording_lines, write_segments
-
     write_segments(data, [recording_lines()[:300]])
     EtlJob(parse_config({"data_dir": str(data), "etl": {"l2_scanner": "duckdb"}})).run()
 
 
 def level2_scanner(_data: Path) -> None:
     """The compiled level2 scanner (its one signature, as the ETL calls it)."""
-    from daedalus.etl import fastpath
-
     fastpath.warm_up()
 
 
 def databento(data: Path) -> None:
     """The Databento ETL (record walker, MBO order map and book) in both decimal strategies,
     and the backfill's frame compaction."""
-    import numpy as np
-
-    from daedalus.backfill.intermediate import compact_frames
-
     compact_frames(np.zeros(2, np.int64), np.zeros(2, np.int8), np.arange(2, dtype=np.int64), np.zeros(2, np.bool_))
-    fixtures = sorted(DATABENTO_FIXTURES.glob("*/*.dbn.zst"))
     for strategy in ("float", "pips"):
         root = data / strategy
-        for n, path in enumerate(fixtures, 1):
-            dataset = path.parent.name if path.parent.name != "LIVE" else "GLBX.MDP3"
-            target = root / "raw" / "ready" / "databento" / dataset / f"segment_20201228T00_{n:05d}.dbn.zst"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
+        place_databento_fixtures(root)
         config = parse_config({"data_dir": str(root), "etl": {"decimal_strategy": strategy}})
         EtlJob(config, "databento").run()
 

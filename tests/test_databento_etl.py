@@ -32,8 +32,11 @@ dbn = pytest.importorskip("databento_dbn")
 from daedalus.config import parse_config  # noqa: E402
 from daedalus.etl.job import EtlJob, Summary  # noqa: E402
 from daedalus.sources.databento_raw import event_frame, stamps_frame  # noqa: E402
+from tests.etl_helpers import DATABENTO_FIXTURES as FIXTURES  # noqa: E402
+from tests.etl_helpers import databento_fixtures as fixtures  # noqa: E402
+from tests.etl_helpers import place_databento_fixtures as place_fixtures  # noqa: E402
+from tests.etl_helpers import place_databento_segment as place  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "data" / "databento"
 UNDEF_PRICE = 2**63 - 1
 REPO = Path(__file__).resolve().parents[1]
 # schema -> processed table
@@ -42,27 +45,6 @@ TABLES = {"trades": "market_trades", "mbp-1": "book_snapshot_1", "mbp-10": "book
 LIVE_SCHEMAS = ["mbo", "mbp-1", "mbp-10", "trades", "ohlcv-1m", "definition"]
 
 pytestmark = pytest.mark.skipif(not FIXTURES.exists(), reason="Databento fixtures not present")
-
-
-def fixtures() -> list[tuple[str, Path]]:
-    """(dataset folder, file) of every fixture; the live file lands in GLBX.MDP3 (its dataset)."""
-    return [
-        (p.parent.name if p.parent.name != "LIVE" else "GLBX.MDP3", p) for p in sorted(FIXTURES.glob("*/*.dbn.zst"))
-    ]
-
-
-def place(data_dir: Path, dataset: str, n: int, data: bytes, suffix: str = ".dbn.zst", state: str = "ready") -> str:
-    """Write a segment into ``raw/<state>/databento/<dataset>/``; returns its stem."""
-    stem = f"segment_20201228T00_{n:05d}"
-    target = data_dir / "raw" / state / "databento" / dataset / (stem + suffix)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    return stem
-
-
-def place_fixtures(data_dir: Path) -> dict[Path, tuple[str, str]]:
-    """Every fixture as a segment; fixture -> (dataset, output stem)."""
-    return {path: (ds, place(data_dir, ds, n, path.read_bytes())) for n, (ds, path) in enumerate(fixtures(), 1)}
 
 
 def etl_config(data_dir: Path, strategy: str = "float") -> Any:
