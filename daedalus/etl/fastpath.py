@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import zstandard
 
 from daedalus.etl import l2scan
@@ -260,10 +261,10 @@ def _parse_whole(fallback: pa.Table) -> ParsedBatch | None:
     a batch at a time. Every other output of ``parse_batch`` is per line, so cutting the
     whole's per-line arrays and its tables (by the line of each row) gives each batch what
     parsing it alone would."""
-    whole = parse_batch(fallback.combine_chunks().to_batches()[0], 0, None)
-    if whole.counts["l2_data"] or whole.frames.r_prod.shape[0]:
+    # level2 rows come only from level2 frames: look for those before parsing, not after
+    if pc.any(pc.equal(pc.struct_field(fallback.column("msg"), "channel"), "l2_data")).as_py():
         return None
-    return whole
+    return parse_batch(fallback.combine_chunks().to_batches()[0], 0, None)
 
 
 def _cut(whole: ParsedBatch, xa: int, xb: int, counted: bool) -> ParsedBatch:
