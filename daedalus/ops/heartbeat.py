@@ -43,23 +43,19 @@ class HeartbeatPublisher:
         gauges: dict[str, Any],
         products: dict[str, dict[str, float | None]] | None = None,
     ) -> None:
-        with self._lock:
-            self._publish(counters, gauges, products)
-
-    def _publish(self, counters: dict[str, Any], gauges: dict[str, Any],
-                 products: dict[str, dict[str, float | None]] | None) -> None:  # fmt: skip
-        self._last = time.monotonic()
         record = Heartbeat(
             child=self.child, kind=self.kind, source=self.source, pid=os.getpid(), started_at=self.started_at,
             time=time.time(), counters=counters, gauges=gauges, products=products or {},
         )  # fmt: skip
-        try:
-            write_record(self.path, record.to_dict())
-        except OSError as exc:
-            self.failures += 1
-            if self.failures == 1 or self.failures % 100 == 0:
-                log.warning("heartbeat_write_failed", path=str(self.path), error=exc.strerror or repr(exc),
-                            failures=self.failures)  # fmt: skip
+        with self._lock:  # one writer of the record's temporary file at a time
+            self._last = time.monotonic()
+            try:
+                write_record(self.path, record.to_dict())
+            except OSError as exc:
+                self.failures += 1
+                if self.failures == 1 or self.failures % 100 == 0:
+                    log.warning("heartbeat_write_failed", path=str(self.path), error=exc.strerror or repr(exc),
+                                failures=self.failures)  # fmt: skip
 
     def remove(self) -> None:
         """At a clean stop: no record of a process that is gone."""
