@@ -73,12 +73,11 @@ def test_flush_interval_makes_records_durable_without_a_full_batch(tmp_path):
     writer = make_writer(tmp_path, clock=time.time_ns, batch_size=1000, flush_interval_seconds=0.1)
     writer.put_frame(time.time_ns(), 1, frame(1))
 
-    def flushed() -> bool:
-        active = segment_files(tmp_path, "active")
-        return len(active) == 1 and b'"sequence_num":1' in active[0].read_bytes()
-
-    wait_until(flushed, what="the record in the active segment, 999 records short of a batch")
-    assert writer.stats.flushes >= 1
+    # The flush is counted after its write and fsync: wait for the count, then the bytes must be there
+    # (waiting for the bytes first raced the count, which lags the write by the fsync).
+    wait_until(lambda: writer.stats.flushes >= 1, what="a flush, 999 records short of a batch")
+    active = segment_files(tmp_path, "active")
+    assert len(active) == 1 and b'"sequence_num":1' in active[0].read_bytes()
     writer.close()
 
 
