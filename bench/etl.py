@@ -52,7 +52,13 @@ goes by stage and the top functions (timings inflated; use it to find hot spots)
 identical copies of the same generated data, and the rows per CPU-second of both and
 their ratio are printed (machines here are shared: a side-by-side ratio is steadier than
 absolute figures). Only the child's ``--child-etl`` mode is needed in the other tree.
+
+``--as-installed`` runs the ETL children as on an install without the ``dev`` or
+``databento`` extras (``deploy/setup_pi.sh`` installs none): there pandas is absent, while
+in the dev venv pyarrow imports it at its first conversion (+33 MB of RSS, nothing used).
 """
+# ruff: noqa: E402
+# (imports below the hook: with --as-installed, the child hides pandas before pyarrow is imported)
 
 from __future__ import annotations
 
@@ -75,6 +81,20 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+HIDE_PANDAS = "DAEDALUS_BENCH_HIDE_PANDAS"
+
+
+class _NoPandas:
+    """An import hook that makes pandas look uninstalled (pyarrow then runs without it)."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError(f"{name} is hidden (bench/etl.py --as-installed)")
+
+
+if os.environ.get(HIDE_PANDAS):
+    sys.meta_path.insert(0, _NoPandas())
 
 import numpy as np
 import orjson
@@ -111,7 +131,7 @@ TARGET_RATIO = 20
 TARGET_RSS_MB = 400
 SCANNERS = ("compiled", "duckdb")  # etl.l2_scanner: the new path and the reference, run alternately
 #: where the time goes (--profile): functions by file or name -> a stage, by own time
-STAGES = (("level2 scanner (compiled)", ("l2scan.py",)),
+STAGES = (("scanner (compiled: level2, trades)", ("l2scan.py",)),
           ("DuckDB read_json (the other lines)", ("read_batches", "_seam.py", "fetch_record_batch", "_decode")),
           ("parse_batch (the other lines)", ("coinbase.py", "decode.py")),
           ("book engine", ("book.py",)),
@@ -336,7 +356,8 @@ def _print_profile(profiler: cProfile.Profile) -> None:
 
 
 def run_etl(data_dir: Path, profile: bool, tree: Path | None = None, scanner: str | None = None) -> dict[str, Any]:
-    """The ETL over ``data_dir`` in a child process of this checkout (or of ``tree``)."""
+    """The ETL over ``data_dir`` in a child process of this checkout (or of ``tree``; both see
+    the parent's environment, ``DAEDALUS_BENCH_HIDE_PANDAS`` of ``--as-installed`` included)."""
     script = (tree / "bench" / "etl.py") if tree else Path(__file__).resolve()
     cmd = [sys.executable, str(script), "--child-etl", str(data_dir)]
     if scanner is not None:
@@ -557,6 +578,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="run the ETL child under cProfile (slower)")
     parser.add_argument("--against", type=Path, help="another checkout to compare the ETL with, side by side")
     parser.add_argument("--rounds", type=int, default=2, help="ETL runs per path (or tree, --against), alternating")
+    parser.add_argument("--as-installed", action="store_true",
+                        help="ETL children without pandas, as on an install without the dev/databento extras")
     parser.add_argument("--child-etl", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--scanner", choices=["compiled", "duckdb"], default="compiled", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -565,6 +588,9 @@ def main() -> None:
         return
 
     print(f"machine: {machine()}")
+    if args.as_installed:
+        os.environ[HIDE_PANDAS] = "1"  # for the children (this process imported pyarrow already)
+        print("ETL children as installed: pandas hidden")
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="daedalus-bench-etl-", dir="/tmp"))

@@ -334,9 +334,10 @@ class EtlConfig(Section):
     after_processing: Literal["delete", "archive"] = "delete"
     decimal_strategy: Literal["float", "pips", "decimal"] = "float"
     poll_interval_seconds: Seconds = 10.0
-    # Coinbase level2 lines: "compiled" reads them with the compiled scanner (daedalus.etl.l2scan;
-    # any other line, and any it does not recognise, still goes through DuckDB); "duckdb" reads
-    # every line with DuckDB (the reference path, for comparisons). Same output either way.
+    # Coinbase level2 and trade lines: "compiled" reads them with the compiled scanner
+    # (daedalus.etl.l2scan; any other line, and any it does not recognise, still goes through
+    # DuckDB); "duckdb" reads every line with DuckDB (the reference path, for comparisons).
+    # Same output either way.
     l2_scanner: Literal["compiled", "duckdb"] = "compiled"
     channels: EtlChannels = EtlChannels()
 

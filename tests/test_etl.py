@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from decimal import Decimal
 from pathlib import Path
 
 import duckdb
@@ -347,3 +348,41 @@ def test_an_unwritable_output_stops_the_run_and_keeps_the_segment_for_a_retry(tm
     done = subprocess.run(cli, capture_output=True, text=True, cwd=REPO, check=True)
     assert "segments: 1 " in done.stdout
     assert channel_table(tmp_path, "level2").num_rows > 0
+
+
+def _trade(recv_ns: int, seq: int, trade_id: int, price: str, size: str) -> bytes:
+    second = (recv_ns - 1_786_309_200_000_000_000) // 10**9  # from 21:00:00
+    text = (f'{{"channel":"market_trades","timestamp":"2026-08-09T21:{second // 60:02d}:{second % 60:02d}Z",'
+            f'"sequence_num":{seq},"events":[{{"type":"update","trades":[{{"product_id":"PEPE-USD","trade_id":'
+            f'"{trade_id}","price":"{price}","size":"{size}","side":"BUY",'
+            f'"time":"2026-08-09T21:{second // 60:02d}:{second % 60:02d}Z"}}]}}]}}')  # fmt: skip
+    return f'{{"recv_ns":{recv_ns},"conn":1,"msg":{text}}}\n'.encode()
+
+
+@pytest.mark.parametrize("strategy", ["float", "decimal", "pips"])
+@pytest.mark.parametrize("scanner", ["compiled", "duckdb"])
+def test_a_bar_volume_past_int64_units_is_kept_exact_or_a_counted_null(tmp_path, strategy, scanner):
+    """Three trades of 5e10 PEPE in one minute: 1.5e19 units of 1e-8, past int64. The sum
+    within a batch must not wrap, the open bar (1e19 after the first segment) must survive the
+    checkpoint, and the bar is written with its exact volume (float, decimal) or, where the
+    column cannot hold it (pips), a null counted under ``numbers_out_of_range``."""
+    t0 = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
+    connect = control_line(t0, 1, "connect", {"url": "wss://x"})
+    first = [connect, _trade(t0 + 1 * 10**9, 1, 1, "0.00001", "50000000000"),
+             _trade(t0 + 2 * 10**9, 2, 2, "0.00001", "50000000000")]  # fmt: skip
+    # the last trade moves the clock past 21:01 plus the grace: the bar closes
+    second = [_trade(t0 + 3 * 10**9, 3, 3, "0.00001", "50000000000"),
+              _trade(t0 + 130 * 10**9, 4, 4, "0.00002", "1")]  # fmt: skip
+    write_segments(tmp_path, [first])
+    assert run_etl(tmp_path, decimal_strategy=strategy, l2_scanner=scanner).segments == 1
+    write_segments(tmp_path, [[], second])  # the second segment, after the first was checkpointed
+    summary = run_etl(tmp_path, decimal_strategy=strategy, l2_scanner=scanner)
+    bars = channel_table(tmp_path, "bars_1m").to_pylist()
+    assert [(b["start"], b["trade_count"]) for b in bars] == [(t0, 3)]
+    volume, vwap = bars[0]["volume"], bars[0]["vwap"]
+    if strategy == "pips":
+        assert volume is None and summary.counts["numbers_out_of_range"] == 1
+        assert vwap == 1000  # 0.00001 in units of 1e-8
+    else:
+        assert volume == (150_000_000_000 if strategy == "float" else Decimal("150000000000"))
+        assert float(vwap) == pytest.approx(0.00001) and summary.counts["numbers_out_of_range"] == 0

@@ -30,7 +30,7 @@ from daedalus.logs import _FIELDS
 from tests.conftest import RECORDING, REPO
 from tests.etl_helpers import channel_table, recording_lines, write_segments
 
-SCANNER_COUNTERS = {fastpath.SCANNED, fastpath.FALLBACK_LINES, fastpath.FALLBACK_L2}
+SCANNER_COUNTERS = {fastpath.SCANNED, fastpath.TRADES_SCANNED, fastpath.FALLBACK_LINES, fastpath.FALLBACK_L2}
 T0 = 1_786_309_200_000_000_000  # 2026-08-09T21:00:00Z
 
 
@@ -137,9 +137,11 @@ class Writer:
     def ws(self) -> str:
         return self.rng.choice(["", "", "", " ", "  ", "\t", " \r ", "\t "])
 
-    def obj(self, members: list[tuple[str, str]]) -> str:
-        members = list(members)
-        self.rng.shuffle(members)
+    def obj(self, members: list[tuple[str, str]], keep_first: int = 0) -> str:
+        """An object of ``members`` in random order, the first ``keep_first`` kept first."""
+        rest = members[keep_first:]
+        self.rng.shuffle(rest)
+        members = members[:keep_first] + rest
         inner = ",".join(f'{self.ws()}"{k}"{self.ws()}:{self.ws()}{v}{self.ws()}' for k, v in members)
         return "{" + (inner or self.ws()) + "}"
 
@@ -213,13 +215,32 @@ def l2_line(w: Writer, recv: int, seq: int, products: list[str], snapshot: bool,
     return w.ws() + w.obj(record) + w.ws()
 
 
-def trade_line(w: Writer, recv: int, seq: int, product: str, trade_id: int) -> str:
-    trade = w.obj([("product_id", f'"{product}"'), ("trade_id", f'"{trade_id}"'), ("price", '"100.5"'),
-                   ("size", '"0.1"'), ("side", '"BUY"'), ("time", f'"{rfc3339(recv, 6)}"')])  # fmt: skip
-    events = w.arr([w.obj([("type", '"update"'), ("trades", w.arr([trade]))])])
-    msg = w.obj([("channel", '"market_trades"'), ("timestamp", f'"{rfc3339(recv, 9)}"'), ("sequence_num", str(seq)),
-                 ("events", events)])  # fmt: skip
-    return w.obj([("recv_ns", str(recv)), ("conn", "7"), ("msg", msg)])
+def trade_line(w: Writer, recv: int, seq: int, products: list[str], trade_id: int) -> str:
+    """A market_trades record line: 0-3 events of 0-4 trades (ids repeat now and then, so
+    de-duplication runs), any decimals, sides and id strings, escaped product ids, unknown members."""
+    rng = w.rng
+    events = []
+    for _ in range(rng.choice([1, 1, 1, 2, 3, 0])):
+        trades = []
+        for _ in range(rng.choice([1, 1, 1, 2, 4, 0])):
+            ident = str(trade_id - rng.randint(0, 3)) if rng.random() < 0.05 else f"{trade_id}{len(trades)}"
+            members = [("product_id", f'"{escaped(rng.choice(products), rng)}"'),
+                       ("trade_id", f'"{rng.choice(["", "t-"]) + ident}"'), ("price", f'"{decimal(rng, True)}"'),
+                       ("size", f'"{decimal(rng, False)}"'), ("side", f'"{rng.choice(["BUY", "SELL", "buy", ""])}"'),
+                       ("time", f'"{rfc3339(recv - rng.randint(0, 10**9), rng.randint(0, 9))}"')]  # fmt: skip
+            if w.extras and rng.random() < 0.1:
+                members.append(w.unknown())
+            trades.append(w.obj(members))
+        members = [("type", f'"{rng.choice(["update", "snapshot"])}"'), ("trades", w.arr(trades))]
+        if w.extras and rng.random() < 0.1:
+            members.append(w.unknown())
+        events.append(w.obj(members))
+    msg = [("channel", '"market_trades"'), ("timestamp", f'"{rfc3339(recv, 9)}"'), ("sequence_num", str(seq)),
+           ("events", w.arr(events))]  # fmt: skip
+    if w.extras and rng.random() < 0.2:
+        msg.append(w.unknown())
+    # the channel first, as Coinbase sends it (after the events, the scanner hands the line back)
+    return w.ws() + w.obj([("recv_ns", str(recv)), ("conn", "7"), ("msg", w.obj(msg, keep_first=1))]) + w.ws()
 
 
 #: frames the scanner must hand back (name -> a change to a valid l2 line's text); the
@@ -247,10 +268,38 @@ REJECTS = {
 }
 
 
+def plain_trade_line(recv: int, seq: int) -> str:
+    """A market_trades line exactly as Coinbase writes it (the trade rejects below edit it)."""
+    trade = (f'{{"product_id":"BTC-USD","trade_id":"{seq * 10}","price":"100.5","size":"0.1","side":"BUY",'
+             f'"time":"{rfc3339(recv, 6)}"}}')  # fmt: skip
+    return (f'{{"recv_ns":{recv},"conn":7,"msg":{{"channel":"market_trades","timestamp":"{rfc3339(recv, 9)}",'
+            f'"sequence_num":{seq},"events":[{{"type":"update","trades":[{trade}]}}]}}}}')  # fmt: skip
+
+
+#: market_trades frames the scanner must hand back, as REJECTS
+TRADE_REJECTS = {
+    "trades: escaped id": lambda t: t.replace('"trade_id":"', '"trade_id":"\\u0074', 1),
+    "trades: non-ASCII id": lambda t: t.replace('"trade_id":"', '"trade_id":"é', 1),
+    "trades: number price": lambda t: t.replace('"price":"100.5"', '"price":100.5', 1),
+    "trades: zero price": lambda t: t.replace('"price":"100.5"', '"price":"0"', 1),
+    "trades: missing side": lambda t: t.replace(',"side":"BUY"', "", 1),
+    "trades: escaped side": lambda t: t.replace('"side":"BUY"', '"side":"B\\u0055Y"', 1),
+    "trades: duplicated key": lambda t: t.replace('"side":"BUY"', '"side":"BUY","side":"SELL"', 1),
+    "trades: time with an offset": lambda t: t.replace('Z"}]', '+00:00"}]', 1),
+    "trades: time in 2001": lambda t: t.replace('"time":"2026', '"time":"2001', 1),
+    "trades: product in the event": lambda t: t.replace('{"type":"update",', '{"type":"update","product_id":"X",', 1),
+    "trades: updates in the event": lambda t: t.replace('"trades":[', '"updates":[],"trades":[', 1),
+    "trades: channel after the events": lambda t: t.replace('{"channel":"market_trades",', "{", 1).replace(
+        "}]}]}}", '}]}],"channel":"market_trades"}}', 1),
+    "trades: bad product": lambda t: t.replace('"product_id":"BTC-USD"', '"product_id":"-BTC"', 1),
+    "trades: null trades": lambda t: t.replace('"trades":[', '"trades":null,"x":[', 1),
+}
+
+
 #: rejects DuckDB refuses (the segment is read again from a clean copy without them) or that
 #: the clean copy's own check removes once it runs
 CUT_BY_THE_CLEAN_COPY = ("duplicated key", "duplicated envelope key", "truncated", "NaN extra", "leading zero",
-                         "float recv", "string sequence")  # fmt: skip
+                         "float recv", "string sequence", "trades: duplicated key")  # fmt: skip
 
 
 def random_stream(seed: int, lines: int, rejects: bool) -> tuple[list[list[bytes]], Counter[str]]:
@@ -269,7 +318,14 @@ def random_stream(seed: int, lines: int, rejects: bool) -> tuple[list[list[bytes
         if roll < 0.002 or seq == 1:
             text = l2_line(w, recv, seq, products, snapshot=True, capture_shape=rejects)
         elif roll < 0.15:
-            text = trade_line(w, recv, seq, rng.choice(products), seq)
+            text = trade_line(w, recv, seq, products, seq)
+            if rejects and rng.random() < 0.15:
+                name = rng.choice(sorted(TRADE_REJECTS))
+                plain = plain_trade_line(recv, seq)
+                changed = TRADE_REJECTS[name](plain)
+                assert changed != plain, name
+                text = changed
+                put[name] += 1
         elif roll < 0.152:
             out.append(control_line(recv, 7, "gap", {"expected": seq, "received": seq + 1}))
             seq += 1
@@ -297,20 +353,23 @@ def test_randomised_valid_frames_all_scanned_same_output(tmp_path, seed):
     fast = out["compiled"]
     assert fast.counts[fastpath.FALLBACK_L2] == 0  # every valid level2 frame was the scanner's
     assert fast.counts[fastpath.SCANNED] > 6_000
+    assert fast.counts[fastpath.TRADES_SCANNED] == out["duckdb"].counts["market_trades"] > 1_000  # and every trade
     assert out["duckdb"].quarantined_lines == 0
 
 
 @pytest.mark.parametrize("seed", [3, 4])
 def test_rejected_frames_fall_back_counted_same_output(tmp_path, seed):
     chunks, put = random_stream(seed, 9_000, rejects=True)
-    assert len(put) >= 12  # most kinds of reject are in the stream
+    assert len(put.keys() & REJECTS.keys()) >= 12 and len(put.keys() & TRADE_REJECTS.keys()) >= 10
     out = both(tmp_path, chunks)
     ref, fast = out["duckdb"], out["compiled"]
     assert ref.quarantined_lines > 0  # the clean copy, bad numbers and products: quarantine worked the same
-    # every reject DuckDB still reads as a level2 frame (not cut out by the clean copy) is counted
-    cut = sum(put[k] for k in CUT_BY_THE_CLEAN_COPY)
-    assert fast.counts[fastpath.FALLBACK_L2] == sum(put.values()) - cut
-    assert fast.counts[fastpath.FALLBACK_LINES] > fast.counts[fastpath.FALLBACK_L2]  # trades, control lines
+    # every reject DuckDB still reads as a frame of its channel (not cut out by the clean copy) is counted
+    kept = {k: v for k, v in put.items() if k not in CUT_BY_THE_CLEAN_COPY}
+    assert fast.counts[fastpath.FALLBACK_L2] == sum(v for k, v in kept.items() if k in REJECTS)
+    trades_back = sum(v for k, v in kept.items() if k in TRADE_REJECTS)
+    assert fast.counts[fastpath.TRADES_SCANNED] + trades_back == ref.counts["market_trades"]
+    assert fast.counts[fastpath.FALLBACK_LINES] > fast.counts[fastpath.FALLBACK_L2] + trades_back  # control lines
 
 
 def test_blank_lines_and_a_last_line_without_newline(tmp_path):

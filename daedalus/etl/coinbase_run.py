@@ -137,7 +137,9 @@ class SegmentRun:
         done = self.state.bars.add(trades, clock)
         self.counts["late_trades"] += self.state.bars.late - late_before
         if done:
+            overflows_before = self.state.bars.volume_overflows
             bars, products = self.state.bars.table(done, self.strategy)
+            self.counts["numbers_out_of_range"] += self.state.bars.volume_overflows - overflows_before
             names = sorted(set(products))
             codes = np.array([names.index(p) for p in products], np.int64)
             ts = bars.column("start").combine_chunks().cast(pa.int64()).to_numpy()

@@ -22,7 +22,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -46,6 +46,10 @@ _TS_TYPE = pa.timestamp("ns", tz="UTC")
 _COUNT_KEYS = [*CHANNELS, "control", "overflow_dropped", "gap_lines", "undecodable_frames", "exchange_errors",
                "unknown_channels", "unrecognised_records", "ts_event_fallbacks"]  # fmt: skip
 SCANNED, FALLBACK_LINES, FALLBACK_L2 = "l2_scanner_lines", "l2_scanner_fallback_lines", "l2_scanner_fallback_l2"
+TRADES_SCANNED = "trade_scanner_lines"  # market_trades lines the scanner read (the rest went to DuckDB)
+_TRADE_SCHEMA = pa.schema([("ts_event", _TS_TYPE), ("ts_recv", _TS_TYPE), ("seq", pa.int64()),
+                           ("product_id", pa.string()), ("trade_id", pa.string()), ("side", pa.string()),
+                           ("price", pa.int64()), ("size", pa.int64()), ("is_snapshot", pa.bool_())])  # fmt: skip
 
 
 class _Input:
@@ -86,12 +90,13 @@ class _Out:
     """The scanner's output arrays for one block (fresh per block: batches made from them
     may be held by the writers until a row group is written)."""
 
-    def __init__(self, frames: int, rows: int, events: int) -> None:
+    def __init__(self, frames: int, rows: int, events: int, trades: int) -> None:
         self.f_row = np.empty(frames, np.int64)
         self.f_recv = np.empty(frames, np.int64)
         self.f_conn = np.empty(frames, np.int64)
         self.f_seq = np.empty(frames, np.int64)
         self.f_re = np.empty(frames, np.int64)
+        self.f_chan = np.empty(frames, np.int8)
         self.x_row = np.empty(frames, np.int64)
         self.x_a = np.empty(frames, np.int64)
         self.x_b = np.empty(frames, np.int64)
@@ -103,15 +108,36 @@ class _Out:
         self.r_ts = np.empty(rows, np.int64)
         self.e_frame = np.empty(events, np.int64)
         self.e_prod = np.empty(events, np.int32)
+        self.t_frame = np.empty(trades, np.int64)
+        self.t_ts = np.empty(trades, np.int64)
+        self.t_prod = np.empty(trades, np.int32)
+        self.t_px = np.empty(trades, np.int64)
+        self.t_sz = np.empty(trades, np.int64)
+        self.t_snap = np.empty(trades, np.bool_)
+        self.t_ide = np.empty(trades, np.int64)  # end of each trade id in t_idc (and of each side in t_sidec)
+        self.t_idc = np.empty(trades * 16, np.uint8)
+        self.t_sidee = np.empty(trades, np.int64)
+        self.t_sidec = np.empty(trades * 8, np.uint8)
+
+    def scan(self, data: np.ndarray, end: int, eof: bool, limit: int, now: int, segment: ScanSegment,
+             meta: np.ndarray) -> int:  # fmt: skip
+        """:func:`l2scan.scan` into these arrays (one place that spells its arguments)."""
+        return l2scan.scan(data, end, eof, limit, now, segment.pt_slot, segment.pt_bytes, segment.pt_off,
+                           segment.pt_ok, segment.pmeta, self.f_row, self.f_recv, self.f_conn, self.f_seq, self.f_re,
+                           self.f_chan, self.r_prod, self.r_side, self.r_px, self.r_sz, self.r_snap, self.r_ts,
+                           self.e_frame, self.e_prod, self.t_frame, self.t_ts, self.t_prod, self.t_px, self.t_sz,
+                           self.t_snap, self.t_idc, self.t_ide, self.t_sidec, self.t_sidee, self.x_row, self.x_a,
+                           self.x_b, meta)  # fmt: skip
 
     def grow(self, meta: np.ndarray) -> None:
         """Double whichever output is full (the scanner said S_NEED_ROOM)."""
         nf, nx = int(meta[l2scan.M_FRAMES]), int(meta[l2scan.M_FALLBACK])
         if nf >= self.f_row.shape[0] or nx >= self.x_row.shape[0]:
-            for name in ("f_row", "f_recv", "f_conn", "f_seq", "f_re", "x_row", "x_a", "x_b"):
+            for name in ("f_row", "f_recv", "f_conn", "f_seq", "f_re", "f_chan", "x_row", "x_a", "x_b"):
                 setattr(self, name, _grown(getattr(self, name)))
-        # a line that did not fit: its rows or events (we cannot know which): both
-        for name in ("r_prod", "r_side", "r_px", "r_sz", "r_snap", "r_ts", "e_frame", "e_prod"):
+        # a line that did not fit: its rows, events, trades or their text (we cannot know which): all
+        for name in ("r_prod", "r_side", "r_px", "r_sz", "r_snap", "r_ts", "e_frame", "e_prod", "t_frame", "t_ts",
+                     "t_prod", "t_px", "t_sz", "t_snap", "t_ide", "t_idc", "t_sidee", "t_sidec"):  # fmt: skip
             setattr(self, name, _grown(getattr(self, name)))
 
 
@@ -167,7 +193,7 @@ class ScanSegment:
 
     # ---- scanning ----------------------------------------------------------------------------
     def _scan_block(self, data: _Input, row: int, pos: int, spill: Path) -> tuple[_Block, int]:
-        out = _Out(BLOCK_ROWS, BLOCK_ROWS * 8, BLOCK_ROWS * 2)
+        out = _Out(BLOCK_ROWS, BLOCK_ROWS * 8, BLOCK_ROWS * 2, BLOCK_ROWS)
         meta = np.zeros(l2scan.N_META, np.int64)
         meta[l2scan.M_POS], meta[l2scan.M_ROW] = pos, row
         now = time.time_ns()
@@ -175,11 +201,7 @@ class ScanSegment:
         written = 0
         with spill.open("wb") as sink:
             while True:
-                status = l2scan.scan(data.buf, data.end, data.eof, limit, now, self.pt_slot, self.pt_bytes,
-                                     self.pt_off, self.pt_ok, self.pmeta, out.f_row, out.f_recv, out.f_conn,
-                                     out.f_seq, out.f_re, out.r_prod, out.r_side, out.r_px, out.r_sz, out.r_snap,
-                                     out.r_ts, out.e_frame, out.e_prod, out.x_row, out.x_a, out.x_b,
-                                     meta)  # fmt: skip
+                status = out.scan(data.buf, data.end, data.eof, limit, now, self, meta)
                 written = self._spill(data, out, meta, written, sink)
                 if status == l2scan.S_NEED_ROOM:
                     out.grow(meta)
@@ -232,6 +254,8 @@ class ScanSegment:
         f_row, x_row = out.f_row[:nf], out.x_row[:nx]
         f_re = out.f_re[:nf]
         e_frame = out.e_frame[: int(meta[l2scan.M_EVENTS])]
+        t_frame = out.t_frame[: int(meta[l2scan.M_TRADES])]
+        trades = _trade_table(out, t_frame.shape[0], self.names)
         whole = _parse_whole(block.fallback) if block.fallback is not None else None
         counted = False
         for start in range(block.first, block.last, BATCH_ROWS):
@@ -239,9 +263,12 @@ class ScanSegment:
             fa, fb = np.searchsorted(f_row, [start, stop])
             xa, xb = np.searchsorted(x_row, [start, stop])
             ea, eb = np.searchsorted(e_frame, [fa, fb])
+            ta, tb = np.searchsorted(t_frame, [fa, fb])
             ra = int(f_re[fa - 1]) if fa else 0
             rb = int(f_re[fb - 1]) if fb else 0
             scanned = _scanned(out, fa, fb, ra, rb, ea, eb)
+            scanned.trades = trades.slice(ta, tb - ta)
+            scanned.trade_row = out.f_row[t_frame[ta:tb]]
             fallback = None
             if xb > xa and whole is not None:
                 fallback = _cut(whole, int(xa), int(xb), counted)
@@ -275,16 +302,17 @@ def _cut(whole: ParsedBatch, xa: int, xb: int, counted: bool) -> ParsedBatch:
     zeros = np.zeros(n, np.int64)
     frames = FrameBatch(f.f_conn[xa:xb], f.f_kind[xa:xb], f.f_seq[xa:xb], f.f_aux[xa:xb], f.f_ts[xa:xb], zeros,
                         zeros.copy(), f.r_prod, f.r_side, f.r_px, f.r_sz, f.r_snap)  # fmt: skip
-    tables = []
+    tables, lines_of = [], {}
     for name in ("trades", "tickers", "candles"):
         table, lines = getattr(whole, name), whole.lines[name]
         a, b = np.searchsorted(lines, [xa, xb])
         tables.append(table.slice(int(a), int(b - a)))
+        lines_of[name] = lines[a:b] - xa
     q = whole.quarantine
     lo, hi = bisect_left(q, (xa,)), bisect_left(q, (xb,))
     quarantine = [(line - xa, why) for line, why in q[lo:hi]]
     counts = Counter() if counted else whole.counts
-    return ParsedBatch(frames, [], whole.l2, *tables, counts, quarantine)
+    return ParsedBatch(frames, [], whole.l2, *tables, counts, quarantine, lines_of)
 
 
 @dataclass
@@ -305,6 +333,9 @@ class _Scanned:
     ts: np.ndarray
     event_row: np.ndarray  # segment row of each event (products in order of appearance)
     event_prod: np.ndarray
+    chan: np.ndarray  # l2scan.CH_L2 or CH_TRADES per frame
+    trades: pa.Table = field(default_factory=lambda: _TRADE_SCHEMA.empty_table())
+    trade_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # segment row of each trade
 
 
 def _scanned(out: _Out, fa: int, fb: int, ra: int, rb: int, ea: int, eb: int) -> _Scanned:
@@ -316,7 +347,7 @@ def _scanned(out: _Out, fa: int, fb: int, ra: int, rb: int, ea: int, eb: int) ->
     events = out.e_frame[ea:eb]
     return _Scanned(out.f_row[fa:fb], out.f_recv[fa:fb], out.f_conn[fa:fb], out.f_seq[fa:fb], rs, re_,
                     out.r_prod[ra:rb], out.r_side[ra:rb], out.r_px[ra:rb], out.r_sz[ra:rb], out.r_snap[ra:rb],
-                    out.r_ts[ra:rb], out.f_row[events], out.e_prod[ea:eb])  # fmt: skip
+                    out.r_ts[ra:rb], out.f_row[events], out.e_prod[ea:eb], out.f_chan[fa:fb])  # fmt: skip
 
 
 def _merge(start: int, n: int, s: _Scanned, x_row: np.ndarray, fb: ParsedBatch | None,
@@ -341,8 +372,12 @@ def _merge(start: int, n: int, s: _Scanned, x_row: np.ndarray, fb: ParsedBatch |
         kind[pos_f], conn[pos_f], seq[pos_f], aux[pos_f], clock[pos_f] = f.f_kind, f.f_conn, f.f_seq, f.f_aux, f.f_ts
         counts.update(fb.counts)
         quarantine = fb.quarantine
-    counts["l2_data"] += s.row.shape[0]
-    counts[SCANNED] += s.row.shape[0]
+    level2_lines = int(np.count_nonzero(s.chan == l2scan.CH_L2))
+    trade_lines = s.chan.shape[0] - level2_lines
+    counts["l2_data"] += level2_lines
+    counts[SCANNED] += level2_lines
+    counts["market_trades"] += trade_lines
+    counts[TRADES_SCANNED] += trade_lines
     re_ = np.cumsum(lengths)
     rs = re_ - lengths
     if fb is None or fb.frames.r_prod.shape[0] == 0:
@@ -353,12 +388,50 @@ def _merge(start: int, n: int, s: _Scanned, x_row: np.ndarray, fb: ParsedBatch |
     l2 = {"ts_event": _timestamps(cols["ts"]), "ts_recv": ts_recv, "seq": row_seq}
     frames = FrameBatch(conn, kind, seq, aux, clock, rs, re_, cols["prod"], cols["side"], cols["px"], cols["sz"],
                         cols["snap"])  # fmt: skip
+    trades = _merged_trades(s, x_row, fb)
     if fb is None:
         empty = pa.table({})
-        return ParsedBatch(frames, products, l2, empty, empty, empty, counts, quarantine)
+        return ParsedBatch(frames, products, l2, trades, empty, empty, counts, quarantine)
     counts[FALLBACK_LINES] += x_row.shape[0]
     counts[FALLBACK_L2] += fb.counts["l2_data"]
-    return ParsedBatch(frames, products, l2, fb.trades, fb.tickers, fb.candles, counts, quarantine)
+    return ParsedBatch(frames, products, l2, trades, fb.tickers, fb.candles, counts, quarantine)
+
+
+def _trade_table(out: _Out, n: int, names: list[str]) -> pa.Table:
+    """The block's trades the scanner read, as ``parse_batch`` makes them (same columns, types
+    and order), built once per block and sliced per batch."""
+    frame = out.t_frame[:n]
+    product = pa.array(out.t_prod[:n]) if n else pa.array([], pa.int32())
+    return pa.Table.from_arrays([
+        _timestamps(out.t_ts[:n]),
+        _timestamps(out.f_recv[frame]),
+        pa.array(out.f_seq[frame]),
+        pc.take(pa.array(names, pa.string()), product),
+        _strings(out.t_ide[:n], out.t_idc),
+        _strings(out.t_sidee[:n], out.t_sidec),
+        pa.array(out.t_px[:n]),
+        pa.array(out.t_sz[:n]),
+        pa.array(out.t_snap[:n]),
+    ], schema=_TRADE_SCHEMA)  # fmt: skip
+
+
+def _strings(ends: np.ndarray, chars: np.ndarray) -> pa.Array:
+    """A string array over ``chars`` whose values end at ``ends`` (the first starts at 0)."""
+    offsets = np.zeros(ends.shape[0] + 1, np.int32)
+    offsets[1:] = ends
+    data = chars[: int(offsets[-1])].copy()  # its own buffer: the block's arrays are not kept alive by it
+    return pa.Array.from_buffers(pa.string(), ends.shape[0], [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _merged_trades(s: _Scanned, x_row: np.ndarray, fb: ParsedBatch | None) -> pa.Table:
+    """The batch's trades in line order: the scanner's and DuckDB's (each in line order already)."""
+    if fb is None or fb.trades.num_rows == 0:
+        return s.trades if s.trades.num_rows or fb is None else fb.trades
+    if s.trades.num_rows == 0:
+        return fb.trades
+    rows = np.concatenate([s.trade_row, x_row[fb.lines["trades"]]])
+    order = np.argsort(rows, kind="stable")
+    return pa.concat_tables([s.trades, fb.trades]).take(pa.array(order))
 
 
 def _scanner_rows(s: _Scanned, code_of_form: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -433,16 +506,19 @@ def _products(s: _Scanned, x_row: np.ndarray, fb: ParsedBatch | None,
 
 
 def warm_up() -> None:
-    """Load the compiled scanner (numba's cache) now, e.g. before a benchmark's clock starts."""
+    """Load the compiled scanner (numba's cache) now, e.g. before a benchmark's clock starts:
+    a level2 line and a trades line, one for each channel's copy of the record parser."""
     line = (b'{"recv_ns":1786309548886219008,"conn":1,"msg":{"channel":"l2_data","sequence_num":1,"events":[{"type":'
             b'"update","product_id":"BTC-USD","updates":[{"side":"bid","event_time":"2026-08-09T21:05:48.5Z",'
-            b'"price_level":"1.5","new_quantity":"2"}]}]}}\n')  # fmt: skip
+            b'"price_level":"1.5","new_quantity":"2"}]}]}}\n'
+            b'{"recv_ns":1786309548886219008,"conn":1,"msg":{"channel":"market_trades","sequence_num":2,"events":[{'
+            b'"type":"update","trades":[{"product_id":"BTC-USD","trade_id":"1","price":"1.5","size":"2","side":"BUY",'
+            b'"time":"2026-08-09T21:05:48.5Z"}]}]}}\n')  # fmt: skip
     scanner = ScanSegment(Path(), Path(), None, 0)
-    out = _Out(4, 4, 4)
+    out = _Out(4, 4, 4, 4)
     meta = np.zeros(l2scan.N_META, np.int64)
     buf = np.frombuffer(line, np.uint8).copy()
-    l2scan.scan(buf, buf.shape[0], True, 1, time.time_ns(), scanner.pt_slot, scanner.pt_bytes, scanner.pt_off,
-                scanner.pt_ok, scanner.pmeta, out.f_row, out.f_recv, out.f_conn, out.f_seq, out.f_re, out.r_prod,
-                out.r_side, out.r_px, out.r_sz, out.r_snap, out.r_ts, out.e_frame, out.e_prod, out.x_row, out.x_a,
-                out.x_b, meta)  # fmt: skip
+    out.scan(buf, buf.shape[0], True, 2, time.time_ns(), scanner, meta)
+    if meta[l2scan.M_FRAMES] != 2:  # a trades line not taken would leave its parser to compile later
+        raise RuntimeError(f"the scanner took {meta[l2scan.M_FRAMES]} of its 2 warm-up lines")
     l2scan.gather(buf, out.x_a, out.x_b, 0, 0, buf)

@@ -55,7 +55,7 @@ from daedalus.capture.segments import fsync_path
 from daedalus.config import DaedalusConfig, interval_seconds
 from daedalus.etl.compiling import heartbeat_while_compiling
 from daedalus.etl.errors import EtlIoError, SegmentDataError
-from daedalus.etl.fastpath import FALLBACK_L2, FALLBACK_LINES, SCANNED
+from daedalus.etl.fastpath import FALLBACK_L2, FALLBACK_LINES, SCANNED, TRADES_SCANNED
 from daedalus.etl.output import (
     OutputConflict,
     check_conflicts,
@@ -93,7 +93,7 @@ BAD_INPUT_COUNTERS = ("quarantined_bad_product", "quarantined_bad_number", "quar
                       "exchange_errors", "ts_event_fallbacks",
                       # ccxt (daedalus.sources.ccxt_etl)
                       "quarantined_bad_json", "quarantined_bad_line", "quarantined_unknown_channel",
-                      "quarantined_bad_record", "numbers_out_of_range", "symbol_from_path",
+                      "quarantined_bad_record", "numbers_out_of_range", "symbol_from_path",  # (and Coinbase bars)
                       # databento (daedalus.sources.databento_etl, daedalus.etl.mbo_book)
                       "unmapped_records", "mbo_unknown_order", "mbo_bad_side", "mbo_over_cancel",
                       "mbo_unknown_action", "mbo_order_map_lost", "unexpected_length_records",
@@ -171,6 +171,7 @@ class Summary:
         ]
         if self.counts[SCANNED] or self.counts[FALLBACK_L2]:  # etl.l2_scanner: compiled
             scanner = (f"level2 scanner: frames={self.counts[SCANNED]:,} handed_to_duckdb={self.counts[FALLBACK_L2]:,}"
+                       f" trade_lines={self.counts[TRADES_SCANNED]:,}"
                        f" (other lines for DuckDB: {self.counts[FALLBACK_LINES]:,})")  # fmt: skip
             lines.append(scanner)
         bad = [f"{k}={self.counts[k]:,}" for k in BAD_INPUT_COUNTERS if self.counts[k]]

@@ -1,28 +1,38 @@
-"""The level2 scanner: raw record lines of ``l2_data`` frames -> engine columns, in compiled code.
+"""The compiled scanner: raw record lines of ``l2_data`` and ``market_trades`` frames -> columns.
 
 Why. DuckDB's generic JSON reader builds nested Arrow for every line before the parser reads
-it back; for level2, the bulk of a segment, that is most of the ETL's time. This scanner
-reads the segment's bytes once and writes the columns the book engine and the level2 table
-need, and nothing else.
+it back; for level2, the bulk of a segment, that is most of the ETL's time, and trades are
+most of the rest of the lines. This scanner reads the segment's bytes once and writes the
+columns the book engine, the level2 table and the trades table need, and nothing else.
 
 What it takes. A line is *accepted* only when it is a record whose frame the DuckDB path
 would turn into exactly these values with no special case: strict JSON (RFC 8259: no
 NaN, no trailing commas, no leading zeros, no control characters, ASCII only: ``\\uXXXX``
 escapes below 0x80), the envelope ``recv_ns``/``conn``/``msg`` (integers, an object), the
-frame's ``channel`` exactly ``l2_data``, ``sequence_num`` an integer when present, every
-event a ``type``/``product_id``/``updates`` object, every update its four strings (a side
-``bid``/``offer``/``ask``, a time the fast RFC 3339 parser reads and that is plausible, a
-plain decimal price > 0 and size), a product id matching ``PRODUCT_ID_PATTERN`` (escapes in
-it are decoded), a plausible receive time. Keys may come in any order with any JSON
-whitespace; unknown keys are skipped whatever their value (validated). A known key twice,
-an escape in a key or in a value it reads (other than a product id), a number with a
-fraction or an exponent where an integer goes, or anything else it does not expect: the
-line is not accepted and is handed back as a byte range, for DuckDB (the reference path)
-to decode. So the result never depends on which path read a line.
+frame's ``channel`` exactly ``l2_data`` or ``market_trades``, ``sequence_num`` an integer
+when present, a plausible receive time, and then per channel:
+
+- ``l2_data``: every event a ``type``/``product_id``/``updates`` object, every update its
+  four strings (a side ``bid``/``offer``/``ask``, a time the fast RFC 3339 parser reads and
+  that is plausible, a plain decimal price > 0 and size);
+- ``market_trades`` (the channel named before the events, as Coinbase sends it): every
+  event a ``type`` and a ``trades`` list, every trade its six strings (``trade_id`` and
+  ``side`` without escapes, taken as they are; a plain decimal price > 0 and size; a
+  plausible time the fast parser reads: else the DuckDB path would fall back to the frame's);
+
+and a product id matching ``PRODUCT_ID_PATTERN`` (escapes in it are decoded). Keys may come
+in any order with any JSON whitespace; unknown keys are skipped whatever their value
+(validated). A known key twice, an escape in a key or in a value it reads (other than a
+product id), a number with a fraction or an exponent where an integer goes, a key DuckDB
+reads into a typed column where the scanner does not expect it, or anything else it does
+not expect: the line is not accepted and is handed back as a byte range, for DuckDB (the
+reference path) to decode. So the result never depends on which path read a line.
 
 Speed: the helpers are compiled with ``_nrt=False`` (they never allocate), so numba does not
 reference-count the arrays passed to them, which on this path cost more than the parsing
-itself (~20 ns a call; measured), and LLVM inlines them.
+itself (~20 ns a call; measured), and LLVM inlines them. The record parser is compiled once
+per channel (``literally``: each copy keeps only its channel's code): one parser holding both
+made level2 ~18 % slower.
 
 Everything here works on one buffer of whole lines; :mod:`daedalus.etl.fastpath` feeds it
 and merges its output with DuckDB's for the lines it hands back.
@@ -31,7 +41,7 @@ and merges its output with DuckDB's for the lines it hands back.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import literally, njit
 
 from daedalus.etl.decode import time_at, units_at
 
@@ -42,8 +52,10 @@ S_NEED_ROOM = 2  # an output array is full: grow and call again
 S_END = 3  # every line of the buffer consumed (at the end of the input)
 
 # meta slots: the scanner's cursor and output counts (cumulative over calls)
-M_POS, M_ROW, M_FRAMES, M_ROWS, M_EVENTS, M_FALLBACK, M_STATUS = range(7)
-N_META = 7
+M_POS, M_ROW, M_FRAMES, M_ROWS, M_EVENTS, M_FALLBACK, M_STATUS, M_TRADES, M_ID_BYTES, M_SIDE_BYTES = range(10)
+N_META = 10
+# the channel of an accepted frame (f_chan)
+CH_L2, CH_TRADES = 1, 2
 # product table meta
 P_FORMS, P_BYTES = 0, 1
 MAX_PRODUCT = 64  # PRODUCT_ID_PATTERN: at most 64 characters
@@ -52,6 +64,8 @@ EARLIEST_NS = 1_230_768_000 * 10**9  # as daedalus.etl.coinbase (imported from t
 CLOCK_SLACK_NS = 86_400 * 10**9
 
 _OK, _FALLBACK, _ROOM = 0, 1, 2
+O_RECV, O_CONN, O_SEQ, O_END, O_OTHER = range(5)  # _record's out
+_OUT = 5
 _INT64_MAX = 2**63 - 1
 
 
@@ -65,6 +79,8 @@ K_CHANNEL, K_TIMESTAMP, K_SEQ, K_EVENTS = _lit("channel"), _lit("timestamp"), _l
 K_TYPE, K_MESSAGE, K_PRODUCT, K_UPDATES = _lit("type"), _lit("message"), _lit("product_id"), _lit("updates")
 K_TRADES, K_TICKERS, K_CANDLES = _lit("trades"), _lit("tickers"), _lit("candles")
 K_SIDE, K_TIME, K_PRICE, K_SIZE = _lit("side"), _lit("event_time"), _lit("price_level"), _lit("new_quantity")
+K_TRADE_ID, K_TRADE_PRICE, K_TRADE_SIZE, K_TRADE_TIME = _lit("trade_id"), _lit("price"), _lit("size"), _lit("time")
+V_TRADES = _lit("market_trades")
 V_L2, V_SNAPSHOT, V_BID, V_OFFER, V_ASK = _lit("l2_data"), _lit("snapshot"), _lit("bid"), _lit("offer"), _lit("ask")
 # an update exactly as Coinbase writes it (no whitespace, this key order): read without the general parser
 L_SIDE, L_TIME = _lit('{"side":"'), _lit('","event_time":"')
@@ -565,13 +581,287 @@ def _update(b, p, e, r, r_side, r_px, r_sz, r_ts, stack):
 
 
 @njit(cache=True, _nrt=False)
-def _line(b, a, e, frame, n_rows, n_events, r_prod, r_side, r_px, r_sz, r_snap, r_ts, e_frame, e_prod, tmp,
-          pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, out, tbytes, tmeta):  # fmt: skip
-    """One record line from ``b[a]`` (``e``: the end of the buffer; nothing it accepts spans
-    a newline): _OK with out = (recv, conn, seq, rows end, events end, end of the record and
-    the whitespace after it), _FALLBACK, or _ROOM (an output array is full)."""
+def _copy_text(b, a, z, chars, used):
+    """Append ``b[a:z]`` to ``chars`` from ``used``: the new end, or -1 when it does not fit."""
+    n = z - a
+    if used + n > chars.shape[0]:
+        return -1
+    for i in range(n):
+        chars[used + i] = b[a + i]
+    return used + n
+
+
+@njit(cache=True, _nrt=False)
+def _trade(b, p, e, t, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, t_ts, t_prod, t_px, t_sz, t_idc, t_ide,
+           t_sidec, t_sidee, ic, sc, stack):  # fmt: skip
+    """One trade object at ``p`` into trade ``t``, its ``trade_id`` and ``side`` appended to
+    the text arrays from ``ic`` / ``sc``: (its end, or -1 to hand the line back, or -3 when a
+    text array is full; the new ``ic``, ``sc``). All six fields are required, each a string
+    DuckDB would read to the same value (only a product id may hold escapes)."""
+    p = _ws(b, p, e)
+    if p >= e or b[p] != LBRACE:
+        return -1, ic, sc
+    p = _ws(b, p + 1, e)
+    if p < e and b[p] == RBRACE:
+        return -1, ic, sc
+    seen = 0
+    while True:
+        ka, kz, p = _key(b, p, e)
+        if p < 0:
+            return -1, ic, sc
+        bit = 0
+        if _is(b, ka, kz, K_TRADE_ID):
+            bit = 1
+        elif _is(b, ka, kz, K_PRODUCT):
+            bit = 2
+        elif _is(b, ka, kz, K_TRADE_PRICE):
+            bit = 4
+        elif _is(b, ka, kz, K_TRADE_SIZE):
+            bit = 8
+        elif _is(b, ka, kz, K_SIDE):
+            bit = 16
+        elif _is(b, ka, kz, K_TRADE_TIME):
+            bit = 32
+        if bit == 0:
+            p = _skip(b, p, e, stack)
+            if p < 0:
+                return -1, ic, sc
+        else:
+            if seen & bit:
+                return -1, ic, sc  # a known key twice: DuckDB refuses the line
+            seen |= bit
+            p = _ws(b, p, e)
+            if p >= e or b[p] != QUOTE:
+                return -1, ic, sc
+            end, esc = _string(b, p, e)
+            if end < 0 or (esc and bit != 2):
+                return -1, ic, sc
+            va, vz = p + 1, end - 1
+            p = end
+            if bit == 1:
+                ic = _copy_text(b, va, vz, t_idc, ic)
+                if ic < 0:
+                    return -3, ic, sc
+                t_ide[t] = ic
+            elif bit == 2:
+                prod = _product(b, va, vz, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta)
+                if prod < 0:
+                    return -1, ic, sc
+                t_prod[t] = prod
+            elif bit == 4:
+                v, ok = units_at(b, va, vz, True)
+                if not ok or v <= 0:
+                    return -1, ic, sc
+                t_px[t] = v
+            elif bit == 8:
+                v, ok = units_at(b, va, vz, True)
+                if not ok:
+                    return -1, ic, sc
+                t_sz[t] = v
+            elif bit == 16:
+                sc = _copy_text(b, va, vz, t_sidec, sc)
+                if sc < 0:
+                    return -3, ic, sc
+                t_sidee[t] = sc
+            else:
+                ns, ok = time_at(b, va, vz)
+                if not ok:
+                    return -1, ic, sc
+                t_ts[t] = ns
+        p, done = _after_member(b, p, e, RBRACE)
+        if p < 0:
+            return -1, ic, sc
+        if done:
+            return (p if seen == 63 else -1), ic, sc
+
+
+# The events parsers of the two channels: ``outs``, the channel's output arrays (a tuple);
+# ``cnt``, the working counters, committed by :func:`scan` only when the line is accepted
+# (C_ROWS, C_EVENTS: level2; C_TRADES, C_ID_BYTES, C_SIDE_BYTES: trades). Each returns the
+# end of the events array, -1 (hand the line back) or -3 (an output is full).
+C_ROWS, C_EVENTS, C_TRADES, C_ID_BYTES, C_SIDE_BYTES = range(5)
+
+
+@njit(cache=True, _nrt=False)
+def _open(b, p, e, opener, closer):
+    """A container at ``p`` (after whitespace): (position after the opener and whitespace,
+    False), (position after the closer, True) when it is empty, or (-1, False)."""
+    p = _ws(b, p, e)
+    if p >= e or b[p] != opener:
+        return -1, False
+    p = _ws(b, p + 1, e)
+    if p < e and b[p] == closer:
+        return p + 1, True
+    return p, False
+
+
+@njit(cache=True, _nrt=False)
+def _event_type(b, p, e, eseen):
+    """An event's ``type`` (bit 1 of ``eseen``): (position after it, is it ``snapshot``), or -1."""
+    if eseen & 1:
+        return -1, False
+    va, vz = _plain_string(b, p, e)
+    if va < 0:
+        return -1, False
+    return vz + 1, _is(b, va, vz, V_SNAPSHOT)
+
+
+@njit(cache=True, _nrt=False)
+def _l2_events(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, tbytes, tmeta):
+    """The ``events`` array of an ``l2_data`` frame: each a ``type``/``product_id``/``updates`` object."""
+    r_prod, r_side, r_px, r_sz, r_snap, r_ts, e_frame, e_prod = outs
     cap_rows = r_prod.shape[0]
     cap_events = e_prod.shape[0]
+    n_rows = cnt[C_ROWS]
+    n_events = cnt[C_EVENTS]
+    p, empty = _open(b, p, e, LBRACK, RBRACK)
+    if p < 0 or empty:
+        return p
+    while True:  # ---- one event ----
+        p, empty = _open(b, p, e, LBRACE, RBRACE)
+        if p < 0 or empty:
+            return -1
+        if n_events >= cap_events:
+            return -3
+        eseen = 0  # 1 type, 2 product_id, 4 updates
+        snap = False
+        prod = -1
+        first = n_rows
+        while True:
+            ka, kz, p = _key(b, p, e)
+            if p < 0:
+                return -1
+            if _is(b, ka, kz, K_TYPE):
+                p, snap = _event_type(b, p, e, eseen)
+                eseen |= 1
+            elif _is(b, ka, kz, K_PRODUCT):
+                if eseen & 2:
+                    return -1
+                eseen |= 2
+                p = _ws(b, p, e)
+                if p >= e or b[p] != QUOTE:
+                    return -1
+                end, _ = _string(b, p, e)
+                if end < 0:
+                    return -1
+                prod = _product(b, p + 1, end - 1, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta)
+                if prod < 0:
+                    return -1
+                p = end
+            elif _is(b, ka, kz, K_UPDATES):
+                if eseen & 4:
+                    return -1
+                eseen |= 4
+                p, empty = _open(b, p, e, LBRACK, RBRACK)
+                while p >= 0 and not empty:
+                    if n_rows >= cap_rows:
+                        return -3
+                    q = -2
+                    if b[p] == LBRACE:
+                        q = _update_canonical(b, p, e, n_rows, r_side, r_px, r_sz, r_ts, tbytes, tmeta)
+                    if q == -2:
+                        q = _update(b, p, e, n_rows, r_side, r_px, r_sz, r_ts, stack)
+                    if q < 0:
+                        return -1
+                    n_rows += 1
+                    p, empty = _after_member(b, q, e, RBRACK)
+            elif _is(b, ka, kz, K_TRADES) or _is(b, ka, kz, K_TICKERS) or _is(b, ka, kz, K_CANDLES):
+                return -1
+            else:
+                p = _skip(b, p, e, stack)
+            if p < 0:
+                return -1
+            p, done = _after_member(b, p, e, RBRACE)
+            if p < 0:
+                return -1
+            if done:
+                break
+        if eseen != 7:
+            return -1
+        for r in range(first, n_rows):
+            r_prod[r] = prod
+            r_snap[r] = snap
+        e_frame[n_events] = frame
+        e_prod[n_events] = prod
+        n_events += 1
+        cnt[C_ROWS] = n_rows
+        cnt[C_EVENTS] = n_events
+        p, done = _after_member(b, p, e, RBRACK)
+        if p < 0 or done:
+            return p
+
+
+@njit(cache=True, _nrt=False)
+def _trade_events(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, tbytes, tmeta):
+    """The ``events`` array of a ``market_trades`` frame: each a ``type`` and a ``trades``
+    list; another key DuckDB reads there (into a typed column) sends the line back."""
+    t_frame, t_ts, t_prod, t_px, t_sz, t_snap, t_idc, t_ide, t_sidec, t_sidee = outs
+    cap = t_frame.shape[0]
+    nt, ic, sc = cnt[C_TRADES], cnt[C_ID_BYTES], cnt[C_SIDE_BYTES]
+    p, empty = _open(b, p, e, LBRACK, RBRACK)
+    if p < 0 or empty:
+        return p
+    while True:
+        p, empty = _open(b, p, e, LBRACE, RBRACE)
+        if p < 0 or empty:
+            return -1
+        eseen = 0  # 1 type, 2 trades
+        snap = False
+        first = nt
+        while True:
+            ka, kz, p = _key(b, p, e)
+            if p < 0:
+                return -1
+            if _is(b, ka, kz, K_TYPE):
+                p, snap = _event_type(b, p, e, eseen)
+                eseen |= 1
+            elif _is(b, ka, kz, K_TRADES):
+                if eseen & 2:
+                    return -1
+                eseen |= 2
+                p, empty = _open(b, p, e, LBRACK, RBRACK)
+                while p >= 0 and not empty:
+                    if nt >= cap:
+                        return -3
+                    q, ic, sc = _trade(b, p, e, nt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, t_ts, t_prod, t_px,
+                                       t_sz, t_idc, t_ide, t_sidec, t_sidee, ic, sc, stack)  # fmt: skip
+                    if q < 0:
+                        return q
+                    t_frame[nt] = frame
+                    nt += 1
+                    p, empty = _after_member(b, q, e, RBRACK)
+            elif (_is(b, ka, kz, K_PRODUCT) or _is(b, ka, kz, K_UPDATES) or _is(b, ka, kz, K_TICKERS)
+                  or _is(b, ka, kz, K_CANDLES)):  # fmt: skip
+                return -1
+            else:
+                p = _skip(b, p, e, stack)
+            if p < 0:
+                return -1
+            p, done = _after_member(b, p, e, RBRACE)
+            if p < 0:
+                return -1
+            if done:
+                break
+        if eseen != 3:
+            return -1
+        for t in range(first, nt):
+            t_snap[t] = snap
+        cnt[C_TRADES], cnt[C_ID_BYTES], cnt[C_SIDE_BYTES] = nt, ic, sc
+        p, done = _after_member(b, p, e, RBRACK)
+        if p < 0 or done:
+            return p
+
+
+@njit(cache=True, _nrt=False)
+def _record(b, a, e, frame, kind, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack,
+            out, tbytes, tmeta):  # fmt: skip
+    """One record line from ``b[a]`` whose frame is of channel ``kind`` (CH_L2: ``l2_data``,
+    events into ``l2_outs``; CH_TRADES: ``market_trades``, into ``trade_outs``; ``e``: the end
+    of the buffer; nothing it accepts spans a newline): _OK with out = (recv, conn, seq, end
+    of the record and the whitespace after it), _FALLBACK (``out[O_OTHER]``: it is a trades
+    frame, worth reading as one), or _ROOM (an output array is full)."""
+    literally(kind)  # one copy per channel, the other channel's branches pruned
+    out[O_OTHER] = 0
     p = _ws(b, a, e)
     if p >= e or b[p] != LBRACE:
         return _FALLBACK
@@ -617,11 +907,17 @@ def _line(b, a, e, frame, n_rows, n_events, r_prod, r_side, r_px, r_sz, r_snap, 
                         return _FALLBACK
                     fseen |= 1
                     va, vz = _plain_string(b, p, e)
-                    if va < 0 or not _is(b, va, vz, V_L2):
+                    if va < 0:
+                        return _FALLBACK
+                    if kind == CH_L2:
+                        if not _is(b, va, vz, V_L2):
+                            out[O_OTHER] = _is(b, va, vz, V_TRADES) and not fseen & 8  # worth reading as trades
+                            return _FALLBACK
+                    elif not _is(b, va, vz, V_TRADES):
                         return _FALLBACK
                     p = vz + 1
-                elif _is(b, ka, kz, K_TIMESTAMP):  # read by the DuckDB path only when an event time is
-                    if fseen & 2:  # missing, which the scanner never accepts: checked, not parsed
+                elif _is(b, ka, kz, K_TIMESTAMP):  # read by the DuckDB path only when an item's time is
+                    if fseen & 2:  # missing or implausible, which the scanner never accepts: checked, not parsed
                         return _FALLBACK
                     fseen |= 2
                     p = _ws(b, p, e)
@@ -637,111 +933,20 @@ def _line(b, a, e, frame, n_rows, n_events, r_prod, r_side, r_px, r_sz, r_snap, 
                     seq, p = _integer(b, _ws(b, p, e), e)
                     if p < 0:
                         return _FALLBACK
-                elif _is(b, ka, kz, K_EVENTS):
+                elif _is(b, ka, kz, K_EVENTS):  # (before the channel: read as this channel's, checked after)
                     if fseen & 8:
                         return _FALLBACK
                     fseen |= 8
-                    p = _ws(b, p, e)
-                    if p >= e or b[p] != LBRACK:
-                        return _FALLBACK
-                    p = _ws(b, p + 1, e)
-                    if p < e and b[p] == RBRACK:
-                        p += 1
+                    if kind == CH_L2:
+                        p = _l2_events(b, p, e, frame, l2_outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
+                                       stack, tbytes, tmeta)  # fmt: skip
                     else:
-                        while True:  # ---- one event ----
-                            p = _ws(b, p, e)
-                            if p >= e or b[p] != LBRACE:
-                                return _FALLBACK
-                            p = _ws(b, p + 1, e)
-                            if p < e and b[p] == RBRACE:
-                                return _FALLBACK
-                            if n_events >= cap_events:
-                                return _ROOM
-                            eseen = 0  # 1 type, 2 product_id, 4 updates
-                            snap = False
-                            prod = -1
-                            first = n_rows
-                            while True:
-                                ka, kz, p = _key(b, p, e)
-                                if p < 0:
-                                    return _FALLBACK
-                                if _is(b, ka, kz, K_TYPE):
-                                    if eseen & 1:
-                                        return _FALLBACK
-                                    eseen |= 1
-                                    va, vz = _plain_string(b, p, e)
-                                    if va < 0:
-                                        return _FALLBACK
-                                    snap = _is(b, va, vz, V_SNAPSHOT)
-                                    p = vz + 1
-                                elif _is(b, ka, kz, K_PRODUCT):
-                                    if eseen & 2:
-                                        return _FALLBACK
-                                    eseen |= 2
-                                    p = _ws(b, p, e)
-                                    if p >= e or b[p] != QUOTE:
-                                        return _FALLBACK
-                                    end, _ = _string(b, p, e)
-                                    if end < 0:
-                                        return _FALLBACK
-                                    prod = _product(b, p + 1, end - 1, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta)
-                                    if prod < 0:
-                                        return _FALLBACK
-                                    p = end
-                                elif _is(b, ka, kz, K_UPDATES):
-                                    if eseen & 4:
-                                        return _FALLBACK
-                                    eseen |= 4
-                                    p = _ws(b, p, e)
-                                    if p >= e or b[p] != LBRACK:
-                                        return _FALLBACK
-                                    p = _ws(b, p + 1, e)
-                                    if p < e and b[p] == RBRACK:
-                                        p += 1
-                                    else:
-                                        while True:
-                                            if n_rows >= cap_rows:
-                                                return _ROOM
-                                            q = -2
-                                            if b[p] == LBRACE:
-                                                q = _update_canonical(b, p, e, n_rows, r_side, r_px, r_sz, r_ts,
-                                                                      tbytes, tmeta)  # fmt: skip
-                                            if q == -2:
-                                                q = _update(b, p, e, n_rows, r_side, r_px, r_sz, r_ts, stack)
-                                            p = q
-                                            if p < 0:
-                                                return _FALLBACK
-                                            n_rows += 1
-                                            p, done = _after_member(b, p, e, RBRACK)
-                                            if p < 0:
-                                                return _FALLBACK
-                                            if done:
-                                                break
-                                elif (_is(b, ka, kz, K_TRADES) or _is(b, ka, kz, K_TICKERS)
-                                      or _is(b, ka, kz, K_CANDLES)):  # fmt: skip
-                                    return _FALLBACK
-                                else:
-                                    p = _skip(b, p, e, stack)
-                                    if p < 0:
-                                        return _FALLBACK
-                                p, done = _after_member(b, p, e, RBRACE)
-                                if p < 0:
-                                    return _FALLBACK
-                                if done:
-                                    break
-                            if eseen != 7:
-                                return _FALLBACK
-                            for r in range(first, n_rows):
-                                r_prod[r] = prod
-                                r_snap[r] = snap
-                            e_frame[n_events] = frame
-                            e_prod[n_events] = prod
-                            n_events += 1
-                            p, done = _after_member(b, p, e, RBRACK)
-                            if p < 0:
-                                return _FALLBACK
-                            if done:
-                                break
+                        p = _trade_events(b, p, e, frame, trade_outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
+                                          stack, tbytes, tmeta)  # fmt: skip
+                    if p == -3:
+                        return _ROOM
+                    if p < 0:
+                        return _FALLBACK
                 elif _is(b, ka, kz, K_TYPE) or _is(b, ka, kz, K_MESSAGE):
                     return _FALLBACK  # errors and other frame kinds: DuckDB's path decides
                 else:
@@ -769,34 +974,40 @@ def _line(b, a, e, frame, n_rows, n_events, r_prod, r_side, r_px, r_sz, r_snap, 
             break
     if seen != 7:
         return _FALLBACK
-    out[5] = _ws(b, p, e)  # where the line should end
-    out[0] = recv
-    out[1] = conn
-    out[2] = seq
-    out[3] = n_rows
-    out[4] = n_events
+    out[O_END] = _ws(b, p, e)  # where the line should end
+    out[O_RECV] = recv
+    out[O_CONN] = conn
+    out[O_SEQ] = seq
     return _OK
 
 
 @njit(cache=True)
 def scan(b, end, eof, max_row, now_ns, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
-         f_row, f_recv, f_conn, f_seq, f_re, r_prod, r_side, r_px, r_sz, r_snap, r_ts, e_frame, e_prod,
-         x_row, x_a, x_b, meta):  # fmt: skip
+         f_row, f_recv, f_conn, f_seq, f_re, f_chan, r_prod, r_side, r_px, r_sz, r_snap, r_ts, e_frame, e_prod,
+         t_frame, t_ts, t_prod, t_px, t_sz, t_snap, t_idc, t_ide, t_sidec, t_sidee, x_row, x_a, x_b, meta):  # fmt: skip
     """Scan the lines of ``b[meta[M_POS]:end]`` until the segment row ``max_row`` (a row is a
     line with something besides whitespace, as DuckDB counts them). Accepted lines append a
-    frame (``f_*``, rows ``f_re[k-1]:f_re[k]``), their rows (``r_*``) and events (``e_*``);
-    the others append their row number and byte range (``x_*``). Stops at a line it cannot
+    frame (``f_*``, its channel ``f_chan``; level2 rows ``f_re[k-1]:f_re[k]``), their level2
+    rows (``r_*``) and events (``e_*``) or their trades (``t_*``, frame ``t_frame``; trade ids
+    and sides as text ending at ``t_ide`` / ``t_sidee`` in ``t_idc`` / ``t_sidec``); the
+    others append their row number and byte range (``x_*``). Stops at a line it cannot
     finish (not ``eof``: S_NEED_DATA), at an output that is full (S_NEED_ROOM, nothing of the
     line written), at ``max_row`` (S_MAX_ROWS) or at ``end`` (S_END)."""
     stack = np.empty(64, np.uint8)
     tmp = np.empty(256, np.uint8)
-    out = np.zeros(6, np.int64)
+    out = np.zeros(_OUT, np.int64)
     tbytes = np.zeros(64, np.uint8)
     tmeta = np.full(2, -1, np.int64)
+    l2_outs = (r_prod, r_side, r_px, r_sz, r_snap, r_ts, e_frame, e_prod)
+    trade_outs = (t_frame, t_ts, t_prod, t_px, t_sz, t_snap, t_idc, t_ide, t_sidec, t_sidee)
     latest_recv = now_ns + CLOCK_SLACK_NS
     pos = meta[M_POS]
     row = meta[M_ROW]
-    nf, nr, ne, nx = meta[M_FRAMES], meta[M_ROWS], meta[M_EVENTS], meta[M_FALLBACK]
+    nf, nx = meta[M_FRAMES], meta[M_FALLBACK]
+    done = np.empty(5, np.int64)  # the counters of the accepted lines (``cnt``: the line's, working)
+    done[C_ROWS], done[C_EVENTS], done[C_TRADES] = meta[M_ROWS], meta[M_EVENTS], meta[M_TRADES]
+    done[C_ID_BYTES], done[C_SIDE_BYTES] = meta[M_ID_BYTES], meta[M_SIDE_BYTES]
+    cnt = done.copy()
     status = S_END
     while pos < end:
         if row >= max_row:
@@ -806,12 +1017,18 @@ def scan(b, end, eof, max_row, now_ns, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
             status = S_NEED_ROOM
             break
         # parse first (the line's end is where the record ends): one pass over the bytes
-        code = _line(b, pos, end, nf, nr, ne, r_prod, r_side, r_px, r_sz, r_snap, r_ts, e_frame, e_prod, tmp,
-                     pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, out, tbytes, tmeta)  # fmt: skip
+        chan = CH_L2
+        code = _record(b, pos, end, nf, CH_L2, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_bytes, pt_off,
+                       pt_ok, pmeta, stack, out, tbytes, tmeta)  # fmt: skip
+        if code == _FALLBACK and out[O_OTHER]:  # a market_trades frame: read again as one (its start only twice)
+            cnt[:] = done
+            chan = CH_TRADES
+            code = _record(b, pos, end, nf, CH_TRADES, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_bytes,
+                           pt_off, pt_ok, pmeta, stack, out, tbytes, tmeta)  # fmt: skip
         if code == _ROOM:
             status = S_NEED_ROOM
             break
-        nl = out[5]
+        nl = out[O_END]
         if code == _OK and nl == end and not eof:
             status = S_NEED_DATA  # whatever follows decides
             break
@@ -831,36 +1048,44 @@ def scan(b, end, eof, max_row, now_ns, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
                     break
             if blank:
                 pos = nl + 1
+                cnt[:] = done
                 continue
         if code == _OK:
-            recv = out[0]
+            recv = out[O_RECV]
             if recv < EARLIEST_NS or recv > latest_recv:
                 code = _FALLBACK
-            else:
+            else:  # an implausible exchange time falls back to another time: DuckDB's path decides
                 latest_ts = recv + CLOCK_SLACK_NS
-                for r in range(nr, out[3]):
+                for r in range(done[C_ROWS], cnt[C_ROWS]):
                     if r_ts[r] < EARLIEST_NS or r_ts[r] > latest_ts:
+                        code = _FALLBACK
+                        break
+                for t in range(done[C_TRADES], cnt[C_TRADES]):
+                    if t_ts[t] < EARLIEST_NS or t_ts[t] > latest_ts:
                         code = _FALLBACK
                         break
         if code == _OK:
             f_row[nf] = row
-            f_recv[nf] = out[0]
-            f_conn[nf] = out[1]
-            f_seq[nf] = out[2]
-            f_re[nf] = out[3]
+            f_recv[nf] = out[O_RECV]
+            f_conn[nf] = out[O_CONN]
+            f_seq[nf] = out[O_SEQ]
+            f_re[nf] = cnt[C_ROWS]
+            f_chan[nf] = chan
             nf += 1
-            nr = out[3]
-            ne = out[4]
+            done[:] = cnt
         else:
             x_row[nx] = row
             x_a[nx] = pos
             x_b[nx] = nl
             nx += 1
+            cnt[:] = done
         row += 1
         pos = nl + 1
     meta[M_POS] = min(pos, end)
     meta[M_ROW] = row
-    meta[M_FRAMES], meta[M_ROWS], meta[M_EVENTS], meta[M_FALLBACK] = nf, nr, ne, nx
+    meta[M_FRAMES], meta[M_FALLBACK] = nf, nx
+    meta[M_ROWS], meta[M_EVENTS], meta[M_TRADES] = done[C_ROWS], done[C_EVENTS], done[C_TRADES]
+    meta[M_ID_BYTES], meta[M_SIDE_BYTES] = done[C_ID_BYTES], done[C_SIDE_BYTES]
     meta[M_STATUS] = status
     return status
 
