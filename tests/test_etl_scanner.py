@@ -23,7 +23,7 @@ import pytest
 
 from daedalus.capture.records import control_line
 from daedalus.config import parse_config
-from daedalus.etl import fastpath
+from daedalus.etl import fastpath, l2scan
 from daedalus.etl.job import EtlJob, Summary
 from daedalus.etl.state import load_state
 from daedalus.logs import _FIELDS
@@ -566,3 +566,29 @@ def test_batch_without_level2_frames_skips_the_level2_parse_same_result(tmp_path
         recv_of_line = batch.column("recv_ns").to_numpy(zero_copy_only=False)[fast.lines[name]]
         assert np.array_equal(getattr(fast, name).column("ts_recv").cast(pa.int64()).to_numpy(), recv_of_line), name
     assert isinstance(fast.l2["ts_event"], pa.Array)
+
+
+def test_word_at_a_time_helpers_agree_with_bytes_at_every_offset_and_length():
+    """The scanner compares and searches eight bytes at a time (unaligned loads): at every
+    offset, length and position of a difference or a quote, and never past the end it is given."""
+    rng = random.Random(11)
+    base = np.frombuffer(bytes(rng.choice(b"abc:,{}") for _ in range(64)), np.uint8).copy()
+    for p in range(0, 24):
+        for n in range(0, 20):
+            other = base.copy()
+            assert l2scan._same(base, p, other, p, n)
+            for k in range(n):  # one byte differs
+                other = base.copy()
+                other[p + k] ^= 1
+                assert not l2scan._same(base, p, other, p, n), (p, n, k)
+            lit = base[p : p + n].copy()
+            assert l2scan._match(base, p, p + n, lit) and not l2scan._match(base, p, p + n - 1, lit) or n == 0
+            assert l2scan._is(base, p, p + n, lit) and not l2scan._is(base, p, p + n + 1, lit)
+    for p in range(0, 12):
+        for limit in range(0, 30):
+            for at in range(p, p + 34):
+                b = np.full(64, ord("x"), np.uint8)
+                b[at] = ord('"')
+                e = min(64, p + 26)  # the data ends here: a quote at or after it is not seen
+                want = at if at < min(e, p + limit) else -1
+                assert l2scan._quote_within(b, p, e, limit) == want, (p, limit, at)
