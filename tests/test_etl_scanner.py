@@ -592,3 +592,15 @@ def test_word_at_a_time_helpers_agree_with_bytes_at_every_offset_and_length():
                 e = min(64, p + 26)  # the data ends here: a quote at or after it is not seen
                 want = at if at < min(e, p + limit) else -1
                 assert l2scan._quote_within(b, p, e, limit) == want, (p, limit, at)
+    # a string's end and escapes, with the byte that ends or breaks it at every position
+    for k in range(0, 20):
+        for special, want in ((b'"', "end"), (b"\\n", "escape"), (b"\x01", "bad"), (b"\xc3", "bad"), (b"\x7f", "plain")):
+            body = b"a" * k + special + b"b" * 12 + b'"'
+            data = np.frombuffer(b'"' + body + b"        ", np.uint8).copy()
+            end, esc = l2scan._string(data, 0, data.shape[0])
+            if want == "end":
+                assert (end, esc) == (k + 2, False), (k, special)
+            elif want == "bad":
+                assert end == -1, (k, special)
+            else:  # the string goes on to its closing quote
+                assert end == len(body) + 1 and esc == (want == "escape"), (k, special)

@@ -113,6 +113,21 @@ def _load8(typingctx, arr, idx):
 
 
 _ONES, _HIGHS, _QUOTES = np.uint64(0x0101010101010101), np.uint64(0x8080808080808080), np.uint64(0x2222222222222222)
+_BACKSLASHES, _SPACES, _ZERO = np.uint64(0x5C5C5C5C5C5C5C5C), np.uint64(0x2020202020202020), np.uint64(0)
+
+
+@njit(cache=True, _nrt=False)
+def _has_zero_byte(w):
+    """Whether a byte of ``w`` is zero (exact: the classic test, its false bits only above a zero)."""
+    return (w - _ONES) & ~w & _HIGHS != _ZERO
+
+
+@njit(cache=True, _nrt=False)
+def _plain_word(w):
+    """Whether 8 string bytes are all plain (no quote, backslash, control or non-ASCII byte)."""
+    below_space = (w - _SPACES) & ~w & _HIGHS  # a byte < 0x20 (exact for bytes < 0x80)
+    return (w & _HIGHS) == _ZERO and below_space == _ZERO and not _has_zero_byte(w ^ _QUOTES) and not (
+        _has_zero_byte(w ^ _BACKSLASHES))
 
 
 @njit(cache=True, _nrt=False)
@@ -160,6 +175,8 @@ def _hex(c):
 def _string(b, p, e):
     """``b[p]`` is a quote: (end after the closing quote or -1, escaped). Strict JSON, ASCII only."""
     p += 1
+    while p + 8 <= e and _plain_word(_load8(b, p)):  # plain runs eight bytes at a time
+        p += 8
     esc = False
     while p < e:
         c = b[p]
@@ -464,8 +481,7 @@ def _quote_within(b, p, e, limit):
     holds a quote when one of its bytes XOR 0x22 is zero (the classic zero-byte test)."""
     z = min(e, p + limit)
     while p + 8 <= z:
-        w = _load8(b, p) ^ _QUOTES
-        if (w - _ONES) & ~w & _HIGHS:
+        if _has_zero_byte(_load8(b, p) ^ _QUOTES):
             break  # the quote is in these 8 bytes: the loop below finds it
         p += 8
     while p < z:
