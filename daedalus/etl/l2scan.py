@@ -31,8 +31,8 @@ reference path) to decode. So the result never depends on which path read a line
 Speed: the helpers are compiled with ``_nrt=False`` (they never allocate), so numba does not
 reference-count the arrays passed to them, which on this path cost more than the parsing
 itself (~20 ns a call; measured), and LLVM inlines them. The record parser is compiled once
-per channel (``literally``: each copy keeps only its channel's code): one parser holding both
-made level2 ~18 % slower.
+per channel (the events parser is chosen by the type of its outputs, an ``overload``, so each
+copy holds only its channel's code): one parser holding both made level2 ~18 % slower.
 
 Everything here works on one buffer of whole lines; :mod:`daedalus.etl.fastpath` feeds it
 and merges its output with DuckDB's for the lines it hands back.
@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import literally, njit, types
-from numba.extending import intrinsic
+from numba import njit, types
+from numba.extending import intrinsic, overload
 
 from daedalus.etl.decode import time_at, units_at
 
@@ -892,15 +892,33 @@ def _trade_events(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_
             return p
 
 
+N_TRADE_OUTS = 10  # arrays of the trades' outputs (the level2 outputs are 8)
+
+
+def _events(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, tbytes, tmeta):
+    """The events parser of the channel whose outputs ``outs`` are, chosen when numba compiles
+    the caller (see the overload below): each copy of :func:`_record` holds only its own."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_events)
+def _events_for(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, tbytes, tmeta):
+    parser = _trade_events if len(outs) == N_TRADE_OUTS else _l2_events
+
+    def impl(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, tbytes, tmeta):
+        return parser(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, tbytes, tmeta)
+
+    return impl
+
+
 @njit(cache=True, _nrt=False)
-def _record(b, a, e, frame, kind, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack,
-            out, tbytes, tmeta):  # fmt: skip
-    """One record line from ``b[a]`` whose frame is of channel ``kind`` (CH_L2: ``l2_data``,
-    events into ``l2_outs``; CH_TRADES: ``market_trades``, into ``trade_outs``; ``e``: the end
-    of the buffer; nothing it accepts spans a newline): _OK with out = (recv, conn, seq, end
-    of the record and the whitespace after it), _FALLBACK (``out[O_OTHER]``: it is a trades
-    frame, worth reading as one), or _ROOM (an output array is full)."""
-    literally(kind)  # one copy per channel, the other channel's branches pruned
+def _record(b, a, e, frame, channel, other, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, out,
+            tbytes, tmeta):  # fmt: skip
+    """One record line from ``b[a]`` whose frame's channel is ``channel``, its events read into
+    ``outs`` by that channel's parser (``e``: the end of the buffer; nothing it accepts spans a
+    newline): _OK with out = (recv, conn, seq, end of the record and the whitespace after it),
+    _FALLBACK (``out[O_OTHER]``: the channel is ``other``, worth reading as that), or _ROOM (an
+    output array is full). Compiled once per channel (the type of ``outs`` differs)."""
     out[O_OTHER] = 0
     p = _ws(b, a, e)
     if p >= e or b[p] != LBRACE:
@@ -949,11 +967,8 @@ def _record(b, a, e, frame, kind, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_byt
                     va, vz = _plain_string(b, p, e)
                     if va < 0:
                         return _FALLBACK
-                    if kind == CH_L2:
-                        if not _is(b, va, vz, V_L2):
-                            out[O_OTHER] = _is(b, va, vz, V_TRADES) and not fseen & 8  # worth reading as trades
-                            return _FALLBACK
-                    elif not _is(b, va, vz, V_TRADES):
+                    if not _is(b, va, vz, channel):
+                        out[O_OTHER] = _is(b, va, vz, other) and not fseen & 8  # worth reading as ``other``
                         return _FALLBACK
                     p = vz + 1
                 elif _is(b, ka, kz, K_TIMESTAMP):  # read by the DuckDB path only when an item's time is
@@ -977,12 +992,8 @@ def _record(b, a, e, frame, kind, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_byt
                     if fseen & 8:
                         return _FALLBACK
                     fseen |= 8
-                    if kind == CH_L2:
-                        p = _l2_events(b, p, e, frame, l2_outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
-                                       stack, tbytes, tmeta)  # fmt: skip
-                    else:
-                        p = _trade_events(b, p, e, frame, trade_outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
-                                          stack, tbytes, tmeta)  # fmt: skip
+                    p = _events(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok, pmeta, stack, tbytes,
+                                tmeta)  # fmt: skip
                     if p == -3:
                         return _ROOM
                     if p < 0:
@@ -1058,12 +1069,12 @@ def scan(b, end, eof, max_row, now_ns, pt_slot, pt_bytes, pt_off, pt_ok, pmeta,
             break
         # parse first (the line's end is where the record ends): one pass over the bytes
         chan = CH_L2
-        code = _record(b, pos, end, nf, CH_L2, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_bytes, pt_off,
+        code = _record(b, pos, end, nf, V_L2, V_TRADES, l2_outs, cnt, tmp, pt_slot, pt_bytes, pt_off,
                        pt_ok, pmeta, stack, out, tbytes, tmeta)  # fmt: skip
         if code == _FALLBACK and out[O_OTHER]:  # a market_trades frame: read again as one (its start only twice)
             cnt[:] = done
             chan = CH_TRADES
-            code = _record(b, pos, end, nf, CH_TRADES, l2_outs, trade_outs, cnt, tmp, pt_slot, pt_bytes,
+            code = _record(b, pos, end, nf, V_TRADES, V_L2, trade_outs, cnt, tmp, pt_slot, pt_bytes,
                            pt_off, pt_ok, pmeta, stack, out, tbytes, tmeta)  # fmt: skip
         if code == _ROOM:
             status = S_NEED_ROOM
