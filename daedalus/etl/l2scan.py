@@ -100,8 +100,10 @@ LBRACE, RBRACE, LBRACK, RBRACK = 123, 125, 91, 93
 @intrinsic
 def _load8(typingctx, arr, idx):
     """The 8 bytes of a uint8 array from ``idx`` as one uint64 (an unaligned load; little-endian
-    on x86-64 and aarch64, the machines we run on). The caller keeps ``idx + 8`` in the data."""
-    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and isinstance(idx, types.Integer)):
+    on x86-64 and aarch64, the machines we run on). The caller keeps ``idx + 8`` in the data.
+    Contiguous arrays only (typed so): the load reads the bytes as they lie in memory."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1 and arr.layout == "C"
+            and isinstance(idx, types.Integer)):  # fmt: skip
         return None
 
     def codegen(context, builder, signature, args):
