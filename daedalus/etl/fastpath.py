@@ -1,10 +1,11 @@
-"""The compiled level2 path of the Coinbase ETL: the segment's bytes -> :class:`ParsedBatch`es.
+"""The compiled path of the Coinbase ETL: the segment's bytes -> :class:`ParsedBatch`es.
 
 The reference path reads every line with DuckDB (:func:`daedalus.etl.reader.read_batches`)
 and parses 8,192-line batches (:func:`daedalus.etl.coinbase.parse_batch`). Here the
-compiled scanner (:mod:`daedalus.etl.l2scan`) takes the ``l2_data`` lines it recognises and
-every other line (trades, tickers, control lines, anything odd) is written, in order, to a
-scratch file that DuckDB reads and ``parse_batch`` parses exactly as before. The two are
+compiled scanner (:mod:`daedalus.etl.l2scan`) takes the ``l2_data`` and ``market_trades``
+lines it recognises and every other line (tickers, control lines, anything odd) is written,
+in order, to a scratch file that DuckDB reads and ``parse_batch`` parses exactly as before.
+The scanner's trades become one table per block, sliced per batch. The two are
 merged back in line order into batches of the same 8,192 lines the reference path makes,
 so books, sequence checks, bars (closed by each batch's clock) and trade de-duplication
 see the same input in the same batches, and the output is the same whichever path ran.
