@@ -415,7 +415,10 @@ def _plain_string(b, p, e):
 
 @njit(cache=True, _nrt=False)
 def _after_member(b, p, e, close):
-    """After a member's value: (position after ``,``, False) or (after ``close``, True), or (-1, _)."""
+    """After a member's value ending at ``p`` (-1: the value was refused, which passes on):
+    (position after ``,``, False) or (after ``close``, True), or (-1, _)."""
+    if p < 0:
+        return -1, False
     p = _ws(b, p, e)
     if p >= e:
         return -1, False
@@ -811,8 +814,6 @@ def _l2_events(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_ok,
                 return -1
             else:
                 p = _skip(b, p, e, stack)
-            if p < 0:
-                return -1
             p, done = _after_member(b, p, e, RBRACE)
             if p < 0:
                 return -1
@@ -877,8 +878,6 @@ def _trade_events(b, p, e, frame, outs, cnt, tmp, pt_slot, pt_bytes, pt_off, pt_
                 return -1
             else:
                 p = _skip(b, p, e, stack)
-            if p < 0:
-                return -1
             p, done = _after_member(b, p, e, RBRACE)
             if p < 0:
                 return -1
@@ -1004,8 +1003,6 @@ def _record(b, a, e, frame, channel, other, outs, cnt, tmp, pt_slot, pt_bytes, p
                     return _FALLBACK  # errors and other frame kinds: DuckDB's path decides
                 else:
                     p = _skip(b, p, e, stack)
-                    if p < 0:
-                        return _FALLBACK
                 p, done = _after_member(b, p, e, RBRACE)
                 if p < 0:
                     return _FALLBACK
@@ -1018,8 +1015,6 @@ def _record(b, a, e, frame, channel, other, outs, cnt, tmp, pt_slot, pt_bytes, p
             return _FALLBACK  # control lines and undecodable frames: the DuckDB path
         else:
             p = _skip(b, p, e, stack)
-            if p < 0:
-                return _FALLBACK
         p, done = _after_member(b, p, e, RBRACE)
         if p < 0:
             return _FALLBACK
