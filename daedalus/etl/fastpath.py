@@ -23,7 +23,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -267,9 +267,7 @@ class ScanSegment:
             ta, tb = np.searchsorted(t_frame, [fa, fb])
             ra = int(f_re[fa - 1]) if fa else 0
             rb = int(f_re[fb - 1]) if fb else 0
-            scanned = _scanned(out, fa, fb, ra, rb, ea, eb)
-            scanned.trades = trades.slice(ta, tb - ta)
-            scanned.trade_row = out.f_row[t_frame[ta:tb]]
+            scanned = _scanned(out, fa, fb, ra, rb, ea, eb, trades.slice(ta, tb - ta), out.f_row[t_frame[ta:tb]])
             fallback = None
             if xb > xa and whole is not None:
                 fallback = _cut(whole, int(xa), int(xb), counted)
@@ -335,11 +333,12 @@ class _Scanned:
     event_row: np.ndarray  # segment row of each event (products in order of appearance)
     event_prod: np.ndarray
     chan: np.ndarray  # l2scan.CH_L2 or CH_TRADES per frame
-    trades: pa.Table = field(default_factory=lambda: _TRADE_SCHEMA.empty_table())
-    trade_row: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # segment row of each trade
+    trades: pa.Table  # the batch's slice of the block's trades table
+    trade_row: np.ndarray  # segment row of each trade
 
 
-def _scanned(out: _Out, fa: int, fb: int, ra: int, rb: int, ea: int, eb: int) -> _Scanned:
+def _scanned(out: _Out, fa: int, fb: int, ra: int, rb: int, ea: int, eb: int, trades: pa.Table,
+             trade_row: np.ndarray) -> _Scanned:  # fmt: skip
     re_ = out.f_re[fa:fb] - ra
     rs = np.empty_like(re_)
     if re_.shape[0]:
@@ -348,7 +347,8 @@ def _scanned(out: _Out, fa: int, fb: int, ra: int, rb: int, ea: int, eb: int) ->
     events = out.e_frame[ea:eb]
     return _Scanned(out.f_row[fa:fb], out.f_recv[fa:fb], out.f_conn[fa:fb], out.f_seq[fa:fb], rs, re_,
                     out.r_prod[ra:rb], out.r_side[ra:rb], out.r_px[ra:rb], out.r_sz[ra:rb], out.r_snap[ra:rb],
-                    out.r_ts[ra:rb], out.f_row[events], out.e_prod[ea:eb], out.f_chan[fa:fb])  # fmt: skip
+                    out.r_ts[ra:rb], out.f_row[events], out.e_prod[ea:eb], out.f_chan[fa:fb], trades,
+                    trade_row)  # fmt: skip
 
 
 def _merge(start: int, n: int, s: _Scanned, x_row: np.ndarray, fb: ParsedBatch | None,
